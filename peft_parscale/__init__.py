@@ -1,0 +1,41 @@
+"""ParScale (parallel scaling, arXiv 2505.10475) as a PEFT adapter for transformers causal LMs.
+
+Importing this package registers the ``PARSCALE`` PEFT type, so that ``get_peft_model``, ``PeftModel.from_pretrained``
+and ``AutoPeftModelForCausalLM`` know it: import it before loading a ParScale adapter.
+"""
+
+from peft.utils import PeftType, register_peft_method
+
+from .config import ParScaleConfig
+from .layer import ParScaleAttention, ParScaleStreams
+from .model import ParScaleModel
+
+__all__ = ["ParScaleAttention", "ParScaleConfig", "ParScaleModel", "ParScaleStreams"]
+__version__ = "0.1.0"
+
+
+def _add_peft_type(name: str) -> None:
+    # `register_peft_method` only accepts names that are already members of the `PeftType` enum, and PEFT has no
+    # plugin mechanism for new ones, so the member is added here. An enum cannot be extended through its public API;
+    # this writes the three tables an Enum class keeps (the same steps `enum` takes when it creates a member).
+    if name in PeftType.__members__:
+        return
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_names_.append(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    type.__setattr__(PeftType, name, member)  # EnumType.__setattr__ refuses to (re)assign members
+
+
+def _register() -> None:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    _add_peft_type("PARSCALE")
+    if PeftType.PARSCALE not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        register_peft_method(name="parscale", config_cls=ParScaleConfig, model_cls=ParScaleModel, prefix="parscale_")
+
+
+_register()

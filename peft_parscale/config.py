@@ -1,0 +1,81 @@
+"""Configuration of a ParScale adapter."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from peft.config import PeftConfig
+from peft.utils import PeftType, TaskType
+
+# The base-model dimensions an adapter's tensors depend on; recorded in the adapter so that loading it onto a
+# different base fails with a message naming the dimension, before anything is changed.
+BASE_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim")
+
+
+@dataclass
+class ParScaleConfig(PeftConfig):
+    """Configuration of a ParScale adapter (parallel scaling, arXiv 2505.10475).
+
+    The frozen model runs as ``P`` parallel streams. Each stream has its own ``prefix_length`` learned key/value
+    vectors in every attention layer, and an aggregator mixes the ``P`` final hidden states of each token with
+    dynamic weights. Only the prefixes and the aggregator are trained.
+
+    Args:
+        P: Number of parallel streams. ``P=1`` is the prefix-only baseline (no aggregator).
+        prefix_length: Number of prefix key/value vectors per stream and layer (``T`` in the paper; 48 in the
+            released checkpoints).
+        smoothing: Label-smoothing of the aggregation weights, ``w <- w * (1 - smoothing) + smoothing / P``
+            (0.01 in the released checkpoints; the paper ablates 0.1).
+        init_std: Standard deviation of the normal initialisation of the prefix keys and values and of the
+            aggregator's first layer. The aggregator's output layer starts at zero, so a fresh adapter averages
+            its streams uniformly; random prefixes alone make the streams differ (paper, Appendix A).
+        base_shape: Dimensions of the base model the adapter was built for, filled in when the adapter is created.
+            Loading the adapter onto a model with other dimensions raises a ``ValueError`` naming them.
+
+    Example:
+
+        ```py
+        >>> import peft_parscale  # registers the PARSCALE PEFT type
+        >>> from peft import get_peft_model
+        >>> from peft_parscale import ParScaleConfig
+        >>> model = get_peft_model(base_model, ParScaleConfig(P=8))
+        >>> model.print_trainable_parameters()
+        ```
+    """
+
+    P: int = field(default=8, metadata={"help": "Number of parallel streams."})
+    prefix_length: int = field(default=48, metadata={"help": "Prefix key/value vectors per stream and layer (T)."})
+    smoothing: float = field(default=0.01, metadata={"help": "Smoothing of the aggregation weights, in [0, 1)."})
+    init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation of new weights."})
+    base_shape: Optional[dict[str, int]] = field(
+        default=None, metadata={"help": "Dimensions of the base model (filled in when the adapter is created)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.PARSCALE
+        if self.task_type is None:
+            self.task_type = TaskType.CAUSAL_LM
+        if self.task_type != TaskType.CAUSAL_LM:
+            raise ValueError(f"ParScale adapts causal language models; got task_type={self.task_type!r}.")
+        if isinstance(self.P, bool) or not isinstance(self.P, int) or self.P < 1:
+            raise ValueError(f"P (number of streams) must be an integer >= 1, got {self.P!r}.")
+        if isinstance(self.prefix_length, bool) or not isinstance(self.prefix_length, int) or self.prefix_length < 1:
+            raise ValueError(f"prefix_length must be an integer >= 1, got {self.prefix_length!r}.")
+        if not isinstance(self.smoothing, (int, float)) or not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing must be a number in [0, 1), got {self.smoothing!r}.")
+        if not isinstance(self.init_std, (int, float)) or not self.init_std > 0.0:
+            raise ValueError(f"init_std must be a positive number, got {self.init_std!r}.")
+        if self.base_shape is not None and set(self.base_shape) != set(BASE_SHAPE_FIELDS):
+            raise ValueError(f"base_shape must have exactly the keys {BASE_SHAPE_FIELDS}, got {sorted(self.base_shape)}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        # Remembered (not serialised) so the weights can be checked before PEFT injects anything: PEFT creates the
+        # adapter first and reads its file afterwards, which would leave a half-loaded adapter behind on a bad file.
+        config.adapter_dir = directory if os.path.isdir(directory) else None
+        return config

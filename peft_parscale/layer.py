@@ -1,0 +1,258 @@
+"""The ParScale mechanism (Chen et al., "Parallel Scaling Law for Language Models", arXiv 2505.10475).
+
+A frozen causal LM runs a batch of B sequences as P parallel streams:
+
+1. Replication. The input x is copied P times along the batch, stream-major: row p·B + b is stream p of
+   sequence b (`ParScaleStreams.replicate_inputs`, a forward pre-hook on the decoder).
+2. Prefix attention. In every attention layer, stream p attends to T learned key/value vectors of its own in
+   front of the real keys/values: prefix_k, prefix_v of shape (P, num_key_value_heads, T, head_dim). They live in
+   post-rotary space (no rotary embedding is applied to them), every query sees them (padding never hides them),
+   and the real tokens keep their positions 0, 1, ... (`ParScaleAttention`).
+3. Aggregation. After the final norm, the P hidden states h_1..h_P of a token are mixed with dynamic weights
+       w = softmax(W2 · SiLU(W1 · [h_1 ... h_P] + b1) + b2)        (in float32; [..] in hidden-major order)
+       w <- w · (1 - ε) + ε / P                                     (smoothing)
+       y = Σ_p w_p h_p                                              (cast back to the model dtype)
+   and y goes to the unchanged LM head (`ParScaleStreams.aggregate`, a forward hook on the decoder).
+
+Where the prefix lives. transformers' attention modules call `past_key_values.update(k, v, layer_idx)` right after
+the rotary embedding and use what it returns as the keys/values. That call is the one place to put the prefix in
+front of post-rotary keys without a modeling fork:
+- with a cache (generation), the prefix is written once into the cache's first T slots (`cache.py`) and the
+  decoder is given a 2D attention mask with T leading ones, so transformers builds the right mask itself;
+- without one (training, `use_cache=False`; gradient checkpointing also drops the cache inside each layer), each
+  attention call gets a stand-in `past_key_values` whose `update` returns [prefix; k], and T always-visible
+  columns are added to the attention mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import DynamicCache
+
+from .cache import make_prefix_resident, stream_prefix
+from .config import ParScaleConfig
+
+
+def repeat_streams(tensor: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """Copy a batch P times, stream-major: row p·B + b of the result is row b of the input."""
+    return tensor.repeat(num_streams, *([1] * (tensor.dim() - 1)))
+
+
+class ParScaleLayer(BaseTunerLayer):
+    """Base of both ParScale modules, so that PEFT's bookkeeping (set_adapter, delete_adapter, enabling and
+    disabling, dtype casts, trainable flags) walks the aggregator as well as the prefixes."""
+
+    def active_adapter_name(self) -> Optional[str]:
+        """The adapter in use, or None when adapters are disabled or none is active."""
+        if self.disable_adapters or not self.active_adapters:
+            return None
+        if len(self.active_adapters) > 1:
+            raise ValueError(f"ParScale runs one adapter at a time; active adapters: {self.active_adapters}.")
+        return self.active_adapters[0]
+
+
+class _PrefixInFront:
+    """Stands in for `past_key_values` when there is no cache: `update` returns [prefix; k] and [prefix; v]."""
+
+    def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
+        self.prefix_k, self.prefix_v = prefix_k, prefix_v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        keys = torch.cat([stream_prefix(self.prefix_k, key_states), key_states], dim=-2)
+        values = torch.cat([stream_prefix(self.prefix_v, value_states), value_states], dim=-2)
+        return keys, values
+
+
+def mask_with_prefix(mask: Optional[torch.Tensor], prefix_length: int, query_length: int) -> Optional[torch.Tensor]:
+    """Add T always-visible key columns in front of a 4D attention mask built for the real tokens only."""
+    if mask is None:
+        if query_length == 1:
+            return None  # sdpa then attends to every key, prefix included
+        # sdpa's mask-free causal path is top-left aligned; with the prefix in front it must be bottom-right.
+        visible = torch.ones(query_length, prefix_length + query_length, dtype=torch.bool)
+        return visible.tril(diagonal=prefix_length)[None, None]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise NotImplementedError(
+            f"ParScale without a KV cache needs a 4D tensor attention mask (eager or sdpa), got {type(mask).__name__}."
+        )
+    visible = mask.new_full((*mask.shape[:-1], prefix_length), True if mask.dtype == torch.bool else 0.0)
+    return torch.cat([visible, mask], dim=-1)
+
+
+class ParScaleAttention(nn.Module, ParScaleLayer):
+    """Wraps one attention module and gives each of the P streams its own T prefix keys/values.
+
+    prefix_k / prefix_v: (P, num_key_value_heads, T, head_dim) per adapter.
+    """
+
+    adapter_layer_names = ("parscale_prefix_k", "parscale_prefix_v")
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: ParScaleConfig, num_key_value_heads: int, head_dim: int
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.parscale_prefix_k = nn.ParameterDict()
+        self.parscale_prefix_v = nn.ParameterDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.update_layer(adapter_name, config, num_key_value_heads, head_dim)
+        self._active_adapter = adapter_name
+
+    def update_layer(self, adapter_name: str, config: ParScaleConfig, num_key_value_heads: int, head_dim: int) -> None:
+        reference = next(self.base_layer.parameters())
+        shape = (config.P, num_key_value_heads, config.prefix_length, head_dim)
+        for prefixes in (self.parscale_prefix_k, self.parscale_prefix_v):
+            prefix = torch.empty(shape, device=reference.device, dtype=torch.float32)
+            nn.init.normal_(prefix, std=config.init_std)
+            prefixes[adapter_name] = nn.Parameter(prefix.to(reference.dtype))
+
+    def prefix(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.parscale_prefix_k[adapter_name], self.parscale_prefix_v[adapter_name]
+
+    def forward(self, *args: Any, **kwargs: Any):
+        adapter_name = self.active_adapter_name()
+        if adapter_name is not None and kwargs.get("past_key_values") is None:
+            # No cache here (see the module docstring): put the prefix in front of this call's keys/values.
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            prefix_k, prefix_v = self.prefix(adapter_name)
+            kwargs["past_key_values"] = _PrefixInFront(prefix_k, prefix_v)
+            kwargs["attention_mask"] = mask_with_prefix(
+                kwargs.get("attention_mask"), prefix_k.shape[2], hidden_states.shape[1]
+            )
+        return self.base_layer(*args, **kwargs)
+
+
+class ParScaleStreams(nn.Module, ParScaleLayer):
+    """Replicates the decoder's inputs into P streams and aggregates its output back to one; holds the aggregator.
+
+    Attached to the decoder as `streams` and driven by two forward hooks on it, so the decoder's output is already aggregated to B rows: callers that take
+    `last_hidden_state` and apply the LM head themselves (TRL does) get ParScale outputs too.
+    """
+
+    adapter_layer_names = ("parscale_aggregator",)
+    other_param_names = ("num_streams", "prefix_length", "smoothing")
+
+    def __init__(self, decoder: nn.Module, hidden_size: int, adapter_name: str, config: ParScaleConfig) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.parscale_aggregator = nn.ModuleDict()
+        self.num_streams: dict[str, int] = {}
+        self.prefix_length: dict[str, int] = {}
+        self.smoothing: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.update_layer(adapter_name, config, reference=next(decoder.parameters()))
+        self._active_adapter = adapter_name
+        # Plain attributes, not submodules: the decoder owns these modules.
+        object.__setattr__(self, "_decoder", decoder)
+        self._decoder_arg_names = list(inspect.signature(decoder.forward).parameters)
+        self.hook_handles = [
+            decoder.register_forward_pre_hook(self.replicate_inputs, with_kwargs=True),
+            decoder.register_forward_hook(self.aggregate_outputs),
+        ]
+
+    def update_layer(self, adapter_name: str, config: ParScaleConfig, reference: torch.Tensor) -> None:
+        self.num_streams[adapter_name] = config.P
+        self.prefix_length[adapter_name] = config.prefix_length
+        self.smoothing[adapter_name] = config.smoothing
+        if config.P == 1:
+            return  # a single stream needs no aggregation: w = 1
+        hidden_size, num_streams = self.hidden_size, config.P
+        aggregator = nn.Sequential(
+            nn.Linear(num_streams * hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, num_streams)
+        )
+        nn.init.normal_(aggregator[0].weight, std=config.init_std)
+        nn.init.zeros_(aggregator[0].bias)
+        # Zero output layer: a fresh adapter weighs its streams uniformly, w = 1/P.
+        nn.init.zeros_(aggregator[2].weight)
+        nn.init.zeros_(aggregator[2].bias)
+        self.parscale_aggregator[adapter_name] = aggregator.to(device=reference.device, dtype=reference.dtype)
+
+    def attention_prefixes(self, adapter_name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        layers = [module for module in self._decoder.modules() if isinstance(module, ParScaleAttention)]
+        return [layer.prefix(adapter_name) for layer in layers]
+
+    def replicate_inputs(self, decoder: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        """Forward pre-hook: B sequences in, P·B stream rows to the decoder."""
+        adapter_name = self.active_adapter_name()
+        if adapter_name is None:
+            return None
+        kwargs = {**dict(zip(self._decoder_arg_names, args)), **kwargs}
+        num_streams, prefix_length = self.num_streams[adapter_name], self.prefix_length[adapter_name]
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        use_cache = decoder.config.use_cache if use_cache is None else use_cache
+        checkpointing = decoder.training and any(
+            getattr(module, "gradient_checkpointing", False) for module in (decoder, *getattr(decoder, "layers", ()))
+        )
+        # A cache passed in (generate's) is kept and filled; in training none is made unless asked for, and gradient
+        # checkpointing drops it inside the layers anyway, so the prefix must come from the layers then.
+        keep_cache = not checkpointing and (cache is not None or (use_cache and not decoder.training))
+        if keep_cache:
+            cache = DynamicCache(config=decoder.config) if cache is None else cache
+            make_prefix_resident(cache, self.attention_prefixes(adapter_name))
+        kwargs["past_key_values"], kwargs["use_cache"] = (cache, True) if keep_cache else (None, False)
+        return (), to_stream_inputs(kwargs, num_streams, prefix_length if keep_cache else None)
+
+    def aggregate_outputs(self, decoder: nn.Module, args: tuple, output: Any) -> Any:
+        """Forward hook: P·B stream rows of `last_hidden_state` back to B."""
+        adapter_name = self.active_adapter_name()
+        if adapter_name is None:
+            return None
+        if isinstance(output, tuple):
+            return (self.aggregate(output[0], adapter_name), *output[1:])
+        output.last_hidden_state = self.aggregate(output.last_hidden_state, adapter_name)
+        return output
+
+    def aggregate(self, hidden_states: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """y = Σ_p w_p h_p with w = softmax(aggregator([h_1 ... h_P])) smoothed; (P·B, S, H) -> (B, S, H)."""
+        num_streams = self.num_streams[adapter_name]
+        if num_streams == 1:
+            return hidden_states
+        rows, length, hidden_size = hidden_states.shape
+        h = hidden_states.view(num_streams, rows // num_streams, length, hidden_size)  # h[p] = h_p
+        # [h_1 ... h_P] in hidden-major order (element h·P + p), as the released checkpoints were trained.
+        concatenated = h.permute(1, 2, 3, 0).reshape(rows // num_streams, length, hidden_size * num_streams)
+        aggregator = self.parscale_aggregator[adapter_name]
+        logits = aggregator(concatenated.to(aggregator[0].weight.dtype))
+        weights = torch.softmax(logits.float(), dim=-1)
+        epsilon = self.smoothing[adapter_name]
+        weights = weights * (1.0 - epsilon) + epsilon / num_streams
+        mixed = torch.einsum("bsp,pbsh->bsh", weights, h.float())
+        return mixed.to(hidden_states.dtype)
+
+
+def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: Optional[int]) -> dict:
+    """Replicate the decoder inputs into streams; with a resident prefix (`prefix_length` given), also prepend T
+    visible slots to the 2D attention mask and give the real tokens their positions explicitly.
+
+    4D masks (or a dict of them) are passed through: only `generate` makes those, through
+    `ParScaleModel`'s `create_masks_for_generate`, which calls this function first.
+    """
+    kwargs = dict(kwargs)
+    inputs = kwargs.get("input_ids")
+    inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+    batch_size, query_length = inputs.shape[:2]
+    for name in ("input_ids", "inputs_embeds"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = repeat_streams(kwargs[name], num_streams)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.shape[0] == batch_size:
+        kwargs["position_ids"] = repeat_streams(position_ids, num_streams)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        mask = repeat_streams(mask, num_streams)
+        if prefix_length is not None:
+            mask = torch.cat([mask.new_ones(mask.shape[0], prefix_length), mask], dim=-1)
+        kwargs["attention_mask"] = mask
+    if prefix_length is not None and position_ids is None:
+        # The cache counts the prefix's T slots; the real tokens' positions still start at 0.
+        first = int(kwargs["past_key_values"].get_seq_length()) - prefix_length
+        kwargs["position_ids"] = torch.arange(first, first + query_length, device=inputs.device)[None]
+    return kwargs

@@ -1,0 +1,236 @@
+"""`ParScaleModel`: the PEFT tuner that puts ParScale on a transformers causal LM (see `layer.py` for the mechanism)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
+from torch import nn
+from transformers.masking_utils import create_masks_for_generate
+
+from .cache import make_prefix_resident
+from .config import BASE_SHAPE_FIELDS, ParScaleConfig
+from .layer import ParScaleAttention, ParScaleLayer, ParScaleStreams, to_stream_inputs
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where ParScale attaches in a model, and the dimensions its tensors depend on."""
+
+    decoder_name: str
+    attention_names: tuple[str, ...]
+    shape: dict[str, int]
+
+
+def describe_architecture(model: nn.Module) -> Architecture:
+    """Find the decoder and its attention modules, or raise `ValueError` naming what is unsupported."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        raise ValueError("ParScale supports decoder-only transformers models (AutoModelForCausalLM).")
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    names = {module: name for name, module in model.named_modules()}
+    if decoder is None or not names.get(decoder) or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        raise ValueError(
+            f"ParScale needs a causal LM whose get_decoder() is a submodule with a `layers` list; "
+            f"{type(model).__name__} does not have one."
+        )
+    text_config = config.get_text_config(decoder=True)
+    implementation = text_config._attn_implementation
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"ParScale supports attn_implementation in {SUPPORTED_ATTENTION}, not {implementation!r}: load the model "
+            f"with attn_implementation='sdpa'."
+        )
+    layer_types = getattr(text_config, "layer_types", None)
+    other_layers = sorted(set(layer_types or ()) - {"full_attention"})
+    if other_layers:
+        raise ValueError(f"ParScale supports full-attention layers only; this model has {other_layers} layers.")
+    if layer_types is None and getattr(text_config, "sliding_window", None) is not None:
+        raise ValueError(
+            f"ParScale does not support sliding-window attention (sliding_window={text_config.sliding_window}): the "
+            "prefix must stay visible to every token. Load the model with sliding_window=None."
+        )
+    attention_names = []
+    for index, layer in enumerate(decoder.layers):
+        attention = getattr(layer, "self_attn", None)
+        base = attention.get_base_layer() if isinstance(attention, ParScaleAttention) else attention
+        source = inspect.getsource(type(base).forward) if base is not None else ""
+        if getattr(base, "layer_idx", None) is None or "past_key_values.update(" not in source:
+            raise ValueError(
+                f"ParScale needs attention modules that pass their post-rotary keys/values through "
+                f"`past_key_values.update`; layer {index} of {type(model).__name__} has "
+                f"{type(base).__name__ if base is not None else 'no self_attn'}."
+            )
+        attention_names.append(f"{names[decoder]}.layers.{index}.self_attn")
+    num_attention_heads = text_config.num_attention_heads
+    shape = {
+        "num_hidden_layers": len(decoder.layers),
+        "hidden_size": text_config.hidden_size,
+        "num_key_value_heads": getattr(text_config, "num_key_value_heads", None) or num_attention_heads,
+        "head_dim": getattr(text_config, "head_dim", None) or text_config.hidden_size // num_attention_heads,
+    }
+    return Architecture(names[decoder], tuple(attention_names), shape)
+
+
+def expected_adapter_shapes(architecture: Architecture, config: ParScaleConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors of a saved adapter (PEFT's checkpoint keys, adapter name removed) and their shapes."""
+    shape = architecture.shape
+    prefix_shape = (config.P, shape["num_key_value_heads"], config.prefix_length, shape["head_dim"])
+    expected = {
+        f"base_model.model.{name}.parscale_prefix_{kind}": prefix_shape
+        for name in architecture.attention_names
+        for kind in ("k", "v")
+    }
+    if config.P > 1:
+        hidden, streams = shape["hidden_size"], config.P
+        aggregator = f"base_model.model.{architecture.decoder_name}.streams.parscale_aggregator"
+        expected.update({
+            f"{aggregator}.0.weight": (hidden, streams * hidden),
+            f"{aggregator}.0.bias": (hidden,),
+            f"{aggregator}.2.weight": (streams, hidden),
+            f"{aggregator}.2.bias": (streams,),
+        })
+    return expected
+
+
+def check_adapter_file(directory: str, expected: dict[str, tuple[int, ...]]) -> None:
+    """Read a saved adapter and raise `ValueError` if it is missing, unreadable, or does not fit `expected`."""
+    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"No {SAFETENSORS_WEIGHTS_NAME} in {directory}: ParScale adapters are saved as safetensors.")
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # safetensors raises several types for truncated or malformed files
+        raise ValueError(f"The adapter file {path} is corrupt or truncated: {error}") from error
+    problems = [f"missing {key}" for key in sorted(expected.keys() - tensors.keys())]
+    problems += [f"unexpected {key}" for key in sorted(tensors.keys() - expected.keys())]
+    for key in sorted(expected.keys() & tensors.keys()):
+        tensor = tensors[key]
+        if tuple(tensor.shape) != expected[key]:
+            problems.append(f"{key} has shape {tuple(tensor.shape)}, expected {expected[key]}")
+        elif not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            problems.append(f"{key} is not finite floating point")
+    if problems:
+        raise ValueError(f"The adapter file {path} does not fit this model: " + "; ".join(problems[:5]))
+
+
+class ParScaleModel(BaseTuner):
+    """Runs a frozen causal LM as P parallel streams with learned prefixes and a learned aggregator (ParScale).
+
+    Created by `peft.get_peft_model` from a `ParScaleConfig`; not meant to be instantiated directly. Each attention
+    module is wrapped in a `ParScaleAttention` (its prefixes) and the decoder gets a `ParScaleStreams` child (the
+    aggregator, and the hooks that replicate inputs and aggregate outputs). Several adapters, possibly with different
+    P, can live on one model; one is active at a time.
+
+    Example:
+
+        ```py
+        >>> import peft_parscale  # registers the PARSCALE PEFT type
+        >>> from peft import PeftModel, get_peft_model
+        >>> from peft_parscale import ParScaleConfig
+        >>> from transformers import AutoModelForCausalLM
+
+        >>> base = AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B")
+        >>> model = get_peft_model(base, ParScaleConfig(P=4), adapter_name="p4")
+        >>> model.add_adapter("p8", ParScaleConfig(P=8))
+        >>> model.set_adapter("p8")
+        >>> with model.disable_adapter():  # the untouched base model
+        ...     base_logits = model(input_ids).logits
+        ```
+    """
+
+    prefix: str = "parscale_"
+    tuner_layer_cls = ParScaleLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: ParScaleConfig, model_config: dict) -> ParScaleConfig:
+        # Everything that can be wrong is checked here, before PEFT changes any module.
+        architecture = describe_architecture(self.model)
+        if peft_config.base_shape is None:
+            peft_config.base_shape = dict(architecture.shape)
+        mismatched = [
+            f"{name}={peft_config.base_shape[name]} (this model has {architecture.shape[name]})"
+            for name in BASE_SHAPE_FIELDS
+            if peft_config.base_shape[name] != architecture.shape[name]
+        ]
+        if mismatched:
+            raise ValueError("This ParScale adapter was built for a base model with " + ", ".join(mismatched) + ".")
+        adapter_dir = getattr(peft_config, "adapter_dir", None)
+        if adapter_dir is not None:
+            check_adapter_file(adapter_dir, expected_adapter_shapes(architecture, peft_config))
+        self.architecture = architecture
+        # Read by PEFT's injection loop; not saved (a dataclass field would be): it follows from the base model.
+        peft_config.target_modules = (architecture.decoder_name, *architecture.attention_names)
+        return peft_config
+
+    def _check_target_module_exists(self, peft_config: ParScaleConfig, key: str) -> bool:
+        return key == self.architecture.decoder_name or key in self.architecture.attention_names
+
+    def _create_and_replace(
+        self,
+        peft_config: ParScaleConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs,
+    ) -> None:
+        shape = self.architecture.shape
+        if current_key == self.architecture.decoder_name:
+            streams = getattr(target, "streams", None)
+            if isinstance(streams, ParScaleStreams):
+                streams.update_layer(adapter_name, peft_config, reference=next(target.parameters()))
+            else:
+                target.streams = ParScaleStreams(target, shape["hidden_size"], adapter_name, peft_config)
+                self._route_generate_masks(target.streams)
+        elif isinstance(target, ParScaleAttention):
+            target.update_layer(adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"])
+        else:
+            wrapped = ParScaleAttention(target, adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"])
+            self._replace_module(parent, target_name, wrapped, target)
+
+    def _route_generate_masks(self, streams: ParScaleStreams) -> None:
+        # With a static cache, `generate` builds the 4D attention masks itself, before the forward pass and its hooks,
+        # through the model's `create_masks_for_generate`. The per-model override point it offers is that attribute,
+        # so it is set here to build the masks for the stream rows and the resident prefix.
+        original = getattr(self.model, "create_masks_for_generate", create_masks_for_generate)
+
+        def masks_for_streams(**kwargs):
+            adapter_name = streams.active_adapter_name()
+            if adapter_name is not None and kwargs.get("past_key_values") is not None:
+                make_prefix_resident(kwargs["past_key_values"], streams.attention_prefixes(adapter_name))
+                kwargs = to_stream_inputs(
+                    kwargs, streams.num_streams[adapter_name], streams.prefix_length[adapter_name]
+                )
+            return original(**kwargs)
+
+        self.model.create_masks_for_generate = functools.update_wrapper(masks_for_streams, original)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) != 1:
+            raise ValueError(f"ParScale runs one adapter at a time; got {names}.")
+        super().set_adapter(names[0], inference_mode=inference_mode)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        raise ValueError(_CANNOT_MERGE)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        raise ValueError(_CANNOT_MERGE)
+
+
+_CANNOT_MERGE = (
+    "A ParScale adapter cannot be merged into, or unloaded onto, the base weights: it changes how the model runs "
+    "(P streams and an aggregator), not its weights. For the base model's outputs use `with model.disable_adapter():`; "
+    "to keep the adapter, use `save_pretrained` and load it onto the base model again."
+)
