@@ -221,10 +221,11 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         concatenated = h.permute(1, 2, 3, 0).reshape(rows // num_streams, length, hidden_size * num_streams)
         aggregator = self.parscale_aggregator[adapter_name]
         logits = aggregator(concatenated.to(aggregator[0].weight.dtype))
-        weights = torch.softmax(logits.float(), dim=-1)
+        compute_dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # at least float32
+        weights = torch.softmax(logits.to(compute_dtype), dim=-1)
         epsilon = self.smoothing[adapter_name]
         weights = weights * (1.0 - epsilon) + epsilon / num_streams
-        mixed = torch.einsum("bsp,pbsh->bsh", weights, h.float())
+        mixed = torch.einsum("bsp,pbsh->bsh", weights, h.to(compute_dtype))
         return mixed.to(hidden_states.dtype)
 
 

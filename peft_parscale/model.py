@@ -172,6 +172,13 @@ class ParScaleModel(BaseTuner):
         peft_config.target_modules = (architecture.decoder_name, *architecture.attention_names)
         return peft_config
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # PEFT strips the adapter name when it is the last or second-to-last part of a key; the aggregator's is
+        # third-to-last (`parscale_aggregator.<adapter>.0.weight`), so it is stripped here, symmetrically for loading.
+        aggregator = ".parscale_aggregator."
+        return key.replace(f"{aggregator}{adapter_name}.", aggregator) if aggregator in key else super()._remove_adapter_name_from_key(key, adapter_name)
+
     def _check_target_module_exists(self, peft_config: ParScaleConfig, key: str) -> bool:
         return key == self.architecture.decoder_name or key in self.architecture.attention_names
 

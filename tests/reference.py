@@ -1,0 +1,207 @@
+"""Tiny models for the tests, and an independent ParScale reference written plainly from the paper's semantics.
+
+The reference does not use transformers' modeling code nor the package: it reads the weights and runs every stream of
+every sequence on its own, with explicit attention over [prefix; keys], explicit rotary embeddings and an explicit
+aggregation loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB = 97
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+ARCHITECTURES = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16, "attention_bias": False}),
+    "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None, "head_dim": 8}),
+}
+
+
+def tiny_model(architecture: str = "qwen2", attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    config_cls, model_cls, extra = ARCHITECTURES[architecture]
+    torch.manual_seed(seed)
+    config = config_cls(**{**COMMON, **extra, **overrides}, attn_implementation=attn_implementation)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # larger-than-default weights, so that mistakes show in the logits
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+            else:
+                parameter.normal_(0.0, 0.1)
+    return model
+
+
+def randomize_adapter(model, seed: int = 1, scale: float = 0.5) -> None:
+    """Give every trainable (ParScale) weight random values, so streams and aggregation weights differ clearly."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def left_padded_batch(lengths: list[int], seed: int = 2, pad_id: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(1, VOCAB, (length,), generator=generator)
+        attention_mask[row, width - length :] = 1
+    return input_ids, attention_mask
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference
+
+
+def _rms_norm(x, weight, eps):
+    return weight * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+
+
+def _rotate(x, positions, theta):
+    # x: (heads, n, d); standard RoPE, pairing dimension i with i + d/2
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    cos = torch.cat([angles.cos(), angles.cos()], -1)
+    sin = torch.cat([angles.sin(), angles.sin()], -1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def _weights(base_model, prefix: str):
+    return {name[len(prefix) :]: p.detach() for name, p in base_model.named_parameters() if name.startswith(prefix)}
+
+
+def reference_hidden(model, tokens: torch.Tensor, prefix_k=None, prefix_v=None) -> torch.Tensor:
+    """Final-norm hidden states (n, H) of one sequence of real tokens (positions 0..n-1) for one stream.
+
+    `model` is the plain transformers model; prefix_k[l], prefix_v[l] are (kv_heads, T, head_dim) or None.
+    """
+    config = model.config
+    weights = _weights(model, "model.")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    theta = config.rope_parameters["rope_theta"]
+    eps = config.rms_norm_eps
+    n = tokens.shape[0]
+    positions = torch.arange(n)
+    x = weights["embed_tokens.weight"][tokens]
+    for layer in range(config.num_hidden_layers):
+        w = {k[len(f"layers.{layer}.") :]: v for k, v in weights.items() if k.startswith(f"layers.{layer}.")}
+        h = _rms_norm(x, w["input_layernorm.weight"], eps)
+
+        def project(name, count):
+            out = h @ w[f"self_attn.{name}.weight"].T
+            if f"self_attn.{name}.bias" in w:
+                out = out + w[f"self_attn.{name}.bias"]
+            return out.view(n, count, head_dim).transpose(0, 1)  # (count, n, d)
+
+        q, k, v = project("q_proj", heads), project("k_proj", kv_heads), project("v_proj", kv_heads)
+        if "self_attn.q_norm.weight" in w:  # Qwen3 normalises q and k per head before the rotary embedding
+            q = _rms_norm(q, w["self_attn.q_norm.weight"], eps)
+            k = _rms_norm(k, w["self_attn.k_norm.weight"], eps)
+        q, k = _rotate(q, positions, theta), _rotate(k, positions, theta)
+        visible = torch.ones(n, n, dtype=torch.bool).tril()
+        if prefix_k is not None:  # the stream's prefix: post-rotary, in front, seen by every query
+            k = torch.cat([prefix_k[layer], k], dim=1)
+            v = torch.cat([prefix_v[layer], v], dim=1)
+            visible = torch.cat([torch.ones(n, prefix_k[layer].shape[1], dtype=torch.bool), visible], dim=1)
+        outputs = []
+        for head in range(heads):
+            kv = head // (heads // kv_heads)
+            scores = (q[head] @ k[kv].T) / math.sqrt(head_dim)
+            scores = scores.masked_fill(~visible, float("-inf"))
+            outputs.append(torch.softmax(scores, dim=-1) @ v[kv])
+        attention = torch.cat(outputs, dim=-1) @ w["self_attn.o_proj.weight"].T
+        if "self_attn.o_proj.bias" in w:
+            attention = attention + w["self_attn.o_proj.bias"]
+        x = x + attention
+        h = _rms_norm(x, w["post_attention_layernorm.weight"], eps)
+        gate, up = h @ w["mlp.gate_proj.weight"].T, h @ w["mlp.up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(gate) * up) @ w["mlp.down_proj.weight"].T
+    return _rms_norm(x, weights["norm.weight"], eps)
+
+
+def reference_logits(model, tokens: torch.Tensor, adapter: dict | None) -> torch.Tensor:
+    """ParScale logits (n, vocab) of one unpadded sequence.
+
+    adapter: {"prefix_k": [(P, kv, T, d) per layer], "prefix_v": [...], "aggregator": [W1, b1, W2, b2] or None,
+    "smoothing": ε}; None means the plain base model.
+    """
+    lm_head = model.lm_head.weight.detach()
+    if adapter is None:
+        return reference_hidden(model, tokens) @ lm_head.T
+    num_streams = adapter["prefix_k"][0].shape[0]
+    streams = [
+        reference_hidden(
+            model,
+            tokens,
+            [layer[p] for layer in adapter["prefix_k"]],
+            [layer[p] for layer in adapter["prefix_v"]],
+        )
+        for p in range(num_streams)
+    ]
+    if num_streams == 1:
+        return streams[0] @ lm_head.T
+    w1, b1, w2, b2 = adapter["aggregator"]
+    epsilon = adapter["smoothing"]
+    mixed = []
+    for t in range(tokens.shape[0]):
+        h = [stream[t] for stream in streams]
+        features = torch.stack(h, dim=-1).reshape(-1)  # element index hidden·P + p
+        logits = w2 @ torch.nn.functional.silu(w1 @ features + b1) + b2
+        weights = torch.softmax(logits.double(), dim=-1) * (1 - epsilon) + epsilon / num_streams
+        mixed.append(sum(weights[p].float() * h[p] for p in range(num_streams)))
+    return torch.stack(mixed) @ lm_head.T
+
+
+def adapter_tensors(peft_model, adapter_name: str = "default") -> dict:
+    """Read an adapter's weights out of a PeftModel by name, for the reference."""
+    named = dict(peft_model.named_parameters())
+    layers = peft_model.base_model.model.config.num_hidden_layers
+    decoder = "base_model.model.model"
+
+    def get(name):
+        return named[name].detach().float()
+
+    aggregator_prefix = f"{decoder}.streams.parscale_aggregator.{adapter_name}"
+    has_aggregator = f"{aggregator_prefix}.0.weight" in named
+    config = peft_model.peft_config[adapter_name]
+    return {
+        "prefix_k": [get(f"{decoder}.layers.{i}.self_attn.parscale_prefix_k.{adapter_name}") for i in range(layers)],
+        "prefix_v": [get(f"{decoder}.layers.{i}.self_attn.parscale_prefix_v.{adapter_name}") for i in range(layers)],
+        "aggregator": [get(f"{aggregator_prefix}.{part}") for part in ("0.weight", "0.bias", "2.weight", "2.bias")]
+        if has_aggregator
+        else None,
+        "smoothing": config.smoothing,
+    }

@@ -1,0 +1,229 @@
+"""PEFT integration: config, saving and loading, several adapters on one backbone, and refusing bad input."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from reference import ARCHITECTURES, VOCAB, randomize_adapter, tiny_model
+from safetensors.torch import load_file, save_file
+
+import peft_parscale  # noqa: F401
+from peft_parscale import ParScaleConfig, ParScaleModel
+
+INPUT_IDS = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=INPUT_IDS).logits
+
+
+def trained_adapter(tmp_path, P=2, name="adapter", seed=1, **config):
+    """Save an adapter with random (non-initial) weights; return its directory."""
+    model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=P, prefix_length=4, **config))
+    randomize_adapter(model, seed=seed)
+    directory = tmp_path / name
+    model.save_pretrained(directory)
+    return str(directory), logits(model)
+
+
+def adapter_state(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "parscale_" in name}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_config_defaults_and_registration():
+    config = ParScaleConfig(P=8)
+    assert (config.P, config.prefix_length, config.smoothing) == (8, 48, 0.01)
+    assert config.peft_type == "PARSCALE" and config.task_type == "CAUSAL_LM"
+    model = get_peft_model(tiny_model("qwen2"), config)
+    assert isinstance(model.base_model, ParScaleModel)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"P": 0}, {"P": -2}, {"P": 2.5}, {"P": True}, {"prefix_length": 0}, {"smoothing": -0.1}, {"smoothing": 1.0},
+     {"init_std": 0.0}, {"task_type": "SEQ_CLS"}],
+)
+def test_nonsense_config_raises_value_error(kwargs):
+    with pytest.raises(ValueError):
+        ParScaleConfig(**kwargs)
+
+
+def test_trainable_parameters_are_the_prefixes_and_the_aggregator():
+    P, T, layers, kv_heads, head_dim, hidden = 4, 6, 2, 2, 8, 48
+    model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=P, prefix_length=T))
+    trainable, total = model.get_nb_trainable_parameters()
+    expected = layers * 2 * P * kv_heads * T * head_dim + (P * hidden * hidden + hidden) + (hidden * P + P)
+    assert trainable == expected
+    assert all(("parscale_" in name) == p.requires_grad for name, p in model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Save and load
+
+
+def test_save_load_gives_identical_logits(tmp_path):
+    directory, expected = trained_adapter(tmp_path, P=3)
+    assert sorted(os.listdir(directory)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert json.load(open(os.path.join(directory, "adapter_config.json")))["peft_type"] == "PARSCALE"
+    config = PeftConfig.from_pretrained(directory)
+    assert isinstance(config, ParScaleConfig) and config.P == 3 and config.prefix_length == 4
+    loaded = PeftModel.from_pretrained(tiny_model("qwen2"), directory)
+    assert torch.equal(logits(loaded), expected)
+
+
+def test_auto_peft_model_loads_base_and_adapter(tmp_path):
+    tiny_model("qwen2").save_pretrained(tmp_path / "base")
+    base = type(tiny_model("qwen2")).from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, ParScaleConfig(P=2, prefix_length=4))
+    randomize_adapter(model)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_adapters_with_different_P_switch_on_one_backbone(tmp_path):
+    directories = {}
+    for P in (2, 4, 8):
+        directories[f"p{P}"] = trained_adapter(tmp_path, P=P, name=f"p{P}", seed=P)
+    model = PeftModel.from_pretrained(tiny_model("qwen2"), directories["p2"][0], adapter_name="p2")
+    for name in ("p4", "p8"):
+        model.load_adapter(directories[name][0], adapter_name=name)
+    for name in ("p8", "p2", "p4"):
+        model.set_adapter(name)
+        assert torch.equal(logits(model), directories[name][1])
+    with model.disable_adapter():
+        assert torch.equal(logits(model), logits(tiny_model("qwen2")))
+    model.delete_adapter("p4")
+    assert "p4" not in model.peft_config
+    assert not any(".p4" in name for name, _ in model.named_parameters())
+    model.set_adapter("p8")
+    assert torch.equal(logits(model), directories["p8"][1])
+
+
+def test_loading_under_a_new_name_keeps_other_adapters(tmp_path):
+    directory, _ = trained_adapter(tmp_path, P=2)
+    model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=2, prefix_length=4))
+    randomize_adapter(model, seed=9)
+    before = adapter_state(model)
+    model.load_adapter(directory, adapter_name="other")
+    after = adapter_state(model)
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+
+
+def test_one_adapter_at_a_time():
+    model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=2, prefix_length=4), adapter_name="a")
+    model.add_adapter("b", ParScaleConfig(P=3, prefix_length=4))
+    with pytest.raises(ValueError, match="one adapter at a time"):
+        model.base_model.set_adapter(["a", "b"])
+
+
+def test_merge_and_unload_refuse():
+    model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=2, prefix_length=4))
+    for method in (model.merge_and_unload, model.base_model.unload, model.base_model.merge_adapter):
+        with pytest.raises(ValueError, match="cannot be merged"):
+            method()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input fails loudly and changes nothing
+
+
+def assert_unchanged(model, adapters, state):
+    assert list(model.peft_config) == adapters
+    now = adapter_state(model)
+    assert now.keys() == state.keys() and all(torch.equal(now[name], value) for name, value in state.items())
+
+
+@pytest.mark.parametrize(
+    "other_base, named",
+    [
+        ({"hidden_size": 64}, "hidden_size=48"),
+        ({"num_hidden_layers": 3}, "num_hidden_layers=2"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads=2"),
+        ({"head_dim": 12}, "head_dim=8"),
+    ],
+)
+def test_adapter_on_a_base_of_another_shape_names_the_mismatch(tmp_path, other_base, named):
+    directory, _ = trained_adapter(tmp_path)
+    with pytest.raises(ValueError, match=named):
+        PeftModel.from_pretrained(tiny_model("qwen2", **other_base), directory)
+    model = get_peft_model(tiny_model("qwen2", **other_base), ParScaleConfig(P=2, prefix_length=4))
+    state = adapter_state(model)
+    with pytest.raises(ValueError, match=named):
+        model.load_adapter(directory, adapter_name="other")
+    assert_unchanged(model, ["default"], state)
+
+
+def _truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+def _garbage(path):
+    open(path, "wb").write(b"\x00not a safetensors file" * 10)
+
+
+def _nan(path):
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, path)
+
+
+def _reshaped(path):
+    tensors = load_file(path)
+    name = next(n for n in sorted(tensors) if "prefix_k" in n)
+    tensors[name] = tensors[name][:, :, :3].contiguous()
+    save_file(tensors, path)
+
+
+def _missing(path):
+    tensors = load_file(path)
+    del tensors[sorted(tensors)[-1]]
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _nan, _reshaped, _missing])
+def test_corrupt_adapter_file_fails_loudly_and_changes_nothing(tmp_path, damage):
+    directory, _ = trained_adapter(tmp_path)
+    damage(os.path.join(directory, "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="adapter file"):
+        PeftModel.from_pretrained(tiny_model("qwen2"), directory)
+    model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=2, prefix_length=4))
+    state = adapter_state(model)
+    with pytest.raises(ValueError, match="adapter file"):
+        model.load_adapter(directory, adapter_name="other")
+    assert_unchanged(model, ["default"], state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architectures
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_supported_architectures(architecture):
+    model = get_peft_model(tiny_model(architecture), ParScaleConfig(P=2, prefix_length=4))
+    assert logits(model).shape == (2, 7, VOCAB)
+
+
+def test_unsupported_models_fail_at_get_peft_model_naming_the_reason():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        get_peft_model(gpt2, ParScaleConfig(P=2))
+    with pytest.raises(ValueError, match="sliding"):
+        get_peft_model(tiny_model("mistral", sliding_window=16), ParScaleConfig(P=2))
+    untouched = tiny_model("qwen2", attn_implementation="flex_attention")
+    before = copy.deepcopy(untouched.state_dict())
+    with pytest.raises(ValueError, match="flex_attention"):
+        get_peft_model(untouched, ParScaleConfig(P=2))
+    assert untouched.state_dict().keys() == before.keys()
