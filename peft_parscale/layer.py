@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import DynamicCache
 
 from .cache import make_prefix_resident, stream_prefix
@@ -69,16 +70,27 @@ class _PrefixInFront:
 
 
 def mask_with_prefix(mask: Optional[torch.Tensor], prefix_length: int, query_length: int) -> Optional[torch.Tensor]:
-    """Add T always-visible key columns in front of a 4D attention mask built for the real tokens only."""
+    """Add T always-visible key columns in front of an attention mask built for the real tokens only."""
     if mask is None:
         if query_length == 1:
             return None  # sdpa then attends to every key, prefix included
         # sdpa's mask-free causal path is top-left aligned; with the prefix in front it must be bottom-right.
         visible = torch.ones(query_length, prefix_length + query_length, dtype=torch.bool)
         return visible.tril(diagonal=prefix_length)[None, None]
+    if isinstance(mask, BlockMask):  # flex attention
+        query_length, key_length = mask.seq_lengths
+        real_tokens = mask.mask_mod
+
+        def prefix_or_real(batch, head, query, key):
+            return (key < prefix_length) | real_tokens(batch, head, query, (key - prefix_length).clamp(min=0))
+
+        return create_block_mask(
+            prefix_or_real, B=mask.kv_num_blocks.shape[0], H=None, Q_LEN=query_length,
+            KV_LEN=prefix_length + key_length, device=mask.kv_num_blocks.device,
+        )
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise NotImplementedError(
-            f"ParScale without a KV cache needs a 4D tensor attention mask (eager or sdpa), got {type(mask).__name__}."
+            f"ParScale without a KV cache needs a 4D attention mask (eager, sdpa or flex), got {type(mask).__name__}."
         )
     visible = mask.new_full((*mask.shape[:-1], prefix_length), True if mask.dtype == torch.bool else 0.0)
     return torch.cat([visible, mask], dim=-1)
@@ -197,6 +209,7 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         if keep_cache:
             cache = DynamicCache(config=decoder.config) if cache is None else cache
             make_prefix_resident(cache, self.attention_prefixes(adapter_name))
+            check_mask_fits_cache(kwargs, cache, prefix_length)
         kwargs["past_key_values"], kwargs["use_cache"] = (cache, True) if keep_cache else (None, False)
         return (), to_stream_inputs(kwargs, num_streams, prefix_length if keep_cache else None)
 
@@ -229,6 +242,26 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         return mixed.to(hidden_states.dtype)
 
 
+def check_mask_fits_cache(kwargs: dict, cache: Any, prefix_length: int) -> None:
+    """Raise `ValueError` if a 2D attention mask does not cover exactly the cached and the new tokens.
+
+    That happens when `generate` continues from a cache returned by an earlier call: it slices the new inputs by the
+    cache length, which counts the prefix slots, and would silently feed the wrong tokens.
+    """
+    mask = kwargs.get("attention_mask")
+    cached = cache.get_seq_length()
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(cached, int)):
+        return  # static caches come with 4D masks that `create_masks_for_generate` built for the streams
+    inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    cached_tokens, new_tokens = cached - prefix_length, inputs.shape[1]
+    if mask.shape[-1] != cached_tokens + new_tokens:
+        raise ValueError(
+            f"The attention mask covers {mask.shape[-1]} tokens, but the ParScale cache holds {cached_tokens} and "
+            f"{new_tokens} new ones were passed. Continuing generation from a cache returned by an earlier call is "
+            "not supported: generate again from the full prompt."
+        )
+
+
 def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: Optional[int]) -> dict:
     """Replicate the decoder inputs into streams; with a resident prefix (`prefix_length` given), also prepend T
     visible slots to the 2D attention mask and give the real tokens their positions explicitly.
@@ -247,6 +280,9 @@ def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: Optional[int
     if position_ids is not None and position_ids.shape[0] == batch_size:
         kwargs["position_ids"] = repeat_streams(position_ids, num_streams)
     mask = kwargs.get("attention_mask")
+    for mask_4d in mask.values() if isinstance(mask, dict) else [mask]:
+        if isinstance(mask_4d, torch.Tensor) and mask_4d.dim() == 4 and mask_4d.shape[0] not in (1, num_streams * batch_size):
+            raise ValueError("ParScale does not support custom 4D attention masks: pass a 2D padding mask.")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         mask = repeat_streams(mask, num_streams)
         if prefix_length is not None:

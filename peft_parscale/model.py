@@ -19,7 +19,7 @@ from .cache import make_prefix_resident
 from .config import BASE_SHAPE_FIELDS, ParScaleConfig
 from .layer import ParScaleAttention, ParScaleLayer, ParScaleStreams, to_stream_inputs
 
-SUPPORTED_ATTENTION = ("eager", "sdpa")
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,29 @@ def test_a_cache_filled_without_the_prefix_is_refused(setup):
         cache = reference(input_ids=input_ids, use_cache=True).past_key_values
         with pytest.raises(ValueError, match="without the ParScale prefix"):
             model(input_ids=input_ids[:, -1:], past_key_values=cache)
+
+
+def test_a_user_supplied_empty_cache_works(setup):
+    from transformers import DynamicCache
+
+    model, _ = setup
+    input_ids, attention_mask = left_padded_batch([5, 3])
+    expected = generate(model, input_ids, attention_mask)
+    assert torch.equal(generate(model, input_ids, attention_mask, past_key_values=DynamicCache()), expected)
+
+
+def test_continuing_from_a_returned_cache_is_refused(setup):
+    model, _ = setup
+    input_ids, attention_mask = left_padded_batch([5, 3])
+    first = generate(model, input_ids, attention_mask, return_dict_in_generate=True)
+    mask = torch.cat([attention_mask, torch.ones(2, NEW_TOKENS, dtype=torch.long)], dim=1)
+    with pytest.raises(ValueError, match="Continuing generation"):
+        generate(model, first.sequences, mask, past_key_values=first.past_key_values)
+
+
+def test_custom_4d_masks_are_refused(setup):
+    model, _ = setup
+    input_ids = torch.randint(1, 50, (2, 4))
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="4D"):
+        model(input_ids=input_ids, attention_mask=mask)
