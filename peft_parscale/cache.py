@@ -109,6 +109,9 @@ def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.
     if getattr(cache, "offloading", False):
         raise ValueError("ParScale does not support offloaded caches.")
     num_layers = len(prefixes)
+    first = cache.layers[0] if cache.layers else None
+    if isinstance(first, _PrefixResident) and first.prefix_k is prefixes[0][0]:
+        return  # prepared already (all layers are swapped together): the case at every decoding step
     if not cache.layers and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         new_layers = [DynamicLayer() for _ in range(num_layers)]
     elif len(cache.layers) == num_layers:

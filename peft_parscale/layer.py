@@ -143,8 +143,9 @@ class ParScaleAttention(nn.Module, ParScaleLayer):
 class ParScaleStreams(nn.Module, ParScaleLayer):
     """Replicates the decoder's inputs into P streams and aggregates its output back to one; holds the aggregator.
 
-    Attached to the decoder as `streams` and driven by two forward hooks on it, so the decoder's output is already aggregated to B rows: callers that take
-    `last_hidden_state` and apply the LM head themselves (TRL does) get ParScale outputs too.
+    Attached to the decoder as `streams` and driven by two forward hooks on it, so the decoder's output is already
+    aggregated to B rows: callers that take `last_hidden_state` and apply the LM head themselves (TRL does) get
+    ParScale outputs too.
     """
 
     adapter_layer_names = ("parscale_aggregator",)
@@ -163,6 +164,7 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         self._active_adapter = adapter_name
         # Plain attributes, not submodules: the decoder owns these modules.
         object.__setattr__(self, "_decoder", decoder)
+        object.__setattr__(self, "_attention_layers", [])
         self._decoder_arg_names = list(inspect.signature(decoder.forward).parameters)
         self.hook_handles = [
             decoder.register_forward_pre_hook(self.replicate_inputs, with_kwargs=True),
@@ -187,8 +189,10 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         self.parscale_aggregator[adapter_name] = aggregator.to(device=reference.device, dtype=reference.dtype)
 
     def attention_prefixes(self, adapter_name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        layers = [module for module in self._decoder.modules() if isinstance(module, ParScaleAttention)]
-        return [layer.prefix(adapter_name) for layer in layers]
+        """(prefix_k, prefix_v) of every attention layer, in layer order."""
+        if not self._attention_layers:  # found once: the wrapped attention modules stay the same objects
+            self._attention_layers = [m for m in self._decoder.modules() if isinstance(m, ParScaleAttention)]
+        return [layer.prefix(adapter_name) for layer in self._attention_layers]
 
     def replicate_inputs(self, decoder: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
         """Forward pre-hook: B sequences in, P·B stream rows to the decoder."""
@@ -280,9 +284,11 @@ def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: Optional[int
     if position_ids is not None and position_ids.shape[0] == batch_size:
         kwargs["position_ids"] = repeat_streams(position_ids, num_streams)
     mask = kwargs.get("attention_mask")
-    for mask_4d in mask.values() if isinstance(mask, dict) else [mask]:
-        if isinstance(mask_4d, torch.Tensor) and mask_4d.dim() == 4 and mask_4d.shape[0] not in (1, num_streams * batch_size):
-            raise ValueError("ParScale does not support custom 4D attention masks: pass a 2D padding mask.")
+    for prepared in mask.values() if isinstance(mask, dict) else [mask]:
+        # Only generate's static-cache masks, built for the streams and the resident prefix, may arrive prepared.
+        if isinstance(prepared, torch.Tensor) and prepared.dim() == 4:
+            if prefix_length is None or prepared.shape[0] != num_streams * batch_size:
+                raise ValueError("ParScale does not support custom 4D attention masks: pass a 2D padding mask.")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         mask = repeat_streams(mask, num_streams)
         if prefix_length is not None:
