@@ -165,6 +165,7 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         # Plain attributes, not submodules: the decoder owns these modules.
         object.__setattr__(self, "_decoder", decoder)
         object.__setattr__(self, "_attention_layers", [])
+        self.original_masks_for_generate = None  # set by ParScaleModel
         self._decoder_arg_names = list(inspect.signature(decoder.forward).parameters)
         self.hook_handles = [
             decoder.register_forward_pre_hook(self.replicate_inputs, with_kwargs=True),
@@ -216,6 +217,14 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
             check_mask_fits_cache(kwargs, cache, prefix_length)
         kwargs["past_key_values"], kwargs["use_cache"] = (cache, True) if keep_cache else (None, False)
         return (), to_stream_inputs(kwargs, num_streams, prefix_length if keep_cache else None)
+
+    def masks_for_generate(self, **kwargs: Any) -> Any:
+        """`create_masks_for_generate` for the streams: generate calls it with a static cache, before the forward."""
+        adapter_name = self.active_adapter_name()
+        if adapter_name is not None and kwargs.get("past_key_values") is not None:
+            make_prefix_resident(kwargs["past_key_values"], self.attention_prefixes(adapter_name))
+            kwargs = to_stream_inputs(kwargs, self.num_streams[adapter_name], self.prefix_length[adapter_name])
+        return self.original_masks_for_generate(**kwargs)
 
     def aggregate_outputs(self, decoder: nn.Module, args: tuple, output: Any) -> Any:
         """Forward hook: P·B stream rows of `last_hidden_state` back to B."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -15,9 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.masking_utils import create_masks_for_generate
 
-from .cache import make_prefix_resident
 from .config import BASE_SHAPE_FIELDS, ParScaleConfig
-from .layer import ParScaleAttention, ParScaleLayer, ParScaleStreams, to_stream_inputs
+from .layer import ParScaleAttention, ParScaleLayer, ParScaleStreams
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
 
@@ -208,20 +206,10 @@ class ParScaleModel(BaseTuner):
 
     def _route_generate_masks(self, streams: ParScaleStreams) -> None:
         # With a static cache, `generate` builds the 4D attention masks itself, before the forward pass and its hooks,
-        # through the model's `create_masks_for_generate`. The per-model override point it offers is that attribute,
-        # so it is set here to build the masks for the stream rows and the resident prefix.
-        original = getattr(self.model, "create_masks_for_generate", create_masks_for_generate)
-
-        def masks_for_streams(**kwargs):
-            adapter_name = streams.active_adapter_name()
-            if adapter_name is not None and kwargs.get("past_key_values") is not None:
-                make_prefix_resident(kwargs["past_key_values"], streams.attention_prefixes(adapter_name))
-                kwargs = to_stream_inputs(
-                    kwargs, streams.num_streams[adapter_name], streams.prefix_length[adapter_name]
-                )
-            return original(**kwargs)
-
-        self.model.create_masks_for_generate = functools.update_wrapper(masks_for_streams, original)
+        # through the model's `create_masks_for_generate`: the per-model override point transformers offers for it.
+        # A bound method (not a closure), so that copies of the model (copy.deepcopy) route to their own streams.
+        streams.original_masks_for_generate = getattr(self.model, "create_masks_for_generate", create_masks_for_generate)
+        self.model.create_masks_for_generate = streams.masks_for_generate
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)

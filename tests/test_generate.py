@@ -145,3 +145,12 @@ def test_custom_4d_masks_are_refused(setup):
     mask = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()
     with pytest.raises(ValueError, match="4D"):
         model(input_ids=input_ids, attention_mask=mask)
+
+
+def test_a_copied_model_generates_like_the_original(setup):
+    model, _ = setup
+    copied = copy.deepcopy(model)
+    input_ids, attention_mask = left_padded_batch([5, 3])
+    for cache_implementation in ("dynamic", "static"):
+        expected = generate(model, input_ids, attention_mask, cache_implementation=cache_implementation)
+        assert torch.equal(generate(copied, input_ids, attention_mask, cache_implementation=cache_implementation), expected)
