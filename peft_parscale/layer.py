@@ -48,6 +48,21 @@ class ParScaleLayer(BaseTunerLayer):
     """Base of both ParScale modules, so that PEFT's bookkeeping (set_adapter, delete_adapter, enabling and
     disabling, dtype casts, trainable flags) walks the aggregator as well as the prefixes."""
 
+    def reference_parameter(self) -> torch.Tensor:
+        """A weight of the wrapped part of the model, whose device and dtype new adapter weights take."""
+        raise NotImplementedError
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # PEFT's version reads `base_layer.weight`; an attention module or a decoder has no single weight.
+        device = self.reference_parameter().device if device is None else device
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter_name in container:
+                entry = container[adapter_name]
+                for parameter in [entry] if isinstance(entry, nn.Parameter) else entry.parameters():
+                    if not parameter.is_meta:
+                        parameter.data = parameter.data.to(device)
+
     def active_adapter_name(self) -> Optional[str]:
         """The adapter in use, or None when adapters are disabled or none is active."""
         if self.disable_adapters or not self.active_adapters:
@@ -116,8 +131,11 @@ class ParScaleAttention(nn.Module, ParScaleLayer):
         self.update_layer(adapter_name, config, num_key_value_heads, head_dim)
         self._active_adapter = adapter_name
 
+    def reference_parameter(self) -> torch.Tensor:
+        return next(self.base_layer.parameters())
+
     def update_layer(self, adapter_name: str, config: ParScaleConfig, num_key_value_heads: int, head_dim: int) -> None:
-        reference = next(self.base_layer.parameters())
+        reference = self.reference_parameter()
         shape = (config.P, num_key_value_heads, config.prefix_length, head_dim)
         for prefixes in (self.parscale_prefix_k, self.parscale_prefix_v):
             prefix = torch.empty(shape, device=reference.device, dtype=torch.float32)
@@ -160,34 +178,42 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         self.smoothing: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.update_layer(adapter_name, config, reference=next(decoder.parameters()))
-        self._active_adapter = adapter_name
         # Plain attributes, not submodules: the decoder owns these modules.
         object.__setattr__(self, "_decoder", decoder)
         object.__setattr__(self, "_attention_layers", [])
         self.original_masks_for_generate = None  # set by ParScaleModel
+        self.update_layer(adapter_name, config)
+        self._active_adapter = adapter_name
         self._decoder_arg_names = list(inspect.signature(decoder.forward).parameters)
-        self.hook_handles = [
-            decoder.register_forward_pre_hook(self.replicate_inputs, with_kwargs=True),
-            decoder.register_forward_hook(self.aggregate_outputs),
-        ]
+        decoder.register_forward_pre_hook(self.replicate_inputs, with_kwargs=True)
+        decoder.register_forward_hook(self.aggregate_outputs)
 
-    def update_layer(self, adapter_name: str, config: ParScaleConfig, reference: torch.Tensor) -> None:
+    @property
+    def weight(self) -> torch.Tensor:
+        # PEFT's `BaseTunerLayer.weight` would look for it on this module itself, recursing forever.
+        raise AttributeError("ParScaleStreams wraps no layer with a single weight")
+
+    def reference_parameter(self) -> torch.Tensor:
+        return next(self._decoder.parameters())
+
+    def update_layer(self, adapter_name: str, config: ParScaleConfig) -> None:
+        reference = self.reference_parameter()
         self.num_streams[adapter_name] = config.P
         self.prefix_length[adapter_name] = config.prefix_length
         self.smoothing[adapter_name] = config.smoothing
         if config.P == 1:
             return  # a single stream needs no aggregation: w = 1
         hidden_size, num_streams = self.hidden_size, config.P
+        place = {"device": reference.device, "dtype": reference.dtype}
         aggregator = nn.Sequential(
-            nn.Linear(num_streams * hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, num_streams)
+            nn.Linear(num_streams * hidden_size, hidden_size, **place), nn.SiLU(), nn.Linear(hidden_size, num_streams, **place)
         )
         nn.init.normal_(aggregator[0].weight, std=config.init_std)
         nn.init.zeros_(aggregator[0].bias)
         # Zero output layer: a fresh adapter weighs its streams uniformly, w = 1/P.
         nn.init.zeros_(aggregator[2].weight)
         nn.init.zeros_(aggregator[2].bias)
-        self.parscale_aggregator[adapter_name] = aggregator.to(device=reference.device, dtype=reference.dtype)
+        self.parscale_aggregator[adapter_name] = aggregator
 
     def attention_prefixes(self, adapter_name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(prefix_k, prefix_v) of every attention layer, in layer order."""

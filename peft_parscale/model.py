@@ -194,7 +194,7 @@ class ParScaleModel(BaseTuner):
         if current_key == self.architecture.decoder_name:
             streams = getattr(target, "streams", None)
             if isinstance(streams, ParScaleStreams):
-                streams.update_layer(adapter_name, peft_config, reference=next(target.parameters()))
+                streams.update_layer(adapter_name, peft_config)
             else:
                 target.streams = ParScaleStreams(target, shape["hidden_size"], adapter_name, peft_config)
                 self._route_generate_masks(target.streams)

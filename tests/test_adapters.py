@@ -93,6 +93,12 @@ def test_save_load_gives_identical_logits(tmp_path):
     assert isinstance(config, ParScaleConfig) and config.P == 3 and config.prefix_length == 4
     loaded = PeftModel.from_pretrained(tiny_model("qwen2"), directory)
     assert torch.equal(logits(loaded), expected)
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
+    assert loaded.get_model_status().peft_types == {"default": "PARSCALE"}
+    trainable = PeftModel.from_pretrained(tiny_model("qwen2"), directory, is_trainable=True)
+    assert all(p.requires_grad == ("parscale_" in n) for n, p in trainable.named_parameters())
+    from_meta = PeftModel.from_pretrained(tiny_model("qwen2"), directory, low_cpu_mem_usage=True)
+    assert torch.equal(logits(from_meta), expected)
 
 
 def test_auto_peft_model_loads_base_and_adapter(tmp_path):
