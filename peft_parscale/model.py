@@ -61,7 +61,10 @@ def describe_architecture(model: nn.Module) -> Architecture:
     for index, layer in enumerate(decoder.layers):
         attention = getattr(layer, "self_attn", None)
         base = attention.get_base_layer() if isinstance(attention, ParScaleAttention) else attention
-        source = inspect.getsource(type(base).forward) if base is not None else ""
+        try:
+            source = inspect.getsource(type(base).forward)
+        except (OSError, TypeError, AttributeError):  # no module, or no source to check
+            source = ""
         if getattr(base, "layer_idx", None) is None or "past_key_values.update(" not in source:
             raise ValueError(
                 f"ParScale needs attention modules that pass their post-rotary keys/values through "
@@ -175,7 +178,9 @@ class ParScaleModel(BaseTuner):
         # PEFT strips the adapter name when it is the last or second-to-last part of a key; the aggregator's is
         # third-to-last (`parscale_aggregator.<adapter>.0.weight`), so it is stripped here, symmetrically for loading.
         aggregator = ".parscale_aggregator."
-        return key.replace(f"{aggregator}{adapter_name}.", aggregator) if aggregator in key else super()._remove_adapter_name_from_key(key, adapter_name)
+        if aggregator in key:
+            return key.replace(f"{aggregator}{adapter_name}.", aggregator)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     def _check_target_module_exists(self, peft_config: ParScaleConfig, key: str) -> bool:
         return key == self.architecture.decoder_name or key in self.architecture.attention_names
