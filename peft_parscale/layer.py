@@ -84,13 +84,17 @@ class _PrefixInFront:
         return keys, values
 
 
-def mask_with_prefix(mask: Optional[torch.Tensor], prefix_length: int, query_length: int) -> Optional[torch.Tensor]:
-    """Add T always-visible key columns in front of an attention mask built for the real tokens only."""
+def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> Any:
+    """Add T always-visible key columns in front of an attention mask built for the real tokens only.
+
+    `queries` is the attention module's input (rows, length, hidden): it gives the query length and device.
+    """
     if mask is None:
+        query_length = queries.shape[1]
         if query_length == 1:
             return None  # sdpa then attends to every key, prefix included
         # sdpa's mask-free causal path is top-left aligned; with the prefix in front it must be bottom-right.
-        visible = torch.ones(query_length, prefix_length + query_length, dtype=torch.bool)
+        visible = torch.ones(query_length, prefix_length + query_length, dtype=torch.bool, device=queries.device)
         return visible.tril(diagonal=prefix_length)[None, None]
     if isinstance(mask, BlockMask):  # flex attention
         query_length, key_length = mask.seq_lengths
@@ -152,9 +156,7 @@ class ParScaleAttention(nn.Module, ParScaleLayer):
             hidden_states = args[0] if args else kwargs["hidden_states"]
             prefix_k, prefix_v = self.prefix(adapter_name)
             kwargs["past_key_values"] = _PrefixInFront(prefix_k, prefix_v)
-            kwargs["attention_mask"] = mask_with_prefix(
-                kwargs.get("attention_mask"), prefix_k.shape[2], hidden_states.shape[1]
-            )
+            kwargs["attention_mask"] = mask_with_prefix(kwargs.get("attention_mask"), prefix_k.shape[2], hidden_states)
         return self.base_layer(*args, **kwargs)
 
 
