@@ -154,3 +154,15 @@ def test_a_copied_model_generates_like_the_original(setup):
     for cache_implementation in ("dynamic", "static"):
         expected = generate(model, input_ids, attention_mask, cache_implementation=cache_implementation)
         assert torch.equal(generate(copied, input_ids, attention_mask, cache_implementation=cache_implementation), expected)
+
+
+def test_generating_from_inputs_embeds_equals_from_input_ids(setup):
+    model, _ = setup
+    input_ids, attention_mask = left_padded_batch([6, 4])
+    expected = generate(model, input_ids, attention_mask)[:, input_ids.shape[1] :]
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(input_ids)
+        tokens = model.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        )
+    assert torch.equal(tokens, expected)
