@@ -283,6 +283,11 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         return mixed.to(hidden_states.dtype)
 
 
+def decoder_inputs(kwargs: dict) -> torch.Tensor:
+    """The decoder's input tensor: `input_ids`, or `inputs_embeds` when those are given instead."""
+    return kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+
+
 def check_mask_fits_cache(kwargs: dict, cache: Any, prefix_length: int) -> None:
     """Raise `ValueError` if a 2D attention mask does not cover exactly the cached and the new tokens.
 
@@ -293,8 +298,7 @@ def check_mask_fits_cache(kwargs: dict, cache: Any, prefix_length: int) -> None:
     cached = cache.get_seq_length()
     if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(cached, int)):
         return  # static caches come with 4D masks that `create_masks_for_generate` built for the streams
-    inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    cached_tokens, new_tokens = cached - prefix_length, inputs.shape[1]
+    cached_tokens, new_tokens = cached - prefix_length, decoder_inputs(kwargs).shape[1]
     if mask.shape[-1] != cached_tokens + new_tokens:
         raise ValueError(
             f"The attention mask covers {mask.shape[-1]} tokens, but the ParScale cache holds {cached_tokens} and "
@@ -311,8 +315,7 @@ def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: Optional[int
     `ParScaleModel`'s `create_masks_for_generate`, which calls this function first.
     """
     kwargs = dict(kwargs)
-    inputs = kwargs.get("input_ids")
-    inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+    inputs = decoder_inputs(kwargs)
     batch_size, query_length = inputs.shape[:2]
     for name in ("input_ids", "inputs_embeds"):
         if kwargs.get(name) is not None:
