@@ -122,7 +122,9 @@ def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.
     for i, (layer, (prefix_k, prefix_v)) in enumerate(zip(new_layers, prefixes)):
         if isinstance(layer, _PrefixResident):
             if layer.prefix_k is not prefix_k:
-                raise ValueError("This cache was filled by another ParScale adapter; start generation with a new cache.")
+                raise ValueError(
+                    "This cache was filled by another ParScale adapter; start generation with a new cache."
+                )
             continue
         if layer.is_initialized:
             raise ValueError(

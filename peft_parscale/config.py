@@ -69,7 +69,9 @@ class ParScaleConfig(PeftConfig):
         if not isinstance(self.init_std, (int, float)) or not self.init_std > 0.0:
             raise ValueError(f"init_std must be a positive number, got {self.init_std!r}.")
         if self.base_shape is not None and set(self.base_shape) != set(BASE_SHAPE_FIELDS):
-            raise ValueError(f"base_shape must have exactly the keys {BASE_SHAPE_FIELDS}, got {sorted(self.base_shape)}.")
+            raise ValueError(
+                f"base_shape must have exactly the keys {BASE_SHAPE_FIELDS}, got {sorted(self.base_shape)}."
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):

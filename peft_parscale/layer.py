@@ -104,8 +104,12 @@ def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> An
             return (key < prefix_length) | real_tokens(batch, head, query, (key - prefix_length).clamp(min=0))
 
         return create_block_mask(
-            prefix_or_real, B=mask.kv_num_blocks.shape[0], H=None, Q_LEN=query_length,
-            KV_LEN=prefix_length + key_length, device=mask.kv_num_blocks.device,
+            prefix_or_real,
+            B=mask.kv_num_blocks.shape[0],
+            H=None,
+            Q_LEN=query_length,
+            KV_LEN=prefix_length + key_length,
+            device=mask.kv_num_blocks.device,
         )
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise NotImplementedError(
@@ -208,7 +212,9 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         hidden_size, num_streams = self.hidden_size, config.P
         place = {"device": reference.device, "dtype": reference.dtype}
         aggregator = nn.Sequential(
-            nn.Linear(num_streams * hidden_size, hidden_size, **place), nn.SiLU(), nn.Linear(hidden_size, num_streams, **place)
+            nn.Linear(num_streams * hidden_size, hidden_size, **place),
+            nn.SiLU(),
+            nn.Linear(hidden_size, num_streams, **place),
         )
         nn.init.normal_(aggregator[0].weight, std=config.init_std)
         nn.init.zeros_(aggregator[0].bias)

@@ -94,12 +94,14 @@ def expected_adapter_shapes(architecture: Architecture, config: ParScaleConfig) 
     if config.P > 1:
         hidden, streams = shape["hidden_size"], config.P
         aggregator = f"base_model.model.{architecture.decoder_name}.streams.parscale_aggregator"
-        expected.update({
-            f"{aggregator}.0.weight": (hidden, streams * hidden),
-            f"{aggregator}.0.bias": (hidden,),
-            f"{aggregator}.2.weight": (streams, hidden),
-            f"{aggregator}.2.bias": (streams,),
-        })
+        expected.update(
+            {
+                f"{aggregator}.0.weight": (hidden, streams * hidden),
+                f"{aggregator}.0.bias": (hidden,),
+                f"{aggregator}.2.weight": (streams, hidden),
+                f"{aggregator}.2.bias": (streams,),
+            }
+        )
     return expected
 
 
@@ -206,14 +208,18 @@ class ParScaleModel(BaseTuner):
         elif isinstance(target, ParScaleAttention):
             target.update_layer(adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"])
         else:
-            wrapped = ParScaleAttention(target, adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"])
+            wrapped = ParScaleAttention(
+                target, adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"]
+            )
             self._replace_module(parent, target_name, wrapped, target)
 
     def _route_generate_masks(self, streams: ParScaleStreams) -> None:
         # With a static cache, `generate` builds the 4D attention masks itself, before the forward pass and its hooks,
         # through the model's `create_masks_for_generate`: the per-model override point transformers offers for it.
         # A bound method (not a closure), so that copies of the model (copy.deepcopy) route to their own streams.
-        streams.original_masks_for_generate = getattr(self.model, "create_masks_for_generate", create_masks_for_generate)
+        streams.original_masks_for_generate = getattr(
+            self.model, "create_masks_for_generate", create_masks_for_generate
+        )
         self.model.create_masks_for_generate = streams.masks_for_generate
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:

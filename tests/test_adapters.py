@@ -48,8 +48,17 @@ def test_config_defaults_and_registration():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"P": 0}, {"P": -2}, {"P": 2.5}, {"P": True}, {"prefix_length": 0}, {"smoothing": -0.1}, {"smoothing": 1.0},
-     {"init_std": 0.0}, {"task_type": "SEQ_CLS"}],
+    [
+        {"P": 0},
+        {"P": -2},
+        {"P": 2.5},
+        {"P": True},
+        {"prefix_length": 0},
+        {"smoothing": -0.1},
+        {"smoothing": 1.0},
+        {"init_std": 0.0},
+        {"task_type": "SEQ_CLS"},
+    ],
 )
 def test_nonsense_config_raises_value_error(kwargs):
     with pytest.raises(ValueError):

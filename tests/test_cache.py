@@ -23,7 +23,11 @@ def keys_for(rows, length, start=0):
 @pytest.mark.parametrize("layer_class", ["dynamic", "static"])
 def test_prefix_fills_the_first_slots_of_each_stream(layer_class):
     prefix_k, prefix_v = prefix()
-    layer = ParScaleDynamicLayer(prefix_k, prefix_v) if layer_class == "dynamic" else ParScaleStaticLayer(8, prefix_k, prefix_v)
+    layer = (
+        ParScaleDynamicLayer(prefix_k, prefix_v)
+        if layer_class == "dynamic"
+        else ParScaleStaticLayer(8, prefix_k, prefix_v)
+    )
     assert int(layer.get_seq_length()) == T  # counted before the first update: masks are sized before it
     keys = keys_for(P * SEQUENCES, 2)
     stored, _ = layer.update(keys, keys)

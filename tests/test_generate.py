@@ -5,7 +5,14 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from reference import adapter_tensors, left_padded_batch, positions_from_mask, randomize_adapter, reference_logits, tiny_model
+from reference import (
+    adapter_tensors,
+    left_padded_batch,
+    positions_from_mask,
+    randomize_adapter,
+    reference_logits,
+    tiny_model,
+)
 
 import peft_parscale  # noqa: F401
 from peft_parscale import ParScaleConfig
@@ -153,7 +160,9 @@ def test_a_copied_model_generates_like_the_original(setup):
     input_ids, attention_mask = left_padded_batch([5, 3])
     for cache_implementation in ("dynamic", "static"):
         expected = generate(model, input_ids, attention_mask, cache_implementation=cache_implementation)
-        assert torch.equal(generate(copied, input_ids, attention_mask, cache_implementation=cache_implementation), expected)
+        assert torch.equal(
+            generate(copied, input_ids, attention_mask, cache_implementation=cache_implementation), expected
+        )
 
 
 def test_generating_from_inputs_embeds_equals_from_input_ids(setup):
@@ -163,6 +172,10 @@ def test_generating_from_inputs_embeds_equals_from_input_ids(setup):
     with torch.no_grad():
         embeds = model.get_input_embeddings()(input_ids)
         tokens = model.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
         )
     assert torch.equal(tokens, expected)

@@ -35,9 +35,7 @@ def build(architecture, attn_implementation, P=3, prefix_length=5, smoothing=0.1
 
 def expected_rows(reference, adapter, input_ids, attention_mask):
     """Reference logits of each row's real tokens, computed without any padding."""
-    return [
-        reference_logits(reference, ids[mask.bool()], adapter) for ids, mask in zip(input_ids, attention_mask)
-    ]
+    return [reference_logits(reference, ids[mask.bool()], adapter) for ids, mask in zip(input_ids, attention_mask)]
 
 
 def check_left_padded_batch(architecture, attn_implementation, lengths):
@@ -83,7 +81,9 @@ def test_training_mode_with_gradient_checkpointing_matches_reference():
     model.gradient_checkpointing_enable()
     model.train()
     input_ids, attention_mask = left_padded_batch([6, 4])
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)
+    ).logits
     for row, expected in enumerate(expected_rows(reference, adapter, input_ids, attention_mask)):
         torch.testing.assert_close(logits[row][attention_mask[row].bool()], expected.detach(), **TOLERANCE)
 
@@ -114,7 +114,9 @@ def test_reference_detects_a_wrong_stream_order():
     model, reference, adapter = build("qwen2", "sdpa")
     tokens = torch.randint(1, VOCAB, (5,))
     swapped = {**adapter, "prefix_k": [k[[1, 0, 2]] for k in adapter["prefix_k"]]}
-    assert (reference_logits(reference, tokens, adapter) - reference_logits(reference, tokens, swapped)).abs().max() > 1e-3
+    assert (
+        reference_logits(reference, tokens, adapter) - reference_logits(reference, tokens, swapped)
+    ).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
