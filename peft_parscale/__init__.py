@@ -9,6 +9,7 @@ from peft.utils import PeftType, register_peft_method
 from .config import ParScaleConfig
 from .layer import ParScaleAttention, ParScaleStreams
 from .model import ParScaleModel
+from .model_card import keep_card_on_push_to_hub
 
 __all__ = ["ParScaleAttention", "ParScaleConfig", "ParScaleModel", "ParScaleStreams"]
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ def _register() -> None:
     _add_peft_type("PARSCALE")
     if PeftType.PARSCALE not in PEFT_TYPE_TO_CONFIG_MAPPING:
         register_peft_method(name="parscale", config_cls=ParScaleConfig, model_cls=ParScaleModel, prefix="parscale_")
+    keep_card_on_push_to_hub()
 
 
 _register()

@@ -81,3 +81,11 @@ class ParScaleConfig(PeftConfig):
         # adapter first and reads its file afterwards, which would leave a half-loaded adapter behind on a bad file.
         config.adapter_dir = directory if os.path.isdir(directory) else None
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        # PEFT calls this on every save_pretrained/push_to_hub, after it has written its own model card: the one
+        # place where a method can add to that card (see model_card.py)
+        from .model_card import update_model_card
+
+        update_model_card(save_directory, self)

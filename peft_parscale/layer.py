@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import DynamicCache
 
@@ -93,7 +94,13 @@ def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> An
         query_length = queries.shape[1]
         if query_length == 1:
             return None  # sdpa then attends to every key, prefix included
-        # sdpa's mask-free causal path is top-left aligned; with the prefix in front it must be bottom-right.
+        # sdpa's mask-free causal path is top-left aligned; with the prefix in front it must be bottom-right. Saying
+        # so with a `causal_lower_right` bias instead of a materialised mask lets sdpa keep its flash kernel on CUDA
+        # (any explicit mask limits it to the memory-efficient or math kernels); elsewhere sdpa materialises it.
+        # Under autocast the bias would skip autocast's casts (its `__torch_function__` runs first) and sdpa would
+        # see float32 queries/keys with bfloat16 values, so there the mask is materialised instead.
+        if not torch.is_autocast_enabled(queries.device.type):
+            return causal_lower_right(query_length, prefix_length + query_length)
         visible = torch.ones(query_length, prefix_length + query_length, dtype=torch.bool, device=queries.device)
         return visible.tril(diagonal=prefix_length)[None, None]
     if isinstance(mask, BlockMask):  # flex attention

@@ -1,0 +1,57 @@
+"""The ``parscale`` command: one entry point whose subcommands live in their own modules.
+
+Usage::
+
+    parscale sft --config recipes/qwen2.5-0.5b-code-p8.yaml      # every `trl sft` flag, plus ParScale's
+    parscale import-official SRC OUT                             # a released qwen2_parscale checkpoint -> base + adapter
+    parscale export-official BASE ADAPTER OUT                    # base + adapter -> a released-format checkpoint
+
+Each subcommand is a function ``(argv: list[str]) -> int`` in its own module that parses its own arguments (``parscale sft -h``
+lists TRL's flags as well as ParScale's), so this module only dispatches, importing just the module it needs.
+"""
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help)
+COMMANDS = {
+    "sft": (
+        "peft_parscale.sft",
+        "main",
+        "train an adapter with TRL's SFTTrainer (launched through accelerate, like `trl sft`)",
+    ),
+    "import-official": (
+        "peft_parscale.interop",
+        "import_official_main",
+        "turn a released qwen2_parscale checkpoint into a base + adapter",
+    ),
+    "export-official": (
+        "peft_parscale.interop",
+        "export_official_main",
+        "write a base + adapter as a released-format qwen2_parscale checkpoint",
+    ),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parscale", description="ParScale adapters for transformers models.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_text) in COMMANDS.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)  # the subcommand prints its own help
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help for -h, an error (exit 2) for an unknown command
+        parser.print_help()
+        return 0
+    module_name, function_name, _ = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module_name), function_name)(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""``parscale sft``: TRL's ``sft`` script with a ParScale adapter (or TRL's LoRA, or none) on the frozen model.
+
+It takes every argument of ``trl sft`` (TRL's own ``ScriptArguments``, ``SFTConfig``, ``ModelConfig`` and
+``DatasetMixtureConfig``, parsed by TRL's ``TrlParser``, so YAML ``--config`` files work exactly as there), plus
+``--peft parscale|lora|none`` and one flag per ``ParScaleConfig`` field (``--P``, ``--prefix_length``,
+``--smoothing``, ``--init_std``). ``parscale sft`` launches the training through ``accelerate launch`` like
+``trl sft`` (so ``--num_processes``, ``--accelerate_config`` and multi-GPU runs work the same way);
+``python -m peft_parscale.sft`` runs it in the current process.
+
+Example::
+
+    parscale sft --config recipes/qwen2.5-0.5b-code-p8.yaml
+    parscale sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara --P 4 --output_dir out
+    parscale sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara --peft lora --lora_r 16 ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from accelerate.commands.launch import launch_command, launch_command_parser
+from peft import PeftConfig
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+from peft_parscale.config import ParScaleConfig
+from peft_parscale.model_card import update_model_card
+
+# The ParScaleConfig fields a user sets (PeftConfig's own fields and the auto-filled base_shape are not flags); the
+# flags are generated from them, so their defaults and help texts have one source.
+PARSCALE_FIELDS = [
+    field
+    for field in dataclasses.fields(ParScaleConfig)
+    if field.name not in {f.name for f in dataclasses.fields(PeftConfig)} | {"base_shape"}
+]
+ParScaleArguments = dataclasses.make_dataclass(
+    "ParScaleArguments",
+    [
+        (
+            "peft",
+            Literal["parscale", "lora", "none"],
+            dataclasses.field(
+                default="parscale",
+                metadata={"help": "Adapter to train: ParScale, TRL's LoRA (its --lora_* flags apply), or none."},
+            ),
+        ),
+        *[
+            (field.name, field.type, dataclasses.field(default=field.default, metadata=field.metadata))
+            for field in PARSCALE_FIELDS
+        ],
+    ],
+)
+ParScaleArguments.__doc__ = "The adapter `parscale sft` trains, and the ParScaleConfig fields (generated from it)."
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    """TRL's sft parser (same dataclasses, same YAML handling) with the ParScale arguments added."""
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, ParScaleArguments), prog=prog)
+
+
+def peft_config_from_args(parscale_args, model_args: ModelConfig) -> PeftConfig | None:
+    """The adapter config ``--peft`` asks for: ``ParScaleConfig``, TRL's LoRA config, or ``None`` (full training)."""
+    if model_args.use_peft and parscale_args.peft != "lora":
+        raise ValueError(
+            f"--use_peft selects TRL's LoRA, but --peft is {parscale_args.peft!r}. Use --peft lora for LoRA "
+            "(with TRL's --lora_* flags), or drop --use_peft."
+        )
+    if parscale_args.peft == "parscale":
+        return ParScaleConfig(**{field.name: getattr(parscale_args, field.name) for field in PARSCALE_FIELDS})
+    if parscale_args.peft == "lora":
+        return get_peft_config(dataclasses.replace(model_args, use_peft=True))
+    return None
+
+
+class ParScaleSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` whose model card keeps the ParScale section.
+
+    TRL writes README.md from its own template whenever it creates the card (at each checkpoint, and in
+    ``push_to_hub`` after the adapter has been saved), which drops what ``ParScaleConfig.save_pretrained`` merged in.
+    With a plain ``SFTTrainer``, ``trainer.save_model()`` still writes the full card; ``trainer.push_to_hub()`` then
+    uploads TRL's card alone.
+    """
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        super().create_model_card(*args, **kwargs)
+        config = getattr(self.model, "active_peft_config", None)
+        if self.is_world_process_zero() and isinstance(config, ParScaleConfig):
+            update_model_card(self.args.output_dir, config)
+
+
+def train(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, dataset_args, parscale_args):
+    """The body of TRL's ``sft`` script, with the adapter chosen by ``--peft``."""
+    from datasets import load_dataset
+    from trl import get_dataset, get_quantization_config
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    else:
+        raise ValueError("Either `datasets` or `dataset_name` must be provided.")
+
+    trainer = ParScaleSFTTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=peft_config_from_args(parscale_args, model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to the Hub as {trainer.hub_model_id}.")
+    return trainer
+
+
+def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """``items`` with the ordered ``subsequence`` removed (the parser's leftovers are a subsequence of argv)."""
+    pending = iter(subsequence)
+    current = next(pending, None)
+    kept = []
+    for item in items:
+        if current is not None and item == current:
+            current = next(pending, None)
+        else:
+            kept.append(item)
+    return kept
+
+
+def main(argv: list[str]) -> int:
+    """``parscale sft ARGS``: check the arguments here (``-h`` prints them), then train under ``accelerate launch``.
+
+    Arguments the training script does not know are ``accelerate launch``'s, as with ``trl sft``.
+    """
+    parser = make_parser(prog="parscale sft")
+    *_, config_leftovers, cli_leftovers = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_args = resolve_accelerate_config_argument(config_leftovers + cli_leftovers)
+    script_args = _without_subsequence(argv, cli_leftovers)
+    launch_command(launch_command_parser().parse_args([*launch_args, "--module", "peft_parscale.sft", *script_args]))
+    return 0
+
+
+if __name__ == "__main__":
+    train(*make_parser().parse_args_and_config(fail_with_unknown_args=False))
