@@ -106,6 +106,7 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model.hf_quantizer.remove_quantization_config(model)  # the weights are dequantized already: a plain checkpoint
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared directory
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
