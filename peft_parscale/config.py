@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from peft.config import PeftConfig
 from peft.utils import PeftType, TaskType
@@ -49,7 +49,7 @@ class ParScaleConfig(PeftConfig):
     prefix_length: int = field(default=48, metadata={"help": "Prefix key/value vectors per stream and layer (T)."})
     smoothing: float = field(default=0.01, metadata={"help": "Smoothing of the aggregation weights, in [0, 1)."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation of new weights."})
-    base_shape: Optional[dict[str, int]] = field(
+    base_shape: dict[str, int] | None = field(
         default=None, metadata={"help": "Dimensions of the base model (filled in when the adapter is created)."}
     )
 
@@ -74,7 +74,7 @@ class ParScaleConfig(PeftConfig):
             )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         # Remembered (not serialised) so the weights can be checked before PEFT injects anything: PEFT creates the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -153,7 +153,7 @@ class ParScaleModel(BaseTuner):
 
     prefix: str = "parscale_"
     tuner_layer_cls = ParScaleLayer
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}  # ParScale finds its modules itself
 
     def _prepare_adapter_config(self, peft_config: ParScaleConfig, model_config: dict) -> ParScaleConfig:
         # Everything that can be wrong is checked here, before PEFT changes any module.
@@ -222,13 +222,13 @@ class ParScaleModel(BaseTuner):
         )
         self.model.create_masks_for_generate = streams.masks_for_generate
 
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if len(names) != 1:
             raise ValueError(f"ParScale runs one adapter at a time; got {names}.")
         super().set_adapter(names[0], inference_mode=inference_mode)
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         raise ValueError(_CANNOT_MERGE)
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
