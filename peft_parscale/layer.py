@@ -27,7 +27,7 @@ front of post-rotary keys without a modeling fork:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -53,7 +53,7 @@ class ParScaleLayer(BaseTunerLayer):
         """A weight of the wrapped part of the model, whose device and dtype new adapter weights take."""
         raise NotImplementedError
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # PEFT's version reads `base_layer.weight`; an attention module or a decoder has no single weight.
         device = self.reference_parameter().device if device is None else device
         for name in self.adapter_layer_names:
@@ -64,7 +64,7 @@ class ParScaleLayer(BaseTunerLayer):
                     if not parameter.is_meta:
                         parameter.data = parameter.data.to(device)
 
-    def active_adapter_name(self) -> Optional[str]:
+    def active_adapter_name(self) -> str | None:
         """The adapter in use, or None when adapters are disabled or none is active."""
         if self.disable_adapters or not self.active_adapters:
             return None
@@ -85,6 +85,22 @@ class _PrefixInFront:
         return keys, values
 
 
+_PREFIX_CAUSAL_BIASES: dict[tuple[int, int], Any] = {}
+
+
+def prefix_causal_bias(query_length: int, prefix_length: int) -> Any:
+    """`causal_lower_right(q, T + q)`, one object per size. torch.compile cannot build it inside a graph but can use
+    one built outside: the decoder's pre-hook builds it before the layers run, so that compiled layers only look it up.
+    """
+    sizes = (query_length, prefix_length + query_length)
+    bias = _PREFIX_CAUSAL_BIASES.get(sizes)
+    if bias is None:
+        if len(_PREFIX_CAUSAL_BIASES) >= 64:  # many sequence lengths: start over rather than grow
+            _PREFIX_CAUSAL_BIASES.clear()
+        bias = _PREFIX_CAUSAL_BIASES[sizes] = causal_lower_right(*sizes)
+    return bias
+
+
 def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> Any:
     """Add T always-visible key columns in front of an attention mask built for the real tokens only.
 
@@ -97,10 +113,11 @@ def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> An
         # sdpa's mask-free causal path is top-left aligned; with the prefix in front it must be bottom-right. Saying
         # so with a `causal_lower_right` bias instead of a materialised mask lets sdpa keep its flash kernel on CUDA
         # (any explicit mask limits it to the memory-efficient or math kernels); elsewhere sdpa materialises it.
-        # Under autocast the bias would skip autocast's casts (its `__torch_function__` runs first) and sdpa would
-        # see float32 queries/keys with bfloat16 values, so there the mask is materialised instead.
-        if not torch.is_autocast_enabled(queries.device.type):
-            return causal_lower_right(query_length, prefix_length + query_length)
+        # The bias skips autocast's casts (its `__torch_function__` runs first): a float32 model under bfloat16
+        # autocast would give sdpa float32 queries/keys and bfloat16 values, so there the mask is materialised.
+        device_type = queries.device.type
+        if not torch.is_autocast_enabled(device_type) or queries.dtype == torch.get_autocast_dtype(device_type):
+            return prefix_causal_bias(query_length, prefix_length)
         visible = torch.ones(query_length, prefix_length + query_length, dtype=torch.bool, device=queries.device)
         return visible.tril(diagonal=prefix_length)[None, None]
     if isinstance(mask, BlockMask):  # flex attention
@@ -236,7 +253,7 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
             self._attention_layers = [m for m in self._decoder.modules() if isinstance(m, ParScaleAttention)]
         return [layer.prefix(adapter_name) for layer in self._attention_layers]
 
-    def replicate_inputs(self, decoder: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+    def replicate_inputs(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Forward pre-hook: B sequences in, P·B stream rows to the decoder."""
         adapter_name = self.active_adapter_name()
         if adapter_name is None:
@@ -256,6 +273,8 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
             cache = DynamicCache(config=decoder.config) if cache is None else cache
             make_prefix_resident(cache, self.attention_prefixes(adapter_name))
             check_mask_fits_cache(kwargs, cache, prefix_length)
+        elif not torch.compiler.is_compiling():
+            prefix_causal_bias(decoder_inputs(kwargs).shape[1], prefix_length)  # for compiled layers (see there)
         kwargs["past_key_values"], kwargs["use_cache"] = (cache, True) if keep_cache else (None, False)
         return (), to_stream_inputs(kwargs, num_streams, prefix_length if keep_cache else None)
 
@@ -320,7 +339,7 @@ def check_mask_fits_cache(kwargs: dict, cache: Any, prefix_length: int) -> None:
         )
 
 
-def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: Optional[int]) -> dict:
+def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: int | None) -> dict:
     """Replicate the decoder inputs into streams; with a resident prefix (`prefix_length` given), also prepend T
     visible slots to the 2D attention mask and give the real tokens their positions explicitly.
 
@@ -339,9 +358,9 @@ def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: Optional[int
     mask = kwargs.get("attention_mask")
     for prepared in mask.values() if isinstance(mask, dict) else [mask]:
         # Only generate's static-cache masks, built for the streams and the resident prefix, may arrive prepared.
-        if isinstance(prepared, torch.Tensor) and prepared.dim() == 4:
-            if prefix_length is None or prepared.shape[0] != num_streams * batch_size:
-                raise ValueError("ParScale does not support custom 4D attention masks: pass a 2D padding mask.")
+        is_4d = isinstance(prepared, torch.Tensor) and prepared.dim() == 4
+        if is_4d and (prefix_length is None or prepared.shape[0] != num_streams * batch_size):
+            raise ValueError("ParScale does not support custom 4D attention masks: pass a 2D padding mask.")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         mask = repeat_streams(mask, num_streams)
         if prefix_length is not None:

@@ -27,7 +27,12 @@ LENGTH = 24
 
 
 def source_texts() -> list[str]:
-    import csv, difflib, heapq, json as json_module, shlex, textwrap  # noqa: E401
+    import csv
+    import difflib
+    import heapq
+    import json as json_module
+    import shlex
+    import textwrap
 
     return [inspect.getsource(module) for module in (csv, difflib, heapq, json_module, shlex, textwrap)]
 
@@ -233,8 +238,7 @@ def test_parscale_sft_runs_a_recipe_end_to_end_through_accelerate(tmp_path):
     field = recipe_settings.get("dataset_text_field", "text")
     for split, texts in {"train": source_texts()[:4], "test": source_texts()[4:]}.items():
         with open(data_dir / f"{split}.jsonl", "w") as file:
-            for text in texts:
-                file.write(json.dumps({field: text}) + "\n")
+            file.writelines(json.dumps({field: text}) + "\n" for text in texts)
     overrides = {
         "model_name_or_path": str(base_dir),
         "dataset_name": str(data_dir),
@@ -266,9 +270,7 @@ def test_every_recipe_parses_with_the_sft_parser():
     assert len(recipes) >= 24
     parser = make_parser()
     for recipe in recipes:
-        _, training_args, model_args, _, parscale_args = parser.parse_args_and_config(
-            ["--config", str(recipe), "--use_cpu", "true"]
-        )
+        *_, model_args, _, parscale_args = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"])
         config = peft_config_from_args(parscale_args, model_args)
         assert isinstance(config, ParScaleConfig) and config.P in (2, 4, 8), recipe.name
         assert model_args.model_name_or_path.startswith("Qwen/Qwen2.5-"), recipe.name

@@ -44,7 +44,14 @@ def smollm2(tmp_path_factory):
 
 def english_text() -> list[str]:
     """Real English prose with no download: the longer docstrings of standard-library modules."""
-    import argparse, csv, difflib, heapq, json as json_module, logging, subprocess, unittest  # noqa: E401
+    import argparse
+    import csv
+    import difflib
+    import heapq
+    import json as json_module
+    import logging
+    import subprocess
+    import unittest
 
     modules = [argparse, csv, difflib, heapq, json_module, logging, subprocess, unittest]
     return [inspect.getdoc(module) for module in modules if len(inspect.getdoc(module) or "") > 300]

@@ -1,0 +1,62 @@
+"""Where the time goes: `torch.profiler` tables of one adapter-training step and of fast-path decode steps."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import get_peft_model
+from torch.profiler import ProfilerActivity, profile
+
+from peft_parscale import ParScaleConfig
+from peft_parscale.decode import greedy_decoder
+
+from .measure import random_causal_lm
+from .shapes import shape_config
+
+
+def profile_table(function, steps: int) -> str:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            function()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
+
+
+def profile_training(shape: str, num_streams: int, length: int, device: torch.device, dtype: torch.dtype) -> str:
+    model = get_peft_model(random_causal_lm(shape_config(shape), device, dtype), ParScaleConfig(P=num_streams))
+    model.train()
+    input_ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+
+    def step() -> None:
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+
+    step()
+    return profile_table(step, 1)
+
+
+def profile_decoding(
+    shape: str, num_streams: int, prompt: int, new_tokens: int, device: torch.device, dtype: torch.dtype
+) -> str:
+    base = random_causal_lm(shape_config(shape), device, dtype)
+    model = get_peft_model(base, ParScaleConfig(P=num_streams), autocast_adapter_dtype=False).eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
+    decoder = greedy_decoder(model, 1, prompt + new_tokens, compile=device.type == "cuda")
+    mask = torch.ones_like(input_ids)
+    decoder.run(input_ids, mask, new_tokens)
+    return profile_table(lambda: decoder.run(input_ids, mask, new_tokens), 1)
+
+
+def write_profiles(out: str, shape: str, device: torch.device, dtype: torch.dtype, tiny: bool) -> None:
+    length, prompt, new_tokens = (32, 8, 8) if tiny else (2048, 64, 128)
+    tables = {
+        "profile_training_P8.txt": lambda: profile_training(shape, 8, length, device, dtype),
+        "profile_decode_P8.txt": lambda: profile_decoding(shape, 8, prompt, new_tokens, device, dtype),
+    }
+    for name, make in tables.items():
+        with open(os.path.join(out, name), "w") as file:
+            file.write(make())
+        torch._dynamo.reset()

@@ -1,0 +1,390 @@
+"""Markdown tables, the target checks, the measured parallel-vs-parameter scaling comparison and the plots, all
+computed from the raw records of `benchmarks.run` (JSON lines).
+
+    python -m benchmarks.report results/results.jsonl [more.jsonl ...] --out results/
+
+The comparison follows the paper's Figure 4: for each base shape N and P, the memory and latency that ParScale adds
+over the base model, against what the dense model of equal predicted loss adds (`shapes.dense_equivalent`), both
+averaged over the measured (prompt, new-token) lengths at one batch size; "×" is the dense increase over the ParScale
+increase. Latency is the whole generation (prefill and every new token) on the fast path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from .shapes import SCALING_K
+
+Record = dict[str, Any]
+# Fitted law on Stack-V2 Python (shared/reference/README.md): L = E + (A·1e9 / (N·(1 + k·ln P)))^alpha.
+LAW = {"E": 0.6912, "A": 0.0113, "alpha": 0.1894, "k": SCALING_K}
+TARGETS = {"latency_ratio": 1.2, "fast_ms_per_token": 5.0, "memory_ratio": 1.05, "train_tokens_per_s": 8300.0}
+AUTHORS_TRAINING = {1: 23300, 4: 12100, 8: 6400}  # the authors' code, 1.5B shape, seq 2048, H100 (issue 5)
+
+
+def load_records(paths: Iterable[str]) -> list[Record]:
+    records = []
+    for path in paths:
+        with open(path) as lines:
+            records += [json.loads(line) for line in lines if line.strip()]
+    return records
+
+
+def predicted_loss(non_embedding_params: float, num_streams: int = 1) -> float:
+    effective = non_embedding_params * (1 + LAW["k"] * math.log(num_streams))
+    return LAW["E"] + (LAW["A"] * 1e9 / effective) ** LAW["alpha"]
+
+
+def number(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        "| " + " | ".join(number(cell) if not isinstance(cell, str) else cell for cell in row) + " |" for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def latest(records: list[Record], **where: Any) -> Record | None:
+    """The last record matching every key=value (later runs replace earlier ones)."""
+    matches = [r for r in records if all(r.get(key) == value for key, value in where.items())]
+    return matches[-1] if matches else None
+
+
+def decode_rows(records: list[Record], suite: str) -> list[Record]:
+    """One record per case, the latest run of each."""
+    by_case = {}
+    for r in records:
+        if r.get("suite") == suite:
+            by_case[r["shape"], r["variant"], r["mode"], r["batch"], r["prompt"], r["new_tokens"]] = r
+    return sorted(by_case.values(), key=lambda r: (r["shape"], variant_order(r["variant"]), r["batch"], r["prompt"]))
+
+
+def variant_order(variant: str) -> tuple[int, int]:
+    if variant == "stock":
+        return (0, 1)
+    dense = variant.startswith("dense_")
+    return (2 if dense else 1, int(variant.split("P")[-1]))
+
+
+def decode_table(rows: list[Record]) -> str:
+    header = ["shape", "variant", "mode", "batch", "prompt+new", "prefill ms", "ms/token", "total ms", "peak GiB"]
+    body = [
+        [
+            r["shape"],
+            r["variant"],
+            r["mode"],
+            r["batch"],
+            f"{r['prompt']}+{r['new_tokens']}",
+            r["prefill_ms"],
+            r["decode_ms_per_token"],
+            r["total_ms"],
+            r.get("peak_mem_gib"),
+        ]
+        for r in rows
+    ]
+    return table(header, body)
+
+
+def target_checks(records: list[Record]) -> tuple[str, list[Record]]:
+    """The issue's targets, each as a ratio against its comparison from the same run."""
+    rows = decode_rows(records, "targets") + decode_rows(records, "equality")
+    if not rows:
+        return "", []
+
+    def find(variant: str, batch: int, mode: str) -> Record | None:
+        return next((r for r in rows if (r["variant"], r["batch"], r["mode"]) == (variant, batch, mode)), None)
+
+    checks = []
+
+    def check(target: str, value: Any, goal: str, met: bool, **extra: Any) -> None:
+        checks.append({"target": target, "value": value, "goal": goal, "met": met, **extra})
+
+    for mode in ("eager", "generate_static", "fast"):
+        p1, p8 = find("P1", 1, mode), find("P8", 1, mode)
+        if p1 and p8:
+            ratio = p8["decode_ms_per_token"] / p1["decode_ms_per_token"]
+            check(f"decode ms/token P=8 / P=1 ({mode})", ratio, "≤ 1.2", ratio <= TARGETS["latency_ratio"])
+            if p1.get("peak_mem_gib") and p8.get("peak_mem_gib") and mode != "generate_static":
+                ratio = p8["peak_mem_gib"] / p1["peak_mem_gib"]
+                check(f"peak memory P=8 / P=1 ({mode})", ratio, "≤ 1.05", ratio <= TARGETS["memory_ratio"])
+    fast_p8 = find("P8", 1, "fast")
+    if fast_p8:
+        value = fast_p8["decode_ms_per_token"]
+        check("fast path P=8 ms/token", value, "< 5 ms", value < TARGETS["fast_ms_per_token"])
+        for comparison in (find("stock", 8, "generate_static"), find("stock", 8, "fast")):
+            if comparison:
+                ratio = value / comparison["decode_ms_per_token"]
+                check(f"fast P=8 / stock batch 8 ({comparison['mode']}) ms/token", ratio, "< 1", ratio < 1)
+    for r in rows:
+        agreement = r.get("tokens_vs_eager")
+        if agreement:
+            first = agreement["first_difference"]
+            check(
+                f"greedy tokens {r['variant']} b{r['batch']} {r['mode']} = eager ({r.get('dtype')})",
+                "identical" if agreement["equal"] else f"differ from new token {first - r['prompt']}",
+                "identical",
+                agreement["equal"],
+                first_difference=first,
+            )
+    body = [[c["target"], c["value"], c["goal"], c["met"]] for c in checks]
+    return table(["target", "measured", "goal", "met"], body), checks
+
+
+def scaling_comparison(records: list[Record], mode: str = "fast") -> list[Record]:
+    """ParScale's memory/latency increase over the base model against the dense model of equal predicted loss, for
+    each measured (shape, batch, prompt + new tokens) and P; plus, where several lengths were measured for the same
+    (shape, batch, P), their mean (the paper's Figure 4 averages over lengths)."""
+    rows = [r for r in decode_rows(records, "decode") if r["mode"] == mode]
+    groups: dict[tuple, dict[str, Record]] = defaultdict(dict)
+    for r in rows:
+        groups[r["shape"], r["batch"], r["prompt"], r["new_tokens"]][r["variant"]] = r
+    comparisons = []
+    for (shape, batch, prompt, new_tokens), by_variant in sorted(groups.items()):
+        lengths = f"{prompt}+{new_tokens}"
+        stock = by_variant.get("stock")
+        for num_streams in (2, 4, 8):
+            parallel, dense = by_variant.get(f"P{num_streams}"), by_variant.get(f"dense_P{num_streams}")
+            if not (stock and parallel and dense):
+                continue
+            comparison = {
+                "shape": shape,
+                "batch": batch,
+                "lengths": lengths,
+                "P": num_streams,
+                "base_loss": predicted_loss(stock["non_embedding_params"]),
+                "loss": predicted_loss(stock["non_embedding_params"], num_streams),
+                "dense_params_ratio": dense["non_embedding_params"] / stock["non_embedding_params"],
+            }
+            for key in ("peak_mem_gib", "total_ms", "decode_ms_per_token"):
+                base = stock.get(key)
+                comparison[f"{key}_base"] = base
+                comparison[f"{key}_parscale_increase"] = None if base is None else parallel[key] - base
+                comparison[f"{key}_dense_increase"] = None if base is None else dense[key] - base
+            comparisons.append(comparison)
+    by_point: dict[tuple, list[Record]] = defaultdict(list)
+    for c in comparisons:
+        by_point[c["shape"], c["batch"], c["P"]].append(c)
+    for (shape, batch, num_streams), group in sorted(by_point.items()):
+        if len(group) > 1:
+            mean = {**group[0], "lengths": "mean of " + ", ".join(c["lengths"] for c in group)}
+            for key in [k for k in group[0] if k.endswith(("_base", "_increase"))]:
+                values = [c[key] for c in group]
+                mean[key] = None if None in values else statistics.mean(values)
+            comparisons.append(mean)
+    for c in comparisons:
+        for key in ("peak_mem_gib", "total_ms"):
+            parallel, dense = c[f"{key}_parscale_increase"], c[f"{key}_dense_increase"]
+            c[f"{key}_times_less"] = dense / parallel if parallel is not None and parallel > 0 else None
+    return comparisons
+
+
+def comparison_table(comparisons: list[Record]) -> str:
+    header = [
+        "shape",
+        "batch",
+        "prompt+new",
+        "P",
+        "dense N ratio",
+        "ParScale +GiB",
+        "dense +GiB",
+        "× less memory",
+        "ParScale +ms",
+        "dense +ms",
+        "× less latency",
+    ]
+    body = [
+        [
+            c["shape"],
+            c["batch"],
+            c["lengths"],
+            c["P"],
+            c["dense_params_ratio"],
+            c["peak_mem_gib_parscale_increase"],
+            c["peak_mem_gib_dense_increase"],
+            c["peak_mem_gib_times_less"],
+            c["total_ms_parscale_increase"],
+            c["total_ms_dense_increase"],
+            c["total_ms_times_less"],
+        ]
+        for c in comparisons
+    ]
+    return table(header, body)
+
+
+def training_table(records: list[Record]) -> str:
+    rows = {}
+    for r in records:
+        if r.get("suite") in ("train", "train_masks"):
+            key = (r["shape"], r["P"], r["mask"], r["gradient_checkpointing"], r.get("compile", "none"), r["length"])
+            rows[key] = r
+    header = ["shape", "P", "seq", "batch", "mask", "grad. ckpt", "compile", "step ms", "tokens/s", "MFU", "peak GiB"]
+    columns = ["shape", "P", "length", "batch", "mask", "gradient_checkpointing", "compile", "step_ms", "tokens_per_s"]
+    body = [[r.get(c, "none") for c in columns] + [r["mfu"], r["peak_mem_gib"]] for _, r in sorted(rows.items())]
+    return table(header, body)
+
+
+def write_plots(records: list[Record], comparisons: list[Record], out: str) -> list[str]:
+    """PNG plots, if matplotlib is installed; returns the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+
+    def save(figure: Any, name: str) -> None:
+        figure.tight_layout()
+        written.append(os.path.join(out, name))
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+
+    rows = [r for r in decode_rows(records, "decode") if r["mode"] == "fast"]
+    # One row of panels per measured (batch, lengths); the "mean of" rows are left to the table.
+    panels = sorted({(c["batch"], c["lengths"]) for c in comparisons if not c["lengths"].startswith("mean")})
+    if panels:
+        figure, axes = plt.subplots(len(panels), 2, figsize=(10, 3.4 * len(panels)), squeeze=False)
+        for row, (batch, lengths) in enumerate(panels):
+            for column, (key, label) in enumerate((("peak_mem_gib", "peak memory (GiB)"), ("total_ms", "latency (s)"))):
+                axis = axes[row][column]
+                for shape in sorted({c["shape"] for c in comparisons}):
+                    points = sorted(
+                        (c for c in comparisons if (c["shape"], c["batch"], c["lengths"]) == (shape, batch, lengths)),
+                        key=lambda c: c["P"],
+                    )
+                    if not points or points[0][f"{key}_base"] is None:  # none measured, or no memory figures (CPU)
+                        continue
+                    scale = 1e-3 if key == "total_ms" else 1.0
+                    base = points[0][f"{key}_base"]
+                    losses = [points[0]["base_loss"]] + [c["loss"] for c in points]
+                    parallel = [base] + [base + c[f"{key}_parscale_increase"] for c in points]
+                    dense = [base] + [base + c[f"{key}_dense_increase"] for c in points]
+                    streams = ",".join(["1"] + [str(c["P"]) for c in points])
+                    line = axis.plot(losses, [v * scale for v in dense], "s--", label=f"{shape} parameter scaling")[0]
+                    axis.plot(
+                        losses,
+                        [v * scale for v in parallel],
+                        "o-",
+                        color=line.get_color(),
+                        label=f"{shape} ParScale P={streams}",
+                    )
+                axis.invert_xaxis()
+                axis.set_xlabel("predicted loss (fitted law, Stack-V2 Python)")
+                axis.set_ylabel(label)
+                axis.set_title(f"batch {batch}, prompt+new {lengths}")
+                axis.grid(alpha=0.3)
+                if axis.get_legend_handles_labels()[0]:
+                    axis.legend(fontsize=7)
+        save(figure, "scaling_memory_latency.png")
+    if rows:
+        # ms/token against P at the length measured most often for each shape: ParScale against the dense model of
+        # equal predicted loss (both start from the base model at P = 1).
+        shapes = sorted({r["shape"] for r in rows})
+        figure, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.4), squeeze=False)
+        for axis, shape in zip(axes[0], shapes):
+            of_shape = [r for r in rows if r["shape"] == shape]
+            common = statistics.mode((r["prompt"], r["new_tokens"]) for r in of_shape)
+            for batch in sorted({r["batch"] for r in of_shape}):
+                cases = {
+                    r["variant"]: r for r in of_shape if (r["batch"], (r["prompt"], r["new_tokens"])) == (batch, common)
+                }
+                if "stock" not in cases:
+                    continue
+                for prefix, style, name in (("P", "o-", "ParScale"), ("dense_P", "s--", "dense, equal loss")):
+                    points = [(1, cases["stock"]["decode_ms_per_token"])] + [
+                        (p, cases[f"{prefix}{p}"]["decode_ms_per_token"]) for p in (2, 4, 8) if f"{prefix}{p}" in cases
+                    ]
+                    if len(points) > 1:
+                        axis.plot(*zip(*points), style, label=f"{name}, batch {batch}")
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("P (streams, or the dense model of equal predicted loss)")
+            axis.set_ylabel("decode ms/token (fast path)")
+            axis.set_title(f"Qwen2.5-{shape} shape, {common[0]}+{common[1]} tokens")
+            axis.set_ylim(bottom=0)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+        save(figure, "decode_latency.png")
+    training = [r for r in records if r.get("suite") == "train" and not r["gradient_checkpointing"]]
+    if training:
+        figure, axis = plt.subplots(figsize=(5.5, 3.6))
+        for color, shape in enumerate(sorted({r["shape"] for r in training})):
+            for compile_mode, style in (("none", "o--"), ("layers", "o-")):
+                points = {
+                    r["P"]: r["tokens_per_s"]
+                    for r in training
+                    if (r["shape"], r.get("compile", "none")) == (shape, compile_mode)
+                }
+                if points:
+                    label = f"{shape}, {'eager' if compile_mode == 'none' else 'layers compiled'}"
+                    axis.plot(
+                        sorted(points), [points[p] for p in sorted(points)], style, color=f"C{color}", label=label
+                    )
+        axis.plot(list(AUTHORS_TRAINING), list(AUTHORS_TRAINING.values()), "k^", label="authors' code 1.5b (issue 5)")
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("P")
+        axis.set_ylabel("training tokens/s (seq 2048, batch 1)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        save(figure, "training_throughput.png")
+    return written
+
+
+def write_report(records: list[Record], out: str) -> str:
+    """Write OUT/report.md (and the plots); return the Markdown."""
+    sections = []
+    env = latest(records, suite="env")
+    if env:
+        sections.append("## Environment\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items() if k != "suite"))
+    targets, _ = target_checks(records)
+    if targets:
+        sections.append("## Targets\n\n" + decode_table(decode_rows(records, "targets")) + "\n\n" + targets)
+    comparisons = scaling_comparison(records)
+    if comparisons:
+        sections.append("## Parallel vs parameter scaling (fast path)\n\n" + comparison_table(comparisons))
+    for suite, title in (("decode", "Decode sweep"), ("sweep_eager", "Eager generate")):
+        rows = decode_rows(records, suite)
+        if rows:
+            sections.append(f"## {title}\n\n" + decode_table(rows))
+    if any(r.get("suite") in ("train", "train_masks") for r in records):
+        sections.append("## Training throughput\n\n" + training_table(records))
+    plots = write_plots(records, comparisons, out)
+    if plots:
+        sections.append("## Plots\n\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots))
+    markdown = "# Benchmark report\n\n" + "\n\n".join(sections) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as file:
+        file.write(markdown)
+    with open(os.path.join(out, "comparison.json"), "w") as file:
+        json.dump({"targets": target_checks(records)[1], "scaling_comparison": comparisons}, file, indent=1)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report")
+    parser.add_argument("results", nargs="+", help="results.jsonl files")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    print(write_report(load_records(args.results), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""Run the benchmarks and write raw results (JSON lines), Markdown tables and plots.
+
+    python -m benchmarks.run --tiny --out /tmp/bench                   # CPU, tiny shapes, a few seconds
+    python -m benchmarks.run --suites env,targets,train_masks --out results/   # on a GPU
+    python -m benchmarks.run --suites sweep --shapes 1.5b --out results/
+
+Suites (GPU defaults; `--tiny` shrinks every grid):
+- env: software versions, device, measured copy bandwidth and matrix-product rate.
+- targets: Qwen2.5-1.5B shape, prompt 64 + 128 new tokens: stock at batch 8, ParScale P=1 and P=8 at batch 1;
+  eager `generate`, static-cache compiled `generate`, and the fast path; tokens compared with eager.
+- sweep: fast path, variants stock, P1..P8 and the dense equivalents, batch 1/2/4/8, (prompt, new) = (L, L) for
+  L in 64..512; the step compiled with dynamic shapes (one compilation per variant), or with `--static-sweep` for
+  each case's static shapes (one compilation per case, as BENCHMARKS.md was measured).
+- sweep_eager: eager `generate` for stock and P1..P8 at batch 1 and 8, 64 + 64 tokens.
+- equality: the targets' P=8 case in float32, fast path against eager `generate` (greedy tokens).
+- profile: torch.profiler tables of one P=8 training step and of P=8 fast-path decoding (OUT/profile_*.txt).
+- train / train_masks: adapter training throughput (see benchmarks/training.py); train_masks compares the training
+  attention mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
+Results are appended to OUT/results.jsonl; OUT/report.md and the plots are rebuilt from everything in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+from transformers import CompileConfig
+
+import peft_parscale  # noqa: F401  (registers the PARSCALE adapter type)
+from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS
+
+from . import report
+from .decoding import decode_sweep
+from .measure import device_ceilings, environment, free_memory
+from .profiling import write_profiles
+from .training import train_throughput
+
+ALL_VARIANTS = ["stock", "P1", "P2", "P4", "P8", "dense_P2", "dense_P4", "dense_P8"]
+GPU_DEFAULTS = {
+    "shapes": ["0.5b", "1.5b", "3b"],
+    "target_shape": "1.5b",
+    "variants": ALL_VARIANTS,
+    "batches": [1, 2, 4, 8],
+    "lengths": [(64, 64), (128, 128), (256, 256), (512, 512)],
+    "target_length": (64, 128),
+    "train_shapes": ["1.5b", "0.5b"],
+    "train_P": [1, 2, 4, 8],
+    "train_length": 2048,
+    "train_batch": 1,
+    "train_steps": 5,
+    "train_warmup": 2,
+}
+TINY_DEFAULTS = {
+    "shapes": ["tiny"],
+    "target_shape": "tiny",
+    "variants": ["stock", "P1", "P2", "dense_P2"],
+    "batches": [1, 2],
+    "lengths": [(8, 8)],
+    "target_length": (8, 8),
+    "train_shapes": ["tiny"],
+    "train_P": [1, 2],
+    "train_length": 32,
+    "train_batch": 1,
+    "train_steps": 2,
+    "train_warmup": 1,
+}
+
+
+def parse_lengths(text: str) -> list[tuple[int, int]]:
+    """ "64:64,128:128" -> [(64, 64), (128, 128)] (prompt:new tokens)."""
+    return [tuple(int(part) for part in item.split(":")) for item in text.split(",")]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny shapes and grids (seconds; what CI runs)")
+    parser.add_argument("--out", required=True, help="folder for results.jsonl, report.md and plots")
+    parser.add_argument("--suites", default="env,targets,sweep,sweep_eager,train")
+    parser.add_argument("--shapes", help="comma-separated shapes for the sweeps (0.5b,1.5b,3b)")
+    parser.add_argument("--variants", help="comma-separated variants for the sweep (stock,P1,...,dense_P8)")
+    parser.add_argument("--batches", help="comma-separated batch sizes for the sweep")
+    parser.add_argument("--lengths", help="prompt:new pairs for the sweep, e.g. 64:64,512:512")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (median); 2, or 1 when tiny")
+    parser.add_argument(
+        "--static-sweep", action="store_true", help="compile the sweep's step for each case's static shapes"
+    )
+    parser.add_argument("--train-shapes")
+    parser.add_argument("--train-P")
+    parser.add_argument("--train-length", type=int)
+    parser.add_argument("--train-batch", type=int)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--train-compile", default="none", help="comma-separated: none, blocks, model")
+    parser.add_argument("--no-report", action="store_true", help="only append to results.jsonl")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    defaults = TINY_DEFAULTS if args.tiny else GPU_DEFAULTS
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    on_gpu = device.type == "cuda"
+    # Every shape, adapter and variant compiles the decode step again; dynamo's default limit (8) would silently
+    # fall back to uncompiled code part-way through a sweep.
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 1 << 16
+
+    shapes = args.shapes.split(",") if args.shapes else defaults["shapes"]
+    variants = args.variants.split(",") if args.variants else defaults["variants"]
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else defaults["batches"]
+    lengths = parse_lengths(args.lengths) if args.lengths else defaults["lengths"]
+    repeats = args.repeats or (1 if args.tiny else 2)
+    static_options = DEFAULT_COMPILE_OPTIONS if on_gpu else None
+    sweep_options = static_options if args.static_sweep or not on_gpu else {**static_options, "dynamic": True}
+    compile_per_case = args.static_sweep and on_gpu
+
+    if on_gpu:  # cuBLAS keeps a workspace per stream from its first use on: take it before any memory is measured
+        torch.ones(64, 64, device=device, dtype=dtype) @ torch.ones(64, 64, device=device, dtype=dtype)
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.jsonl")
+
+    def emit(record: dict[str, Any]) -> None:
+        record = {**record, "device_name": torch.cuda.get_device_name() if on_gpu else "cpu"}
+        with open(results_path, "a") as results:
+            results.write(json.dumps(record) + "\n")
+        summary = {k: record[k] for k in ("suite", "shape", "variant", "mode", "batch", "P") if k in record}
+        numbers = {k: round(v, 3) for k, v in record.items() if isinstance(v, float)}
+        print(json.dumps({**summary, **numbers}), flush=True)
+
+    sweep_common = {"device": device, "dtype": dtype, "repeats": repeats, "emit": emit}
+    for suite in args.suites.split(","):
+        started = time.perf_counter()
+        if suite == "env":
+            emit({"suite": "env", **environment(device), **device_ceilings(device)})
+        elif suite == "targets":
+            target = [defaults["target_length"]]
+            modes = ["eager", "generate_static", "fast"]
+            common = {
+                "lengths": target,
+                "modes": modes,
+                "fast_compile_options": static_options,
+                "generate_compile_config": CompileConfig(),
+            }
+            # One batch size per call: compiled graphs are dropped between calls, so that a second batch size does
+            # not recompile with a dynamic batch dimension (torch.compile's automatic dynamic shapes).
+            for target_variants, target_batches in ((["stock"], [8]), (["P1", "P8"], [1])):
+                decode_sweep(
+                    defaults["target_shape"],
+                    target_variants,
+                    target_batches,
+                    **common,
+                    **sweep_common,
+                    suite="targets",
+                    compare_tokens=True,
+                )
+        elif suite == "profile":
+            write_profiles(args.out, defaults["target_shape"], device, dtype, args.tiny)
+        elif suite == "equality":
+            # Greedy tokens of the fast path against eager generate in float32, where ties are out of reach.
+            decode_sweep(
+                defaults["target_shape"],
+                ["P8"],
+                [1],
+                [defaults["target_length"]],
+                ["eager", "fast"],
+                fast_compile_options=static_options,
+                generate_compile_config=None,
+                suite="equality",
+                compare_tokens=True,
+                **{**sweep_common, "dtype": torch.float32},
+            )
+        elif suite == "sweep":
+            for shape in shapes:
+                decode_sweep(
+                    shape,
+                    variants,
+                    batches,
+                    lengths,
+                    ["fast"],
+                    fast_compile_options=sweep_options,
+                    generate_compile_config=None,
+                    compile_per_case=compile_per_case,
+                    **sweep_common,
+                )
+        elif suite == "sweep_eager":
+            eager_variants = [v for v in variants if not v.startswith("dense")]
+            for shape in shapes:
+                decode_sweep(
+                    shape,
+                    eager_variants,
+                    [batches[0], batches[-1]],
+                    [lengths[0]],
+                    ["eager"],
+                    fast_compile_options=None,
+                    generate_compile_config=None,
+                    suite="sweep_eager",
+                    **sweep_common,
+                )
+        elif suite in ("train", "train_masks"):
+            train_shapes = args.train_shapes.split(",") if args.train_shapes else defaults["train_shapes"]
+            train_P = [int(p) for p in args.train_P.split(",")] if args.train_P else defaults["train_P"]
+            masks = ["materialised", "lower_right"] if suite == "train_masks" else ["lower_right"]
+            settings = [(mask, compile_mode) for mask in masks for compile_mode in args.train_compile.split(",")]
+            for shape in train_shapes:
+                for num_streams in train_P:
+                    for mask, compile_mode in settings:
+                        emit(
+                            train_throughput(
+                                shape,
+                                num_streams,
+                                args.train_length or defaults["train_length"],
+                                args.train_batch or defaults["train_batch"],
+                                device,
+                                dtype,
+                                steps=defaults["train_steps"],
+                                warmup=defaults["train_warmup"],
+                                gradient_checkpointing=args.gradient_checkpointing,
+                                mask=mask,
+                                compile=compile_mode,
+                            )
+                            | {"suite": suite}
+                        )
+                        torch._dynamo.reset()  # the next P compiles afresh, for static shapes
+                        free_memory(device)
+        else:
+            raise SystemExit(f"Unknown suite {suite!r}.")
+        print(f"# {suite}: {time.perf_counter() - started:.1f} s", flush=True)
+
+    if not args.no_report:
+        report.write_report(report.load_records([results_path]), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

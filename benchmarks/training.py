@@ -1,0 +1,157 @@
+"""Adapter training throughput: frozen backbone, only the ParScale prefixes and aggregator trained.
+
+One step = forward and backward of a batch of random token sequences with next-token labels, then AdamW on the
+trainable weights. tokens/s counts input tokens (batch × sequence length), not stream-tokens.
+
+Model FLOPs per step (`training_flops`), the numerator of MFU; recomputation under gradient checkpointing is not
+counted, and neither are the frozen weights' gradients, which are never computed:
+- linear layers of the backbone, over P × tokens stream-tokens: forward 2·N_lin, backward (input gradients only) 2·N_lin;
+- attention scores and weighted sums: forward 4·layers·heads·head_dim per visible key, causal with the T prefix keys
+  visible to every query (T + (S + 1)/2 keys on average), backward twice the forward;
+- LM head on the aggregated tokens (not × P): forward 2·H·V, backward (input gradients) 2·H·V;
+- aggregator (trainable, P > 1): forward 2·(P·H·H + H·P), backward twice that.
+MFU = model FLOPs / (step time × peak); the peak is the H100 SXM dense bf16 figure, 989 TFLOP/s, unless given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from peft import get_peft_model
+from transformers import PretrainedConfig
+
+import peft_parscale.layer as parscale_layer
+from peft_parscale import ParScaleAttention, ParScaleConfig
+
+from .measure import Clock, median, peak_memory_gib, random_causal_lm, reset_peak_memory
+from .shapes import shape_config
+
+H100_SXM_BF16_DENSE_TFLOPS = 989.0
+
+
+def linear_parameters(config: PretrainedConfig) -> int:
+    """Weights of the backbone's matrix products per stream-token (biases and norms left out)."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    query, key_value = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = 2 * hidden * query + 2 * hidden * key_value + 3 * hidden * config.intermediate_size
+    return config.num_hidden_layers * per_layer
+
+
+def training_flops(
+    config: PretrainedConfig, num_streams: int, prefix_length: int, batch_size: int, length: int
+) -> float:
+    """Model FLOPs of one adapter-training step (see the module docstring)."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    tokens = batch_size * length
+    stream_tokens = num_streams * tokens
+    linear = 4 * linear_parameters(config) * stream_tokens
+    visible_keys = prefix_length + (length + 1) / 2
+    attention_forward = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * visible_keys
+    attention = 3 * attention_forward * stream_tokens
+    lm_head = 4 * hidden * vocab * tokens
+    aggregator = 6 * (num_streams * hidden * hidden + hidden * num_streams) * tokens if num_streams > 1 else 0
+    return float(linear + attention + lm_head + aggregator)
+
+
+@contextlib.contextmanager
+def materialised_prefix_mask(device: torch.device) -> Iterator[None]:
+    """The training mask as built before the flash-friendly change: an explicit boolean (q, T + q) tensor."""
+    bias = parscale_layer.prefix_causal_bias
+    parscale_layer.prefix_causal_bias = lambda queries, prefix: bias(queries, prefix)._materialize(device)
+    try:
+        yield
+    finally:
+        parscale_layer.prefix_causal_bias = bias
+
+
+def train_throughput(
+    shape: str,
+    num_streams: int,
+    length: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    warmup: int,
+    gradient_checkpointing: bool,
+    mask: str = "lower_right",
+    compile: str = "none",
+    peak_tflops: float = H100_SXM_BF16_DENSE_TFLOPS,
+) -> dict[str, Any]:
+    """Tokens/s, MFU and peak memory of adapter training (see the module docstring).
+
+    `compile`: "none"; "blocks", every block of each decoder layer but the attention (norms, MLP) compiled on its
+    own; "layers", each decoder layer compiled whole (regional compilation: one compiled graph serves all layers;
+    attention keeps sdpa's flash kernel); "model", `torch.compile` of the whole model (transformers then
+    materialises the attention mask: sdpa's memory-efficient kernel instead of flash).
+    """
+    config = shape_config(shape)
+    adapter_config = ParScaleConfig(P=num_streams)
+    model = get_peft_model(random_causal_lm(config, device, dtype), adapter_config)
+    if gradient_checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    layers = model.get_base_model().get_decoder().layers
+    if compile == "blocks":
+        for block in (block for layer in layers for block in layer.children()):
+            if not isinstance(block, ParScaleAttention):
+                block.compile()
+    elif compile == "layers":
+        for layer in layers:
+            layer.compile()
+    forward = torch.compile(model) if compile == "model" else model
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    batches = torch.randint(0, config.vocab_size, (warmup + steps, batch_size, length), generator=generator).to(device)
+    clock = Clock(device)
+
+    def step(index: int) -> torch.Tensor:
+        loss = forward(input_ids=batches[index], labels=batches[index]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    masked: Callable[[], contextlib.AbstractContextManager] = (
+        (lambda: materialised_prefix_mask(device)) if mask == "materialised" else contextlib.nullcontext
+    )
+    with masked():
+        started = time.perf_counter()
+        loss = forward(input_ids=batches[0], labels=batches[0]).loss
+        loss.backward()
+        first_step_s = time.perf_counter() - started  # includes compilation
+        prefix_gradient = float(torch.stack([p.grad.float().norm() for p in trainable if p.grad is not None]).norm())
+        optimizer.zero_grad(set_to_none=True)
+        for index in range(warmup):
+            step(index)
+        reset_peak_memory(device)
+        times = [clock.time_ms(lambda index=index: step(warmup + index))[1] for index in range(steps)]
+    step_ms = median(times)
+    flops = training_flops(config, num_streams, adapter_config.prefix_length, batch_size, length)
+    record = {
+        "suite": "train",
+        "shape": shape,
+        "P": num_streams,
+        "length": length,
+        "batch": batch_size,
+        "gradient_checkpointing": gradient_checkpointing,
+        "mask": mask,
+        "compile": compile,
+        "first_step_s": first_step_s,
+        "step_ms": step_ms,
+        "tokens_per_s": batch_size * length / (step_ms * 1e-3),
+        "model_tflop_per_step": flops / 1e12,
+        "mfu": flops / (step_ms * 1e-3) / (peak_tflops * 1e12),
+        "peak_tflops": peak_tflops,
+        "peak_mem_gib": peak_memory_gib(device),
+        "trainable_gradient_norm": prefix_gradient,
+        "loss": float(loss.detach()),
+    }
+    return record

@@ -1,0 +1,52 @@
+"""The benchmark script in its tiny CPU mode (what CI runs), and the model shapes it measures."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks import run
+from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
+
+
+def test_tiny_run_writes_results_report_and_comparison(tmp_path):
+    assert run.main(["--tiny", "--suites", "env,targets,sweep,train", "--out", str(tmp_path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    suites = {record["suite"] for record in records}
+    assert suites == {"env", "targets", "decode", "train"}
+    decode = [r for r in records if r["suite"] in ("targets", "decode")]
+    assert {(r["variant"], r["mode"]) for r in decode if r["suite"] == "targets"} == {
+        (variant, mode) for variant in ("stock", "P1", "P8") for mode in ("eager", "generate_static", "fast")
+    }
+    for record in decode:
+        for key in ("prefill_ms", "decode_ms_per_token", "total_ms"):
+            assert math.isfinite(record[key]) and record[key] > 0, (key, record)
+        if "tokens_vs_eager" in record:  # float32 on CPU: every path gives the eager path's greedy tokens
+            assert record["tokens_vs_eager"]["equal"], record
+    train = [r for r in records if r["suite"] == "train"]
+    assert [r["P"] for r in train] == [1, 2]
+    assert all(r["tokens_per_s"] > 0 and r["trainable_gradient_norm"] > 0 for r in train)
+    report = (tmp_path / "report.md").read_text()
+    for section in ("## Targets", "## Parallel vs parameter scaling", "## Decode sweep", "## Training throughput"):
+        assert section in report
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert {(c["shape"], c["P"]) for c in comparison["scaling_comparison"]} == {("tiny", 2)}
+
+
+@pytest.mark.parametrize("shape", sorted(QWEN25))
+def test_non_embedding_parameters_match_the_model(shape):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape_config(shape))
+    embedding = model.get_input_embeddings().weight.numel()  # tied with the LM head
+    assert non_embedding_parameters(model.config) == sum(p.numel() for p in model.parameters()) - embedding
+
+
+@pytest.mark.parametrize("shape", sorted(QWEN25))
+@pytest.mark.parametrize("num_streams", [2, 4, 8])
+def test_dense_equivalent_has_the_law_s_parameter_count(shape, num_streams):
+    base, dense = shape_config(shape), dense_equivalent(shape, num_streams)
+    ratio = non_embedding_parameters(dense) / non_embedding_parameters(base)
+    assert ratio == pytest.approx(1 + SCALING_K * math.log(num_streams), rel=5e-3)
+    assert (dense.hidden_size, dense.vocab_size) == (base.hidden_size, base.vocab_size)  # same embedding
