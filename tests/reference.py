@@ -187,6 +187,13 @@ def reference_logits(model, tokens: torch.Tensor, adapter: dict | None) -> torch
     return torch.stack(mixed) @ lm_head.T
 
 
+def reference_greedy(model, tokens: torch.Tensor, adapter: dict | None, new_tokens: int) -> torch.Tensor:
+    """The reference's own greedy loop: `tokens` (one unpadded sequence) followed by `new_tokens` argmax tokens."""
+    for _ in range(new_tokens):
+        tokens = torch.cat([tokens, reference_logits(model, tokens, adapter)[-1].argmax()[None]])
+    return tokens
+
+
 def adapter_tensors(peft_model, adapter_name: str = "default") -> dict:
     """Read an adapter's weights out of a PeftModel by name, for the reference."""
     named = dict(peft_model.named_parameters())

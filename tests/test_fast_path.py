@@ -9,7 +9,7 @@ C++ compiler. Inductor and CUDA graphs themselves were checked on an H100 (BENCH
 import pytest
 import test_generate
 import torch
-from reference import adapter_tensors, left_padded_batch, reference_logits
+from reference import adapter_tensors, left_padded_batch, reference_greedy
 from test_generate import generate, greedy_without_cache
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
@@ -37,9 +37,7 @@ def test_fast_path_matches_the_reference_greedy_loop(setup, compile_options):
     )
     assert tokens.shape == (2, input_ids.shape[1] + NEW_TOKENS)
     for row in range(2):
-        expected = input_ids[row][attention_mask[row].bool()]
-        for _ in range(NEW_TOKENS):
-            expected = torch.cat([expected, reference_logits(reference, expected, adapter)[-1].argmax()[None]])
+        expected = reference_greedy(reference, input_ids[row][attention_mask[row].bool()], adapter, NEW_TOKENS)
         assert torch.equal(tokens[row, -NEW_TOKENS:], expected[-NEW_TOKENS:])
         assert torch.equal(tokens[row, : input_ids.shape[1]], input_ids[row])
 

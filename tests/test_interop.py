@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from reference import left_padded_batch, positions_from_mask, randomize_adapter, reference_logits, tiny_model
+from reference import (
+    left_padded_batch,
+    positions_from_mask,
+    randomize_adapter,
+    reference_greedy,
+    reference_logits,
+    tiny_model,
+)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -205,9 +212,7 @@ def test_imported_checkpoint_matches_reference_on_released_tensors(tmp_path, dty
             pad_token_id=0,
         )
     for row, mask in enumerate(attention_mask):
-        tokens = input_ids[row][mask.bool()]
-        for _ in range(NEW_TOKENS):  # the reference's own greedy loop
-            tokens = torch.cat([tokens, reference_logits(backbone, tokens, adapter)[-1].argmax()[None]])
+        tokens = reference_greedy(backbone, input_ids[row][mask.bool()], adapter, NEW_TOKENS)
         assert torch.equal(generated[row, -NEW_TOKENS:], tokens[-NEW_TOKENS:])
 
 
