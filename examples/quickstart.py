@@ -86,12 +86,8 @@ def main() -> None:
         model_path = args.model
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
-    if args.dataset is None:
-        corpus = python_stdlib_corpus()
-        train_texts, heldout_texts = list(corpus["train"]["text"]), list(corpus["test"]["text"])
-    else:
-        corpus = load_dataset(args.dataset)
-        train_texts, heldout_texts = list(corpus["train"]["text"]), list(corpus["test"]["text"])
+    corpus = python_stdlib_corpus() if args.dataset is None else load_dataset(args.dataset)
+    train_texts, heldout_texts = list(corpus["train"]["text"]), list(corpus["test"]["text"])
     train_limit = args.steps * args.batch_size * 4 if args.smoke else None
     train_set = token_windows(train_texts, tokenizer, args.seq_len, train_limit)
     heldout_set = token_windows(heldout_texts, tokenizer, args.seq_len, args.eval_sequences)

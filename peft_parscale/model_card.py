@@ -3,8 +3,8 @@
 PEFT writes the card in ``PeftModel.create_or_update_model_card``, which has no hook for a method's own content, and
 TRL rewrites README.md from its template whenever a trainer creates its card. So this section is merged into
 whatever card is there (between two HTML comments, replaced on every save) by ``ParScaleConfig.save_pretrained``,
-which PEFT calls on every ``save_pretrained``/``push_to_hub``, and by ``peft_parscale.sft.ParScaleSFTTrainer`` after
-TRL has written its card.
+which PEFT calls on every ``save_pretrained``/``push_to_hub``, by ``peft_parscale.sft.ParScaleSFTTrainer`` after TRL
+has written its card, and, for ``PeftModel.push_to_hub``, by ``keep_card_on_push_to_hub`` (see there).
 """
 
 from __future__ import annotations
