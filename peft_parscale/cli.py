@@ -3,6 +3,7 @@
 Usage::
 
     parscale sft --config recipes/qwen2.5-0.5b-code-p8.yaml      # every `trl sft` flag, plus ParScale's
+    parscale eval --model_name_or_path MODEL --adapter ADAPTER       # held-out loss, HumanEval pass@k
     parscale import-official SRC OUT                             # a released qwen2_parscale checkpoint -> base + adapter
     parscale export-official BASE ADAPTER OUT                    # base + adapter -> a released-format checkpoint
 
@@ -20,6 +21,11 @@ COMMANDS = {
         "peft_parscale.sft",
         "main",
         "train an adapter with TRL's SFTTrainer (launched through accelerate, like `trl sft`)",
+    ),
+    "eval": (
+        "peft_parscale.eval",
+        "main",
+        "held-out loss and HumanEval pass@k of a model, with or without an adapter",
     ),
     "import-official": (
         "peft_parscale.interop",

@@ -1,0 +1,199 @@
+"""``parscale eval``: held-out loss / perplexity and HumanEval pass@k of a model, with or without an adapter.
+
+Held-out loss is the mean next-token cross-entropy over every document of a dataset: each document is tokenized on
+its own and cut into consecutive windows of ``seq_len`` tokens (the last, shorter window included), each window is
+scored with no context from the one before it, and the loss is the sum of the negative log-likelihoods of every
+predicted token (all but the first of each window) divided by their number. Perplexity is its exponential.
+
+The `evaluate` library is not used for this: its ``perplexity`` metric is a script fetched from the Hub that loads
+its own model from a model id, so it can neither run offline nor score a ``PeftModel`` with an adapter. HumanEval
+lives in :mod:`peft_parscale.humaneval`.
+
+Example::
+
+    parscale eval --model_name_or_path Qwen/Qwen2.5-Coder-0.5B-Instruct --adapter out/p8 --output p8.json
+    parscale eval --model_name_or_path ... --tasks loss --dataset_name codeparrot/codeparrot-clean-valid --dataset_split train
+    parscale eval --model_name_or_path ... --tasks humaneval --humaneval_modes completion --num_samples 10 --k 1 10
+
+    from peft_parscale.eval import heldout_loss
+    heldout_loss(model, tokenizer, texts, seq_len=2048)        # {"loss": ..., "perplexity": ..., "tokens": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TASKS = ("loss", "humaneval")
+
+
+def document_windows(token_ids: Sequence[Sequence[int]], seq_len: int) -> list[list[int]]:
+    """Each document cut into consecutive windows of ``seq_len`` tokens; a last window of one token predicts nothing
+    and is dropped."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    return [
+        list(ids[start : start + seq_len])
+        for ids in token_ids
+        for start in range(0, len(ids), seq_len)
+        if len(ids) - start >= 2
+    ]
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Mean next-token loss of ``model`` on ``texts`` (see the module docstring), in float32 whatever the model's
+    dtype. Windows are batched longest first and right-padded; padding is masked and never scored."""
+    windows = document_windows(tokenizer(list(texts), add_special_tokens=False)["input_ids"], seq_len)[:max_windows]
+    if not windows:
+        raise ValueError("no text to evaluate: every document is shorter than two tokens")
+    windows.sort(key=len, reverse=True)
+    total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(windows), batch_size), desc="held-out loss", disable=not progress):
+        batch = windows[start : start + batch_size]
+        width = len(batch[0])
+        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in batch], device=model.device)
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=model.device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        total_nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        total_tokens += int((targets != -100).sum())
+    model.train(was_training)
+    loss = total_nll / total_tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens, "windows": len(windows)}
+
+
+@dataclass
+class EvalArguments:
+    """Arguments of ``parscale eval`` (parsed by TRL's ``TrlParser``, so ``--config file.yaml`` works too)."""
+
+    model_name_or_path: str = field(metadata={"help": "Base model: a Hub id or a local checkpoint directory."})
+    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter (ParScale or other) to evaluate."})
+    tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": f"Any of {TASKS}."})
+    dtype: str = field(default="bfloat16", metadata={"help": "Model dtype: bfloat16, float16, float32 or auto."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "`load_dataset` name or local folder for the loss; default: the Python stdlib corpus."},
+    )
+    dataset_split: str = field(default="test", metadata={"help": "Split to score."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the documents."})
+    seq_len: int = field(default=2048, metadata={"help": "Tokens per scored window."})
+    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
+    max_windows: int | None = field(default=None, metadata={"help": "Score only the first N windows."})
+    humaneval_modes: list[str] = field(
+        default_factory=lambda: ["completion", "chat"], metadata={"help": "HumanEval prompt modes: completion, chat."}
+    )
+    num_samples: int = field(default=1, metadata={"help": "Samples per problem (1: greedy; more: sampling)."})
+    k: list[int] = field(default_factory=lambda: [1], metadata={"help": "pass@k values to report."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature (num_samples > 1)."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling top-p (num_samples > 1)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Tokens generated per HumanEval sample at most."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Sequences generated together."})
+    check_workers: int | None = field(default=None, metadata={"help": "Processes running the HumanEval checks."})
+    check_timeout: float = field(default=3.0, metadata={"help": "Seconds each HumanEval check may run."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    output: str | None = field(default=None, metadata={"help": "Write the results (every sample included) here."})
+
+    def __post_init__(self) -> None:
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; expected any of {TASKS}")
+
+
+def load_model(
+    model_name_or_path: str, adapter: str | None = None, dtype: str = "bfloat16"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model (on the GPU when there is one) with ``adapter`` loaded, and its tokenizer."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peft_parscale  # noqa: F401  (registers ParScale with PEFT before an adapter is read)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype).to(device)
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter)
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    return model.eval(), tokenizer
+
+
+def run_eval(args: EvalArguments, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Every task ``args`` asks for, on ``model``; returns the results as one JSON-ready dict."""
+    from peft_parscale.humaneval import evaluate_humaneval
+
+    results: dict = {"arguments": asdict(args)}
+    if "loss" in args.tasks:
+        if args.dataset_name is None:
+            from peft_parscale.data import python_stdlib_corpus
+
+            texts = list(python_stdlib_corpus()[args.dataset_split][args.text_column])
+        else:
+            from datasets import load_dataset
+
+            texts = list(load_dataset(args.dataset_name, split=args.dataset_split)[args.text_column])
+        results["loss"] = heldout_loss(model, tokenizer, texts, args.seq_len, args.batch_size, args.max_windows)
+    if "humaneval" in args.tasks:
+        results["humaneval"] = {
+            mode: evaluate_humaneval(
+                model,
+                tokenizer,
+                mode=mode,
+                num_samples=args.num_samples,
+                k=args.k,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.generation_batch_size,
+                workers=args.check_workers,
+                timeout=args.check_timeout,
+                seed=args.seed,
+            )
+            for mode in args.humaneval_modes
+        }
+    return results
+
+
+def summary(results: dict) -> str:
+    """One line per measured figure."""
+    lines = []
+    if "loss" in results:
+        loss = results["loss"]
+        lines.append(
+            f"held-out loss {loss['loss']:.4f} (perplexity {loss['perplexity']:.3f}, {loss['tokens']:,} tokens)"
+        )
+    for mode, humaneval in results.get("humaneval", {}).items():
+        scores = ", ".join(f"{key} {value:.4f}" for key, value in humaneval.items() if key.startswith("pass@"))
+        lines.append(f"HumanEval {mode} ({humaneval['num_samples']} samples/problem): {scores}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """``parscale eval ARGS``."""
+    from trl import TrlParser
+
+    (args,) = TrlParser((EvalArguments,), prog="parscale eval").parse_args_and_config(argv)
+    model, tokenizer = load_model(args.model_name_or_path, args.adapter, args.dtype)
+    results = run_eval(args, model, tokenizer)
+    print(summary(results))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0

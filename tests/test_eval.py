@@ -1,0 +1,182 @@
+"""Evaluation: held-out loss against a hand computation, HumanEval scoring, generation and the `parscale eval` CLI."""
+
+import json
+import math
+import socket
+import threading
+
+import pytest
+import torch
+from peft import get_peft_model
+from reference import adapter_tensors, randomize_adapter, reference_greedy, reference_logits, tiny_model, tiny_tokenizer
+from transformers import AutoTokenizer
+
+import peft_parscale  # noqa: F401
+from peft_parscale import ParScaleConfig
+from peft_parscale.cli import main as parscale_main
+from peft_parscale.eval import heldout_loss
+from peft_parscale.humaneval import evaluate_humaneval, load_problems, pass_at_k, score_completions
+from peft_parscale.testing import save_tiny_checkpoint
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "x = 1", "import os\nprint(os.sep)\n" * 2, "z"]
+
+
+@pytest.fixture(scope="module")
+def parscale_model():
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(tiny_model(vocab_size=len(tokenizer)), ParScaleConfig(P=3, prefix_length=4))
+    randomize_adapter(model, scale=0.3)
+    reference = tiny_model(vocab_size=len(tokenizer))  # the same base weights (same seed), left unwrapped
+    return model.eval(), tokenizer, reference
+
+
+def test_heldout_loss_matches_hand_computation(parscale_model):
+    model, tokenizer, reference = parscale_model
+    seq_len = 12
+    nll, count = 0.0, 0
+    for text in TEXTS:  # each document on its own, windows of 12 tokens, the last one shorter, none seeing the last
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), seq_len):
+            window = torch.tensor(ids[start : start + seq_len])
+            if len(window) < 2:
+                continue
+            logits = reference_logits(reference, window, adapter_tensors(model)).double()
+            for t in range(len(window) - 1):
+                nll -= logits[t, window[t + 1]].item() - torch.logsumexp(logits[t], 0).item()
+                count += 1
+    result = heldout_loss(model, tokenizer, TEXTS, seq_len=seq_len, batch_size=3, progress=False)
+    assert (
+        result["tokens"] == count == sum(len(text) for text in TEXTS[:3]) - 8
+    )  # 3 + 1 + 4 windows; "z" predicts nothing
+    assert result["loss"] == pytest.approx(nll / count, abs=2e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    with model.disable_adapter():
+        base = heldout_loss(model, tokenizer, TEXTS, seq_len=seq_len, batch_size=3, progress=False)
+    assert abs(base["loss"] - result["loss"]) > 1e-3  # the adapter is what was scored
+    with pytest.raises(ValueError, match="no text"):
+        heldout_loss(model, tokenizer, ["z"], seq_len=seq_len, progress=False)
+
+
+CANONICAL_TASKS = ["HumanEval/0", "HumanEval/2", "HumanEval/53"]
+
+
+def as_generated(problem: dict, body: str, mode: str) -> str:
+    """What a model would have written, in each prompt mode, for a function with this body."""
+    if mode == "completion":  # the body, then more top-level code that the stop sequences must cut off
+        return body + "\n\nprint(undefined_name)\n"
+    return (
+        f"Here is the function:\n```python\n{problem['prompt']}{body}```\nIt works.\n"
+        "```python\nassert False  # a later block, which must be ignored\n```"
+    )
+
+
+@pytest.mark.parametrize("mode", ["completion", "chat"])
+def test_humaneval_scores_canonical_solutions_and_a_wrong_one(mode):
+    problems = load_problems(CANONICAL_TASKS)
+    canonical = [[as_generated(problem, problem["canonical_solution"], mode)] for problem in problems]
+    assert score_completions(problems, canonical, mode, workers=2)["pass@1"] == 1.0
+    wrong = [[as_generated(problem, "    return None\n", mode)] for problem in problems]
+    result = score_completions(problems, wrong, mode, workers=2)
+    assert result["pass@1"] == 0.0
+    assert all(sample["result"].startswith("failed") for sample in result["samples"])
+
+
+def test_humaneval_pass_at_k_estimator_and_timeouts():
+    assert pass_at_k([2, 0], 5, 2) == pytest.approx((1 - 3 / 10 + 0) / 2)  # 1 − C(3,2)/C(5,2) for the first problem
+    assert pass_at_k([1, 5], 5, 1) == pytest.approx((1 / 5 + 1) / 2)
+    with pytest.raises(ValueError, match="at least 10 samples"):
+        pass_at_k([1], 5, 10)
+    (problem,) = load_problems(["HumanEval/53"])
+    samples = [["    while True:\n        pass\n"], ["    return x + y\n"]]
+    result = score_completions([problem, problem], samples, "completion", k=(1,), workers=2, timeout=0.5)
+    assert [sample["result"] for sample in result["samples"]] == ["timed out", "passed"]
+
+
+def test_generated_code_has_no_network():
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    threading.Thread(target=lambda: server.accept(), daemon=True).start()
+    problem = {
+        "task_id": "network",
+        "prompt": "import socket\n\ndef probe():\n",
+        "entry_point": "probe",
+        "test": "def check(candidate):\n    assert candidate() == 'unreachable'\n",
+    }
+    body = (
+        "    try:\n"
+        f"        socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+        "        return 'connected'\n"
+        "    except OSError:\n"
+        "        return 'unreachable'\n"
+    )
+    socket.create_connection(("127.0.0.1", port), timeout=1).close()  # reachable from here
+    assert score_completions([problem], [[body]], "completion", workers=1)["pass@1"] == 1.0
+    server.close()
+
+
+TOY_PROBLEMS = [
+    {"task_id": f"toy/{i}", "prompt": prompt, "entry_point": "f", "test": "def check(f):\n    assert f(1) == 2\n"}
+    for i, prompt in enumerate(["def f(x):\n", "def f(x):\n    '''Add one.'''\n", "def f(value):\n    return"])
+]
+
+
+@pytest.mark.parametrize("mode", ["completion", "chat"])
+def test_batched_left_padded_generation_matches_reference_greedy(parscale_model, mode):
+    from peft_parscale.humaneval import build_prompt
+
+    model, tokenizer, reference = parscale_model
+    new_tokens = 6
+    result = evaluate_humaneval(
+        model,
+        tokenizer,
+        mode,
+        max_new_tokens=new_tokens,
+        batch_size=2,
+        problems=TOY_PROBLEMS,
+        workers=1,
+        progress=False,
+    )
+    assert result["num_problems"] == 3 and result["num_samples"] == 1 and "pass@1" in result
+    for problem, sample in zip(TOY_PROBLEMS, result["samples"]):
+        prompt = torch.tensor(tokenizer(build_prompt(problem, mode, tokenizer))["input_ids"])
+        expected = reference_greedy(reference, prompt, adapter_tensors(model), new_tokens)[len(prompt) :]
+        if tokenizer.eos_token_id in expected.tolist():  # generation ends at the end-of-sequence token
+            expected = expected[: expected.tolist().index(tokenizer.eos_token_id)]
+        reference_text = tokenizer.decode(expected, skip_special_tokens=True)
+        if mode == "completion":  # generation may also stop early at a stop sequence
+            assert reference_text.startswith(sample["generated"])
+        else:
+            assert sample["generated"] == reference_text
+
+
+def test_sampling_gives_num_samples_per_problem(parscale_model):
+    model, tokenizer, _ = parscale_model
+    result = evaluate_humaneval(
+        model,
+        tokenizer,
+        num_samples=3,
+        k=(1, 3),
+        max_new_tokens=4,
+        problems=TOY_PROBLEMS[:2],
+        workers=1,
+        progress=False,
+    )
+    assert [sample["task_id"] for sample in result["samples"]] == ["toy/0"] * 3 + ["toy/1"] * 3
+    assert len({sample["generated"] for sample in result["samples"]}) > 1  # sampled, not greedy
+    assert {"pass@1", "pass@3", "temperature"} <= set(result)
+
+
+def test_parscale_eval_cli(tmp_path):
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    output = tmp_path / "results.json"
+    argv = ["eval", "--model_name_or_path", str(checkpoint), "--dtype", "float32", "--dataset_name", str(data)]
+    assert parscale_main([*argv, "--tasks", "loss", "--seq_len", "12", "--output", str(output)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in TEXTS]
+    windows = [min(12, n - start) for n in lengths for start in range(0, n, 12)]  # 12-token windows of each document
+    assert json.loads(output.read_text())["loss"]["tokens"] == sum(n - 1 for n in windows)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        parscale_main([*argv, "--tasks", "perplexity"])
