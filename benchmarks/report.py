@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from .shapes import SCALING_K
+from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON
 
 Record = dict[str, Any]
-# Fitted law on Stack-V2 Python (shared/reference/README.md): L = E + (A·1e9 / (N·(1 + k·ln P)))^alpha.
-LAW = {"E": 0.6912, "A": 0.0113, "alpha": 0.1894, "k": SCALING_K}
 TARGETS = {"latency_ratio": 1.2, "fast_ms_per_token": 5.0, "memory_ratio": 1.05, "train_tokens_per_s": 8300.0}
 AUTHORS_TRAINING = {1: 23300, 4: 12100, 8: 6400}  # the authors' code, 1.5B shape, seq 2048, H100 (issue 5)
 
@@ -38,8 +35,8 @@ def load_records(paths: Iterable[str]) -> list[Record]:
 
 
 def predicted_loss(non_embedding_params: float, num_streams: int = 1) -> float:
-    effective = non_embedding_params * (1 + LAW["k"] * math.log(num_streams))
-    return LAW["E"] + (LAW["A"] * 1e9 / effective) ** LAW["alpha"]
+    """The loss the paper's law fitted on Stack-V2 Python predicts for N non-embedding parameters and P streams."""
+    return PAPER_STACK_V2_PYTHON.predict(non_embedding_params, num_streams)
 
 
 def number(value: Any, digits: int = 2) -> str:

@@ -72,9 +72,10 @@ def heldout_loss(
         width = len(batch[0])
         input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in batch], device=model.device)
         attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=model.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        total_nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        for row_logits, row_targets in zip(logits, targets):  # float32 one row at a time: vocabularies are large
+            total_nll += F.cross_entropy(row_logits.float(), row_targets, reduction="sum").item()
         total_tokens += int((targets != -100).sum())
     model.train(was_training)
     loss = total_nll / total_tokens

@@ -29,6 +29,19 @@ def test_quickstart_smoke(tmp_path):
         assert json.loads((tmp_path / "out" / f"P{P}" / "adapter_config.json").read_text())["P"] == P
 
 
+def test_scaling_experiment_smoke(tmp_path):
+    stdout = run_example(
+        "scaling_experiment.py", "--smoke", "--models", "base", "P1", "P2", "--output-dir", "out", cwd=tmp_path
+    )
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["P"] for row in summary["rows"]] == [None, 1, 2]
+    assert summary["rows"][0]["trainable_parameters"] == 0 < summary["rows"][1]["trainable_parameters"]
+    assert {row["train_tokens"] for row in summary["rows"][1:]} == {256}  # equal token budgets
+    assert summary["adapter_configs"]["P2"]["P"] == 2
+    assert "log_linear_fit" in summary and (tmp_path / "out" / "streams.png").is_file()
+    assert "| P=2 |" in stdout
+
+
 def test_inference_smoke_switches_adapters(tmp_path):
     stdout = run_example("inference.py", "--smoke", "--max-new-tokens", "4", cwd=tmp_path)
     assert [line for line in stdout.splitlines() if line.startswith("adapter ")] == [
