@@ -38,7 +38,7 @@ from trl import SFTConfig, SFTTrainer
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
 from peft_parscale.data import python_stdlib_corpus
-from peft_parscale.eval import heldout_loss
+from peft_parscale.eval import heldout_loss, load_model
 from peft_parscale.humaneval import evaluate_humaneval, load_problems
 from peft_parscale.pretrained import (
     QWEN2_5_CODER_0_5B_INSTRUCT,
@@ -48,6 +48,9 @@ from peft_parscale.pretrained import (
 )
 from peft_parscale.scaling_law import fit_log_linear
 from peft_parscale.testing import save_tiny_checkpoint
+
+# bf16 on a GPU (the speed the experiment reports), float32 on the CPU (smoke runs)
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,7 +114,6 @@ def packed_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, length:
 def train_adapter(args, path, tokenizer, windows: Dataset, num_streams: int, out: Path) -> dict:
     steps = args.train_tokens // (args.batch_size * args.seq_len)
     micro_batch = max(1, min(args.batch_size, args.stream_sequences // num_streams))
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     training_args = SFTConfig(
         output_dir=str(out),
         max_steps=steps,
@@ -130,7 +132,7 @@ def train_adapter(args, path, tokenizer, windows: Dataset, num_streams: int, out
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE),
         args=training_args,
         train_dataset=windows,
         processing_class=tokenizer,
@@ -175,8 +177,6 @@ def run_model(args, name: str, path, tokenizer, corpus: DatasetDict, windows: Da
     if (out / "result.json").is_file():
         print(f"{name}: done already ({out / 'result.json'})")
         return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     result: dict = {"name": name, "P": None}
     if name != "base":
         result["P"] = int(name.removeprefix("P"))
@@ -184,15 +184,15 @@ def run_model(args, name: str, path, tokenizer, corpus: DatasetDict, windows: Da
         if not train_file.is_file():
             train_file.write_text(json.dumps(train_adapter(args, path, tokenizer, windows, result["P"], out)))
         result |= json.loads(train_file.read_text())
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    if name != "base":  # evaluate the adapter as saved, loaded the way users load it
-        model = PeftModel.from_pretrained(model, out / "adapter")
+    # the adapter is evaluated as saved, loaded the way `parscale eval` loads it
+    model, _ = load_model(path, out / "adapter" if name != "base" else None, DTYPE)
+    if name != "base":
         result["adapter_config"] = json.loads((out / "adapter" / "adapter_config.json").read_text())
     result["trainable_parameters"] = sum(p.numel() for n, p in model.named_parameters() if "parscale_" in n)
     started = time.time()
-    result |= evaluate(args, model.eval(), tokenizer, list(corpus["test"]["text"]))
+    result |= evaluate(args, model, tokenizer, list(corpus["test"]["text"]))
     result["eval_seconds"] = time.time() - started
-    result["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result["versions"] = {module.__name__: module.__version__ for module in (torch, __import__("transformers"))}
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))

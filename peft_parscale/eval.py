@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,7 +121,9 @@ class EvalArguments:
 
 
 def load_model(
-    model_name_or_path: str, adapter: str | None = None, dtype: str = "bfloat16"
+    model_name_or_path: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "bfloat16",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model (on the GPU when there is one) with ``adapter`` loaded, and its tokenizer."""
     import peft
