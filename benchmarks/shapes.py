@@ -1,6 +1,6 @@
 """Model shapes: the Qwen2.5 base models (random weights), tiny CPU stand-ins, and dense models scaled by parameters.
 
-The parallel scaling law fitted on the paper's code runs (shared/reference/README.md) says that P streams act like
+The parallel scaling law fitted on the paper's code runs (peft_parscale.scaling_law.paper_runs) says that P streams act like
 multiplying the non-embedding parameter count N by (1 + k·ln P), k = 0.3935. `dense_equivalent` builds, for a shape
 and a P, the dense model of that quality: the same family, hidden size, heads and vocabulary (so the same embedding),
 with round(L·r) layers and the MLP width that makes the non-embedding count r·N (rounded to a multiple of 64).
@@ -12,7 +12,7 @@ import math
 
 from transformers import Qwen2Config
 
-# k of the fitted law on Stack-V2 Python (shared/reference/README.md).
+# k of the fitted law on Stack-V2 Python (peft_parscale.scaling_law.paper_runs).
 SCALING_K = 0.3935
 
 # Qwen2.5 base configurations (hidden, MLP, layers, heads, key/value heads); vocabulary 151936, tied embeddings.

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors.torch import load_file
 from torch import nn
 from transformers.masking_utils import create_masks_for_generate
@@ -105,15 +105,31 @@ def expected_adapter_shapes(architecture: Architecture, config: ParScaleConfig) 
     return expected
 
 
+def read_adapter_file(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """The path and tensors of a saved adapter, as PEFT reads them: safetensors if present, else PyTorch's format.
+
+    A ``.bin`` file (``save_pretrained(..., safe_serialization=False)``) is read with ``weights_only=True``, so
+    loading it cannot run code. Raises `ValueError` if there is no adapter file or it cannot be read.
+    """
+    safetensors_path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    pickle_path = os.path.join(directory, WEIGHTS_NAME)
+    path = safetensors_path if os.path.isfile(safetensors_path) or not os.path.isfile(pickle_path) else pickle_path
+    if not os.path.isfile(path):
+        raise ValueError(f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {directory}: no adapter to load.")
+    try:
+        tensors = (
+            load_file(path) if path == safetensors_path else torch.load(path, map_location="cpu", weights_only=True)
+        )
+    except Exception as error:  # safetensors and torch.load raise several types for truncated or malformed files
+        raise ValueError(f"The adapter file {path} is corrupt or truncated: {error}") from error
+    if not isinstance(tensors, dict) or not all(isinstance(value, torch.Tensor) for value in tensors.values()):
+        raise ValueError(f"The adapter file {path} does not hold a flat dictionary of tensors.")
+    return path, tensors
+
+
 def check_adapter_file(directory: str, expected: dict[str, tuple[int, ...]]) -> None:
     """Read a saved adapter and raise `ValueError` if it is missing, unreadable, or does not fit `expected`."""
-    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"No {SAFETENSORS_WEIGHTS_NAME} in {directory}: ParScale adapters are saved as safetensors.")
-    try:
-        tensors = load_file(path)
-    except Exception as error:  # safetensors raises several types for truncated or malformed files
-        raise ValueError(f"The adapter file {path} is corrupt or truncated: {error}") from error
+    path, tensors = read_adapter_file(directory)
     problems = [f"missing {key}" for key in sorted(expected.keys() - tensors.keys())]
     problems += [f"unexpected {key}" for key in sorted(tensors.keys() - expected.keys())]
     for key in sorted(expected.keys() & tensors.keys()):

@@ -10,16 +10,17 @@ A (in billions of parameters) and alpha the Chinchilla-style power law in N, and
 gain per unit of ln P (k·ln 2 per doubling of P).
 
 The fit follows the paper (and Hoffmann et al., 2022): minimise the Huber loss (delta = 1e-3) between log L̂ and log L
-with L-BFGS-B from every point of a grid of starting points and keep the best. On the paper's 48 runs
-(shared/reference/parscale_paper_losses.csv) it reproduces the published laws, kept here as `PAPER_STACK_V2_PYTHON`
+with L-BFGS-B from every point of a grid of starting points and keep the best. On the paper's 48 runs (`paper_runs()`,
+the final training losses of its Stack-V2 Python and Pile pre-training runs, P in {1, 2, 4, 8}, six model sizes,
+42B tokens each, as published; shipped with the package as parscale_paper_losses.csv) it reproduces the published laws, kept here as `PAPER_STACK_V2_PYTHON`
 and `PAPER_PILE`: k and R² of both corpora and E, A, alpha of the code corpus to every published digit; on the Pile,
 E, A and alpha land within 2.2e-4 of the published values, at a slightly lower Huber objective than the published
 point (the minimum lies in a flat E-A-alpha valley).
 
 Example:
 
-    >>> from peft_parscale.scaling_law import fit_parallel_scaling_law, read_runs
-    >>> runs = read_runs("shared/reference/parscale_paper_losses.csv")["stack-v2-python"]
+    >>> from peft_parscale.scaling_law import fit_parallel_scaling_law, paper_runs
+    >>> runs = paper_runs()["stack-v2-python"]
     >>> law = fit_parallel_scaling_law(runs.non_embedding_params, runs.num_streams, runs.losses)
     >>> round(law.k, 4), round(law.r2, 5), round(law.multiplier(8), 2)
     (0.3935, 0.99783, 1.82)
@@ -35,11 +36,14 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 ArrayLike = float | Sequence[float] | np.ndarray
+
+PAPER_RUNS_CSV = Path(__file__).with_name("parscale_paper_losses.csv")
 
 HUBER_DELTA = 1e-3
 # The default grid of starting points (E as a fraction of the smallest loss, so that the grid follows the data's
@@ -85,7 +89,7 @@ class ParallelScalingLaw:
         return asdict(self)
 
 
-# The published fits on the paper's runs (shared/reference/README.md), 24 runs each.
+# The published fits on the paper's runs (`paper_runs()`), 24 runs each.
 PAPER_STACK_V2_PYTHON = ParallelScalingLaw(E=0.6912, A=0.0113, alpha=0.1894, k=0.3935, r2=0.99783, n_runs=24)
 PAPER_PILE = ParallelScalingLaw(E=1.2888, A=0.1973, alpha=0.1964, k=0.3344, r2=0.99868, n_runs=24)
 
@@ -113,7 +117,7 @@ class Runs(NamedTuple):
 def read_runs(csv_path: str | os.PathLike) -> dict[str, Runs]:
     """The runs of a CSV with columns dataset, P, non_embedding_params, final_training_loss, by dataset.
 
-    Example: `read_runs("shared/reference/parscale_paper_losses.csv")["pile"].losses`.
+    Example: `read_runs("runs.csv")["pile"].losses`.
     """
     columns: dict[str, list[tuple[float, float, float]]] = {}
     with open(csv_path, newline="") as file:
@@ -121,6 +125,11 @@ def read_runs(csv_path: str | os.PathLike) -> dict[str, Runs]:
             values = (float(row["non_embedding_params"]), float(row["P"]), float(row["final_training_loss"]))
             columns.setdefault(row["dataset"], []).append(values)
     return {dataset: Runs(*np.array(rows).T) for dataset, rows in columns.items()}
+
+
+def paper_runs() -> dict[str, Runs]:
+    """The paper's 48 runs by corpus, ``"stack-v2-python"`` and ``"pile"`` (see the module docstring)."""
+    return read_runs(PAPER_RUNS_CSV)
 
 
 def fit_parallel_scaling_law(

@@ -43,7 +43,14 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(architecture: str = "qwen2", attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+def tiny_model(
+    architecture: str = "qwen2",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+):
+    """A tiny random model; the same weights in any `dtype` (drawn in float32, then converted)."""
     config_cls, model_cls, extra = ARCHITECTURES[architecture]
     torch.manual_seed(seed)
     config = config_cls(**{**COMMON, **extra, **overrides}, attn_implementation=attn_implementation)
@@ -54,7 +61,7 @@ def tiny_model(architecture: str = "qwen2", attn_implementation: str = "sdpa", s
                 parameter.uniform_(0.5, 1.5)
             else:
                 parameter.normal_(0.0, 0.1)
-    return model
+    return model.to(dtype)
 
 
 def randomize_adapter(model, seed: int = 1, scale: float = 0.5) -> None:
@@ -90,12 +97,12 @@ def _rms_norm(x, weight, eps):
 
 
 def _rotate(x, positions, theta):
-    # x: (heads, n, d); standard RoPE, pairing dimension i with i + d/2
+    # x: (heads, n, d); standard RoPE, pairing dimension i with i + d/2; angles in float64, then x's dtype
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    cos = torch.cat([angles.cos(), angles.cos()], -1)
-    sin = torch.cat([angles.sin(), angles.sin()], -1)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    angles = positions.double()[:, None] * inv_freq[None, :]
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -161,6 +168,11 @@ def reference_logits(model, tokens: torch.Tensor, adapter: dict | None) -> torch
     "smoothing": ε}; None means the plain base model.
     """
     lm_head = model.lm_head.weight.detach()
+    if adapter is not None:  # in the model's dtype (float32 adapters read from files, float64 models)
+        adapter = {
+            key: [tensor.to(lm_head.dtype) for tensor in value] if isinstance(value, list) else value
+            for key, value in adapter.items()
+        }
     if adapter is None:
         return reference_hidden(model, tokens) @ lm_head.T
     num_streams = adapter["prefix_k"][0].shape[0]
@@ -183,8 +195,28 @@ def reference_logits(model, tokens: torch.Tensor, adapter: dict | None) -> torch
         features = torch.stack(h, dim=-1).reshape(-1)  # element index hidden·P + p
         logits = w2 @ torch.nn.functional.silu(w1 @ features + b1) + b2
         weights = torch.softmax(logits.double(), dim=-1) * (1 - epsilon) + epsilon / num_streams
-        mixed.append(sum(weights[p].float() * h[p] for p in range(num_streams)))
+        mixed.append(sum(weights[p].to(h[p].dtype) * h[p] for p in range(num_streams)))
     return torch.stack(mixed) @ lm_head.T
+
+
+# Bounds on |package - reference| / max(1, |reference|), the reference always computed in float64 (its model in
+# float64), by the dtype the package ran in. A ParScale mistake moves these logits by 0.01 to 3.
+# - float64: the two then differ only by the float32 steps that transformers keeps inside float64 models (RMSNorm's
+#   output and the rotary tables): single roundings of relative size 2^-24 ≈ 6e-8 at a few places per layer, which
+#   these tiny models amplify to at most 1.6e-6 (measured over every architecture, sdpa and eager, with and without
+#   a cache). 1e-5 is 6x that; float64 accumulation order (threads, a loaded CPU) moves results by ~1e-15.
+# - float32 (only where float64 is unavailable: flex attention on CPU): every operation rounds, and the accumulation
+#   order of matrix products follows the thread schedule. Measured: up to 1.1e-5 on an idle CPU, 2e-5 on a loaded one.
+#   1e-4 is 5x the worst seen, and still 100x below the smallest error that matters.
+LOGIT_TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-4}
+
+
+def assert_logits_match(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """|actual - expected| <= LOGIT_TOLERANCE[actual.dtype] · max(1, |expected|) elementwise; `expected` in float64."""
+    assert expected.dtype == torch.float64 and actual.dtype in LOGIT_TOLERANCE, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    relative = (actual.double() - expected).abs() / expected.abs().clamp(min=1.0)
+    assert relative.max() <= LOGIT_TOLERANCE[actual.dtype], f"greatest relative difference {relative.max():.3g}"
 
 
 def reference_greedy(model, tokens: torch.Tensor, adapter: dict | None, new_tokens: int) -> torch.Tensor:
@@ -200,8 +232,9 @@ def adapter_tensors(peft_model, adapter_name: str = "default") -> dict:
     layers = peft_model.base_model.model.config.num_hidden_layers
     decoder = "base_model.model.model"
 
-    def get(name):
-        return named[name].detach().float()
+    def get(name):  # in the model's dtype, at least float32
+        tensor = named[name].detach()
+        return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
     aggregator_prefix = f"{decoder}.streams.parscale_aggregator.{adapter_name}"
     has_aggregator = f"{aggregator_prefix}.0.weight" in named

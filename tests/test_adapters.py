@@ -21,12 +21,12 @@ def logits(model):
         return model(input_ids=INPUT_IDS).logits
 
 
-def trained_adapter(tmp_path, P=2, name="adapter", seed=1, **config):
+def trained_adapter(tmp_path, P=2, name="adapter", seed=1, safe_serialization=True, **config):
     """Save an adapter with random (non-initial) weights; return its directory."""
     model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=P, prefix_length=4, **config))
     randomize_adapter(model, seed=seed)
     directory = tmp_path / name
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, safe_serialization=safe_serialization)
     return str(directory), logits(model)
 
 
@@ -108,6 +108,23 @@ def test_save_load_gives_identical_logits(tmp_path):
     assert all(p.requires_grad == ("parscale_" in n) for n, p in trainable.named_parameters())
     from_meta = PeftModel.from_pretrained(tiny_model("qwen2"), directory, low_cpu_mem_usage=True)
     assert torch.equal(logits(from_meta), expected)
+
+
+def test_pytorch_format_adapter_saves_and_loads_like_safetensors(tmp_path):
+    # save_pretrained(safe_serialization=False) writes PyTorch's format, as for every PEFT method; it loads back.
+    directory, expected = trained_adapter(tmp_path, P=3, safe_serialization=False)
+    assert sorted(os.listdir(directory)) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    stored = torch.load(os.path.join(directory, "adapter_model.bin"), weights_only=True)
+    safetensors_directory, _ = trained_adapter(tmp_path, P=3, name="safetensors")
+    reference = load_file(os.path.join(safetensors_directory, "adapter_model.safetensors"))
+    assert stored.keys() == reference.keys() and all(torch.equal(stored[k], reference[k]) for k in stored)
+    for low_cpu_mem_usage in (False, True):
+        loaded = PeftModel.from_pretrained(tiny_model("qwen2"), directory, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert torch.equal(logits(loaded), expected)
+    model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=2, prefix_length=4))
+    model.load_adapter(directory, adapter_name="from_bin")
+    model.set_adapter("from_bin")
+    assert torch.equal(logits(model), expected)
 
 
 def test_auto_peft_model_loads_base_and_adapter(tmp_path):
@@ -193,44 +210,80 @@ def test_adapter_on_a_base_of_another_shape_names_the_mismatch(tmp_path, other_b
     assert_unchanged(model, ["default"], state)
 
 
+def _read(path):
+    return load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
+
+
+def _write(tensors, path):
+    save_file(tensors, path) if path.endswith(".safetensors") else torch.save(tensors, path)
+
+
 def _truncate(path):
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
 
 
 def _garbage(path):
-    open(path, "wb").write(b"\x00not a safetensors file" * 10)
+    open(path, "wb").write(b"\x00not an adapter file" * 10)
 
 
 def _nan(path):
-    tensors = load_file(path)
+    tensors = _read(path)
     name = sorted(tensors)[0]
     tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, path)
+    _write(tensors, path)
 
 
 def _reshaped(path):
-    tensors = load_file(path)
+    tensors = _read(path)
     name = next(n for n in sorted(tensors) if "prefix_k" in n)
     tensors[name] = tensors[name][:, :, :3].contiguous()
-    save_file(tensors, path)
+    _write(tensors, path)
 
 
 def _missing(path):
-    tensors = load_file(path)
+    tensors = _read(path)
     del tensors[sorted(tensors)[-1]]
-    save_file(tensors, path)
+    _write(tensors, path)
 
 
-@pytest.mark.parametrize("damage", [_truncate, _garbage, _nan, _reshaped, _missing])
-def test_corrupt_adapter_file_fails_loudly_and_changes_nothing(tmp_path, damage):
-    directory, _ = trained_adapter(tmp_path)
-    damage(os.path.join(directory, "adapter_model.safetensors"))
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
+def _code(path):  # a pickle that would run code if loaded without weights_only
+    tensors = _read(path)
+    tensors["payload"] = _RunsCodeWhenUnpickled()
+    torch.save(tensors, path)
+
+
+DAMAGES = [_truncate, _garbage, _nan, _reshaped, _missing]
+
+
+@pytest.mark.parametrize(
+    "file, damage",
+    [("adapter_model.safetensors", damage) for damage in DAMAGES]
+    + [("adapter_model.bin", damage) for damage in [*DAMAGES, _code]],
+)
+def test_corrupt_adapter_file_fails_loudly_and_changes_nothing(tmp_path, file, damage):
+    directory, _ = trained_adapter(tmp_path, safe_serialization=file.endswith(".safetensors"))
+    damage(os.path.join(directory, file))
     with pytest.raises(ValueError, match="adapter file"):
         PeftModel.from_pretrained(tiny_model("qwen2"), directory)
     model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=2, prefix_length=4))
     state = adapter_state(model)
     with pytest.raises(ValueError, match="adapter file"):
+        model.load_adapter(directory, adapter_name="other")
+    assert_unchanged(model, ["default"], state)
+
+
+def test_missing_adapter_file_fails_loudly_and_changes_nothing(tmp_path):
+    directory, _ = trained_adapter(tmp_path)
+    os.remove(os.path.join(directory, "adapter_model.safetensors"))
+    model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=2, prefix_length=4))
+    state = adapter_state(model)
+    with pytest.raises(ValueError, match="no adapter to load"):
         model.load_adapter(directory, adapter_name="other")
     assert_unchanged(model, ["default"], state)
 

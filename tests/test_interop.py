@@ -13,6 +13,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from reference import (
+    assert_logits_match,
     left_padded_batch,
     positions_from_mask,
     randomize_adapter,
@@ -28,7 +29,6 @@ from peft_parscale import ParScaleConfig
 from peft_parscale.cli import main as parscale
 from peft_parscale.interop import export_official, import_official
 
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}  # float32, as in test_reference.py
 NUM_STREAMS, PREFIX_LENGTH, SMOOTHING = 4, 48, 0.01  # T and ε of the released checkpoints
 NEW_TOKENS = 20
 AGGREGATOR_PARTS = ("0.weight", "0.bias", "2.weight", "2.bias")
@@ -143,8 +143,8 @@ def read_tensors(directory: Path) -> dict:
     return tensors
 
 
-def load_imported(result):
-    base = AutoModelForCausalLM.from_pretrained(result.base_dir, dtype=torch.float32)  # no remote code
+def load_imported(result, dtype=torch.float32):
+    base = AutoModelForCausalLM.from_pretrained(result.base_dir, dtype=dtype)  # no remote code
     return PeftModel.from_pretrained(base, result.adapter_dir).eval()
 
 
@@ -182,15 +182,15 @@ def test_imported_checkpoint_matches_reference_on_released_tensors(tmp_path, dty
     stored = read_tensors(result.base_dir) | read_tensors(result.adapter_dir)
     assert {tensor.dtype for tensor in stored.values()} == {dtype}  # stored dtype kept
 
-    model = load_imported(result)
+    model = load_imported(result, dtype=torch.float64)  # compared in float64: see reference.LOGIT_TOLERANCE
+    backbone = backbone.double()
     num_layers = backbone.config.num_hidden_layers
     adapter = reference_adapter(tensors, num_layers)
     input_ids, attention_mask = left_padded_batch([7, 3, 5])
     logits = logits_of(model, input_ids, attention_mask)
     for row, mask in enumerate(attention_mask):
         tokens = input_ids[row][mask.bool()]
-        expected = reference_logits(backbone, tokens, adapter)
-        torch.testing.assert_close(logits[row][mask.bool()], expected, **TOLERANCE)
+        assert_logits_match(logits[row][mask.bool()], reference_logits(backbone, tokens, adapter))
     # The comparison can tell a wrong mapping: ParScale moves these logits, and so does reading the aggregator's input
     # stream-major ((n h)) instead of hidden-major ((h n)).
     tokens = input_ids[0]
@@ -255,9 +255,10 @@ def test_export_then_import_round_trip(tmp_path):
     input_ids, attention_mask = left_padded_batch([6, 2, 4])
     logits = logits_of(model, input_ids, attention_mask)
     adapter = {**reference_adapter(released, 2), "smoothing": 0.05}
+    logits64, base64 = logits_of(copy.deepcopy(model).double(), input_ids, attention_mask), copy.deepcopy(base).double()
     for row, mask in enumerate(attention_mask):
-        expected = reference_logits(base, input_ids[row][mask.bool()], adapter)
-        torch.testing.assert_close(logits[row][mask.bool()], expected, **TOLERANCE)
+        expected = reference_logits(base64, input_ids[row][mask.bool()], adapter)
+        assert_logits_match(logits64[row][mask.bool()], expected)
 
     result = import_official(tmp_path / "released", tmp_path / "imported")
     for original, imported in (

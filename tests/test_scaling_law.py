@@ -1,6 +1,7 @@
 """The parallel scaling-law tools against the paper's published fits and hand-computed examples.
 
-The published numbers (shared/reference/README.md) are written here, never taken from the code.
+The published numbers (the paper's fits to its 48 runs, whose losses the package ships as
+peft_parscale/parscale_paper_losses.csv) are written here, never taken from the code.
 """
 
 import csv
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from peft_parscale import scaling_law
 from peft_parscale.scaling_law import (
     PAPER_PILE,
     PAPER_STACK_V2_PYTHON,
@@ -20,9 +22,7 @@ from peft_parscale.scaling_law import (
     read_runs,
 )
 
-pytest.importorskip("scipy")
-
-PAPER_LOSSES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "parscale_paper_losses.csv"
+PAPER_LOSSES = Path(__file__).resolve().parents[1] / "peft_parscale" / "parscale_paper_losses.csv"
 # corpus: (E, A, alpha, k, R²) as published
 PUBLISHED = {
     "stack-v2-python": (0.6912, 0.0113, 0.1894, 0.3935, 0.99783),
@@ -31,8 +31,6 @@ PUBLISHED = {
 
 
 def paper_runs(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if not PAPER_LOSSES.exists():
-        pytest.skip(f"{PAPER_LOSSES} is not in this checkout")
     with open(PAPER_LOSSES, newline="") as file:
         rows = [row for row in csv.DictReader(file) if row["dataset"] == dataset]
     return (
@@ -156,11 +154,14 @@ def test_log_linear_refuses_bad_input():
         fit_log_linear([0, 2], [2.0, 1.9])
 
 
-def test_read_runs_matches_the_csv():
-    runs = read_runs(PAPER_LOSSES) if PAPER_LOSSES.exists() else pytest.skip(f"{PAPER_LOSSES} is missing")
-    assert sorted(runs) == ["pile", "stack-v2-python"]
-    for dataset in runs:
-        assert all(np.array_equal(a, b) for a, b in zip(runs[dataset], paper_runs(dataset)))
+def test_read_runs_and_the_packaged_runs_match_the_csv():
+    for runs in (read_runs(PAPER_LOSSES), scaling_law.paper_runs()):
+        assert sorted(runs) == ["pile", "stack-v2-python"]
+        for dataset in runs:
+            assert all(np.array_equal(a, b) for a, b in zip(runs[dataset], paper_runs(dataset)))
+    for dataset in PUBLISHED:  # the paper's grid: P in {1, 2, 4, 8} at each of six model sizes
+        _, streams, losses = paper_runs(dataset)
+        assert sorted(set(streams)) == [1, 2, 4, 8] and len(streams) == 24 and (losses > 0).all()
 
 
 def test_plot_writes_a_png(tmp_path):
