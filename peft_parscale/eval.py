@@ -90,7 +90,13 @@ class EvalArguments:
     model_name_or_path: str = field(metadata={"help": "Base model: a Hub id or a local checkpoint directory."})
     adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter (ParScale or other) to evaluate."})
     tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": f"Any of {TASKS}."})
-    dtype: str = field(default="bfloat16", metadata={"help": "Model dtype: bfloat16, float16, float32 or auto."})
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model dtype: bfloat16, float16, float32 or auto. Default: bfloat16 where the GPU or CPU computes it "
+            "natively, else float32 (peft_parscale.precision)."
+        },
+    )
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "`load_dataset` name or local folder for the loss; default: the Python stdlib corpus."},
@@ -123,15 +129,21 @@ class EvalArguments:
 def load_model(
     model_name_or_path: str | os.PathLike,
     adapter: str | os.PathLike | None = None,
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model (on the GPU when there is one) with ``adapter`` loaded, and its tokenizer."""
+    """The base model (on the GPU when there is one) with ``adapter`` loaded, and its tokenizer.
+
+    ``dtype=None`` takes bfloat16 where the device computes it natively, else float32 (`precision.default_dtype_name`).
+    """
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peft_parscale  # noqa: F401  (registers ParScale with PEFT before an adapter is read)
 
+    from peft_parscale.precision import default_dtype_name
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = default_dtype_name(device) if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype).to(device)
     if adapter is not None:
         model = peft.PeftModel.from_pretrained(model, adapter)

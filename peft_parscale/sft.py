@@ -26,6 +26,7 @@ from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
 from peft_parscale.config import ParScaleConfig
 from peft_parscale.model_card import update_model_card
+from peft_parscale.precision import bf16_is_native
 
 # The ParScaleConfig fields a user sets (PeftConfig's own fields and the auto-filled base_shape are not flags); the
 # flags are generated from them, so their defaults and help texts have one source.
@@ -55,8 +56,17 @@ ParScaleArguments.__doc__ = "The adapter `parscale sft` trains, and the ParScale
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    """TRL's sft parser (same dataclasses, same YAML handling) with the ParScale arguments added."""
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, ParScaleArguments), prog=prog)
+    """TRL's sft parser (same dataclasses, same YAML handling) with the ParScale arguments added.
+
+    One default differs from ``trl sft``: where the hardware has no native bfloat16 (a CPU without AVX512-BF16 or AMX,
+    see `peft_parscale.precision`), ``--bf16`` defaults to False, since emulated bfloat16 autocast is several times
+    slower than float32 there. ``--bf16`` on the command line or ``bf16:`` in a ``--config`` file still wins (TrlParser
+    applies the config file's values as parser defaults after this one).
+    """
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, ParScaleArguments), prog=prog)
+    if not bf16_is_native():
+        parser.set_defaults(bf16=False)
+    return parser
 
 
 def peft_config_from_args(parscale_args, model_args: ModelConfig) -> PeftConfig | None:

@@ -1,11 +1,20 @@
 """The examples run end to end in their smoke modes (a tiny random model), as they would on a real one."""
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
+from reference import tiny_model, tiny_tokenizer
+from trl import SFTConfig, SFTTrainer
+
+import peft_parscale  # noqa: F401  (registers the PEFT type)
+from peft_parscale import ParScaleConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +78,56 @@ def test_committed_recipes_are_the_generator_s_output():
     expected = generate.all_recipes()
     committed = {path.stem: path.read_text() for path in (ROOT / "recipes").glob("*.yaml")}
     assert committed == expected
+
+
+def load_quickstart():
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quickstart"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_plan_fits_the_budget(monkeypatch):
+    quickstart = load_quickstart()
+    # 6 s per training step and 2 s per evaluation batch of 4, both measured at P=1
+    monkeypatch.setattr(quickstart, "seconds_per_batch", lambda trainer: (6.0, 2.0))
+    args = argparse.Namespace(P=[1, 2], batch_size=4, steps=None, eval_sequences=None)
+    plan = quickstart.plan_run(args, trainer=None, seconds_left=1000.0)
+    # 900 s after the 10% reserve. Evaluation: base once and each adapter twice = 1 + 2·(1 + 2) = 7 single-stream
+    # passes at 0.5 s per window; its 25% share (225 s) fits 64 windows, capped at 32, so 112 s. Training: 1 + 2 = 3
+    # single-stream steps of 6 s per step, (900 - 112) / 18 = 43.8, so 43 steps.
+    assert (plan.steps, plan.eval_sequences) == (43, 32)
+    assert plan.predicted_seconds == pytest.approx(112 + 43 * 18)
+    given = quickstart.plan_run(argparse.Namespace(**{**vars(args), "steps": 40}), trainer=None, seconds_left=1000.0)
+    # 40 steps take 720 s, leaving 180 s: 180 / 3.5 = 51 windows, capped at 32
+    assert (given.steps, given.eval_sequences) == (40, 32)
+    tight = quickstart.plan_run(args, trainer=None, seconds_left=100.0)
+    # 90 s: the evaluation share (22.5 s) fits 6 windows, rounded down to a batch (4); training (90 - 14) / 18 = 4.2
+    assert (tight.steps, tight.eval_sequences) == (4, 4)
+
+
+def test_quickstart_timing_probe_leaves_the_adapter_unchanged(tmp_path):
+    quickstart = load_quickstart()
+    tokenizer = tiny_tokenizer()
+    windows = quickstart.token_windows(["def f(x):\n    return x + 1\n" * 20], tokenizer, 32)
+    trainer = SFTTrainer(
+        model=tiny_model(vocab_size=len(tokenizer)),
+        args=SFTConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            max_length=32,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+        ),
+        train_dataset=windows,
+        processing_class=tokenizer,
+        peft_config=ParScaleConfig(P=2, prefix_length=4),
+    )
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    train_seconds, eval_seconds = quickstart.seconds_per_batch(trainer)
+    assert train_seconds > 0 and eval_seconds > 0
+    assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
+    assert all(p.grad is None for p in trainer.model.parameters())
