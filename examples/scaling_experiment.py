@@ -111,15 +111,17 @@ def packed_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, length:
     )
 
 
-def train_adapter(args, path, tokenizer, windows: Dataset, num_streams: int, out: Path) -> dict:
+def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float) -> SFTConfig:
+    """Training arguments for ``args.train_tokens`` tokens in batches of ``args.batch_size`` windows, whatever P: the
+    micro-batch shrinks as P grows (``args.stream_sequences`` stream rows per forward pass) and gradients accumulate."""
     steps = args.train_tokens // (args.batch_size * args.seq_len)
     micro_batch = max(1, min(args.batch_size, args.stream_sequences // num_streams))
-    training_args = SFTConfig(
+    return SFTConfig(
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=args.batch_size // micro_batch,
-        learning_rate=args.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
         max_length=args.seq_len,
@@ -131,6 +133,11 @@ def train_adapter(args, path, tokenizer, windows: Dataset, num_streams: int, out
         bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def train_adapter(args, path, tokenizer, windows: Dataset, num_streams: int, out: Path) -> dict:
+    training_args = equal_budget_config(args, out, num_streams, args.learning_rate)
+    steps = training_args.max_steps
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE),
         args=training_args,
