@@ -208,10 +208,12 @@ def generation_config(
     top_p: float = 0.95,
     stop_strings: Sequence[str] = (),
 ) -> GenerationConfig:
-    """Greedy (``temperature=None``) or nucleus sampling, with nothing inherited from the checkpoint's defaults.
+    """Greedy (``temperature=None``) or nucleus sampling, overriding the checkpoint's decoding defaults.
 
     Instruct checkpoints ship sampling defaults (Qwen2.5's: temperature 0.7, top-k 20, repetition penalty 1.05) that
-    would silently change the decoding being measured; only the end-of-sequence ids are taken from them.
+    would silently change the decoding being measured, and ``generate`` fills every setting a config leaves unset from
+    the checkpoint's: so the repetition penalty is set to 1 explicitly (the sampling settings are set, or unused when
+    greedy). The end-of-sequence ids are taken from the checkpoint.
     """
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature else {}
@@ -220,6 +222,7 @@ def generation_config(
         eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         stop_strings=list(stop_strings) or None,
+        repetition_penalty=1.0,
         **(sampling or {"do_sample": False}),
     )
 
