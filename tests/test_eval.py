@@ -126,8 +126,9 @@ TOY_PROBLEMS = [
 ]
 
 
+@pytest.mark.parametrize("fast_path", [False, True], ids=["generate", "fast_path"])
 @pytest.mark.parametrize("mode", ["completion", "chat"])
-def test_batched_left_padded_generation_matches_reference_greedy(parscale_model, mode):
+def test_batched_left_padded_generation_matches_reference_greedy(parscale_model, mode, fast_path):
     from peft_parscale.humaneval import build_prompt
 
     model, tokenizer, reference = parscale_model
@@ -141,6 +142,7 @@ def test_batched_left_padded_generation_matches_reference_greedy(parscale_model,
         problems=TOY_PROBLEMS,
         workers=1,
         progress=False,
+        fast_path=fast_path,
     )
     assert result["num_problems"] == 3 and result["num_samples"] == 1 and "pass@1" in result
     for problem, sample in zip(TOY_PROBLEMS, result["samples"]):
@@ -155,7 +157,8 @@ def test_batched_left_padded_generation_matches_reference_greedy(parscale_model,
             assert sample["generated"] == reference_text
 
 
-def test_sampling_gives_num_samples_per_problem(parscale_model):
+@pytest.mark.parametrize("fast_path", [False, True], ids=["generate", "fast_path"])
+def test_sampling_gives_num_samples_per_problem(parscale_model, fast_path):
     model, tokenizer, _ = parscale_model
     result = evaluate_humaneval(
         model,
@@ -166,6 +169,7 @@ def test_sampling_gives_num_samples_per_problem(parscale_model):
         problems=TOY_PROBLEMS[:2],
         workers=1,
         progress=False,
+        fast_path=fast_path,
     )
     assert [sample["task_id"] for sample in result["samples"]] == ["toy/0"] * 3 + ["toy/1"] * 3
     assert len({sample["generated"] for sample in result["samples"]}) > 1  # sampled, not greedy
