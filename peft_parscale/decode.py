@@ -137,8 +137,8 @@ GREEDY = TokenSelector()
 
 def draw_uniforms(
     generator: torch.Generator | Sequence[torch.Generator] | None, rows: int, steps: int, device: torch.device
-) -> torch.Tensor:
-    """The uniform numbers of a sampled generation, step-major (steps, rows) on `device`; see `fast_generate`."""
+) -> list[torch.Tensor]:
+    """The uniform numbers of a sampled generation (see `fast_generate`), one (rows,) tensor per step on `device`."""
     if generator is None or isinstance(generator, torch.Generator):
         generator_device = device if generator is None else generator.device
         uniforms = torch.rand(rows, steps, generator=generator, device=generator_device)
@@ -146,8 +146,8 @@ def draw_uniforms(
         if len(generator) != rows:
             raise ValueError(f"Got {len(generator)} generators for {rows} sequences: pass one per returned sequence.")
         uniforms = torch.stack([torch.rand(steps, generator=g, device=g.device).to(device) for g in generator])
-    # Step-major, so that each step's slice is contiguous whatever the number of steps (see `FastDecoder.run`).
-    return uniforms.to(device).T.contiguous()
+    # Each step's numbers in memory of their own, as every input of the compiled step (see `FastDecoder.run`).
+    return [numbers.clone(memory_format=torch.contiguous_format) for numbers in uniforms.to(device).T]
 
 
 class FastDecoder:
@@ -177,8 +177,8 @@ class FastDecoder:
     def next_tokens(
         self, input_ids: torch.Tensor, positions: torch.Tensor, uniforms: torch.Tensor | None
     ) -> torch.Tensor:
-        """Tokens at `positions` in, each sequence's next token (B,) out; the cache is updated in place. With one token
-        per sequence this is the decode step, the function that is compiled."""
+        """Tokens at `positions` in, each sequence's next token (B, 1) out; the cache is updated in place. With one
+        token per sequence this is the decode step, the function that is compiled."""
         logits = self.causal_lm(
             input_ids=input_ids,
             attention_mask=self.attention_mask,
@@ -187,13 +187,13 @@ class FastDecoder:
             use_cache=True,
             logits_to_keep=1,
         ).logits
-        return self.selector(logits[:, -1], uniforms)
+        return self.selector(logits[:, -1], uniforms)[:, None]
 
     @torch.no_grad()
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the prompt; return the first new token (B,) and the positions of the next step (B, 1)."""
+        """Run the prompt; return the first new token (B, 1) and the positions of the next step (B, 1)."""
         if self.used:
             self.cache.reset()  # ParScale's cache layers write the prefix back into the first T slots
         self.used = True
@@ -209,31 +209,30 @@ class FastDecoder:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         max_new_tokens: int,
-        uniforms: torch.Tensor | None = None,
+        uniforms: Sequence[torch.Tensor] | None = None,
         all_ended: Callable[[torch.Tensor], bool] | None = None,
         check_every: int = 32,
     ) -> torch.Tensor:
         """The prompt followed by up to `max_new_tokens` new tokens, (B, S + n).
 
-        `uniforms` (max_new_tokens, B): step t's uniform numbers (sampling only). `all_ended`, if given, is called
-        every `check_every` steps with the new tokens so far (B, t); the loop stops when it returns True.
+        `uniforms`: each step's uniform numbers, (B,) (sampling only). `all_ended`, if given, is called every
+        `check_every` steps with the new tokens so far (B, t); the loop stops when it returns True.
         """
-        # Step-major, so that every step's input, a row seen as (B, 1), has the same strides whatever the number of
-        # new tokens: the compiled step is specialised on its inputs' strides and would be compiled again.
-        new_tokens = torch.empty(max_new_tokens, self.batch_size, dtype=torch.long, device=input_ids.device)
-        new_tokens[0], positions = self.prefill(input_ids, attention_mask, None if uniforms is None else uniforms[0])
-        steps = max_new_tokens
+        first, positions = self.prefill(input_ids, attention_mask, None if uniforms is None else uniforms[0])
+        new_tokens = [first.clone()]  # in memory of its own, like the later steps' inputs (see below)
         for index in range(1, max_new_tokens):
-            if all_ended is not None and index % check_every == 0 and all_ended(new_tokens[:index].T):
-                steps = index
+            if all_ended is not None and index % check_every == 0 and all_ended(torch.cat(new_tokens, dim=1)):
                 break
             if self.compiled:
-                # Each call is a new step: the graph's previous outputs may be overwritten (they were copied out).
+                # Each call is a new step: the graph's previous outputs may be overwritten (they are copied out).
                 torch.compiler.cudagraph_mark_step_begin()
             step_uniforms = None if uniforms is None else uniforms[index]
-            new_tokens[index] = self.step(new_tokens[index - 1].unsqueeze(1), positions, step_uniforms)
+            # The copy of the output is the next step's input. Every input has memory of its own (views into one
+            # buffer would change storage offset at every step, which a step compiled for dynamic shapes guards on
+            # and would be compiled again for) and the same strides whatever the number of steps.
+            new_tokens.append(self.step(new_tokens[-1], positions, step_uniforms).clone())
             positions.add_(1)
-        return torch.cat([input_ids, new_tokens[:steps].T], dim=1)
+        return torch.cat([input_ids, *new_tokens], dim=1)
 
 
 def fast_decoder(

@@ -156,6 +156,31 @@ def test_the_compiled_sampling_step_is_one_graph_and_samples_the_same(setup):
     assert torch.equal(compiled, uncompiled)
 
 
+def test_a_step_compiled_for_dynamic_shapes_is_traced_once_for_every_batch_shape(setup):
+    """What HumanEval on the fast path relies on: batches of different sizes and prompt lengths, one compilation."""
+    model, _ = setup
+    settings = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_new_tokens": 6}
+    torch._dynamo.reset()
+    counters.clear()
+    for lengths in ([5, 2, 4], [6, 3], [7, 7, 2, 3]):
+        input_ids, attention_mask = left_padded_batch(lengths)
+        options = {**TRACE_ONLY, "dynamic": True}
+        compiled = fast_generate(
+            model,
+            input_ids,
+            attention_mask,
+            generator=torch.Generator().manual_seed(5),
+            compile=True,
+            compile_options=options,
+            **settings,
+        )
+        uncompiled = fast_generate(
+            model, input_ids, attention_mask, generator=torch.Generator().manual_seed(5), **settings
+        )
+        assert torch.equal(compiled, uncompiled)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 GREEDY_EQUIVALENTS = {
     "greedy": {"do_sample": False},
     "top_k=1": {"do_sample": True, "top_k": 1},
