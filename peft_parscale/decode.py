@@ -456,8 +456,9 @@ def fast_generate(
     if compile is None:
         compile = device.type == "cuda"
     decoder = fast_decoder(model, rows, prompt_length + max_new_tokens, selector, compile, compile_options)
-    checked = ends.all_ended if eos_token_ids or stop_strings is not None else None
-    sequences = decoder.run(input_ids, attention_mask, max_new_tokens, uniforms, checked, check_every)
+    if not eos_token_ids and stop_strings is None:
+        return decoder.run(input_ids, attention_mask, max_new_tokens, uniforms)
+    sequences = decoder.run(input_ids, attention_mask, max_new_tokens, uniforms, ends.all_ended, check_every)
     return ends.finish(sequences)
 
 
