@@ -385,12 +385,12 @@ def fast_generate(
     however early the generation ends. Step t of sequence r picks its token with the t-th number as `TokenSelector`
     describes (inverse-CDF sampling after temperature, top-k and top-p).
 
-    Why one uniform number per step, drawn before the loop: random number generation inside a CUDA graph replays
-    the generator state captured at recording unless that generator is registered with the graph (torch.compile's
-    CUDA-graph trees do it for the default CUDA generator only), and a user's generator may be on the CPU. Drawing
-    up front keeps the graph free of random ops, makes the draws independent of compilation, and is cheap: rows ×
-    steps floats (160 × 512 × 4 bytes = 320 kB), where Gumbel-max sampling would need one number per vocabulary entry
-    (× 151,936 for Qwen2.5: 50 GB). Inverse-CDF sampling needs just one.
+    Why one uniform number per step, drawn before the loop: torch.compile cannot trace a random op given a
+    `torch.Generator` (a graph break, an error with `fullgraph=True`; checked with torch 2.13), and inside a CUDA graph
+    only generators registered with it advance between replays (CUDA-graph trees handle the default CUDA generator
+    alone). Drawing up front keeps the step free of random ops, makes the draws independent of compilation, and is
+    cheap: rows × steps floats (160 × 512 × 4 bytes = 320 kB), where Gumbel-max sampling would need one number per
+    vocabulary entry (× 151,936 for Qwen2.5: 50 GB). Inverse-CDF sampling needs just one.
 
     Args:
         model: The model (`PeftModel` or transformers causal LM).
@@ -452,12 +452,12 @@ def fast_generate(
     uniforms = draw_uniforms(generator, rows, max_new_tokens, device) if selector.do_sample else None
     input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
     attention_mask = attention_mask.to(device).repeat_interleave(config.num_return_sequences, dim=0)
-    ends = EndOfSequences(input_ids, eos_token_ids, stop_strings, pad_token_id if eos_token_ids else None)
     if compile is None:
         compile = device.type == "cuda"
     decoder = fast_decoder(model, rows, prompt_length + max_new_tokens, selector, compile, compile_options)
     if not eos_token_ids and stop_strings is None:
         return decoder.run(input_ids, attention_mask, max_new_tokens, uniforms)
+    ends = EndOfSequences(input_ids, eos_token_ids, stop_strings, pad_token_id if eos_token_ids else None)
     sequences = decoder.run(input_ids, attention_mask, max_new_tokens, uniforms, ends.all_ended, check_every)
     return ends.finish(sequences)
 
