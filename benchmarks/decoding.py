@@ -4,7 +4,7 @@ Three ways to generate, all greedy, on random prompts without padding:
 - `eager`: `model.generate(...)` with the default dynamic cache, no compilation.
 - `generate_static`: `model.generate(..., cache_implementation="static")`, which transformers compiles by itself on
   CUDA (`torch.compile`, mode "reduce-overhead": CUDA graphs) for the decode steps.
-- `fast`: `peft_parscale.decode.greedy_generate` (static cache, compiled decode step, no host waits).
+- `fast`: `peft_parscale.decode.greedy_generate` (the fast path: static cache, compiled decode step, no host waits).
 
 Variants of a shape: `stock` (the base model, no adapter), `P<n>` (a fresh ParScale adapter with P = n), and
 `dense_P<n>` (the dense model of the quality the scaling law gives P = n: `shapes.dense_equivalent`).
@@ -26,7 +26,7 @@ from peft import get_peft_model
 from transformers import CompileConfig, LogitsProcessorList
 
 from peft_parscale import ParScaleConfig
-from peft_parscale.decode import GreedyDecoder, causal_lm_of, greedy_decoder, greedy_generate
+from peft_parscale.decode import GREEDY, FastDecoder, causal_lm_of, fast_decoder, greedy_generate
 
 from .measure import (
     Clock,
@@ -75,8 +75,8 @@ def random_prompts(batch_size: int, length: int, vocab_size: int, device: torch.
 
 
 def forget_fast_decoder(model: Any) -> None:
-    """Drop the cache and compiled step `greedy_generate` keeps on the model."""
-    causal_lm_of(model).__dict__.pop("_parscale_greedy_decoder", None)
+    """Drop the cache and compiled step the fast path keeps on the model."""
+    causal_lm_of(model).__dict__.pop("_parscale_fast_decoder", None)
 
 
 def token_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> Record:
@@ -143,7 +143,7 @@ def measure_fast_memory(model: Any, input_ids: torch.Tensor, attention_mask: tor
     free_memory(device)
     before = allocated_gib(device)
     reset_peak_memory(device)
-    decoder = GreedyDecoder(causal_lm_of(model), input_ids.shape[0], input_ids.shape[1] + new_tokens, None)
+    decoder = FastDecoder(causal_lm_of(model), input_ids.shape[0], input_ids.shape[1] + new_tokens, GREEDY, None)
     decoder.run(input_ids, attention_mask, 3)
     peak = peak_memory_gib(device)
     del decoder
@@ -164,7 +164,7 @@ def measure_fast(
     clock = Clock(input_ids.device)
     compile = compile_options is not None
     batch_size, prompt_length = input_ids.shape
-    decoder = greedy_decoder(model, batch_size, prompt_length + new_tokens, compile, compile_options)
+    decoder = fast_decoder(model, batch_size, prompt_length + new_tokens, GREEDY, compile, compile_options)
     _, warmup_ms = clock.time_ms(lambda: decoder.run(input_ids, attention_mask, min(new_tokens, 4)))
 
     def generate() -> torch.Tensor:

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile
 
 from peft_parscale import ParScaleConfig
-from peft_parscale.decode import greedy_decoder
+from peft_parscale.decode import fast_decoder
 
 from .measure import random_causal_lm
 from .shapes import shape_config
@@ -44,7 +44,7 @@ def profile_decoding(
     base = random_causal_lm(shape_config(shape), device, dtype)
     model = get_peft_model(base, ParScaleConfig(P=num_streams), autocast_adapter_dtype=False).eval()
     input_ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
-    decoder = greedy_decoder(model, 1, prompt + new_tokens, compile=device.type == "cuda")
+    decoder = fast_decoder(model, 1, prompt + new_tokens, compile=device.type == "cuda")
     mask = torch.ones_like(input_ids)
     decoder.run(input_ids, mask, new_tokens)
     return profile_table(lambda: decoder.run(input_ids, mask, new_tokens), 1)

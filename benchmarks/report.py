@@ -98,6 +98,30 @@ def decode_table(rows: list[Record]) -> str:
     return table(header, body)
 
 
+def sampling_table(records: list[Record]) -> str:
+    """The sampling suite's latest record of each case."""
+    by_case = {}
+    for r in records:
+        if r.get("suite") == "sampling":
+            by_case[r["shape"], r["variant"], r["mode"], r["batch"], r["prompt"], r["new_tokens"]] = r
+    rows = sorted(by_case.values(), key=lambda r: (r["shape"], variant_order(r["variant"]), r["mode"]))
+    header = ["shape", "variant", "mode", "prompts × samples", "prompt+new", "completions/s", "TTFT ms", "total ms"]
+    body = [
+        [
+            r["shape"],
+            r["variant"],
+            r["mode"],
+            f"{r['problems']} × {r['samples_per_problem']}",
+            f"{r['prompt']}+{r['new_tokens']}",
+            r["completions_per_s"],
+            r["ttft_ms"],
+            r["total_ms"],
+        ]
+        for r in rows
+    ]
+    return table(header, body)
+
+
 def target_checks(records: list[Record]) -> tuple[str, list[Record]]:
     """The issue's targets, each as a ratio against its comparison from the same run."""
     rows = decode_rows(records, "targets") + decode_rows(records, "equality")
@@ -360,6 +384,8 @@ def write_report(records: list[Record], out: str) -> str:
         rows = decode_rows(records, suite)
         if rows:
             sections.append(f"## {title}\n\n" + decode_table(rows))
+    if any(r.get("suite") == "sampling" for r in records):
+        sections.append("## Sampling throughput (HumanEval workload)\n\n" + sampling_table(records))
     if any(r.get("suite") in ("train", "train_masks") for r in records):
         sections.append("## Training throughput\n\n" + training_table(records))
     plots = write_plots(records, comparisons, out)

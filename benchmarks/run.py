@@ -13,6 +13,9 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
   each case's static shapes (one compilation per case, as BENCHMARKS.md was measured).
 - sweep_eager: eager `generate` for stock and P1..P8 at batch 1 and 8, 64 + 64 tokens.
 - equality: the targets' P=8 case in float32, fast path against eager `generate` (greedy tokens).
+- sampling: HumanEval's sampling workload on the 0.5B shape, P=1 and P=8: 8 prompts of 128 tokens × 20 completions,
+  up to 512 new tokens, top-p 0.95 at temperature 0.8; completions/s and time to first token of `generate` and of the
+  fast path (`--sampling-modes`, see benchmarks/sampling.py).
 - profile: torch.profiler tables of one P=8 training step and of P=8 fast-path decoding (OUT/profile_*.txt).
 - train / train_masks: adapter training throughput (see benchmarks/training.py); train_masks compares the training
   attention mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
@@ -38,6 +41,7 @@ from . import report
 from .decoding import decode_sweep
 from .measure import device_ceilings, environment, free_memory
 from .profiling import write_profiles
+from .sampling import sampling_throughput
 from .training import train_throughput
 
 ALL_VARIANTS = ["stock", "P1", "P2", "P4", "P8", "dense_P2", "dense_P4", "dense_P8"]
@@ -54,6 +58,9 @@ GPU_DEFAULTS = {
     "train_batch": 1,
     "train_steps": 5,
     "train_warmup": 2,
+    "sampling_shape": "0.5b",
+    "sampling_variants": ["P1", "P8"],
+    "sampling_workload": {"problems": 8, "samples": 20, "prompt": 128, "new_tokens": 512},
 }
 TINY_DEFAULTS = {
     "shapes": ["tiny"],
@@ -68,6 +75,9 @@ TINY_DEFAULTS = {
     "train_batch": 1,
     "train_steps": 2,
     "train_warmup": 1,
+    "sampling_shape": "tiny",
+    "sampling_variants": ["P1", "P8"],
+    "sampling_workload": {"problems": 2, "samples": 3, "prompt": 8, "new_tokens": 8},
 }
 
 
@@ -95,6 +105,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--train-batch", type=int)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--train-compile", default="none", help="comma-separated: none, blocks, model")
+    parser.add_argument(
+        "--sampling-modes", default="generate,fast", help="sampling suite: any of generate, fast, fast_dynamic"
+    )
     parser.add_argument("--no-report", action="store_true", help="only append to results.jsonl")
     return parser.parse_args(argv)
 
@@ -199,6 +212,15 @@ def main(argv: list[str] | None = None) -> int:
                     fast_compile_options=None,
                     generate_compile_config=None,
                     suite="sweep_eager",
+                    **sweep_common,
+                )
+        elif suite == "sampling":
+            for shape in args.shapes.split(",") if args.shapes else [defaults["sampling_shape"]]:
+                sampling_throughput(
+                    shape,
+                    args.variants.split(",") if args.variants else defaults["sampling_variants"],
+                    **defaults["sampling_workload"],
+                    modes=args.sampling_modes.split(","),
                     **sweep_common,
                 )
         elif suite in ("train", "train_masks"):

@@ -1,35 +1,70 @@
-"""Fast greedy decoding: a static KV cache, one compiled decode step replayed as a CUDA graph, no host waits.
+"""Fast decoding: a static KV cache, one compiled decode step replayed as a CUDA graph, no host waits between steps.
 
 `model.generate(..., cache_implementation="static")` already compiles the decode step (transformers does so by itself
 on CUDA), and ParScale's hooks trace into that graph without breaks. But `generate` runs a Python loop between the
 steps (input preparation, 4D mask building, logits processors, stopping criteria) and waits for the device at every
 step to check whether all sequences have finished, so host and device time add up. On an H100, for the Qwen2.5-1.5B
 shape with P=8 at batch 1, that compiled `generate` took 5.3 ms per token and this loop 3.0 ms (BENCHMARKS.md).
+Sampling in `generate` also calls `torch.multinomial`, which keeps its step out of CUDA graphs.
 
-`greedy_generate` keeps only what greedy decoding needs. The prompt is run once (uncompiled, like `generate`'s
-prefill); then every decode step is the same compiled function of (previous token, positions): the model's forward
-pass over a static cache, with an attention mask that covers the whole generation from the start (the prompt's
-padding, then ones; causality hides the slots not written yet), so it never changes, and the argmax. The host only
-queues replays; it never reads a result until the end. End-of-sequence handling is applied afterwards: tokens after a
-sequence's first `eos_token_id` become `pad_token_id`, and trailing steps where every sequence had finished are
-dropped, which is what `generate` returns for greedy search.
+`fast_generate` keeps only what greedy search and sampling need. The prompt is run once (uncompiled, like
+`generate`'s prefill); then every decode step is the same compiled function of (previous token, positions, one
+uniform number per sequence): the model's forward pass over a static cache, with an attention mask that covers the
+whole generation from the start (the prompt's padding, then ones; causality hides the slots not written yet), so it
+never changes, followed by the choice of the next token on the device (`TokenSelector`). The host only queues
+replays. Every `check_every` steps (and only if there is an end-of-sequence id or a stop string) it reads the new
+tokens once, to stop early when every sequence has ended; the end-of-sequence handling itself is applied afterwards
+(`EndOfSequences`), giving what `generate` returns.
 
 With a ParScale adapter active, the prefix is written once into the cache's first T slots (`cache.py`) and no step
-copies it. The cache, mask buffer and compiled step are kept on the model for the next call with the same batch
-size, total length and adapter, as `generate` keeps its static cache.
+copies it. The cache, mask buffer and compiled step are kept on the model for the next call with the same number of
+sequences, total length, adapter and token selection, as `generate` keeps its static cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import StaticCache
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StaticCache, StopStringCriteria
+from transformers.generation import GenerationMode
 
 from .layer import ParScaleStreams
 
 DEFAULT_COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": True}
+
+# Settings that `generate` turns into logits processors or stopping criteria and the fast path does not implement,
+# with the values that leave each of them off. Encoder-only settings are absent: causal LMs have no encoder input.
+UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "sequence_bias": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "remove_invalid_values": (None, False),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "max_time": (None,),
+    "token_healing": (None, False),
+    "return_dict_in_generate": (None, False),
+}
+# Sampling warpers other than temperature, top-k and top-p: they only act when sampling.
+UNSUPPORTED_SAMPLING_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "min_p": (None,),
+    "top_h": (None,),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+}
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -42,14 +77,93 @@ def active_adapters_key(model: nn.Module) -> tuple[str | None, ...]:
     return tuple(module.active_adapter_name() for module in model.modules() if isinstance(module, ParScaleStreams))
 
 
-class GreedyDecoder:
-    """The static cache, attention mask buffer and compiled decode step for one batch size and total length."""
+@dataclass(frozen=True)
+class TokenSelector:
+    """How a decode step turns the last position's logits into the next token, on the device, without host syncs.
+
+    Greedy (`do_sample=False`): the argmax. Sampling, for a sequence whose uniform number for this step is u in [0, 1):
+    1. z = logits in float32 / `temperature`;
+    2. top-k (`top_k` > 0): tokens whose z is below the k-th largest are removed (ties with the k-th are kept);
+    3. top-p (`top_p` < 1): with the remaining tokens' probabilities sorted in ascending order, the tokens whose
+       cumulative probability is at most 1 - top_p are removed (transformers' `TopPLogitsWarper`; the most probable
+       token always stays): the nucleus is the smallest set of most probable tokens reaching top_p. Tokens whose z is
+       below the nucleus's least probable token are removed (ties with it are kept);
+    4. p = softmax(z) over the tokens left, and the token is the smallest token id i with p_i > 0 and
+       p_0 + ... + p_i > u · (p_0 + ... + p_{V-1}): inverse-CDF sampling in token-id order.
+    Steps 1-3 are transformers' temperature, top-k and top-p warpers in `generate`'s order, so the distribution is the
+    one `generate` samples from; only the source of randomness differs (one uniform number instead of
+    `torch.multinomial`'s own draws).
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def from_generation_config(cls, config: GenerationConfig) -> TokenSelector:
+        """The selector of a resolved generation config (settings that do not apply to its mode are dropped)."""
+        if not config.do_sample:
+            return cls()
+        return cls(do_sample=True, temperature=float(config.temperature), top_k=config.top_k or 0, top_p=config.top_p)
+
+    def __call__(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+        """(rows, vocab) logits and (rows,) uniforms (None when greedy) in, (rows,) token ids out."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        scores = logits.float() / self.temperature
+        vocab_size = scores.shape[-1]
+        if 0 < self.top_k < vocab_size:
+            kth_largest = scores.topk(self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth_largest, float("-inf"))
+        if self.top_p < 1.0:
+            ascending = scores.sort(dim=-1).values
+            cumulative = ascending.softmax(-1).cumsum(-1)
+            removed = (cumulative <= 1 - self.top_p).sum(-1, keepdim=True).clamp(max=vocab_size - 1)
+            scores = scores.masked_fill(scores < ascending.gather(-1, removed), float("-inf"))
+        probabilities = scores.softmax(-1)
+        cumulative = probabilities.cumsum(-1)
+        possible = probabilities > 0
+        # The total is the largest cumulative value of a possible token, not the last entry: a parallel scan (cumsum
+        # on CUDA) may round the two differently, and u · total < total (u < 1) guarantees that a possible token
+        # qualifies, so a removed token (p = 0) is never chosen.
+        total = cumulative.masked_fill(~possible, 0.0).amax(-1, keepdim=True)
+        qualifies = possible & (cumulative > uniforms[:, None] * total)
+        return qualifies.to(torch.int32).argmax(-1)  # the first qualifying token id
+
+
+GREEDY = TokenSelector()
+
+
+def draw_uniforms(
+    generator: torch.Generator | Sequence[torch.Generator] | None, rows: int, steps: int, device: torch.device
+) -> list[torch.Tensor]:
+    """The uniform numbers of a sampled generation (see `fast_generate`), one (rows,) tensor per step on `device`."""
+    if generator is None or isinstance(generator, torch.Generator):
+        generator_device = device if generator is None else generator.device
+        uniforms = torch.rand(rows, steps, generator=generator, device=generator_device)
+    else:
+        if len(generator) != rows:
+            raise ValueError(f"Got {len(generator)} generators for {rows} sequences: pass one per returned sequence.")
+        uniforms = torch.stack([torch.rand(steps, generator=g, device=g.device).to(device) for g in generator])
+    # Each step's numbers in memory of their own, as every input of the compiled step (see `FastDecoder.run`).
+    return [numbers.clone(memory_format=torch.contiguous_format) for numbers in uniforms.to(device).T]
+
+
+class FastDecoder:
+    """The static cache, attention mask buffer and compiled decode step for one number of sequences, total length and
+    token selector."""
 
     def __init__(
-        self, causal_lm: nn.Module, batch_size: int, max_length: int, compile_options: dict[str, Any] | None
+        self,
+        causal_lm: nn.Module,
+        batch_size: int,
+        max_length: int,
+        selector: TokenSelector,
+        compile_options: dict[str, Any] | None,
     ) -> None:
         self.causal_lm = causal_lm
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size, self.max_length, self.selector = batch_size, max_length, selector
         self.cache = StaticCache(config=causal_lm.config, max_cache_len=max_length)
         device = next(causal_lm.parameters()).device
         self.attention_mask = torch.ones(batch_size, max_length, dtype=torch.long, device=device)
@@ -60,9 +174,11 @@ class GreedyDecoder:
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copy of the model builds its own (compiled functions and caches are not copied)
 
-    def next_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Tokens at `positions` in, each sequence's greedy next token (B, 1) out; the cache is updated in place.
-        With one token per sequence this is the decode step, the function that is compiled."""
+    def next_tokens(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, uniforms: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Tokens at `positions` in, each sequence's next token (B, 1) out; the cache is updated in place. With one
+        token per sequence this is the decode step, the function that is compiled."""
         logits = self.causal_lm(
             input_ids=input_ids,
             attention_mask=self.attention_mask,
@@ -71,10 +187,12 @@ class GreedyDecoder:
             use_cache=True,
             logits_to_keep=1,
         ).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
+        return self.selector(logits[:, -1], uniforms)[:, None]
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt; return the first new token (B, 1) and the positions of the next step (B, 1)."""
         if self.used:
             self.cache.reset()  # ParScale's cache layers write the prefix back into the first T slots
@@ -83,123 +201,298 @@ class GreedyDecoder:
         self.attention_mask[:, :prompt_length].copy_(attention_mask)
         self.attention_mask[:, prompt_length:].fill_(1)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.next_tokens(input_ids, positions), positions[:, -1:] + 1
+        return self.next_tokens(input_ids, positions, uniforms), positions[:, -1:] + 1
 
     @torch.no_grad()
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """The prompt followed by `max_new_tokens` greedy tokens, (B, S + max_new_tokens)."""
-        # Step-major, so that every step's input, a row seen as (B, 1), has the same strides whatever the number of
-        # new tokens: the compiled step is specialised on its inputs' strides and would be compiled again.
-        new_tokens = torch.empty(max_new_tokens, self.batch_size, dtype=torch.long, device=input_ids.device)
-        first, positions = self.prefill(input_ids, attention_mask)
-        new_tokens[0] = first[:, 0]
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        uniforms: Sequence[torch.Tensor] | None = None,
+        all_ended: Callable[[torch.Tensor], bool] | None = None,
+        check_every: int = 32,
+    ) -> torch.Tensor:
+        """The prompt followed by up to `max_new_tokens` new tokens, (B, S + n).
+
+        `uniforms`: each step's uniform numbers, (B,) (sampling only). `all_ended`, if given, is called every
+        `check_every` steps with the new tokens so far (B, t); the loop stops when it returns True.
+        """
+        first, positions = self.prefill(input_ids, attention_mask, None if uniforms is None else uniforms[0])
+        new_tokens = [first.clone()]  # in memory of its own, like the later steps' inputs (see below)
         for index in range(1, max_new_tokens):
+            if all_ended is not None and index % check_every == 0 and all_ended(torch.cat(new_tokens, dim=1)):
+                break
             if self.compiled:
-                # Each call is a new step: the graph's previous outputs may be overwritten (they were copied out).
+                # Each call is a new step: the graph's previous outputs may be overwritten (they are copied out).
                 torch.compiler.cudagraph_mark_step_begin()
-            new_tokens[index] = self.step(new_tokens[index - 1].unsqueeze(1), positions)[:, 0]
+            step_uniforms = None if uniforms is None else uniforms[index]
+            # The copy of the output is the next step's input. Every input has memory of its own (views into one
+            # buffer would change storage offset at every step, which a step compiled for dynamic shapes guards on
+            # and would be compiled again for) and the same strides whatever the number of steps.
+            new_tokens.append(self.step(new_tokens[-1], positions, step_uniforms).clone())
             positions.add_(1)
-        return torch.cat([input_ids, new_tokens.T], dim=1)
+        return torch.cat([input_ids, *new_tokens], dim=1)
 
 
-def finish_at_eos(sequences: torch.Tensor, prompt_length: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """Pad every sequence after its first EOS and drop the trailing steps in which all sequences had finished."""
-    new_tokens = sequences[:, prompt_length:]
-    is_eos = new_tokens == eos_token_id
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    new_tokens = new_tokens.masked_fill(after_eos, pad_token_id)
-    finished = is_eos.any(-1)
-    if bool(finished.all()):
-        length = int(is_eos.long().argmax(-1).max()) + 1
-        new_tokens = new_tokens[:, :length]
-    return torch.cat([sequences[:, :prompt_length], new_tokens], dim=1)
-
-
-def greedy_decoder(
+def fast_decoder(
     model: nn.Module,
     batch_size: int,
     max_length: int,
-    compile: bool,
+    selector: TokenSelector = GREEDY,
+    compile: bool = False,
     compile_options: dict[str, Any] | None = None,
-) -> GreedyDecoder:
-    """The decoder `greedy_generate` uses for this batch size and total length (prompt + new tokens): the one kept on
-    the model if it matches (same shapes, adapter and compile options), else a new one, which replaces it."""
+) -> FastDecoder:
+    """The decoder `fast_generate` uses for this number of sequences, total length (prompt + new tokens) and selector:
+    the one kept on the model if it matches (same shapes, adapter, selector and compile options), else a new one,
+    which replaces it."""
     causal_lm = causal_lm_of(model)
     options = (compile_options or DEFAULT_COMPILE_OPTIONS) if compile else None
-    key = (batch_size, max_length, active_adapters_key(causal_lm), repr(options))
-    decoder = getattr(causal_lm, "_parscale_greedy_decoder", None)
+    key = (batch_size, max_length, active_adapters_key(causal_lm), selector, repr(options))
+    decoder = getattr(causal_lm, "_parscale_fast_decoder", None)
     if decoder is None or decoder.key != key:
-        decoder = GreedyDecoder(causal_lm, batch_size, max_length, options)
+        decoder = FastDecoder(causal_lm, batch_size, max_length, selector, options)
         decoder.key = key
-        causal_lm._parscale_greedy_decoder = decoder  # one at a time, like generate's static cache
+        causal_lm._parscale_fast_decoder = decoder  # one at a time, like generate's static cache
     return decoder
 
 
+class EndOfSequences:
+    """Where each sequence ended, found on the host from the tokens read at the checkpoints, and `generate`'s output
+    conventions applied from it.
+
+    A sequence ends at its first end-of-sequence token, or at the token that completes one of the stop strings
+    (transformers' `StopStringCriteria`, evaluated as `generate` does after every token, on the whole sequence: a stop
+    string may begin in the prompt). The token that ends a sequence is kept; with an end-of-sequence id configured,
+    later tokens become `pad_token_id` (without one, `generate` leaves them as generated, and so does this).
+    """
+
+    def __init__(
+        self,
+        prompt: torch.Tensor,
+        eos_token_ids: list[int],
+        stop_strings: StopStringCriteria | None,
+        pad_token_id: int | None,
+    ) -> None:
+        self.sequences = prompt.cpu()  # the prompt and the new tokens read so far
+        self.prompt_length = prompt.shape[1]
+        self.eos_token_ids = torch.tensor(eos_token_ids, dtype=torch.long)
+        self.stop_strings = stop_strings
+        self.pad_token_id = pad_token_id
+        self.end_step = torch.full((prompt.shape[0],), -1)  # the step of each sequence's last token; -1: not ended
+
+    def all_ended(self, new_tokens: torch.Tensor) -> bool:
+        """Read the steps of `new_tokens` (B, t) not read yet (the one host sync of a checkpoint); True when every
+        sequence has ended."""
+        first = self.sequences.shape[1] - self.prompt_length
+        fresh = new_tokens[:, first:].cpu()
+        self.sequences = torch.cat([self.sequences, fresh], dim=1)
+        ends = torch.isin(fresh, self.eos_token_ids)
+        if self.stop_strings is not None:
+            for step in range(fresh.shape[1]):
+                ends[:, step] |= self.stop_strings(self.sequences[:, : self.prompt_length + first + step + 1], None)
+        newly_ended = ends.any(1) & (self.end_step < 0)
+        if bool(newly_ended.any()):
+            self.end_step[newly_ended] = first + ends.to(torch.int32).argmax(1)[newly_ended]
+        return bool((self.end_step >= 0).all())
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """`sequences` as `generate` returns them: padded after each end, without the steps after the last end."""
+        self.all_ended(sequences[:, self.prompt_length :])
+        new_tokens = sequences[:, self.prompt_length :]
+        if bool((self.end_step >= 0).all()):
+            new_tokens = new_tokens[:, : int(self.end_step.max()) + 1]
+        if self.pad_token_id is not None:
+            end_step = self.end_step.to(new_tokens.device)[:, None]
+            steps = torch.arange(new_tokens.shape[1], device=new_tokens.device)[None]
+            new_tokens = new_tokens.masked_fill((end_step >= 0) & (steps > end_step), self.pad_token_id)
+        return torch.cat([sequences[:, : self.prompt_length], new_tokens], dim=1)
+
+
+def resolve_generation_config(
+    causal_lm: nn.Module, generation_config: GenerationConfig | None, settings: dict[str, Any]
+) -> GenerationConfig:
+    """The settings `generate` would use: `generation_config` (default: none), its unset values from the model's
+    `generation_config`, then transformers' defaults, then `settings` on top. Raises for what the fast path lacks."""
+    # transformers' own merge (private, but the one `generate` calls), so that the settings are exactly generate's.
+    config, unknown = causal_lm._prepare_generation_config(generation_config, **settings)
+    if unknown:
+        raise ValueError(f"Unknown generation settings: {sorted(unknown)}.")
+    mode = config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise ValueError(f"The fast path does greedy search and sampling, not {mode.value.replace('_', ' ')}.")
+    unsupported = {**UNSUPPORTED_SETTINGS, **(UNSUPPORTED_SAMPLING_SETTINGS if config.do_sample else {})}
+    refused = {name: value for name, off in unsupported.items() if (value := getattr(config, name, None)) not in off}
+    if refused:
+        how = ", ".join(f"{name}={unsupported[name][-1]!r}" for name in refused)
+        raise ValueError(
+            f"The fast path does not implement {refused} (unset values come from the model's generation_config). "
+            f"Set {how} to decode without them, or use `model.generate`."
+        )
+    if config.num_return_sequences > 1 and not config.do_sample:
+        raise ValueError("Greedy search gives one sequence per prompt: num_return_sequences > 1 needs do_sample=True.")
+    if config.do_sample:
+        if not config.temperature > 0:
+            raise ValueError(f"temperature must be positive when sampling, got {config.temperature}.")
+        if not 0 <= config.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {config.top_p}.")
+        if (config.top_k or 0) < 0:
+            raise ValueError(f"top_k must be at least 0, got {config.top_k}.")
+    return config
+
+
 @torch.no_grad()
-def greedy_generate(
+def fast_generate(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
+    generation_config: GenerationConfig | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     compile: bool | None = None,
     compile_options: dict[str, Any] | None = None,
+    check_every: int = 32,
+    **settings: Any,
 ) -> torch.Tensor:
-    """Greedy decoding with a static cache and a compiled, CUDA-graphed decode step; returns what `generate` does.
+    """Greedy search or sampling with a static cache and a compiled, CUDA-graphed decode step; returns what
+    `model.generate` returns for the same settings.
 
     Works on a `PeftModel` with a ParScale adapter (the active adapter is used; `disable_adapter()` gives the base
-    model) and on a plain transformers causal LM. Left padding is supported through `attention_mask`. The output
-    equals `model.generate(input_ids, attention_mask=..., max_new_tokens=..., do_sample=False)` up to the rounding
-    differences of compiled kernels: tokens are identical in float32 and can differ where two logits are within
-    rounding of each other in bfloat16.
+    model) and on a plain transformers causal LM; prompts are left-padded through `attention_mask`. The settings are
+    resolved as `generate` resolves them: `generation_config`, its unset values from the model's `generation_config`
+    (so a checkpoint's defaults apply), then transformers' defaults, and keyword `settings` override all of them.
+
+    Implemented: `max_new_tokens` (or `max_length`), `do_sample`, `temperature`, `top_k`, `top_p`,
+    `num_return_sequences` (each prompt's sequences are consecutive rows, as in `generate`), `eos_token_id` (one or a
+    list), `pad_token_id`, `stop_strings` (with `tokenizer`). Anything else that changes the tokens raises
+    `ValueError` before any computation: beam search and the other non-greedy, non-sampling modes, and
+    `repetition_penalty`, `no_repeat_ngram_size`, `bad_words_ids`, `sequence_bias`, `min_length`, `min_new_tokens`,
+    `forced_bos_token_id`, `forced_eos_token_id`, `suppress_tokens`, `begin_suppress_tokens`,
+    `exponential_decay_length_penalty`, `remove_invalid_values`, `guidance_scale`, `watermarking_config`,
+    `max_time`, `token_healing`, `return_dict_in_generate`, and when sampling `min_p`, `top_h`, `typical_p`,
+    `epsilon_cutoff`, `eta_cutoff`. Settings that cannot change the tokens (`use_cache`, `cache_implementation`,
+    `compile_config`, sampling settings when greedy, ...) are ignored.
+
+    Greedy tokens equal `generate`'s up to the rounding differences of compiled kernels: identical in float32, and
+    they can differ where two logits are within rounding of each other in bfloat16. Sampling draws from the
+    distribution `generate` samples from, with its own randomness: before the first step, each returned sequence r
+    gets `max_new_tokens` uniform numbers in [0, 1),
+        `torch.rand(rows, max_new_tokens, generator=generator, device=generator.device)[r]`
+    (rows = batch size × num_return_sequences; `generator=None` draws from the default generator of the model's
+    device), or with a list of generators, one per returned sequence,
+        `torch.rand(max_new_tokens, generator=generator[r], device=generator[r].device)`,
+    in which case a sequence does not depend on the other rows of the batch. The same number of values is drawn
+    however early the generation ends. Step t of sequence r picks its token with the t-th number as `TokenSelector`
+    describes (inverse-CDF sampling after temperature, top-k and top-p).
+
+    Why one uniform number per step, drawn before the loop: torch.compile cannot trace a random op given a
+    `torch.Generator` (a graph break, an error with `fullgraph=True`; checked with torch 2.13), and inside a CUDA graph
+    only generators registered with it advance between replays (CUDA-graph trees handle the default CUDA generator
+    alone). Drawing up front keeps the step free of random ops, makes the draws independent of compilation, and is
+    cheap: rows × steps floats (160 × 512 × 4 bytes = 320 kB), where Gumbel-max sampling would need one number per
+    vocabulary entry (× 151,936 for Qwen2.5: 50 GB). Inverse-CDF sampling needs just one.
 
     Args:
         model: The model (`PeftModel` or transformers causal LM).
         input_ids: Prompt token ids, (B, S).
         attention_mask: (B, S) with zeros on left padding; all ones if omitted.
-        max_new_tokens: Number of tokens to generate (fewer are returned if every sequence reaches `eos_token_id`).
-        eos_token_id: Token that ends a sequence; `model.generation_config.eos_token_id` if omitted (None: no end).
-        pad_token_id: Token written after a sequence's end; the generation config's, else `eos_token_id`.
+        generation_config: The generation settings (see above); the model's `generation_config` fills unset values.
+        generator: Source of the uniform numbers when sampling: one `torch.Generator`, or one per returned sequence.
+        tokenizer: Needed for `stop_strings`.
         compile: Compile the decode step (`torch.compile`, CUDA graphs by default); defaults to True on CUDA.
         compile_options: Keyword arguments of `torch.compile`; default `{"mode": "reduce-overhead", "fullgraph": True}`.
-            Each new batch size, total length or adapter compiles the step again; raise
-            `torch._dynamo.config.recompile_limit` (8 by default) when decoding many different shapes in one process.
+            Each new number of sequences, total length, adapter or sampling setting compiles the step again; add
+            `"dynamic": True` or raise `torch._dynamo.config.recompile_limit` (8 by default) when decoding many shapes.
+        check_every: Steps between the checks for every sequence having ended (each waits for the device once).
+        **settings: Generation settings overriding `generation_config` (`max_new_tokens=...`, `do_sample=...`, ...).
 
     Returns:
-        (B, S + n) token ids: the prompt followed by n <= max_new_tokens new tokens.
+        (B × num_return_sequences, S + n) token ids: each prompt followed by n <= max_new_tokens new tokens.
 
     Example:
 
         ```py
         >>> import peft_parscale
         >>> from peft import PeftModel
-        >>> from peft_parscale.decode import greedy_generate
+        >>> from peft_parscale.decode import fast_generate
         >>> model = PeftModel.from_pretrained(base.cuda(), "qwen2.5-1.5b-parscale-p8").eval()
-        >>> tokens = greedy_generate(model, inputs.input_ids, inputs.attention_mask, max_new_tokens=128)
+        >>> tokens = fast_generate(
+        ...     model, inputs.input_ids, inputs.attention_mask, max_new_tokens=512, do_sample=True, temperature=0.8,
+        ...     top_p=0.95, top_k=0, num_return_sequences=20, generator=torch.Generator("cuda").manual_seed(0),
+        ...     stop_strings=["\\ndef"], tokenizer=tokenizer,
+        ... )
         ```
     """
     causal_lm = causal_lm_of(model)
+    config = resolve_generation_config(causal_lm, generation_config, settings)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}.")
+    prompt_length = input_ids.shape[1]
+    max_new_tokens = config.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = config.max_length - prompt_length
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    generation_config = getattr(causal_lm, "generation_config", None)
-    if eos_token_id is None and generation_config is not None:
-        eos_token_id = generation_config.eos_token_id
-    if isinstance(eos_token_id, (list, tuple)):
-        if len(eos_token_id) > 1:
-            raise ValueError("greedy_generate supports a single eos_token_id.")
-        eos_token_id = eos_token_id[0] if eos_token_id else None
-    if pad_token_id is None:
-        pad_token_id = getattr(generation_config, "pad_token_id", None)
-        pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
-
+    if check_every < 1:
+        raise ValueError(f"check_every must be at least 1, got {check_every}.")
+    stop_strings = None
+    if config.stop_strings:
+        if tokenizer is None:
+            raise ValueError("Stop strings need the model's tokenizer: pass `tokenizer`.")
+        stop_strings = StopStringCriteria(tokenizer, config.stop_strings)
+    eos = config.eos_token_id
+    eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad_token_id = config.pad_token_id
+    if pad_token_id is None and eos_token_ids:
+        pad_token_id = eos_token_ids[0]  # what generate does
+    selector = TokenSelector.from_generation_config(config)
+    rows, device = input_ids.shape[0] * config.num_return_sequences, input_ids.device
+    uniforms = draw_uniforms(generator, rows, max_new_tokens, device) if selector.do_sample else None
+    input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+    attention_mask = attention_mask.to(device).repeat_interleave(config.num_return_sequences, dim=0)
     if compile is None:
-        compile = input_ids.device.type == "cuda"
-    batch_size, prompt_length = input_ids.shape
-    decoder = greedy_decoder(model, batch_size, prompt_length + max_new_tokens, compile, compile_options)
-    sequences = decoder.run(input_ids, attention_mask.to(input_ids.device), max_new_tokens)
-    if eos_token_id is None:
-        return sequences
-    return finish_at_eos(sequences, prompt_length, eos_token_id, pad_token_id)
+        compile = device.type == "cuda"
+    decoder = fast_decoder(model, rows, prompt_length + max_new_tokens, selector, compile, compile_options)
+    if not eos_token_ids and stop_strings is None:
+        return decoder.run(input_ids, attention_mask, max_new_tokens, uniforms)
+    ends = EndOfSequences(input_ids, eos_token_ids, stop_strings, pad_token_id if eos_token_ids else None)
+    sequences = decoder.run(input_ids, attention_mask, max_new_tokens, uniforms, ends.all_ended, check_every)
+    return ends.finish(sequences)
+
+
+def greedy_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    compile: bool | None = None,
+    compile_options: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Greedy decoding on the fast path: `fast_generate` with `do_sample=False`.
+
+    Returns what `model.generate(input_ids, attention_mask=..., max_new_tokens=..., do_sample=False)` returns (the
+    other settings of the model's `generation_config` apply, and `fast_generate` refuses those it does not
+    implement). `eos_token_id` and `pad_token_id` default to the generation config's (pad: else the first EOS id).
+
+    Example:
+
+        ```py
+        >>> from peft_parscale.decode import greedy_generate
+        >>> tokens = greedy_generate(model, inputs.input_ids, inputs.attention_mask, max_new_tokens=128)
+        ```
+    """
+    settings = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    return fast_generate(
+        model,
+        input_ids,
+        attention_mask,
+        compile=compile,
+        compile_options=compile_options,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        **{name: value for name, value in settings.items() if value is not None},
+    )

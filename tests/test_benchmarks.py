@@ -12,10 +12,10 @@ from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding
 
 
 def test_tiny_run_writes_results_report_and_comparison(tmp_path):
-    assert run.main(["--tiny", "--suites", "env,targets,sweep,train", "--out", str(tmp_path)]) == 0
+    assert run.main(["--tiny", "--suites", "env,targets,sweep,train,sampling", "--out", str(tmp_path)]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     suites = {record["suite"] for record in records}
-    assert suites == {"env", "targets", "decode", "train"}
+    assert suites == {"env", "targets", "decode", "train", "sampling"}
     decode = [r for r in records if r["suite"] in ("targets", "decode")]
     assert {(r["variant"], r["mode"]) for r in decode if r["suite"] == "targets"} == {
         (variant, mode) for variant in ("stock", "P1", "P8") for mode in ("eager", "generate_static", "fast")
@@ -25,11 +25,24 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
             assert math.isfinite(record[key]) and record[key] > 0, (key, record)
         if "tokens_vs_eager" in record:  # float32 on CPU: every path gives the eager path's greedy tokens
             assert record["tokens_vs_eager"]["equal"], record
+    sampling = [r for r in records if r["suite"] == "sampling"]
+    assert {(r["P"], r["mode"]) for r in sampling} == {(p, mode) for p in (1, 8) for mode in ("generate", "fast")}
+    for record in sampling:
+        assert record["batch"] == record["problems"] * record["samples_per_problem"] > record["problems"]
+        assert record["completions_per_s"] == pytest.approx(record["batch"] / record["total_ms"] * 1e3)
+        assert 0 < record["ttft_ms"] < record["total_ms"]
     train = [r for r in records if r["suite"] == "train"]
     assert [r["P"] for r in train] == [1, 2]
     assert all(r["tokens_per_s"] > 0 and r["trainable_gradient_norm"] > 0 for r in train)
     report = (tmp_path / "report.md").read_text()
-    for section in ("## Targets", "## Parallel vs parameter scaling", "## Decode sweep", "## Training throughput"):
+    sections = (
+        "## Targets",
+        "## Parallel vs parameter scaling",
+        "## Decode sweep",
+        "## Sampling throughput",
+        "## Training",
+    )
+    for section in sections:
         assert section in report
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     assert {(c["shape"], c["P"]) for c in comparison["scaling_comparison"]} == {("tiny", 2)}

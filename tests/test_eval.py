@@ -15,7 +15,13 @@ import peft_parscale  # noqa: F401
 from peft_parscale import ParScaleConfig
 from peft_parscale.cli import main as parscale_main
 from peft_parscale.eval import heldout_loss
-from peft_parscale.humaneval import evaluate_humaneval, load_problems, pass_at_k, score_completions
+from peft_parscale.humaneval import (
+    evaluate_humaneval,
+    generation_config,
+    load_problems,
+    pass_at_k,
+    score_completions,
+)
 from peft_parscale.testing import save_tiny_checkpoint
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "x = 1", "import os\nprint(os.sep)\n" * 2, "z"]
@@ -120,8 +126,9 @@ TOY_PROBLEMS = [
 ]
 
 
+@pytest.mark.parametrize("fast_path", [False, True], ids=["generate", "fast_path"])
 @pytest.mark.parametrize("mode", ["completion", "chat"])
-def test_batched_left_padded_generation_matches_reference_greedy(parscale_model, mode):
+def test_batched_left_padded_generation_matches_reference_greedy(parscale_model, mode, fast_path):
     from peft_parscale.humaneval import build_prompt
 
     model, tokenizer, reference = parscale_model
@@ -135,6 +142,7 @@ def test_batched_left_padded_generation_matches_reference_greedy(parscale_model,
         problems=TOY_PROBLEMS,
         workers=1,
         progress=False,
+        fast_path=fast_path,
     )
     assert result["num_problems"] == 3 and result["num_samples"] == 1 and "pass@1" in result
     for problem, sample in zip(TOY_PROBLEMS, result["samples"]):
@@ -149,7 +157,8 @@ def test_batched_left_padded_generation_matches_reference_greedy(parscale_model,
             assert sample["generated"] == reference_text
 
 
-def test_sampling_gives_num_samples_per_problem(parscale_model):
+@pytest.mark.parametrize("fast_path", [False, True], ids=["generate", "fast_path"])
+def test_sampling_gives_num_samples_per_problem(parscale_model, fast_path):
     model, tokenizer, _ = parscale_model
     result = evaluate_humaneval(
         model,
@@ -160,10 +169,28 @@ def test_sampling_gives_num_samples_per_problem(parscale_model):
         problems=TOY_PROBLEMS[:2],
         workers=1,
         progress=False,
+        fast_path=fast_path,
     )
     assert [sample["task_id"] for sample in result["samples"]] == ["toy/0"] * 3 + ["toy/1"] * 3
     assert len({sample["generated"] for sample in result["samples"]}) > 1  # sampled, not greedy
     assert {"pass@1", "pass@3", "temperature"} <= set(result)
+
+
+def test_humaneval_settings_override_the_checkpoint_s_decoding_defaults(parscale_model, monkeypatch):
+    model, tokenizer, _ = parscale_model
+    qwen_like = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 2.0}
+    prompt = tokenizer(["def f(x):\n    return x"], return_tensors="pt")
+
+    def new_tokens(**settings):
+        with torch.no_grad():
+            return model.generate(**prompt, pad_token_id=tokenizer.pad_token_id, **settings)[0, -8:].tolist()
+
+    greedy = new_tokens(max_new_tokens=8, do_sample=False)
+    for name, value in qwen_like.items():  # what an instruct checkpoint's generation_config.json sets
+        monkeypatch.setattr(model.generation_config, name, value)
+    assert new_tokens(max_new_tokens=8, do_sample=False) != greedy  # generate applies the checkpoint's penalty
+    config = generation_config(tokenizer, model, max_new_tokens=8, temperature=None)
+    assert new_tokens(generation_config=config) == greedy
 
 
 def test_parscale_eval_cli(tmp_path):

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import peft_parscale  # noqa: F401
-from peft_parscale.decode import greedy_decoder, greedy_generate
+from peft_parscale.decode import fast_decoder, greedy_generate
 
 TRACE_ONLY = {"backend": "eager", "fullgraph": True}
 NEW_TOKENS = 7
@@ -57,7 +57,7 @@ def test_compiled_step_is_one_graph_and_is_reused(setup):
     counters.clear()
     # Same batch size and total length, different numbers of new tokens: the cached decoder is reused and its
     # compiled step must not be compiled again (each step's input keeps the same strides).
-    decoder = greedy_decoder(model, 3, input_ids.shape[1] + 8, compile=True, compile_options=TRACE_ONLY)
+    decoder = fast_decoder(model, 3, input_ids.shape[1] + 8, compile=True, compile_options=TRACE_ONLY)
     decoder.run(input_ids, attention_mask, 3)
     tokens = greedy_generate(model, input_ids, attention_mask, 8, compile=True, compile_options=TRACE_ONLY)
     assert counters["stats"]["unique_graphs"] == 1
@@ -67,7 +67,7 @@ def test_compiled_step_is_one_graph_and_is_reused(setup):
 def test_prefix_is_written_once_and_never_moves(setup):
     model, _ = setup
     input_ids, attention_mask = left_padded_batch([4, 4])
-    decoder = greedy_decoder(model, 2, input_ids.shape[1] + 6, compile=False)
+    decoder = fast_decoder(model, 2, input_ids.shape[1] + 6)
     decoder.run(input_ids, attention_mask, 6)
     layer = decoder.cache.layers[0]
     storage = layer.keys.data_ptr()
