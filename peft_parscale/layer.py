@@ -247,11 +247,20 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         nn.init.zeros_(aggregator[2].bias)
         self.parscale_aggregator[adapter_name] = aggregator
 
-    def attention_prefixes(self, adapter_name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(prefix_k, prefix_v) of every attention layer, in layer order."""
+    @property
+    def decoder(self) -> nn.Module:
+        """The decoder these streams are attached to."""
+        return self._decoder
+
+    def attention_layers(self) -> list[ParScaleAttention]:
+        """The wrapped attention modules of the decoder, in layer order."""
         if not self._attention_layers:  # found once: the wrapped attention modules stay the same objects
             self._attention_layers = [m for m in self._decoder.modules() if isinstance(m, ParScaleAttention)]
-        return [layer.prefix(adapter_name) for layer in self._attention_layers]
+        return self._attention_layers
+
+    def attention_prefixes(self, adapter_name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(prefix_k, prefix_v) of every attention layer, in layer order."""
+        return [layer.prefix(adapter_name) for layer in self.attention_layers()]
 
     def replicate_inputs(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Forward pre-hook: B sequences in, P·B stream rows to the decoder."""

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.masking_utils import create_masks_for_generate
 
 from .config import BASE_SHAPE_FIELDS, ParScaleConfig
+from .init import config_token_ids, init_prefixes_from_token_ids
 from .layer import ParScaleAttention, ParScaleLayer, ParScaleStreams
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
@@ -174,6 +175,27 @@ class ParScaleModel(BaseTuner):
         # Read by PEFT's injection loop; not saved (a dataclass field would be): it follows from the base model.
         peft_config.target_modules = (architecture.decoder_name, *architecture.attention_names)
         return peft_config
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        # PEFT calls this for `get_peft_model`, `add_adapter` and `load_adapter` alike, so `prefix_init="text"` is
+        # applied here. Its text is read and checked before PEFT changes anything; a loaded adapter (`adapter_dir`, set
+        # by `ParScaleConfig.from_pretrained`) takes its weights from its file and is not initialised.
+        config = self.peft_config[adapter_name]
+        token_ids = None
+        if config.prefix_init == "text" and getattr(config, "adapter_dir", None) is None:
+            if low_cpu_mem_usage:
+                raise ValueError("prefix_init='text' needs the adapter's weights: use low_cpu_mem_usage=False.")
+            token_ids = config_token_ids(config)
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        if token_ids is not None:
+            init_prefixes_from_token_ids(model, token_ids, adapter_name)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
