@@ -230,7 +230,9 @@ def test_config_and_function_give_the_same_prefixes(tokenizer_dir):
     base = tiny_model("qwen2", vocab_size=len(TOKENIZER))
     by_hand = get_peft_model(base, ParScaleConfig(P=3, prefix_length=T, smoothing=SMOOTHING))
     random_prefixes = prefix_tensors(by_hand)
-    init_prefixes_from_text(by_hand, TOKENIZER, TEXTS)
+    by_hand.train()
+    init_prefixes_from_text(by_hand, TOKENIZER, TEXTS)  # runs the model in eval mode, then restores the mode
+    assert all(module.training for module in by_hand.modules())
     expected = prefix_tensors(from_config)
     actual = prefix_tensors(by_hand)
     assert actual.keys() == expected.keys()
