@@ -7,11 +7,19 @@ and ``AutoPeftModelForCausalLM`` know it: import it before loading a ParScale ad
 from peft.utils import PeftType, register_peft_method
 
 from .config import ParScaleConfig
+from .init import init_prefixes_from_text, init_prefixes_from_token_ids
 from .layer import ParScaleAttention, ParScaleStreams
 from .model import ParScaleModel
 from .model_card import keep_card_on_push_to_hub
 
-__all__ = ["ParScaleAttention", "ParScaleConfig", "ParScaleModel", "ParScaleStreams"]
+__all__ = [
+    "ParScaleAttention",
+    "ParScaleConfig",
+    "ParScaleModel",
+    "ParScaleStreams",
+    "init_prefixes_from_text",
+    "init_prefixes_from_token_ids",
+]
 __version__ = "0.1.0"
 
 

@@ -12,6 +12,15 @@ from peft.utils import PeftType, TaskType
 # The base-model dimensions an adapter's tensors depend on; recorded in the adapter so that loading it onto a
 # different base fails with a message naming the dimension, before anything is changed.
 BASE_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim")
+PREFIX_INITS = ("random", "text")
+
+
+def check_prefix_texts(texts: Any, num_streams: int) -> None:
+    """Raise `ValueError` unless `texts` is a list (or tuple) of exactly `num_streams` strings, one per stream."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or len(texts) != num_streams:
+        raise ValueError(f"Prefix texts must be a list of P={num_streams} strings, one per stream, got {texts!r:.80}.")
+    if not all(isinstance(text, str) for text in texts):
+        raise ValueError(f"Prefix texts must be strings, got {[type(text).__name__ for text in texts]}.")
 
 
 @dataclass
@@ -28,9 +37,24 @@ class ParScaleConfig(PeftConfig):
             released checkpoints).
         smoothing: Label-smoothing of the aggregation weights, ``w <- w * (1 - smoothing) + smoothing / P``
             (0.01 in the released checkpoints; the paper ablates 0.1).
-        init_std: Standard deviation of the normal initialisation of the prefix keys and values and of the
-            aggregator's first layer. The aggregator's output layer starts at zero, so a fresh adapter averages
-            its streams uniformly; random prefixes alone make the streams differ (paper, Appendix A).
+        init_std: Standard deviation of the normal initialisation of the prefix keys and values (with
+            ``prefix_init="random"``) and of the aggregator's first layer. The aggregator's output layer starts at
+            zero, so a fresh adapter averages its streams uniformly; random prefixes alone make the streams differ
+            (paper, Appendix A).
+        prefix_init: How a new adapter's prefixes start. ``"random"``: normal with std ``init_std``. ``"text"``:
+            stream p's prefix in every layer is the frozen model's own post-rotary keys/values of the first
+            ``prefix_length`` tokens of ``prefix_init_text[p]``, computed at positions -T..-1, so a fresh ``P=1``
+            adapter is exactly the base model having read that text first (see ``init.py``). Like PEFT's
+            ``PromptTuningInit.TEXT``. ``ParScaleSFTTrainer`` and ``parscale sft`` take the texts from the training
+            data when ``prefix_init_text`` is not given; ``get_peft_model`` needs them.
+        prefix_init_text: With ``prefix_init="text"``: ``P`` texts, one per stream, each at least
+            ``prefix_length`` tokens long (tokenised without special tokens).
+        tokenizer_name_or_path: The tokenizer of ``prefix_init_text`` (loaded with ``AutoTokenizer``).
+        prefix_projection: Train the prefixes through a small MLP (Li & Liang's reparameterisation, like PEFT's
+            ``PrefixTuningConfig.prefix_projection``): prefix = initialisation + MLP(learned embedding), the MLP's
+            output layer starting at zero (see ``projection.py``). The merged prefixes are saved, not the MLP, so the
+            saved adapter is an ordinary one.
+        prefix_projection_hidden: Width of that MLP and of its embedding.
         base_shape: Dimensions of the base model the adapter was built for, filled in when the adapter is created.
             Loading the adapter onto a model with other dimensions raises a ``ValueError`` naming them.
 
@@ -42,6 +66,12 @@ class ParScaleConfig(PeftConfig):
         >>> from peft_parscale import ParScaleConfig
         >>> model = get_peft_model(base_model, ParScaleConfig(P=8))
         >>> model.print_trainable_parameters()
+
+        >>> # prefixes that start as the base model's keys/values of two real texts
+        >>> config = ParScaleConfig(
+        ...     P=2, prefix_init="text", prefix_init_text=[text_a, text_b], tokenizer_name_or_path="Qwen/Qwen2.5-0.5B"
+        ... )
+        >>> model = get_peft_model(base_model, config)
         ```
     """
 
@@ -49,6 +79,24 @@ class ParScaleConfig(PeftConfig):
     prefix_length: int = field(default=48, metadata={"help": "Prefix key/value vectors per stream and layer (T)."})
     smoothing: float = field(default=0.01, metadata={"help": "Smoothing of the aggregation weights, in [0, 1)."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation of new weights."})
+    # The initialisation new adapters get by default; this is the one place to change it.
+    prefix_init: str = field(
+        default="random",
+        metadata={
+            "help": "How new prefixes start: random, or the base model's keys/values of real text.",
+            "choices": PREFIX_INITS,
+        },
+    )
+    prefix_init_text: list[str] | None = field(
+        default=None, metadata={"help": "With prefix_init=text: P texts, one per stream (default: training data)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "The tokenizer of prefix_init_text (AutoTokenizer.from_pretrained)."}
+    )
+    prefix_projection: bool = field(
+        default=False, metadata={"help": "Train the prefixes through an MLP (Li & Liang); the merged ones are saved."}
+    )
+    prefix_projection_hidden: int = field(default=512, metadata={"help": "Width of the prefix projection's MLP."})
     base_shape: dict[str, int] | None = field(
         default=None, metadata={"help": "Dimensions of the base model (filled in when the adapter is created)."}
     )
@@ -68,6 +116,21 @@ class ParScaleConfig(PeftConfig):
             raise ValueError(f"smoothing must be a number in [0, 1), got {self.smoothing!r}.")
         if not isinstance(self.init_std, (int, float)) or not self.init_std > 0.0:
             raise ValueError(f"init_std must be a positive number, got {self.init_std!r}.")
+        if self.prefix_init not in PREFIX_INITS:
+            raise ValueError(f"prefix_init must be one of {PREFIX_INITS}, got {self.prefix_init!r}.")
+        if self.prefix_init_text is not None:
+            if self.prefix_init != "text":
+                raise ValueError(f"prefix_init_text is only used with prefix_init='text', not {self.prefix_init!r}.")
+            check_prefix_texts(self.prefix_init_text, self.P)
+            if self.tokenizer_name_or_path is None:
+                raise ValueError("prefix_init_text needs tokenizer_name_or_path, the tokenizer to read it with.")
+        elif self.tokenizer_name_or_path is not None:
+            raise ValueError("tokenizer_name_or_path is only used to tokenise prefix_init_text, which is not given.")
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"prefix_projection must be True or False, got {self.prefix_projection!r}.")
+        hidden = self.prefix_projection_hidden
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"prefix_projection_hidden must be an integer >= 1, got {hidden!r}.")
         if self.base_shape is not None and set(self.base_shape) != set(BASE_SHAPE_FIELDS):
             raise ValueError(
                 f"base_shape must have exactly the keys {BASE_SHAPE_FIELDS}, got {sorted(self.base_shape)}."

@@ -1,46 +1,76 @@
-"""Real Python code with no download: the running interpreter's standard library, split by file.
+"""Real Python code with no download: the running interpreter's standard library or installed packages, split by file.
 
 The paper recycles a model by training ParScale weights on Python code (its Section 4.2 uses Stack-V2 Python).
 Every Python installation carries a few thousand files of reviewed, idiomatic Python in its standard library, so
-the quickstart and the tests can train and evaluate on real code on a machine with no network. Test packages are
-left out (they are mostly boilerplate around assertions), and so is ``site-packages`` (not the standard library).
+the quickstart and the tests can train and evaluate on real code on a machine with no network. The packages
+installed next to it (``site-packages``) are a larger, more varied corpus of the same kind. Tests are left out (they
+are mostly boilerplate around assertions).
 
-The split is by file and by a hash of the file's path relative to the library root, so it is the same on every run
-and machine for a given Python version, and no file contributes to both sides.
+The split is by file and by a stable hash of the file's path relative to its root (the standard library, or the
+``site-packages`` directory), so it is the same on every run and machine for the same files, and no file contributes
+to two splits.
 
 Example::
 
-    from peft_parscale.data import python_stdlib_corpus
+    from peft_parscale.data import python_packages_corpus, python_stdlib_corpus
 
     corpus = python_stdlib_corpus()          # DatasetDict with "train" and "test", columns "text" and "path"
     trainer = SFTTrainer(..., train_dataset=corpus["train"], eval_dataset=corpus["test"])
+
+    corpus = python_packages_corpus()        # "train", "validation" (to choose settings), "test" (to report)
 """
 
 from __future__ import annotations
 
 import hashlib
 import sysconfig
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, Value
 
 EXCLUDED_DIRECTORIES = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+PACKAGE_TEST_DIRECTORIES = {"test", "tests", "testing", "__pycache__"}
+PACKAGE_TEST_FILES = ("test_*.py", "*_test.py", "conftest.py")
+MAX_FILE_BYTES = 1_000_000  # larger files are mostly generated (tables, bindings, vendored bundles)
+FEATURES = Features({"text": Value("string"), "path": Value("string")})
+
+
+def python_files(
+    root: Path, excluded_directories: set[str], is_excluded_file: Callable[[Path], bool]
+) -> list[tuple[Path, str]]:
+    """``(path, path relative to root)`` of the ``.py`` files under `root`, sorted, without excluded ones."""
+    files = []
+    for path in root.rglob("*.py"):
+        relative = path.relative_to(root)
+        excluded = excluded_directories.intersection(relative.parts[:-1]) or is_excluded_file(path)
+        if not excluded and path.is_file():  # not a directory named *.py, nor a broken link
+            files.append((path, relative.as_posix()))
+    return sorted(files, key=lambda file: file[0])  # by Path (its parts), the order the stdlib corpus always had
 
 
 def stdlib_python_files(root: str | Path | None = None) -> list[Path]:
     """The standard library's ``.py`` files under ``root`` (default: this interpreter's), sorted, tests excluded."""
     root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
-    return sorted(
-        path
-        for path in root.rglob("*.py")
-        if not EXCLUDED_DIRECTORIES.intersection(path.relative_to(root).parts[:-1])
-        and not path.name.startswith("test_")
+    return [path for path, _ in python_files(root, EXCLUDED_DIRECTORIES, lambda path: path.name.startswith("test_"))]
+
+
+def package_python_files(root: str | Path) -> list[tuple[Path, str]]:
+    """``(path, relative path)`` of the ``.py`` files of the packages in a ``site-packages`` directory, sorted, tests
+    (``test``/``tests``/``testing`` directories, ``test_*.py``, ``*_test.py``, ``conftest.py``) excluded."""
+    return python_files(
+        Path(root), PACKAGE_TEST_DIRECTORIES, lambda path: any(path.match(pattern) for pattern in PACKAGE_TEST_FILES)
     )
+
+
+def path_bucket(relative_path: str) -> int:
+    """A stable number in 0..99 from a file's relative path, so that splits never depend on file order."""
+    return int(hashlib.sha256(relative_path.encode()).hexdigest(), 16) % 100
 
 
 def is_heldout(relative_path: str, heldout_percent: int) -> bool:
     """Whether a file is held out: a stable hash of its relative path, so the split never depends on file order."""
-    return int(hashlib.sha256(relative_path.encode()).hexdigest(), 16) % 100 < heldout_percent
+    return path_bucket(relative_path) < heldout_percent
 
 
 def python_stdlib_corpus(heldout_percent: int = 5, root: str | Path | None = None) -> DatasetDict:
@@ -52,12 +82,71 @@ def python_stdlib_corpus(heldout_percent: int = 5, root: str | Path | None = Non
     if not 0 < heldout_percent < 100:
         raise ValueError(f"heldout_percent must be between 1 and 99, got {heldout_percent}")
     root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
-    splits: dict[str, list[dict[str, str]]] = {"train": [], "test": []}
-    for path in stdlib_python_files(root):
+    files = [(path, path.relative_to(root).as_posix()) for path in stdlib_python_files(root)]
+    return _corpus(files, lambda relative: "test" if is_heldout(relative, heldout_percent) else "train", max_bytes=None)
+
+
+def python_packages_corpus(
+    roots: Iterable[str | Path] | None = None,
+    validation_percent: int = 5,
+    heldout_percent: int = 5,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> DatasetDict:
+    """The Python source of installed packages as a ``DatasetDict`` with ``train``, ``validation`` and ``test`` splits.
+
+    ``validation`` is for choosing settings, ``test`` (held out) for reporting results. Each row is one file:
+    ``{"text": source, "path": path relative to its site-packages directory}``, in a fixed order. Tests are excluded
+    (see `package_python_files`), as are files that are not valid UTF-8 or larger than `max_bytes`. A file is in
+    ``test`` exactly when ``is_heldout(path, heldout_percent)``, and in ``validation`` for the next
+    `validation_percent` hash buckets.
+
+    Args:
+        roots: ``site-packages`` directories; default: this interpreter's (``purelib`` and ``platlib``).
+        validation_percent: Share of files (by hash of their path) in ``validation``, 0 to 98.
+        heldout_percent: Share of files in ``test``, 1 to 99 - validation_percent.
+        max_bytes: Files larger than this are skipped.
+
+    Example::
+
+        corpus = python_packages_corpus()
+        trainer = SFTTrainer(..., train_dataset=corpus["train"], eval_dataset=corpus["validation"])
+    """
+    if not (0 <= validation_percent and 0 < heldout_percent and validation_percent + heldout_percent < 100):
+        raise ValueError(
+            "validation_percent >= 0 and heldout_percent >= 1 must add up to less than 100, got "
+            f"{validation_percent} and {heldout_percent}."
+        )
+    if roots is None:
+        roots = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    unique_roots = list(dict.fromkeys(Path(root).resolve() for root in roots))  # purelib is often platlib
+    files = [file for root in unique_roots for file in package_python_files(root)]
+
+    def split(relative: str) -> str:
+        bucket = path_bucket(relative)  # the lowest buckets are held out, as `is_heldout` says
+        if bucket < heldout_percent:
+            return "test"
+        return "validation" if bucket < heldout_percent + validation_percent else "train"
+
+    return _corpus(files, split, max_bytes, split_names=("train", "validation", "test"))
+
+
+def _corpus(
+    files: list[tuple[Path, str]],
+    split_of: Callable[[str], str],
+    max_bytes: int | None,
+    split_names: tuple[str, ...] = ("train", "test"),
+) -> DatasetDict:
+    """One row per readable file (``text``, ``path``), in the given order, in the split `split_of` its path names."""
+    splits: dict[str, dict[str, list[str]]] = {name: {"text": [], "path": []} for name in split_names}
+    for path, relative in files:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            continue
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
-        relative = path.relative_to(root).as_posix()
-        splits["test" if is_heldout(relative, heldout_percent) else "train"].append({"text": text, "path": relative})
-    return DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
+        columns = splits[split_of(relative)]
+        columns["text"].append(text)
+        columns["path"].append(relative)
+    # from columns with explicit features: an empty split still has its two columns
+    return DatasetDict({name: Dataset.from_dict(columns, features=FEATURES) for name, columns in splits.items()})

@@ -3,9 +3,10 @@
 It takes every argument of ``trl sft`` (TRL's own ``ScriptArguments``, ``SFTConfig``, ``ModelConfig`` and
 ``DatasetMixtureConfig``, parsed by TRL's ``TrlParser``, so YAML ``--config`` files work exactly as there), plus
 ``--peft parscale|lora|none`` and one flag per ``ParScaleConfig`` field (``--P``, ``--prefix_length``,
-``--smoothing``, ``--init_std``). ``parscale sft`` launches the training through ``accelerate launch`` like
-``trl sft`` (so ``--num_processes``, ``--accelerate_config`` and multi-GPU runs work the same way);
-``python -m peft_parscale.sft`` runs it in the current process.
+``--smoothing``, ``--init_std``, ``--prefix_init``, ...). With ``--prefix_init text`` and no ``--prefix_init_text``,
+the prefixes start from windows of the training data (see ``ParScaleSFTTrainer``). ``parscale sft`` launches the
+training through ``accelerate launch`` like ``trl sft`` (so ``--num_processes``, ``--accelerate_config`` and
+multi-GPU runs work the same way); ``python -m peft_parscale.sft`` runs it in the current process.
 
 Example::
 
@@ -25,6 +26,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, S
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
 from peft_parscale.config import ParScaleConfig
+from peft_parscale.init import init_prefixes_from_token_ids
 from peft_parscale.model_card import update_model_card
 from peft_parscale.precision import bf16_is_native
 
@@ -84,19 +86,73 @@ def peft_config_from_args(parscale_args, model_args: ModelConfig) -> PeftConfig 
 
 
 class ParScaleSFTTrainer(SFTTrainer):
-    """``SFTTrainer`` whose model card keeps the ParScale section.
+    """``SFTTrainer`` that starts text-initialised prefixes from the training data and keeps the model card's ParScale
+    section.
+
+    With ``ParScaleConfig(prefix_init="text")`` and no ``prefix_init_text``, stream p's prefixes start as the base
+    model's keys/values of the first T tokens of the p-th training row of at least T tokens (see ``init.py``).
 
     TRL writes README.md from its own template whenever it creates the card (at each checkpoint, and in
     ``push_to_hub`` after the adapter has been saved), which drops what ``ParScaleConfig.save_pretrained`` merged in.
     With a plain ``SFTTrainer``, ``trainer.save_model()`` still writes the full card; ``trainer.push_to_hub()`` then
     uploads TRL's card alone.
+
+    Example::
+
+        trainer = ParScaleSFTTrainer(
+            model="Qwen/Qwen2.5-0.5B", train_dataset=dataset, peft_config=ParScaleConfig(P=4, prefix_init="text")
+        )
     """
+
+    def __init__(self, *args, peft_config: PeftConfig | None = None, **kwargs) -> None:
+        # Overriding __init__ is the only way in: `SFTTrainer.__init__` creates the adapter (`get_peft_model`) before it
+        # prepares the training data, with no method in between. The adapter is therefore created with random prefixes
+        # and initialised here, once the data is prepared; its config then says "text" again, as it is saved.
+        texts_from_data = (
+            isinstance(peft_config, ParScaleConfig)
+            and peft_config.prefix_init == "text"
+            and peft_config.prefix_init_text is None
+        )
+        if texts_from_data:
+            peft_config = dataclasses.replace(peft_config, prefix_init="random")
+        super().__init__(*args, peft_config=peft_config, **kwargs)
+        if texts_from_data:
+            config = self.model.active_peft_config
+            init_prefixes_from_token_ids(
+                self.model, training_windows(self.train_dataset, config.P, config.prefix_length)
+            )
+            config.prefix_init = "text"
 
     def create_model_card(self, *args, **kwargs) -> None:
         super().create_model_card(*args, **kwargs)
         config = getattr(self.model, "active_peft_config", None)
         if self.is_world_process_zero() and isinstance(config, ParScaleConfig):
             update_model_card(self.args.output_dir, config)
+
+
+def training_windows(dataset, num_streams: int, prefix_length: int) -> list[list[int]]:
+    """The first `prefix_length` token ids of the first `num_streams` rows with at least that many, of a training
+    dataset as ``SFTTrainer`` prepared it (``Dataset`` or ``IterableDataset``).
+
+    Token ids, not text: by then TRL has tokenised text, conversational and prompt-completion datasets into
+    ``input_ids`` and left pre-tokenised ones as they are, so one path serves them all; and the prefixes start from
+    exactly the tokens the model trains on (decoding a window and tokenising it again need not give the same tokens).
+    Every process of a distributed run prepares the same dataset, so all start from the same prefixes.
+    """
+    if dataset is None:
+        raise ValueError("prefix_init='text' without prefix_init_text takes its texts from train_dataset: pass one.")
+    windows = []
+    for row in dataset:
+        if "input_ids" not in row:
+            raise ValueError("prefix_init='text' without prefix_init_text reads the prepared data's `input_ids`.")
+        if len(row["input_ids"]) >= prefix_length:
+            windows.append(list(row["input_ids"][:prefix_length]))
+            if len(windows) == num_streams:
+                return windows
+    raise ValueError(
+        f"prefix_init='text' takes P={num_streams} windows of prefix_length={prefix_length} tokens from the training "
+        f"data, which has only {len(windows)} rows that long: give prefix_init_text, or a smaller prefix_length."
+    )
 
 
 def train(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, dataset_args, parscale_args):

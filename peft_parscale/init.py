@@ -1,0 +1,175 @@
+"""Start an adapter's prefixes from the frozen model's own keys and values of real text (``prefix_init="text"``).
+
+Random prefixes (``prefix_init="random"``) make a fresh adapter worse than the base model: every stream attends to T
+keys/values the model has never produced. Instead, stream p's prefix in every layer can be the base model's own
+post-rotary keys/values of a real T-token text, computed at positions -T..-1. The rotary embedding is relative, so
+the real tokens (positions 0, 1, ...) then see exactly what they would see had the model read the text just before
+them: a fresh P=1 adapter *is* the base model reading that text first, and a fresh P>1 adapter, whose zero
+aggregator output layer weighs the streams uniformly, averages the final hidden states of P such runs.
+
+This is PEFT's ``PromptTuningInit.TEXT`` one step further: prompt tuning starts its virtual tokens from a text's
+input embeddings; ParScale's prefixes live in every layer, so they start from the text's keys/values in every layer.
+
+Example::
+
+    import peft_parscale
+    from peft import get_peft_model
+    from peft_parscale import ParScaleConfig, init_prefixes_from_text
+
+    model = get_peft_model(base_model, ParScaleConfig(P=2, prefix_length=48))
+    init_prefixes_from_text(model, tokenizer, [first_text, second_text])   # each at least 48 tokens
+
+or equivalently, when the adapter is created::
+
+    config = ParScaleConfig(P=2, prefix_init="text", prefix_init_text=[first_text, second_text],
+                            tokenizer_name_or_path="Qwen/Qwen2.5-0.5B")
+    model = get_peft_model(base_model, config)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, DynamicCache
+
+from .config import ParScaleConfig, check_prefix_texts
+from .layer import ParScaleLayer, ParScaleStreams
+
+
+def init_prefixes_from_text(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], adapter_name: str | None = None
+) -> None:
+    """Set every prefix of an adapter to the frozen model's keys/values of real text: stream p reads `texts[p]`.
+
+    Each text is tokenised with ``tokenizer(text, add_special_tokens=False)`` and its first T (``prefix_length``)
+    tokens are used. `texts` must hold exactly P strings of at least T tokens each; otherwise a `ValueError` is raised
+    and nothing changes. Only the named adapter (default: the active one) changes; the aggregator is left as it is.
+
+    Args:
+        model: A model with ParScale adapters (a `PeftModel`, or the model PEFT injected them into).
+        tokenizer: The base model's tokenizer.
+        texts: One text per stream.
+        adapter_name: The adapter to initialise; default: the active one.
+
+    Example::
+
+        model = get_peft_model(base_model, ParScaleConfig(P=2, prefix_length=48))
+        init_prefixes_from_text(model, tokenizer, [first_text, second_text])
+    """
+    streams, adapter_name = _find_adapter(model, adapter_name)
+    token_ids = _text_token_ids(
+        tokenizer, texts, streams.num_streams[adapter_name], streams.prefix_length[adapter_name]
+    )
+    init_prefixes_from_token_ids(model, token_ids, adapter_name)
+
+
+def init_prefixes_from_token_ids(
+    model: nn.Module, token_ids: Sequence[Sequence[int]] | torch.Tensor, adapter_name: str | None = None
+) -> None:
+    """`init_prefixes_from_text` for text that is already tokenised: stream p reads the first T ids of `token_ids[p]`.
+
+    `token_ids` must hold exactly P sequences of at least T token ids of the model's vocabulary; otherwise a
+    `ValueError` is raised and nothing changes.
+    """
+    streams, adapter_name = _find_adapter(model, adapter_name)
+    num_streams, prefix_length = streams.num_streams[adapter_name], streams.prefix_length[adapter_name]
+    decoder = streams.decoder
+    windows = _check_token_ids(token_ids, num_streams, prefix_length, decoder.get_input_embeddings().num_embeddings)
+    layers = streams.attention_layers()
+    targets = [(layer.parscale_prefix_k[adapter_name], layer.parscale_prefix_v[adapter_name]) for layer in layers]
+    if any(prefix.is_meta for pair in targets for prefix in pair):
+        raise ValueError(
+            f"Adapter {adapter_name!r} has no weights yet (created with low_cpu_mem_usage=True): create it with "
+            "low_cpu_mem_usage=False to initialise it from text."
+        )
+    keys_and_values = base_model_keys_and_values(decoder, windows)
+    for (prefix_k, _), (keys, _) in zip(targets, keys_and_values, strict=True):
+        if prefix_k.shape != keys.shape:  # checked for every layer before any is written
+            raise ValueError(f"The model's keys have shape {tuple(keys.shape)}, the prefixes {tuple(prefix_k.shape)}.")
+    with torch.no_grad():
+        for (prefix_k, prefix_v), (keys, values) in zip(targets, keys_and_values):
+            prefix_k.copy_(keys)
+            prefix_v.copy_(values)
+    if adapter_name in streams.parscale_prefix_projection:  # the prefixes in use are then exactly the text's
+        streams.parscale_prefix_projection[adapter_name].reset_output()
+
+
+def base_model_keys_and_values(decoder: nn.Module, token_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's post-rotary keys and values, (P, kv_heads, T, head_dim), of the base model (ParScale disabled)
+    reading the P rows of `token_ids` (P, T) at positions -T..-1: what the cache holds after reading them."""
+    num_rows, length = token_ids.shape
+    device = next(decoder.parameters()).device
+    token_ids = token_ids.to(device)
+    positions = torch.arange(-length, 0, device=device).expand(num_rows, length)
+    cache = DynamicCache(config=decoder.config)
+    modules = list(decoder.modules())
+    training = [module.training for module in modules]
+    disabled = {module: module.disable_adapters for module in modules if isinstance(module, ParScaleLayer)}
+    try:
+        decoder.eval()  # no dropout; gradient checkpointing (training only) would drop the cache
+        for module in disabled:
+            # PEFT's own switch (`enable_adapters`) also changes which weights require gradients; only the flag is set.
+            module._disable_adapters = True
+        with torch.no_grad():
+            decoder(input_ids=token_ids, position_ids=positions, past_key_values=cache, use_cache=True)
+    finally:
+        for module, mode in zip(modules, training):
+            module.training = mode
+        for module, flag in disabled.items():
+            module._disable_adapters = flag
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _text_token_ids(tokenizer: Any, texts: Sequence[str], num_streams: int, prefix_length: int) -> torch.Tensor:
+    """The first `prefix_length` token ids of each of `num_streams` texts, (P, T); `ValueError` for bad texts."""
+    check_prefix_texts(texts, num_streams)
+    token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return _check_token_ids(token_ids, num_streams, prefix_length, vocabulary_size=None)
+
+
+def config_token_ids(config: ParScaleConfig) -> torch.Tensor:
+    """The token ids a new adapter with ``prefix_init="text"`` starts from: ``prefix_init_text`` tokenised."""
+    if config.prefix_init_text is None:
+        raise ValueError(
+            "prefix_init='text' needs prefix_init_text (P texts) and tokenizer_name_or_path to create an adapter. "
+            "ParScaleSFTTrainer and `parscale sft` take the texts from the training data when none are given; "
+            "otherwise create the adapter with prefix_init='random' and call init_prefixes_from_text."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+    return _text_token_ids(tokenizer, config.prefix_init_text, config.P, config.prefix_length)
+
+
+def _find_adapter(model: nn.Module, adapter_name: str | None) -> tuple[ParScaleStreams, str]:
+    streams = [module for module in model.modules() if isinstance(module, ParScaleStreams)]
+    if len(streams) != 1:
+        raise ValueError(f"Expected a model with ParScale adapters (one ParScaleStreams), found {len(streams)}.")
+    streams = streams[0]
+    if adapter_name is None:
+        adapter_name = streams.active_adapters[0]
+    if adapter_name not in streams.num_streams:
+        raise ValueError(f"No ParScale adapter named {adapter_name!r}; adapters: {sorted(streams.num_streams)}.")
+    return streams, adapter_name
+
+
+def _check_token_ids(token_ids: Any, num_streams: int, prefix_length: int, vocabulary_size: int | None) -> torch.Tensor:
+    """The first `prefix_length` ids of each of `num_streams` rows as a (P, T) tensor, or `ValueError`."""
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.tolist()
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence) or len(token_ids) != num_streams:
+        raise ValueError(f"Expected P={num_streams} token sequences, one per stream, got {token_ids!r:.80}.")
+    lengths = [len(row) if isinstance(row, Sequence) else None for row in token_ids]
+    short = [stream for stream, length in enumerate(lengths) if length is None or length < prefix_length]
+    if short:
+        raise ValueError(
+            f"Every stream's text needs at least prefix_length={prefix_length} tokens; stream(s) {short} have "
+            f"{[lengths[stream] for stream in short]}."
+        )
+    windows = [list(row[:prefix_length]) for row in token_ids]
+    if not all(isinstance(token, int) and not isinstance(token, bool) for row in windows for token in row):
+        raise ValueError("Token ids must be integers.")
+    if vocabulary_size is not None and not all(0 <= token < vocabulary_size for row in windows for token in row):
+        raise ValueError(f"Token ids must lie in the model's vocabulary, 0..{vocabulary_size - 1}.")
+    return torch.tensor(windows, dtype=torch.long)
