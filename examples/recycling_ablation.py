@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-sequences", type=int, default=16, help="P × sequences per forward pass (memory)")
     parser.add_argument("--prefix-length", type=int, default=48)
     parser.add_argument("--output-dir", default="ablation-output")
+    parser.add_argument("--prepare", action="store_true", help="only build the data (before launching shards)")
     parser.add_argument("--report", action="store_true", help="only gather the results into a table")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and the stdlib (CI)")
     args = parser.parse_args(argv)
@@ -95,7 +96,11 @@ def followup_runs(output: Path) -> list[str]:
     """Reparameterisation at the best initialisation and learning rate of each P (by validation loss after training);
     for P > 1 also smoothing 0.1, with and without reparameterisation (the choice between them is made afterwards)."""
     finished = [json.loads(path.read_text()) for path in output.glob("*.json")]
-    grid = [r for r in finished if r["name"] != "base" and not r["prefix_projection"] and r["smoothing"] == DEFAULT_SMOOTHING]
+    grid = [
+        r
+        for r in finished
+        if r["name"] != "base" and not r["prefix_projection"] and r["smoothing"] == DEFAULT_SMOOTHING
+    ]
     runs = []
     for P in sorted({r["P"] for r in grid}):
         best = min((r for r in grid if r["P"] == P), key=lambda r: r["validation_after"])
@@ -148,6 +153,27 @@ def training_windows(split: Dataset, tokenizer: PreTrainedTokenizerBase, length:
     return Dataset.from_dict({"input_ids": [stream[i : i + length] for i in range(0, needed, length)]})
 
 
+def prepared_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, list[str]]:
+    """The training windows and validation files, built once into OUTPUT/data (``--prepare``) and read by every run,
+    so that every process trains on the same windows."""
+    data = Path(args.output_dir) / "data"
+    if not (data / "validation.json").is_file():
+        corpus = load_corpus(args)
+        windows = training_windows(corpus["train"], tokenizer, args.seq_len, args.train_tokens)
+        validation_texts, validation_ids = leading_files(corpus["validation"], tokenizer, args.validation_tokens)
+        windows.save_to_disk(str(data / "train"))
+        summary = {
+            "files": {split: len(corpus[split]) for split in corpus},
+            "train_windows": len(windows),
+            "train_tokens": len(windows) * args.seq_len,
+            "validation_files": len(validation_texts),
+            "validation_tokens": sum(len(ids) for ids in validation_ids),
+        }
+        (data / "corpus.json").write_text(json.dumps(summary, indent=1))
+        (data / "validation.json").write_text(json.dumps(validation_texts))
+    return Dataset.load_from_disk(str(data / "train")), json.loads((data / "validation.json").read_text())
+
+
 def validation_loss(args, model, tokenizer, texts: list[str], num_streams: int) -> float:
     batch = max(1, args.stream_sequences // num_streams)
     return heldout_loss(model, tokenizer, texts, args.seq_len, batch, progress=False)["loss"]
@@ -196,9 +222,15 @@ def run(args, name: str, path, tokenizer, windows: Dataset, validation_texts: li
 
 def report(output: Path) -> str:
     results = sorted(
-        (json.loads(path.read_text()) for path in output.glob("*.json")),
-        key=lambda r: (r["name"] != "base", r.get("P", 0), r.get("prefix_projection", False), r.get("smoothing", 0),
-                       r.get("prefix_init", ""), r.get("learning_rate", 0)),
+        (json.loads(path.read_text()) for path in output.glob("*.json")),  # one per run; the data lives in data/
+        key=lambda r: (
+            r["name"] != "base",
+            r.get("P", 0),
+            r.get("prefix_projection", False),
+            r.get("smoothing", 0),
+            r.get("prefix_init", ""),
+            r.get("learning_rate", 0),
+        ),
     )
     lines = [
         "| run | P | init | lr | reparam. | ε | validation loss at init | after training | tokens/s |",
@@ -237,9 +269,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             path = args.model or checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        corpus = load_corpus(args)
-        windows = training_windows(corpus["train"], tokenizer, args.seq_len, args.train_tokens)
-        validation_texts, _ = leading_files(corpus["validation"], tokenizer, args.validation_tokens)
+        windows, validation_texts = prepared_data(args, tokenizer)
+        if args.prepare:
+            print((output / "data" / "corpus.json").read_text())
+            return
         print(f"shard {args.shard}: {runs}; {len(windows)} windows of {args.seq_len} tokens", flush=True)
         for name in runs:
             result = run(args, name, path, tokenizer, windows, validation_texts)
