@@ -31,20 +31,7 @@ class _PrefixResident:
 
     prefix_k: torch.Tensor
     prefix_v: torch.Tensor
-    owner: object  # stands for the adapter the prefix belongs to (see `make_prefix_resident`)
     keys: torch.Tensor
-    values: torch.Tensor
-
-    def _write_prefix(self) -> None:
-        prefix_length = self.prefix_k.shape[2]
-        self.keys[:, :, :prefix_length] = stream_prefix(self.prefix_k, self.keys)
-        self.values[:, :, :prefix_length] = stream_prefix(self.prefix_v, self.values)
-
-    def replace_prefix(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
-        """Hold new tensors of the same prefix, and write their values over the cached prefix slots."""
-        self.prefix_k, self.prefix_v = prefix_k, prefix_v
-        if self.is_initialized:
-            self._write_prefix()
 
     def _stream_rows(self, indices: torch.Tensor) -> torch.Tensor:
         # `generate` selects rows by per-sequence indices (beam search: B·beams of them); apply them in every stream.
@@ -70,10 +57,9 @@ class _PrefixResident:
 class ParScaleDynamicLayer(_PrefixResident, DynamicLayer):
     """A `DynamicLayer` whose first T positions hold the streams' prefix."""
 
-    def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, owner: object = None) -> None:
+    def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
         super().__init__()
         self.prefix_k, self.prefix_v = prefix_k, prefix_v
-        self.owner = prefix_k if owner is None else owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -88,17 +74,19 @@ class ParScaleDynamicLayer(_PrefixResident, DynamicLayer):
 class ParScaleStaticLayer(_PrefixResident, StaticLayer):
     """A `StaticLayer` with T more slots, the first T holding the streams' prefix."""
 
-    def __init__(
-        self, max_cache_len: int, prefix_k: torch.Tensor, prefix_v: torch.Tensor, owner: object = None
-    ) -> None:
+    def __init__(self, max_cache_len: int, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
         super().__init__(max_cache_len + prefix_k.shape[2])
         self.prefix_k, self.prefix_v = prefix_k, prefix_v
-        self.owner = prefix_k if owner is None else owner
         self.cumulative_length.fill_(prefix_k.shape[2])
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._write_prefix()
+
+    def _write_prefix(self) -> None:
+        prefix_length = self.prefix_k.shape[2]
+        self.keys[:, :, :prefix_length] = stream_prefix(self.prefix_k, self.keys)
+        self.values[:, :, :prefix_length] = stream_prefix(self.prefix_v, self.values)
 
     def get_seq_length(self) -> torch.Tensor:
         return self.cumulative_length
@@ -110,13 +98,8 @@ class ParScaleStaticLayer(_PrefixResident, StaticLayer):
         self.cumulative_length.fill_(self.prefix_k.shape[2])
 
 
-def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.Tensor]], owner: object = None) -> None:
+def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Turn an unused cache's layers into prefix layers (idempotent for a cache already prepared with `prefixes`).
-
-    `owner` stands for the adapter the prefixes belong to (default: the first prefix tensor). A cache prepared for the
-    same owner is kept; if `prefixes` are other tensors than it holds (a reparameterised prefix, `projection.py`, is
-    computed anew at every call), their values are written into it, so that a cache kept across calls (`generate`
-    reuses its static cache) holds the current ones.
 
     Raises `ValueError`, leaving the cache unchanged, for a cache that already holds tokens computed without the
     prefix, one prepared for another adapter, or cache layers other than the default dynamic and static ones.
@@ -129,11 +112,6 @@ def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.
     first = cache.layers[0] if cache.layers else None
     if isinstance(first, _PrefixResident) and first.prefix_k is prefixes[0][0]:
         return  # prepared already (all layers are swapped together): the case at every decoding step
-    owner = prefixes[0][0] if owner is None else owner
-    if isinstance(first, _PrefixResident) and first.owner is owner:
-        for layer, (prefix_k, prefix_v) in zip(cache.layers, prefixes, strict=True):
-            layer.replace_prefix(prefix_k, prefix_v)
-        return
     if not cache.layers and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         new_layers = [DynamicLayer() for _ in range(num_layers)]
     elif len(cache.layers) == num_layers:
@@ -141,9 +119,9 @@ def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.
     else:
         raise ValueError(f"The cache has {len(cache.layers)} layers; the model has {num_layers} attention layers.")
 
-    for i, (layer, (prefix_k, prefix_v)) in enumerate(zip(new_layers, prefixes, strict=True)):
+    for i, (layer, (prefix_k, prefix_v)) in enumerate(zip(new_layers, prefixes)):
         if isinstance(layer, _PrefixResident):
-            if layer.owner is not owner:
+            if layer.prefix_k is not prefix_k:
                 raise ValueError(
                     "This cache was filled by another ParScale adapter; start generation with a new cache."
                 )
@@ -153,9 +131,9 @@ def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.
                 "This cache already holds keys/values computed without the ParScale prefix; use a new cache."
             )
         if type(layer) is DynamicLayer:
-            new_layers[i] = ParScaleDynamicLayer(prefix_k, prefix_v, owner)
+            new_layers[i] = ParScaleDynamicLayer(prefix_k, prefix_v)
         elif type(layer) is StaticLayer:
-            new_layers[i] = ParScaleStaticLayer(layer.max_cache_len, prefix_k, prefix_v, owner)
+            new_layers[i] = ParScaleStaticLayer(layer.max_cache_len, prefix_k, prefix_v)
         else:
             raise ValueError(
                 f"ParScale supports the default dynamic and static caches, not {type(layer).__name__} layers."

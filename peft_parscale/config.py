@@ -50,11 +50,6 @@ class ParScaleConfig(PeftConfig):
         prefix_init_text: With ``prefix_init="text"``: ``P`` texts, one per stream, each at least
             ``prefix_length`` tokens long (tokenised without special tokens).
         tokenizer_name_or_path: The tokenizer of ``prefix_init_text`` (loaded with ``AutoTokenizer``).
-        prefix_projection: Train the prefixes through a small MLP (Li & Liang's reparameterisation, like PEFT's
-            ``PrefixTuningConfig.prefix_projection``): prefix = initialisation + MLP(learned embedding), the MLP's
-            output layer starting at zero (see ``projection.py``). The merged prefixes are saved, not the MLP, so the
-            saved adapter is an ordinary one.
-        prefix_projection_hidden: Width of that MLP and of its embedding.
         base_shape: Dimensions of the base model the adapter was built for, filled in when the adapter is created.
             Loading the adapter onto a model with other dimensions raises a ``ValueError`` naming them.
 
@@ -93,10 +88,6 @@ class ParScaleConfig(PeftConfig):
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "The tokenizer of prefix_init_text (AutoTokenizer.from_pretrained)."}
     )
-    prefix_projection: bool = field(
-        default=False, metadata={"help": "Train the prefixes through an MLP (Li & Liang); the merged ones are saved."}
-    )
-    prefix_projection_hidden: int = field(default=512, metadata={"help": "Width of the prefix projection's MLP."})
     base_shape: dict[str, int] | None = field(
         default=None, metadata={"help": "Dimensions of the base model (filled in when the adapter is created)."}
     )
@@ -126,11 +117,6 @@ class ParScaleConfig(PeftConfig):
                 raise ValueError("prefix_init_text needs tokenizer_name_or_path, the tokenizer to read it with.")
         elif self.tokenizer_name_or_path is not None:
             raise ValueError("tokenizer_name_or_path is only used to tokenise prefix_init_text, which is not given.")
-        if not isinstance(self.prefix_projection, bool):
-            raise ValueError(f"prefix_projection must be True or False, got {self.prefix_projection!r}.")
-        hidden = self.prefix_projection_hidden
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"prefix_projection_hidden must be an integer >= 1, got {hidden!r}.")
         if self.base_shape is not None and set(self.base_shape) != set(BASE_SHAPE_FIELDS):
             raise ValueError(
                 f"base_shape must have exactly the keys {BASE_SHAPE_FIELDS}, got {sorted(self.base_shape)}."

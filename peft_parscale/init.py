@@ -93,8 +93,6 @@ def init_prefixes_from_token_ids(
         for (prefix_k, prefix_v), (keys, values) in zip(targets, keys_and_values):
             prefix_k.copy_(keys)
             prefix_v.copy_(values)
-    if adapter_name in streams.parscale_prefix_projection:  # the prefixes in use are then exactly the text's
-        streams.parscale_prefix_projection[adapter_name].reset_output()
 
 
 def base_model_keys_and_values(decoder: nn.Module, token_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -38,7 +38,6 @@ from transformers import DynamicCache
 
 from .cache import make_prefix_resident, stream_prefix
 from .config import ParScaleConfig
-from .projection import PrefixProjection
 
 
 def repeat_streams(tensor: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -147,66 +146,36 @@ def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> An
 class ParScaleAttention(nn.Module, ParScaleLayer):
     """Wraps one attention module and gives each of the P streams its own T prefix keys/values.
 
-    prefix_k / prefix_v: (P, num_key_value_heads, T, head_dim) per adapter. With a prefix projection (`projection.py`),
-    the attention uses the stored prefixes plus the projection's output for this layer.
+    prefix_k / prefix_v: (P, num_key_value_heads, T, head_dim) per adapter.
     """
 
     adapter_layer_names = ("parscale_prefix_k", "parscale_prefix_v")
-    other_param_names = ("prefix_projections",)
 
     def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        config: ParScaleConfig,
-        num_key_value_heads: int,
-        head_dim: int,
-        projection: tuple[PrefixProjection, int] | None = None,
+        self, base_layer: nn.Module, adapter_name: str, config: ParScaleConfig, num_key_value_heads: int, head_dim: int
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.parscale_prefix_k = nn.ParameterDict()
         self.parscale_prefix_v = nn.ParameterDict()
-        # adapter -> (its PrefixProjection, this layer's index in its output). Plain references: the decoder's
-        # ParScaleStreams owns the projection, which all layers share.
-        self.prefix_projections: dict[str, tuple[PrefixProjection, int]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.update_layer(adapter_name, config, num_key_value_heads, head_dim, projection)
+        self.update_layer(adapter_name, config, num_key_value_heads, head_dim)
         self._active_adapter = adapter_name
 
     def reference_parameter(self) -> torch.Tensor:
         return next(self.base_layer.parameters())
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        config: ParScaleConfig,
-        num_key_value_heads: int,
-        head_dim: int,
-        projection: tuple[PrefixProjection, int] | None = None,
-    ) -> None:
+    def update_layer(self, adapter_name: str, config: ParScaleConfig, num_key_value_heads: int, head_dim: int) -> None:
         reference = self.reference_parameter()
         shape = (config.P, num_key_value_heads, config.prefix_length, head_dim)
         for prefixes in (self.parscale_prefix_k, self.parscale_prefix_v):
             prefix = torch.empty(shape, device=reference.device, dtype=torch.float32)
             nn.init.normal_(prefix, std=config.init_std)
             prefixes[adapter_name] = nn.Parameter(prefix.to(reference.dtype))
-        if projection is not None:
-            self.prefix_projections[adapter_name] = projection
-            # The stored prefixes are the projection's constant starting point: PEFT's declaration of adapter weights
-            # that stay frozen (it re-applies it whenever it marks adapter weights trainable).
-            self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: self.adapter_layer_names}
-            self._freeze_non_trainable_peft_weights(adapter_name)
 
     def prefix(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefix keys and values the adapter's attention uses."""
-        prefix_k, prefix_v = self.parscale_prefix_k[adapter_name], self.parscale_prefix_v[adapter_name]
-        if adapter_name in self.prefix_projections:
-            projection, layer_index = self.prefix_projections[adapter_name]
-            delta_k, delta_v = projection.layer_delta(layer_index)
-            return prefix_k + delta_k.to(prefix_k.dtype), prefix_v + delta_v.to(prefix_v.dtype)
-        return prefix_k, prefix_v
+        return self.parscale_prefix_k[adapter_name], self.parscale_prefix_v[adapter_name]
 
     def forward(self, *args: Any, **kwargs: Any):
         adapter_name = self.active_adapter_name()
@@ -227,14 +196,13 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
     ParScale outputs too.
     """
 
-    adapter_layer_names = ("parscale_aggregator", "parscale_prefix_projection")
+    adapter_layer_names = ("parscale_aggregator",)
     other_param_names = ("num_streams", "prefix_length", "smoothing")
 
     def __init__(self, decoder: nn.Module, hidden_size: int, adapter_name: str, config: ParScaleConfig) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.parscale_aggregator = nn.ModuleDict()
-        self.parscale_prefix_projection = nn.ModuleDict()  # with ParScaleConfig.prefix_projection, while training
         self.num_streams: dict[str, int] = {}
         self.prefix_length: dict[str, int] = {}
         self.smoothing: dict[str, float] = {}
@@ -263,21 +231,10 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         self.num_streams[adapter_name] = config.P
         self.prefix_length[adapter_name] = config.prefix_length
         self.smoothing[adapter_name] = config.smoothing
-        place = {"device": reference.device, "dtype": reference.dtype}
-        if config.prefix_projection and not config.inference_mode:
-            shape = config.base_shape
-            self.parscale_prefix_projection[adapter_name] = PrefixProjection(
-                config.P,
-                config.prefix_length,
-                shape["num_hidden_layers"],
-                shape["num_key_value_heads"],
-                shape["head_dim"],
-                config.prefix_projection_hidden,
-                **place,
-            )
         if config.P == 1:
             return  # a single stream needs no aggregation: w = 1
         hidden_size, num_streams = self.hidden_size, config.P
+        place = {"device": reference.device, "dtype": reference.dtype}
         aggregator = nn.Sequential(
             nn.Linear(num_streams * hidden_size, hidden_size, **place),
             nn.SiLU(),
@@ -305,13 +262,6 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         """(prefix_k, prefix_v) of every attention layer, in layer order."""
         return [layer.prefix(adapter_name) for layer in self.attention_layers()]
 
-    def make_prefix_resident(self, cache: Any, adapter_name: str) -> None:
-        """Prepare `cache` to hold the adapter's prefixes (see `cache.py`)."""
-        layers = self.attention_layers()
-        # With a projection, the prefixes are new tensors at every call: one stored prefix stands for the adapter.
-        owner = layers[0].parscale_prefix_k[adapter_name]
-        make_prefix_resident(cache, self.attention_prefixes(adapter_name), owner)
-
     def replicate_inputs(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Forward pre-hook: B sequences in, P·B stream rows to the decoder."""
         adapter_name = self.active_adapter_name()
@@ -330,7 +280,7 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         keep_cache = not checkpointing and (cache is not None or (use_cache and not decoder.training))
         if keep_cache:
             cache = DynamicCache(config=decoder.config) if cache is None else cache
-            self.make_prefix_resident(cache, adapter_name)
+            make_prefix_resident(cache, self.attention_prefixes(adapter_name))
             check_mask_fits_cache(kwargs, cache, prefix_length)
         elif not torch.compiler.is_compiling():
             prefix_causal_bias(decoder_inputs(kwargs).shape[1], prefix_length)  # for compiled layers (see there)
@@ -341,7 +291,7 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         """`create_masks_for_generate` for the streams: generate calls it with a static cache, before the forward."""
         adapter_name = self.active_adapter_name()
         if adapter_name is not None and kwargs.get("past_key_values") is not None:
-            self.make_prefix_resident(kwargs["past_key_values"], adapter_name)
+            make_prefix_resident(kwargs["past_key_values"], self.attention_prefixes(adapter_name))
             kwargs = to_stream_inputs(kwargs, self.num_streams[adapter_name], self.prefix_length[adapter_name])
         return self.original_masks_for_generate(**kwargs)
 

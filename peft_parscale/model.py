@@ -17,7 +17,6 @@ from transformers.masking_utils import create_masks_for_generate
 from .config import BASE_SHAPE_FIELDS, ParScaleConfig
 from .init import config_token_ids, init_prefixes_from_token_ids
 from .layer import ParScaleAttention, ParScaleLayer, ParScaleStreams
-from .projection import PrefixProjection
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
 
@@ -211,13 +210,6 @@ class ParScaleModel(BaseTuner):
                 raise ValueError("prefix_init='text' needs the adapter's weights: use low_cpu_mem_usage=False.")
             token_ids = config_token_ids(config)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
-        projections = self._streams().parscale_prefix_projection
-        if adapter_name in projections and any(
-            parameter.is_meta for parameter in projections[adapter_name].parameters()
-        ):
-            # Created empty (low_cpu_mem_usage) for a load to fill, but no file holds a projection: it starts afresh.
-            projections[adapter_name].to_empty(device=self._streams().reference_parameter().device)
-            projections[adapter_name].reset_parameters()
         if token_ids is not None:
             init_prefixes_from_token_ids(model, token_ids, adapter_name)
 
@@ -252,62 +244,12 @@ class ParScaleModel(BaseTuner):
                 target.streams = ParScaleStreams(target, shape["hidden_size"], adapter_name, peft_config)
                 self._route_generate_masks(target.streams)
         elif isinstance(target, ParScaleAttention):
-            projection = self._prefix_projection(adapter_name, current_key)
-            target.update_layer(adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"], projection)
+            target.update_layer(adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"])
         else:
-            projection = self._prefix_projection(adapter_name, current_key)
             wrapped = ParScaleAttention(
-                target, adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"], projection
+                target, adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"]
             )
             self._replace_module(parent, target_name, wrapped, target)
-
-    def _streams(self) -> ParScaleStreams:
-        # It exists once the first adapter's decoder has been visited: PEFT walks `named_modules`, where the decoder
-        # comes before its layers.
-        return self.model.get_submodule(self.architecture.decoder_name).streams
-
-    def _prefix_projection(self, adapter_name: str, attention_name: str) -> tuple[PrefixProjection, int] | None:
-        """The adapter's prefix projection, if it has one, and the index of the layer `attention_name` in its output."""
-        projections = self._streams().parscale_prefix_projection
-        if adapter_name not in projections:
-            return None
-        return projections[adapter_name], self.architecture.attention_names.index(attention_name)
-
-    @classmethod
-    def _get_adapter_state_dict(
-        cls,
-        model: nn.Module,
-        config: ParScaleConfig,
-        adapter_name: str,
-        state_dict: dict[str, torch.Tensor],
-        unwanted_adapter_names: list[str],
-    ) -> dict[str, torch.Tensor]:
-        # PEFT's saving path (`get_peft_model_state_dict`, behind `save_pretrained` and TRL's checkpoints) asks the
-        # tuner which entries of the model's state dict to save. With a prefix projection, the prefixes the adapter
-        # uses are the stored ones plus the projection's output: those are saved under the prefixes' keys, and the
-        # projection is left out, so that the file is an ordinary ParScale adapter (`parscale export-official` and
-        # `PeftModel.from_pretrained` read it as any other).
-        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        for name, module in model.named_modules():
-            if isinstance(module, ParScaleAttention) and adapter_name in module.prefix_projections:
-                merged = module.prefix(adapter_name)
-                for kind, prefix in zip(("k", "v"), merged, strict=True):
-                    key = f"{name}.parscale_prefix_{kind}.{adapter_name}"
-                    if key not in selected:
-                        raise ValueError(f"Cannot save the merged prefix: {key} is not in the state dict.")
-                    selected[key] = prefix.detach().to(selected[key].dtype)
-        return {key: value for key, value in selected.items() if ".parscale_prefix_projection." not in key}
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: ParScaleConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        # Saved prefixes are merged (see `_get_adapter_state_dict`): a projection of the adapter loaded into restarts
-        # from zero, so that the prefixes in use are the loaded ones. PEFT calls this on every load, just before it.
-        for module in model.modules():
-            if isinstance(module, ParScaleStreams) and adapter_name in module.parscale_prefix_projection:
-                module.parscale_prefix_projection[adapter_name].reset_output()
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _route_generate_masks(self, streams: ParScaleStreams) -> None:
         # With a static cache, `generate` builds the 4D attention masks itself, before the forward pass and its hooks,
