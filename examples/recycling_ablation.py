@@ -6,11 +6,12 @@ packages (`peft_parscale.data.python_packages_corpus`, split by a hash of each f
 the *validation* files before and after training, and the training throughput. Settings are chosen on validation
 files only; the held-out (``test``) files are kept for results reported elsewhere.
 
-A run is named by its settings: ``{random|text}-lr{LR}-P{P}`` plus ``-proj`` (prefix reparameterisation) and
-``-eps{E}`` (aggregation smoothing, default 0.01), e.g. ``text-lr2e-2-P4-proj``; ``base`` is the model without an
-adapter. ``--followup`` names its runs itself from the finished grid: at the best (lowest validation loss after
-training) initialisation and learning rate of each P, reparameterisation on; for P > 1, smoothing 0.1 with and
-without it. Each run's result is written to ``OUTPUT/<name>.json`` as soon as it exists, and reruns skip it.
+A run is named by its settings: ``{random|text}-lr{LR}-P{P}`` plus ``-eps{E}`` (aggregation smoothing; 0.01 without
+it), e.g. ``text-lr0.02-P4-eps0.1``; ``base`` is the model without an adapter. ``--followup`` names its runs itself
+from the finished grid: smoothing 0.1 at the best (lowest validation loss after training) initialisation and learning
+rate of each P > 1. (The runs with prefix reparameterisation in RESULTS.md, ``-proj``, were made at commit 9e9da82,
+which had ``ParScaleConfig.prefix_projection``; it was removed after this ablation.)
+Each run's result is written to ``OUTPUT/<name>.json`` as soon as it exists, and reruns skip it.
 ``--shard i/n`` runs the i-th of n balanced shares, so that n processes (one per GPU) split the runs:
 
     CUDA_VISIBLE_DEVICES=0 python examples/recycling_ablation.py --runs ... --shard 0/2 &
@@ -43,8 +44,8 @@ from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_fro
 from peft_parscale.sft import ParScaleSFTTrainer
 from peft_parscale.testing import save_tiny_checkpoint
 
-RUN_NAME = re.compile(r"(?P<init>random|text)-lr(?P<lr>[0-9.e-]+)-P(?P<P>\d+)(?P<proj>-proj)?(?:-eps(?P<eps>[0-9.]+))?")
-DEFAULT_SMOOTHING = 0.01
+RUN_NAME = re.compile(r"(?P<init>random|text)-lr(?P<lr>[0-9.e-]+)-P(?P<P>\d+)(?:-eps(?P<eps>[0-9.]+))?")
+NAME_SMOOTHING = 0.01  # the smoothing of a name without -eps: the package default when the ablation ran
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,37 +77,32 @@ def settings(name: str) -> dict:
     """The settings a run name stands for."""
     match = RUN_NAME.fullmatch(name)
     if match is None:
-        raise ValueError(f"run names look like text-lr2e-2-P4[-proj][-eps0.1] or base, not {name!r}")
+        raise ValueError(f"run names look like text-lr0.02-P4[-eps0.1] or base, not {name!r}")
     return {
         "prefix_init": match["init"],
         "learning_rate": float(match["lr"]),
         "P": int(match["P"]),
-        "prefix_projection": match["proj"] is not None,
-        "smoothing": float(match["eps"]) if match["eps"] else DEFAULT_SMOOTHING,
+        "smoothing": float(match["eps"]) if match["eps"] else NAME_SMOOTHING,
     }
 
 
 def run_name(setting: dict) -> str:
     name = f"{setting['prefix_init']}-lr{setting['learning_rate']:g}-P{setting['P']}"
-    name += "-proj" if setting["prefix_projection"] else ""
-    return name + (f"-eps{setting['smoothing']:g}" if setting["smoothing"] != DEFAULT_SMOOTHING else "")
+    return name + (f"-eps{setting['smoothing']:g}" if setting["smoothing"] != NAME_SMOOTHING else "")
 
 
 def followup_runs(output: Path) -> list[str]:
-    """Reparameterisation at the best initialisation and learning rate of each P (by validation loss after training);
-    for P > 1 also smoothing 0.1, with and without reparameterisation (the choice between them is made afterwards)."""
+    """Smoothing 0.1 at the best initialisation and learning rate of each P > 1, by validation loss after training."""
     finished = [json.loads(path.read_text()) for path in output.glob("*.json")]
     grid = [
         r
         for r in finished
-        if r["name"] != "base" and not r["prefix_projection"] and r["smoothing"] == DEFAULT_SMOOTHING
+        if r["name"] != "base" and not r.get("prefix_projection") and r["smoothing"] == NAME_SMOOTHING and r["P"] > 1
     ]
     runs = []
     for P in sorted({r["P"] for r in grid}):
         best = min((r for r in grid if r["P"] == P), key=lambda r: r["validation_after"])
-        runs.append(run_name({**best, "prefix_projection": True}))
-        if P > 1:
-            runs += [run_name({**best, "prefix_projection": proj, "smoothing": 0.1}) for proj in (False, True)]
+        runs.append(run_name({**best, "smoothing": 0.1}))
     return runs
 
 
@@ -197,7 +193,6 @@ def run(args, name: str, path, tokenizer, windows: Dataset, validation_texts: li
             prefix_length=args.prefix_length,
             smoothing=setting["smoothing"],
             prefix_init=setting["prefix_init"],
-            prefix_projection=setting["prefix_projection"],
         ),
     )
     before = validation_loss(args, trainer.model, tokenizer, validation_texts, P)
@@ -242,7 +237,7 @@ def report(output: Path) -> str:
             continue
         lines.append(
             f"| {r['name']} | {r['P']} | {r['prefix_init']} | {r['learning_rate']:g} | "
-            f"{'on' if r['prefix_projection'] else 'off'} | {r['smoothing']:g} | {r['validation_before']:.4f} | "
+            f"{'on' if r.get('prefix_projection') else 'off'} | {r['smoothing']:g} | {r['validation_before']:.4f} | "
             f"{r['validation_after']:.4f} | {r['train_tokens_per_s']:,.0f} |"
         )
     table = "\n".join(lines)

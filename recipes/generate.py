@@ -76,11 +76,13 @@ def recipe(size: str, use: str, P: int) -> tuple[str, str]:
         "peft": "parscale",
         "P": P,
         "prefix_length": 48,
+        "prefix_init": "text",  # from the training data; see recipes/README.md
+        "smoothing": 0.1,
         **purpose["settings"],
         "max_length": SEQUENCE_LENGTH,
         "per_device_train_batch_size": per_device,
         "gradient_accumulation_steps": accumulation,
-        "learning_rate": 1.0e-3,
+        "learning_rate": 5.0e-2,
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.03,  # a float below 1 is a fraction of the run (transformers 5)
         "bf16": True,

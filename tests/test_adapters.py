@@ -40,7 +40,7 @@ def adapter_state(model):
 
 def test_config_defaults_and_registration():
     config = ParScaleConfig(P=8)
-    assert (config.P, config.prefix_length, config.smoothing) == (8, 48, 0.01)
+    assert (config.P, config.prefix_length, config.smoothing) == (8, 48, 0.1)
     assert config.peft_type == "PARSCALE" and config.task_type == "CAUSAL_LM"
     model = get_peft_model(tiny_model("qwen2"), config)
     assert isinstance(model.base_model, ParScaleModel)

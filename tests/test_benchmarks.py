@@ -21,8 +21,11 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
         (variant, mode) for variant in ("stock", "P1", "P8") for mode in ("eager", "generate_static", "fast")
     }
     for record in decode:
-        for key in ("prefill_ms", "decode_ms_per_token", "total_ms"):
+        for key in ("prefill_ms", "total_ms"):  # timed directly
             assert math.isfinite(record[key]) and record[key] > 0, (key, record)
+        # A difference of two medians (total minus prefill): on a busy CPU, at the tiny shape, it can come out below
+        # zero, so only its presence is checked here; its meaning is a GPU measurement's (BENCHMARKS.md).
+        assert math.isfinite(record["decode_ms_per_token"]), record
         if "tokens_vs_eager" in record:  # float32 on CPU: every path gives the eager path's greedy tokens
             assert record["tokens_vs_eager"]["equal"], record
     sampling = [r for r in records if r["suite"] == "sampling"]
