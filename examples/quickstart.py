@@ -102,23 +102,30 @@ class Plan:
 def seconds_per_batch(trainer: ParScaleSFTTrainer) -> tuple[float, float]:
     """Seconds of one training step (forward and backward, under the trainer's autocast) and one evaluation batch.
 
-    The gradients are dropped and no optimizer step is taken, so the adapter is unchanged. The first call of each
-    includes one-time set-up costs, which makes the plan err on the short side.
+    Each is run twice and the second is timed: the first call pays one-time set-up (on a CPU with AMX, the bfloat16
+    backward pass took 14.8 s the first time and about 8 s later). The gradients are dropped and no optimizer step
+    is taken, so the adapter is unchanged.
     """
     model = trainer.model
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    with torch.no_grad(), trainer.accelerator.autocast():
+
+    def evaluation_batch() -> None:
+        with torch.no_grad(), trainer.accelerator.autocast():
+            trainer.compute_loss(model.eval(), batch)
+
+    def training_step() -> None:
+        with trainer.accelerator.autocast():
+            trainer.compute_loss(model.train(), batch).backward()
+        model.zero_grad(set_to_none=True)
+
+    seconds = []
+    for work in (evaluation_batch, training_step):
+        work()
         started = time.perf_counter()
-        trainer.compute_loss(model.eval(), batch)
-        eval_seconds = time.perf_counter() - started
-    model.train()
-    with trainer.accelerator.autocast():
-        started = time.perf_counter()
-        trainer.compute_loss(model, batch).backward()
-    train_seconds = time.perf_counter() - started
-    model.zero_grad(set_to_none=True)
+        work()
+        seconds.append(time.perf_counter() - started)
     model.eval()
-    return train_seconds, eval_seconds
+    return seconds[1], seconds[0]
 
 
 def plan_run(args: argparse.Namespace, trainer: ParScaleSFTTrainer, seconds_left: float) -> Plan:
