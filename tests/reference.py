@@ -20,10 +20,12 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from trl import SFTConfig
 
 from peft_parscale.testing import tiny_tokenizer  # noqa: F401  (re-exported for the tests)
 
 VOCAB = 97
+LENGTH = 24  # tokens per training window in the TRL tests
 COMMON = {
     "vocab_size": VOCAB,
     "hidden_size": 48,
@@ -247,3 +249,23 @@ def adapter_tensors(peft_model, adapter_name: str = "default") -> dict:
         else None,
         "smoothing": config.smoothing,
     }
+
+
+def training_args(output_dir, **overrides) -> SFTConfig:
+    """TRL training arguments for the tests' tiny models: CPU, float32, a few steps, nothing saved or reported."""
+    settings = {
+        "output_dir": str(output_dir),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 2e-2,
+        "max_length": LENGTH,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,  # float32 end to end, so that losses compare with the reference at tight tolerances
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
+    return SFTConfig(**{**settings, **overrides})

@@ -14,10 +14,16 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
-from reference import ARCHITECTURES, left_padded_batch, positions_from_mask, tiny_model, tiny_tokenizer
+from reference import (
+    ARCHITECTURES,
+    left_padded_batch,
+    positions_from_mask,
+    tiny_model,
+    tiny_tokenizer,
+    training_args,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
 from peft_parscale import ParScaleConfig, init_prefixes_from_text, init_prefixes_from_token_ids
@@ -412,22 +418,6 @@ def test_bfloat16_single_stream_is_close_to_the_oracle(tokenizer_dir):
 
 # The first row is shorter than T (with the EOS token TRL appends), so the windows are rows 1 and 2.
 TRAINING_TEXTS = ["ok", "import json\nimport re\n", "def parse(text):\n    return text\n", "x = 1\n" * 4]
-
-
-def training_args(output_dir, **overrides) -> SFTConfig:
-    settings = {
-        "output_dir": str(output_dir),
-        "max_steps": 1,
-        "per_device_train_batch_size": 2,
-        "max_length": 24,
-        "report_to": "none",
-        "use_cpu": True,
-        "bf16": False,
-        "save_strategy": "no",
-        "seed": 0,
-        "dataloader_num_workers": 0,
-    }
-    return SFTConfig(**{**settings, **overrides})
 
 
 def expected_training_prefixes(base_dir, tokenizer) -> dict[str, torch.Tensor]:

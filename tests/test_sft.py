@@ -12,9 +12,17 @@ import torch
 import yaml
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from reference import adapter_tensors, assert_logits_match, reference_logits, tiny_model, tiny_tokenizer
+from reference import (
+    LENGTH,
+    adapter_tensors,
+    assert_logits_match,
+    reference_logits,
+    tiny_model,
+    tiny_tokenizer,
+    training_args,
+)
 from safetensors.torch import load_file
-from trl import ModelConfig, SFTConfig, SFTTrainer
+from trl import ModelConfig, SFTTrainer
 
 import peft_parscale  # noqa: F401
 from peft_parscale import ParScaleConfig
@@ -23,7 +31,6 @@ from peft_parscale.sft import ParScaleSFTTrainer, make_parser, peft_config_from_
 from peft_parscale.testing import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-LENGTH = 24
 
 
 def source_texts() -> list[str]:
@@ -41,25 +48,6 @@ def windows(tokenizer, texts, count, offset=0) -> Dataset:
     ids = [token for text in texts for token in tokenizer(text)["input_ids"]]
     start = offset * LENGTH
     return Dataset.from_dict({"input_ids": [ids[start + i * LENGTH : start + (i + 1) * LENGTH] for i in range(count)]})
-
-
-def training_args(output_dir, **overrides) -> SFTConfig:
-    settings = {
-        "output_dir": str(output_dir),
-        "max_steps": 4,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "learning_rate": 2e-2,
-        "max_length": LENGTH,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "bf16": False,  # float32 end to end, so that losses compare with the reference at tight tolerances
-        "seed": 0,
-        "dataloader_num_workers": 0,
-    }
-    return SFTConfig(**{**settings, **overrides})
 
 
 def make_trainer(output_dir, train, evaluation=None, trainer_cls=SFTTrainer, P=2, **overrides):
