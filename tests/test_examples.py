@@ -131,3 +131,24 @@ def test_quickstart_timing_probe_leaves_the_adapter_unchanged(tmp_path):
     assert train_seconds > 0 and eval_seconds > 0
     assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_stream_sweep_smoke_two_processes_interrupted_and_resumed(tmp_path):
+    common = ("--smoke", "--num-processes", "2", "--output-dir", "out")
+    # Past its deadline before it starts, P2 trains one step, saves a checkpoint and stops; the next call resumes it.
+    run_example(
+        "stream_sweep.py", *common, "--runs", "P2", "--time-limit", "0", "--launch-margin", "-600", cwd=tmp_path
+    )
+    assert not (tmp_path / "out" / "P2" / "result.json").exists()
+    assert [path.name for path in (tmp_path / "out" / "P2").glob("checkpoint-*")] == ["checkpoint-1"]
+    stdout = run_example("stream_sweep.py", *common, "--runs", "base", "P1", "P2", cwd=tmp_path)
+
+    results = {P: json.loads((tmp_path / "out" / f"P{P}" / "result.json").read_text()) for P in (1, 2)}
+    for result in results.values():
+        assert result["processes"] == 2 and result["steps"] == 6 and result["train_tokens"] == 6 * 4 * 32
+        assert [tokens for tokens, _ in result["heldout_curve"]] == [0, 256, 512, 768]
+    assert [segment["resumed_from"] is not None for segment in results[2]["segments"]] == [False, True]
+    assert [segment["resumed_from"] for segment in results[1]["segments"]] == [None]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["log_linear_fit"]["r2"] <= 1 and [tokens for tokens, _ in report["gaps"]["2"]] == [0, 256, 512, 768]
+    assert "| base (no adapter) |" in stdout and "| P=2 | 768 |" in stdout

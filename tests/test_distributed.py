@@ -1,0 +1,88 @@
+"""Data-parallel training on CPU: `parscale sft` under `accelerate launch` with two processes (gloo) trains the same
+adapter as one process with the same global batch, and a two-process run resumed from a checkpoint ends where the
+uninterrupted run ends.
+
+Why float64, and the tolerance. The two runs differ only in the order of the sums behind each gradient (one process
+sums the whole batch; two processes each sum half and the all-reduce averages the halves), which changes a gradient
+by at most a few hundred roundings of |g|: δ ≲ 1e-13 in float64 for the tiny model's gradients (|g| < 1). AdamW's
+step is m / (√v + ε), so a gradient difference δ moves an update by at most lr · δ / ε = 1e-2 · 1e-13 / 1e-8 = 1e-7
+per step: 4e-7 after the 4 steps. In float32 the same bound would be about 1 (its rounding is 1e9 times larger), and
+Adam's first steps do turn float32 rounding into 1e-6 differences of the aggregator, which starts from zero
+gradients. The comparison can fail: every adapter tensor moves by more than 1e-3 in the last two steps alone (Adam
+moves each weight by about the learning rate, 5e-3 and 2.5e-3 there), so a wrong data split, a missing gradient
+average or an optimizer state lost on resume shows by orders of magnitude more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from peft_parscale.testing import save_tiny_checkpoint
+
+TOLERANCE = 1e-6  # 4e-7 bound (module docstring), rounded up
+STEPS, LEARNING_RATE, GLOBAL_BATCH = 4, 1e-2, 4
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A float64 tiny checkpoint and a local text dataset of 64 rows."""
+    root = tmp_path_factory.mktemp("distributed")
+    checkpoint = save_tiny_checkpoint(root / "tiny")
+    AutoModelForCausalLM.from_pretrained(checkpoint).double().save_pretrained(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    alphabet = "abcdefghijk \n"
+    (root / "data").mkdir()
+    with open(root / "data" / "train.jsonl", "w") as file:
+        for _ in range(64):
+            letters = torch.randint(len(alphabet), (40,), generator=generator)
+            file.write(json.dumps({"text": "".join(alphabet[i] for i in letters)}) + "\n")
+    return root
+
+
+def parscale_sft(workspace, output_dir: str, processes: int, *extra: str) -> None:
+    launch = ["--num_processes", str(processes), *(["--multi_gpu"] if processes > 1 else [])]  # torchrun; gloo on CPU
+    command = [
+        *[sys.executable, "-m", "peft_parscale.cli", "sft"],
+        *["--model_name_or_path", str(workspace / "tiny"), "--dtype", "auto"],
+        *["--dataset_name", str(workspace / "data"), "--output_dir", str(workspace / output_dir)],
+        *["--P", "2", "--prefix_length", "4", "--max_length", "32", "--max_steps", str(STEPS)],
+        *["--per_device_train_batch_size", str(GLOBAL_BATCH // processes), "--learning_rate", str(LEARNING_RATE)],
+        *["--use_cpu", "--bf16", "false", "--report_to", "none", "--seed", "0", *extra, *launch],
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def adapter(directory) -> dict[str, torch.Tensor]:
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def assert_same_adapter(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name, weights in expected.items():
+        assert actual[name].dtype == torch.float64
+        assert (actual[name] - weights).abs().max().item() <= TOLERANCE, name
+
+
+def test_two_processes_train_the_adapter_of_one_and_resume(workspace):
+    parscale_sft(workspace, "one", 1, "--save_strategy", "no")
+    parscale_sft(workspace, "two", 2, "--save_strategy", "steps", "--save_steps", "2")
+    one, halfway = adapter(workspace / "one"), adapter(workspace / "two" / "checkpoint-2")
+    for name, weights in one.items():
+        assert (weights - halfway[name]).abs().max().item() > 1e-3, f"{name} hardly moved: the test could not fail"
+    assert_same_adapter(adapter(workspace / "two"), one)
+
+    # An interrupted run: only the first checkpoint survives, and training resumes from it on two processes.
+    shutil.rmtree(workspace / "two" / "checkpoint-4")
+    (workspace / "two" / "adapter_model.safetensors").unlink()
+    resume = ["--save_strategy", "steps", "--save_steps", "2", "--resume_from_checkpoint"]
+    parscale_sft(workspace, "two", 2, *resume, str(workspace / "two" / "checkpoint-2"))
+    assert_same_adapter(adapter(workspace / "two"), one)
