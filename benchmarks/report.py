@@ -105,7 +105,17 @@ def sampling_table(records: list[Record]) -> str:
         if r.get("suite") == "sampling":
             by_case[r["shape"], r["variant"], r["mode"], r["batch"], r["prompt"], r["new_tokens"]] = r
     rows = sorted(by_case.values(), key=lambda r: (r["shape"], variant_order(r["variant"]), r["mode"]))
-    header = ["shape", "variant", "mode", "prompts × samples", "prompt+new", "completions/s", "TTFT ms", "total ms"]
+    header = [
+        "shape",
+        "variant",
+        "mode",
+        "prompts × samples",
+        "prompt+new",
+        "completions/s",
+        "TTFT ms",
+        "total ms",
+        "failed",
+    ]
     body = [
         [
             r["shape"],
@@ -113,11 +123,36 @@ def sampling_table(records: list[Record]) -> str:
             r["mode"],
             f"{r['problems']} × {r['samples_per_problem']}",
             f"{r['prompt']}+{r['new_tokens']}",
-            r["completions_per_s"],
-            r["ttft_ms"],
-            r["total_ms"],
+            r.get("completions_per_s"),
+            r.get("ttft_ms"),
+            r.get("total_ms"),
+            error_name(r),
         ]
         for r in rows
+    ]
+    return table(header, body)
+
+
+def error_name(record: Record) -> str:
+    """The exception class of a failed measurement (its message is in the record), or nothing."""
+    return record["error"].split(":")[0] if "error" in record else ""
+
+
+def selector_table(records: list[Record]) -> str:
+    """The selector suite's latest record of each case: whether the token choice compiled, and its time per step."""
+    by_case = {(r["variant"], r["rows"], r["vocab_size"]): r for r in records if r.get("suite") == "selector"}
+    header = ["case", "rows × vocabulary", "compiled", "compile s", "ms per call", "tokens = eager", "failed"]
+    body = [
+        [
+            r["variant"],
+            f"{r['rows']} × {r['vocab_size']}",
+            r.get("compiled"),
+            r.get("compile_s"),
+            r.get("ms_per_call"),
+            r.get("tokens_equal_fraction"),
+            error_name(r),
+        ]
+        for r in by_case.values()
     ]
     return table(header, body)
 
@@ -384,6 +419,8 @@ def write_report(records: list[Record], out: str) -> str:
         rows = decode_rows(records, suite)
         if rows:
             sections.append(f"## {title}\n\n" + decode_table(rows))
+    if any(r.get("suite") == "selector" for r in records):
+        sections.append("## Token choice compilation (sampling step)\n\n" + selector_table(records))
     if any(r.get("suite") == "sampling" for r in records):
         sections.append("## Sampling throughput (HumanEval workload)\n\n" + sampling_table(records))
     if any(r.get("suite") in ("train", "train_masks") for r in records):

@@ -6,8 +6,9 @@
 
 Suites (GPU defaults; `--tiny` shrinks every grid):
 - env: software versions, device, measured copy bandwidth and matrix-product rate.
-- targets: Qwen2.5-1.5B shape, prompt 64 + 128 new tokens: stock at batch 8, ParScale P=1 and P=8 at batch 1;
-  eager `generate`, static-cache compiled `generate`, and the fast path; tokens compared with eager.
+- targets: Qwen2.5-1.5B shape, prompt 64 + 128 new tokens: stock at batch 8, ParScale P=1 and P=8 at batch 1 (or,
+  with `--variants`/`--batches`, every given variant at every given batch size, one batch size after the other);
+  eager `generate`, static-cache compiled `generate`, and the fast path (`--target-modes`); tokens compared with eager.
 - sweep: fast path, variants stock, P1..P8 and the dense equivalents, batch 1/2/4/8, (prompt, new) = (L, L) for
   L in 64..512; the step compiled with dynamic shapes (one compilation per variant), or with `--static-sweep` for
   each case's static shapes (one compilation per case, as BENCHMARKS.md was measured).
@@ -15,7 +16,9 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
 - equality: the targets' P=8 case in float32, fast path against eager `generate` (greedy tokens).
 - sampling: HumanEval's sampling workload on the 0.5B shape, P=1 and P=8: 8 prompts of 128 tokens × 20 completions,
   up to 512 new tokens, top-p 0.95 at temperature 0.8; completions/s and time to first token of `generate` and of the
-  fast path (`--sampling-modes`, see benchmarks/sampling.py).
+  fast path (`--sampling-modes`: generate, fast, fast_dynamic, fast_uncompiled; see benchmarks/sampling.py).
+- selector: whether inductor compiles the sampling step's token choice for 160 rows of Qwen2.5's 151,936 logits
+  (the failure seen on an H200 included), and its time per step compiled and eager.
 - profile: torch.profiler tables of one P=8 training step and of P=8 fast-path decoding (OUT/profile_*.txt).
 - train / train_masks: adapter training throughput (see benchmarks/training.py); train_masks compares the training
   attention mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
@@ -41,7 +44,7 @@ from . import report
 from .decoding import decode_sweep
 from .measure import device_ceilings, environment, free_memory
 from .profiling import write_profiles
-from .sampling import sampling_throughput
+from .sampling import sampling_throughput, selector_compilation
 from .training import train_throughput
 
 ALL_VARIANTS = ["stock", "P1", "P2", "P4", "P8", "dense_P2", "dense_P4", "dense_P8"]
@@ -61,6 +64,7 @@ GPU_DEFAULTS = {
     "sampling_shape": "0.5b",
     "sampling_variants": ["P1", "P8"],
     "sampling_workload": {"problems": 8, "samples": 20, "prompt": 128, "new_tokens": 512},
+    "selector_logits": {"rows": 160, "vocab_size": 151936},
 }
 TINY_DEFAULTS = {
     "shapes": ["tiny"],
@@ -78,6 +82,7 @@ TINY_DEFAULTS = {
     "sampling_shape": "tiny",
     "sampling_variants": ["P1", "P8"],
     "sampling_workload": {"problems": 2, "samples": 3, "prompt": 8, "new_tokens": 8},
+    "selector_logits": {"rows": 4, "vocab_size": 3000},  # longer than one chunk of the chunked scan
 }
 
 
@@ -106,7 +111,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--train-compile", default="none", help="comma-separated: none, blocks, model")
     parser.add_argument(
-        "--sampling-modes", default="generate,fast", help="sampling suite: any of generate, fast, fast_dynamic"
+        "--target-modes",
+        default="eager,generate_static,fast",
+        help="targets suite: any of eager, generate_static, fast (tokens are compared with eager when it comes first)",
+    )
+    parser.add_argument(
+        "--sampling-modes",
+        default="generate,fast",
+        help="sampling suite: any of generate, fast, fast_dynamic, fast_uncompiled",
     )
     parser.add_argument("--no-report", action="store_true", help="only append to results.jsonl")
     return parser.parse_args(argv)
@@ -141,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         record = {**record, "device_name": torch.cuda.get_device_name() if on_gpu else "cpu"}
         with open(results_path, "a") as results:
             results.write(json.dumps(record) + "\n")
-        summary = {k: record[k] for k in ("suite", "shape", "variant", "mode", "batch", "P") if k in record}
+        summary = {
+            k: record[k]
+            for k in ("suite", "shape", "variant", "mode", "batch", "P", "compiled", "error")
+            if k in record
+        }
         numbers = {k: round(v, 3) for k, v in record.items() if isinstance(v, float)}
         print(json.dumps({**summary, **numbers}), flush=True)
 
@@ -151,21 +167,22 @@ def main(argv: list[str] | None = None) -> int:
         if suite == "env":
             emit({"suite": "env", **environment(device), **device_ceilings(device)})
         elif suite == "targets":
-            target = [defaults["target_length"]]
-            modes = ["eager", "generate_static", "fast"]
             common = {
-                "lengths": target,
-                "modes": modes,
+                "lengths": [defaults["target_length"]],
+                "modes": args.target_modes.split(","),
                 "fast_compile_options": static_options,
                 "generate_compile_config": CompileConfig(),
             }
+            cases = [(["stock"], 8), (["P1", "P8"], 1)]
+            if args.variants or args.batches:
+                cases = [(variants, batch) for batch in batches]
             # One batch size per call: compiled graphs are dropped between calls, so that a second batch size does
             # not recompile with a dynamic batch dimension (torch.compile's automatic dynamic shapes).
-            for target_variants, target_batches in ((["stock"], [8]), (["P1", "P8"], [1])):
+            for target_variants, target_batch in cases:
                 decode_sweep(
                     defaults["target_shape"],
                     target_variants,
-                    target_batches,
+                    [target_batch],
                     **common,
                     **sweep_common,
                     suite="targets",
@@ -214,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     suite="sweep_eager",
                     **sweep_common,
                 )
+        elif suite == "selector":
+            selector_compilation(device, dtype, emit, **defaults["selector_logits"])
         elif suite == "sampling":
             for shape in args.shapes.split(",") if args.shapes else [defaults["sampling_shape"]]:
                 sampling_throughput(

@@ -6,37 +6,49 @@ each prompt's completions are consecutive rows), up to `new_tokens` new tokens, 
 - `generate`: `model.generate` (dynamic cache, eager, `torch.multinomial`);
 - `fast`: `peft_parscale.decode.fast_generate` (static cache; on CUDA the step compiled for static shapes, CUDA graphs);
 - `fast_dynamic`: the same, the step compiled for dynamic shapes, as `evaluate_humaneval` compiles it (one compilation
-  for every batch shape of a run).
+  for every batch shape of a run);
+- `fast_uncompiled`: the same loop with the step run eagerly (what `fast_generate(..., compile=False)` does).
 
 completions/s is the batch's rows over the whole generation's time (prefill included); time to first token is the
 prefill: for `fast`, timed on its own on the same cache; for `generate`, until the first token's logits. No
 end-of-sequence id is set and random weights do not stop by themselves, so every completion runs the full
 `new_tokens`: an upper bound on a HumanEval batch, which ends with its longest completion (real completions stop at
 their stop sequences, and the fast path stops at its first check after the last one, every 32 steps).
+
+A mode that raises is recorded with its error and the next one runs, so that one device call still measures the rest
+(the compiled sampling step once failed to compile on a GPU). `selector_compilation` checks that compilation alone.
 """
 
 from __future__ import annotations
 
 import copy
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
-from peft_parscale.decode import (
-    DEFAULT_COMPILE_OPTIONS,
-    TokenSelector,
-    draw_uniforms,
-    fast_decoder,
-    fast_generate,
-)
+from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS, fast_decoder, fast_generate
+from peft_parscale.sampling import TokenSelector, draw_uniforms
 
 from .decoding import build_variant, forget_fast_decoder, random_prompts
 from .measure import Clock, StepMarks, free_memory, median, peak_memory_gib, reset_peak_memory
 
 Record = dict[str, Any]
-COMPILE_OPTIONS = {"fast": DEFAULT_COMPILE_OPTIONS, "fast_dynamic": {**DEFAULT_COMPILE_OPTIONS, "dynamic": True}}
+# The fast path's modes and their compile options on CUDA (on CPU every mode runs uncompiled).
+COMPILE_OPTIONS = {
+    "fast": DEFAULT_COMPILE_OPTIONS,
+    "fast_dynamic": {**DEFAULT_COMPILE_OPTIONS, "dynamic": True},
+    "fast_uncompiled": None,
+}
+MODES = ("generate", *COMPILE_OPTIONS)
+
+
+def failure(error: Exception) -> Record:
+    """The record of a measurement that raised `error`; its traceback goes to stderr (the device call's output)."""
+    traceback.print_exc()
+    return {"error": f"{type(error).__name__}: {error}"[:2000]}
 
 
 def humaneval_sampling(new_tokens: int, samples: int) -> GenerationConfig:
@@ -125,38 +137,109 @@ def sampling_throughput(
     repeats: int,
     emit: Callable[[Record], None],
 ) -> None:
-    """Measure every (variant, mode) on one batch of the HumanEval workload; `emit` each record."""
+    """Measure every (variant, mode) on one batch of the HumanEval workload; `emit` each record (a mode that raises:
+    its error)."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"Unknown sampling modes {sorted(unknown)}: use any of {MODES}.")
     config = humaneval_sampling(new_tokens, samples)
+    rows = problems * samples
     for variant in variants:
         model, info = build_variant(shape, variant, device, dtype)
         input_ids, attention_mask = random_prompts(problems, prompt, model.config.vocab_size, device)
         for mode in modes:
             reset_peak_memory(device)
-            if mode == "generate":
-                record = measure_generate_sampling(model, input_ids, attention_mask, config, repeats)
+            case = {
+                "suite": "sampling",
+                **info,
+                "mode": mode,
+                "dtype": str(dtype).removeprefix("torch."),
+                "problems": problems,
+                "samples_per_problem": samples,
+                "batch": rows,
+                "prompt": prompt,
+                "new_tokens": new_tokens,
+            }
+            try:
+                if mode == "generate":
+                    record = measure_generate_sampling(model, input_ids, attention_mask, config, repeats)
+                else:
+                    options = COMPILE_OPTIONS[mode] if device.type == "cuda" else None
+                    record = measure_fast_sampling(model, input_ids, attention_mask, config, repeats, options)
+            except Exception as error:  # noqa: BLE001  (recorded, so that the other modes of one device call still run)
+                emit({**case, **failure(error)})
             else:
-                options = COMPILE_OPTIONS[mode] if device.type == "cuda" else None
-                record = measure_fast_sampling(model, input_ids, attention_mask, config, repeats, options)
-            rows, seconds = problems * samples, record["total_ms"] / 1e3
-            emit(
-                {
-                    "suite": "sampling",
-                    **info,
-                    "mode": mode,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "problems": problems,
-                    "samples_per_problem": samples,
-                    "batch": rows,
-                    "prompt": prompt,
-                    "new_tokens": new_tokens,
-                    **record,
-                    "completions_per_s": rows / seconds,
-                    "new_tokens_per_s": rows * new_tokens / seconds,
-                    "peak_mem_gib": peak_memory_gib(device),
-                }
-            )
+                seconds = record["total_ms"] / 1e3
+                emit(
+                    {
+                        **case,
+                        **record,
+                        "completions_per_s": rows / seconds,
+                        "new_tokens_per_s": rows * new_tokens / seconds,
+                        "peak_mem_gib": peak_memory_gib(device),
+                    }
+                )
             forget_fast_decoder(model)
             torch._dynamo.reset()  # each mode compiles afresh, with its own options
             free_memory(device)
         del model
         free_memory(device)
+
+
+def selector_compilation(
+    device: torch.device,
+    dtype: torch.dtype,
+    emit: Callable[[Record], None],
+    rows: int = 160,
+    vocab_size: int = 151936,
+    repeats: int = 20,
+) -> None:
+    """Whether inductor compiles the sampling step's token choice for `rows` × `vocab_size` logits, and its time.
+
+    One record per case: `long_scan`, top-p's sort, softmax and one cumulative sum over the whole vocabulary (the scan
+    whose code generation failed with torch 2.11 on an H200); `selector`, `TokenSelector` with HumanEval's settings
+    (temperature 0.8, top-p 0.95), compiled for static shapes; `selector_dynamic`, compiled with a dynamic number of
+    rows, as the step `evaluate_humaneval` compiles; `selector_eager`, the same choice uncompiled. Compiled cases
+    record `compiled` (and the error if not), the compilation time, ms per call (the median of `repeats`) and the
+    fraction of tokens equal to the uncompiled choice's.
+    """
+    clock = Clock(device)
+    generator = torch.Generator(device).manual_seed(0)
+    logits = (4 * torch.randn(rows, vocab_size, generator=generator, device=device)).to(dtype)
+    uniforms = torch.rand(rows, generator=generator, device=device)
+    selector = TokenSelector(do_sample=True, temperature=0.8, top_p=0.95)
+    eager_tokens = selector(logits, uniforms)
+    common = {"suite": "selector", "rows": rows, "vocab_size": vocab_size, "dtype": str(dtype).removeprefix("torch.")}
+
+    def per_call_ms(function: Callable[..., Any], *inputs: torch.Tensor) -> float:
+        function(*inputs)
+        return median([clock.time_ms(lambda: function(*inputs))[1] for _ in range(repeats)])
+
+    emit({**common, "variant": "selector_eager", "ms_per_call": per_call_ms(selector, logits, uniforms)})
+    dynamic_logits, dynamic_uniforms = logits.clone(), uniforms.clone()
+    torch._dynamo.mark_dynamic(dynamic_logits, 0)
+    torch._dynamo.mark_dynamic(dynamic_uniforms, 0)
+    cases = {
+        "long_scan": (lambda scores, _: scores.float().sort(-1).values.softmax(-1).cumsum(-1), logits, uniforms),
+        "selector": (selector, logits, uniforms),
+        "selector_dynamic": (selector, dynamic_logits, dynamic_uniforms),
+    }
+
+    def compile_and_run(function: Callable[..., Any], *inputs: torch.Tensor) -> tuple[Callable[..., Any], Any, float]:
+        compiled = torch.compile(function, fullgraph=True)
+        output, milliseconds = clock.time_ms(lambda: compiled(*inputs))
+        return compiled, output, milliseconds
+
+    for name, (function, *inputs) in cases.items():
+        torch._dynamo.reset()
+        record = {**common, "variant": name}
+        try:
+            compiled, tokens, compile_ms = compile_and_run(function, *inputs)
+        except Exception as error:  # noqa: BLE001  (what this check is for: recorded, and the other cases still run)
+            record |= {"compiled": False, **failure(error)}
+        else:
+            record |= {"compiled": True, "compile_s": compile_ms / 1e3, "ms_per_call": per_call_ms(compiled, *inputs)}
+            if name != "long_scan":
+                record["tokens_equal_fraction"] = float((tokens == eager_tokens).float().mean())
+        emit(record)
+    torch._dynamo.reset()

@@ -11,7 +11,7 @@ Sampling in `generate` also calls `torch.multinomial`, which keeps its step out 
 `generate`'s prefill); then every decode step is the same compiled function of (previous token, positions, one
 uniform number per sequence): the model's forward pass over a static cache, with an attention mask that covers the
 whole generation from the start (the prompt's padding, then ones; causality hides the slots not written yet), so it
-never changes, followed by the choice of the next token on the device (`TokenSelector`). The host only queues
+never changes, followed by the choice of the next token on the device (`sampling.TokenSelector`). The host only queues
 replays. Every `check_every` steps (and only if there is an end-of-sequence id or a stop string) it reads the new
 tokens once, to stop early when every sequence has ended; the end-of-sequence handling itself is applied afterwards
 (`EndOfSequences`), giving what `generate` returns.
@@ -24,7 +24,6 @@ sequences, total length, adapter and token selection, as `generate` keeps its st
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, StaticCache,
 from transformers.generation import GenerationMode
 
 from .layer import ParScaleStreams
+from .sampling import GREEDY, TokenSelector, draw_uniforms
 
 DEFAULT_COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": True}
 
@@ -75,79 +75,6 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
 def active_adapters_key(model: nn.Module) -> tuple[str | None, ...]:
     """The active ParScale adapter of each streams module in `model` (None where disabled): what the cache depends on."""
     return tuple(module.active_adapter_name() for module in model.modules() if isinstance(module, ParScaleStreams))
-
-
-@dataclass(frozen=True)
-class TokenSelector:
-    """How a decode step turns the last position's logits into the next token, on the device, without host syncs.
-
-    Greedy (`do_sample=False`): the argmax. Sampling, for a sequence whose uniform number for this step is u in [0, 1):
-    1. z = logits in float32 / `temperature`;
-    2. top-k (`top_k` > 0): tokens whose z is below the k-th largest are removed (ties with the k-th are kept);
-    3. top-p (`top_p` < 1): with the remaining tokens' probabilities sorted in ascending order, the tokens whose
-       cumulative probability is at most 1 - top_p are removed (transformers' `TopPLogitsWarper`; the most probable
-       token always stays): the nucleus is the smallest set of most probable tokens reaching top_p. Tokens whose z is
-       below the nucleus's least probable token are removed (ties with it are kept);
-    4. p = softmax(z) over the tokens left, and the token is the smallest token id i with p_i > 0 and
-       p_0 + ... + p_i > u · (p_0 + ... + p_{V-1}): inverse-CDF sampling in token-id order.
-    Steps 1-3 are transformers' temperature, top-k and top-p warpers in `generate`'s order, so the distribution is the
-    one `generate` samples from; only the source of randomness differs (one uniform number instead of
-    `torch.multinomial`'s own draws).
-    """
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    @classmethod
-    def from_generation_config(cls, config: GenerationConfig) -> TokenSelector:
-        """The selector of a resolved generation config (settings that do not apply to its mode are dropped)."""
-        if not config.do_sample:
-            return cls()
-        return cls(do_sample=True, temperature=float(config.temperature), top_k=config.top_k or 0, top_p=config.top_p)
-
-    def __call__(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
-        """(rows, vocab) logits and (rows,) uniforms (None when greedy) in, (rows,) token ids out."""
-        if not self.do_sample:
-            return logits.argmax(-1)
-        scores = logits.float() / self.temperature
-        vocab_size = scores.shape[-1]
-        if 0 < self.top_k < vocab_size:
-            kth_largest = scores.topk(self.top_k, dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth_largest, float("-inf"))
-        if self.top_p < 1.0:
-            ascending = scores.sort(dim=-1).values
-            cumulative = ascending.softmax(-1).cumsum(-1)
-            removed = (cumulative <= 1 - self.top_p).sum(-1, keepdim=True).clamp(max=vocab_size - 1)
-            scores = scores.masked_fill(scores < ascending.gather(-1, removed), float("-inf"))
-        probabilities = scores.softmax(-1)
-        cumulative = probabilities.cumsum(-1)
-        possible = probabilities > 0
-        # The total is the largest cumulative value of a possible token, not the last entry: a parallel scan (cumsum
-        # on CUDA) may round the two differently, and u · total < total (u < 1) guarantees that a possible token
-        # qualifies, so a removed token (p = 0) is never chosen.
-        total = cumulative.masked_fill(~possible, 0.0).amax(-1, keepdim=True)
-        qualifies = possible & (cumulative > uniforms[:, None] * total)
-        return qualifies.to(torch.int32).argmax(-1)  # the first qualifying token id
-
-
-GREEDY = TokenSelector()
-
-
-def draw_uniforms(
-    generator: torch.Generator | Sequence[torch.Generator] | None, rows: int, steps: int, device: torch.device
-) -> list[torch.Tensor]:
-    """The uniform numbers of a sampled generation (see `fast_generate`), one (rows,) tensor per step on `device`."""
-    if generator is None or isinstance(generator, torch.Generator):
-        generator_device = device if generator is None else generator.device
-        uniforms = torch.rand(rows, steps, generator=generator, device=generator_device)
-    else:
-        if len(generator) != rows:
-            raise ValueError(f"Got {len(generator)} generators for {rows} sequences: pass one per returned sequence.")
-        uniforms = torch.stack([torch.rand(steps, generator=g, device=g.device).to(device) for g in generator])
-    # Each step's numbers in memory of their own, as every input of the compiled step (see `FastDecoder.run`).
-    return [numbers.clone(memory_format=torch.contiguous_format) for numbers in uniforms.to(device).T]
 
 
 class FastDecoder:
@@ -399,11 +326,10 @@ def fast_generate(
         generation_config: The generation settings (see above); the model's `generation_config` fills unset values.
         generator: Source of the uniform numbers when sampling: one `torch.Generator`, or one per returned sequence.
         tokenizer: Needed for `stop_strings`.
-        compile: Compile the decode step (`torch.compile`, CUDA graphs by default); defaults to True on CUDA for
-            greedy decoding. Sampling defaults to an uncompiled step: on one H200 (torch 2.11, 2026-11-30) inductor
-            failed to generate code for the top-p cumulative sum over Qwen2.5's 151,936-token vocabulary
-            (`InductorError: TypeError: list indices must be integers or slices, not NoneType`, in a `SplitScan`).
-            Sampling through a compiled step is tested on CPU only (with the eager backend).
+        compile: Compile the decode step (`torch.compile`, CUDA graphs by default); defaults to True on CUDA. The
+            sampling step's cumulative sums are computed in chunks (`peft_parscale.sampling.cumulative_sum`) because
+            inductor failed to compile one long scan over Qwen2.5's vocabulary on an H200 (torch 2.11); the chunked
+            step compiles with inductor on CPU, and `python -m benchmarks.run --suites selector` checks it on a GPU.
         compile_options: Keyword arguments of `torch.compile`; default `{"mode": "reduce-overhead", "fullgraph": True}`.
             Each new number of sequences, total length, adapter or sampling setting compiles the step again; add
             `"dynamic": True` or raise `torch._dynamo.config.recompile_limit` (8 by default) when decoding many shapes.
@@ -456,8 +382,8 @@ def fast_generate(
     uniforms = draw_uniforms(generator, rows, max_new_tokens, device) if selector.do_sample else None
     input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
     attention_mask = attention_mask.to(device).repeat_interleave(config.num_return_sequences, dim=0)
-    if compile is None:  # see the docstring: the compiled sampling step failed to compile on a GPU
-        compile = device.type == "cuda" and not selector.do_sample
+    if compile is None:
+        compile = device.type == "cuda"
     decoder = fast_decoder(model, rows, prompt_length + max_new_tokens, selector, compile, compile_options)
     if not eos_token_ids and stop_strings is None:
         return decoder.run(input_ids, attention_mask, max_new_tokens, uniforms)

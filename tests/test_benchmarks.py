@@ -7,15 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks import run
+from benchmarks import run, sampling
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
 
 
 def test_tiny_run_writes_results_report_and_comparison(tmp_path):
-    assert run.main(["--tiny", "--suites", "env,targets,sweep,train,sampling", "--out", str(tmp_path)]) == 0
+    suites = "env,targets,sweep,train,sampling,selector"
+    modes = "generate,fast,fast_uncompiled"
+    assert run.main(["--tiny", "--suites", suites, "--sampling-modes", modes, "--out", str(tmp_path)]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     suites = {record["suite"] for record in records}
-    assert suites == {"env", "targets", "decode", "train", "sampling"}
+    assert suites == {"env", "targets", "decode", "train", "sampling", "selector"}
     decode = [r for r in records if r["suite"] in ("targets", "decode")]
     assert {(r["variant"], r["mode"]) for r in decode if r["suite"] == "targets"} == {
         (variant, mode) for variant in ("stock", "P1", "P8") for mode in ("eager", "generate_static", "fast")
@@ -29,11 +31,15 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
         if "tokens_vs_eager" in record:  # float32 on CPU: every path gives the eager path's greedy tokens
             assert record["tokens_vs_eager"]["equal"], record
     sampling = [r for r in records if r["suite"] == "sampling"]
-    assert {(r["P"], r["mode"]) for r in sampling} == {(p, mode) for p in (1, 8) for mode in ("generate", "fast")}
+    assert {(r["P"], r["mode"]) for r in sampling} == {(p, mode) for p in (1, 8) for mode in modes.split(",")}
     for record in sampling:
         assert record["batch"] == record["problems"] * record["samples_per_problem"] > record["problems"]
         assert record["completions_per_s"] == pytest.approx(record["batch"] / record["total_ms"] * 1e3)
         assert 0 < record["ttft_ms"] < record["total_ms"]
+    selector = {r["variant"]: r for r in records if r["suite"] == "selector"}
+    assert set(selector) == {"selector_eager", "long_scan", "selector", "selector_dynamic"}
+    for name in ("long_scan", "selector", "selector_dynamic"):  # inductor on CPU compiles every case
+        assert selector[name]["compiled"] and selector[name]["ms_per_call"] > 0, selector[name]
     train = [r for r in records if r["suite"] == "train"]
     assert [r["P"] for r in train] == [1, 2]
     assert all(r["tokens_per_s"] > 0 and r["trainable_gradient_norm"] > 0 for r in train)
@@ -43,12 +49,32 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
         "## Parallel vs parameter scaling",
         "## Decode sweep",
         "## Sampling throughput",
+        "## Token choice compilation",
         "## Training",
     )
     for section in sections:
         assert section in report
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     assert {(c["shape"], c["P"]) for c in comparison["scaling_comparison"]} == {("tiny", 2)}
+
+
+def test_a_sampling_mode_that_fails_is_recorded_and_the_others_still_run(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("no code generated")
+
+    monkeypatch.setattr(sampling, "measure_fast_sampling", fail)
+    records = []
+    workload = {"problems": 1, "samples": 2, "prompt": 4, "new_tokens": 3}
+    device, dtype = torch.device("cpu"), torch.float32
+    common = {"modes": ["fast", "generate"], "device": device, "dtype": dtype, "repeats": 1, "emit": records.append}
+    sampling.sampling_throughput("tiny", ["P1"], **workload, **common)
+    assert [(r["mode"], r.get("error")) for r in records] == [
+        ("fast", "RuntimeError: no code generated"),
+        ("generate", None),
+    ]
+    assert records[1]["completions_per_s"] > 0
+    with pytest.raises(ValueError, match="Unknown sampling modes"):
+        sampling.sampling_throughput("tiny", ["P1"], **workload, **{**common, "modes": ["fastest"]})
 
 
 @pytest.mark.parametrize("shape", sorted(QWEN25))

@@ -12,7 +12,7 @@ from reference import adapter_tensors, randomize_adapter, reference_greedy, refe
 from transformers import AutoTokenizer
 
 import peft_parscale  # noqa: F401
-from peft_parscale import ParScaleConfig
+from peft_parscale import ParScaleConfig, humaneval
 from peft_parscale.cli import main as parscale_main
 from peft_parscale.eval import heldout_loss
 from peft_parscale.humaneval import (
@@ -176,6 +176,38 @@ def test_sampling_gives_num_samples_per_problem(parscale_model, fast_path):
     assert {"pass@1", "pass@3", "temperature"} <= set(result)
 
 
+def test_the_fast_path_is_the_default_on_cuda_and_generate_elsewhere(parscale_model, monkeypatch):
+    model, tokenizer, _ = parscale_model
+    fast_path_calls, generate_calls = [], []
+    fast_generate, generate = humaneval.fast_generate, type(model).generate
+
+    def recorded_fast_generate(*args, **kwargs):
+        fast_path_calls.append(kwargs)
+        return fast_generate(*args, **kwargs)
+
+    def recorded_generate(self, *args, **kwargs):
+        generate_calls.append(kwargs)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(humaneval, "fast_generate", recorded_fast_generate)
+    monkeypatch.setattr(type(model), "generate", recorded_generate)
+
+    def evaluate(**settings):
+        return evaluate_humaneval(
+            model, tokenizer, max_new_tokens=3, problems=TOY_PROBLEMS[:1], workers=1, progress=False, **settings
+        )
+
+    assert not humaneval.fast_path_by_default(model)  # a model on the CPU
+    assert evaluate()["generation"] == "generate"
+    assert (len(fast_path_calls), len(generate_calls)) == (0, 1)
+    monkeypatch.setattr(humaneval, "fast_path_by_default", lambda model: True)  # as for a model on a CUDA device
+    assert evaluate()["generation"] == "fast_generate"
+    assert (len(fast_path_calls), len(generate_calls)) == (1, 1)
+    assert "compile" not in fast_path_calls[0]  # so fast_generate compiles the step on CUDA
+    assert evaluate(fast_path=False)["generation"] == "generate"  # an explicit choice wins
+    assert (len(fast_path_calls), len(generate_calls)) == (1, 2)
+
+
 def test_humaneval_settings_override_the_checkpoint_s_decoding_defaults(parscale_model, monkeypatch):
     model, tokenizer, _ = parscale_model
     qwen_like = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 2.0}
@@ -193,7 +225,7 @@ def test_humaneval_settings_override_the_checkpoint_s_decoding_defaults(parscale
     assert new_tokens(generation_config=config) == greedy
 
 
-def test_parscale_eval_cli(tmp_path):
+def test_parscale_eval_cli(tmp_path, monkeypatch):
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
     data = tmp_path / "data"
     data.mkdir()
@@ -207,3 +239,13 @@ def test_parscale_eval_cli(tmp_path):
     assert json.loads(output.read_text())["loss"]["tokens"] == sum(n - 1 for n in windows)
     with pytest.raises(ValueError, match="unknown tasks"):
         parscale_main([*argv, "--tasks", "perplexity"])
+    fast_path_settings = []  # what `parscale eval` asks HumanEval for: the device's default path, or the one given
+
+    def evaluate_humaneval(model, tokenizer, **settings):
+        fast_path_settings.append(settings["fast_path"])
+        return {"num_samples": 1, "pass@1": 0.0}
+
+    monkeypatch.setattr(humaneval, "evaluate_humaneval", evaluate_humaneval)
+    humaneval_argv = [*argv, "--tasks", "humaneval", "--humaneval_modes", "completion"]
+    assert parscale_main(humaneval_argv) == parscale_main([*humaneval_argv, "--fast_path", "false"]) == 0
+    assert fast_path_settings == [None, False]

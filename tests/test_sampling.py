@@ -7,7 +7,11 @@ smallest token id whose cumulative probability exceeds u times the total. The fa
 kernels (a cache, batched and padded rows): on these models its logits differ from a recomputation without cache by
 at most 2e-6 (measured). Allowing 1e-5, i.e. 1.5e-5 after the lowest temperature used (0.7), a probability moves by
 at most 3e-5 in total, so each decision of the loop (top-k's k-th gap, top-p's cut, the inverse CDF) must be more than
-MARGIN = 5e-5 from flipping, or the test would compare rounding noise. The loop checks it; the seeds below pass.
+MARGIN = 5e-5 from flipping, or the test would compare rounding noise. The loop checks it; the seeds below pass. The
+float32 cumulative sums add at most 97 · 2^-24 < 6e-6 of the total (97 tokens) to that.
+
+The fast path's cumulative sums run in chunks of `sampling.SCAN_CHUNK` (1024) tokens; the `scan_chunk` fixture also
+cuts the tiny 97-token vocabulary into chunks (13 of 8, the last one padded), as Qwen2.5's 151,936 tokens are cut.
 """
 
 import contextlib
@@ -22,8 +26,9 @@ from torch._dynamo.utils import counters
 from transformers import GenerationConfig
 
 import peft_parscale  # noqa: F401
-from peft_parscale import ParScaleConfig
+from peft_parscale import ParScaleConfig, sampling
 from peft_parscale.decode import causal_lm_of, fast_generate
+from peft_parscale.sampling import TokenSelector, cumulative_sum
 
 TRACE_ONLY = {"backend": "eager", "fullgraph": True}  # traces the step as on CUDA, without code generation
 NEW_TOKENS = 8
@@ -68,6 +73,12 @@ def plain_sample(logits: torch.Tensor, u: float, temperature: float, top_k: int,
     raise AssertionError("no token chosen")
 
 
+@pytest.fixture(params=[8, sampling.SCAN_CHUNK], ids=["13_chunks", "one_chunk"])
+def scan_chunk(request, monkeypatch):
+    monkeypatch.setattr(sampling, "SCAN_CHUNK", request.param)
+    return request.param
+
+
 def plain_sampling_loop(model, prompt: torch.Tensor, uniforms: torch.Tensor, **settings) -> torch.Tensor:
     """The new tokens of one unpadded prompt, recomputing the whole sequence without a cache at every step."""
     options = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **settings}
@@ -95,7 +106,7 @@ SAMPLING = {
 
 @pytest.mark.parametrize("which", ["parscale", "base"])
 @pytest.mark.parametrize("settings", SAMPLING.values(), ids=SAMPLING.keys())
-def test_sampling_matches_the_plain_loop(setup, which, settings):
+def test_sampling_matches_the_plain_loop(setup, which, settings, scan_chunk):
     model = models(setup)[which]
     input_ids, attention_mask = left_padded_batch([6, 3])
     tokens = fast_generate(
@@ -119,7 +130,7 @@ def test_sampling_matches_the_plain_loop(setup, which, settings):
         assert torch.equal(tokens[row, input_ids.shape[1] :], expected), row
 
 
-def test_a_generator_per_sequence_makes_each_independent_of_its_batch(setup):
+def test_a_generator_per_sequence_makes_each_independent_of_its_batch(setup, scan_chunk):
     model, _ = setup
     input_ids, attention_mask = left_padded_batch([5, 2, 4])
     settings = {"do_sample": True, "temperature": 1.3, "top_k": 10, "top_p": 0.9, "max_new_tokens": NEW_TOKENS}
@@ -179,6 +190,38 @@ def test_a_step_compiled_for_dynamic_shapes_is_traced_once_for_every_batch_shape
         )
         assert torch.equal(compiled, uncompiled)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("length", [1, 8, 9, 97, 3000])
+def test_the_chunked_cumulative_sum_is_a_cumulative_sum(monkeypatch, length):
+    monkeypatch.setattr(sampling, "SCAN_CHUNK", 8)
+    values = torch.randn(3, length, generator=torch.Generator().manual_seed(0))
+    expected = values.double().cumsum(-1)
+    # Entry i is a float32 sum of i + 1 terms in some order (within its chunk, then the chunk totals before it): its
+    # error is at most (i + 1) · 2^-24 · (|x_0| + ... + |x_i|), the bound of any order of summation.
+    steps = torch.arange(1, length + 1, dtype=torch.float64)
+    bound = steps * 2**-24 * values.double().abs().cumsum(-1)
+    assert ((cumulative_sum(values).double() - expected).abs() <= bound).all()
+
+
+def test_the_token_choice_compiles_with_inductor_and_follows_the_convention():
+    """Inductor's code generation on CPU, not only tracing, over a vocabulary of three chunks of 1024 tokens.
+
+    On CPU inductor runs cumulative sums through ATen (its C++ backend has no scans), so the CUDA-only failure that
+    the chunks avoid cannot happen here; `python -m benchmarks.run --suites selector` checks it on a GPU. The logits
+    are the inputs themselves, and top-k 50 leaves 50 non-zero probabilities, so the float32 sums are within
+    50 · 2^-24 < 3e-6 of float64 and every decision more than MARGIN from flipping is the plain loop's.
+    """
+    settings = {"temperature": 0.7, "top_k": 50, "top_p": 0.9}
+    logits = 3 * torch.randn(6, 3000, generator=torch.Generator().manual_seed(SEED))
+    uniforms = torch.rand(6, generator=torch.Generator().manual_seed(SEED))
+    torch._dynamo.reset()
+    compiled = torch.compile(TokenSelector(do_sample=True, **settings), fullgraph=True)
+    tokens = compiled(logits, uniforms)
+    for row in range(6):
+        token, margin = plain_sample(logits[row], float(uniforms[row]), **settings)
+        assert margin > MARGIN, f"a decision is within {margin:.1e} of flipping: choose another seed"
+        assert int(tokens[row]) == token, row
 
 
 GREEDY_EQUIVALENTS = {
