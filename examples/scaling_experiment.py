@@ -111,9 +111,10 @@ def packed_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, length:
     )
 
 
-def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float) -> SFTConfig:
+def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float, **overrides) -> SFTConfig:
     """Training arguments for ``args.train_tokens`` tokens in batches of ``args.batch_size`` windows, whatever P: the
-    micro-batch shrinks as P grows (``args.stream_sequences`` stream rows per forward pass) and gradients accumulate."""
+    micro-batch shrinks as P grows (``args.stream_sequences`` stream rows per forward pass) and gradients accumulate.
+    ``overrides`` are further `SFTConfig` fields."""
     steps = args.train_tokens // (args.batch_size * args.seq_len)
     micro_batch = max(1, min(args.batch_size, args.stream_sequences // num_streams))
     return SFTConfig(
@@ -132,6 +133,7 @@ def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float)
         seed=0,
         bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
+        **overrides,
     )
 
 
@@ -259,15 +261,23 @@ def report(args) -> dict:
     return summary
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None where matplotlib is not installed (the tables are still written)."""
     try:
         import matplotlib
     except ImportError:
         print("matplotlib is not installed; no plot")
-        return
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     adapters = [row for row in rows if row["P"]]
     base = next((row for row in rows if row["P"] is None), None)
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))

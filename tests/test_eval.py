@@ -7,14 +7,25 @@ import threading
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import get_peft_model
-from reference import adapter_tensors, randomize_adapter, reference_greedy, reference_logits, tiny_model, tiny_tokenizer
+from reference import (
+    LOGIT_TOLERANCE,
+    adapter_tensors,
+    randomize_adapter,
+    reference_greedy,
+    reference_logits,
+    tiny_model,
+    tiny_tokenizer,
+    training_args,
+)
 from transformers import AutoTokenizer
+from trl import SFTTrainer
 
 import peft_parscale  # noqa: F401
 from peft_parscale import ParScaleConfig, humaneval
 from peft_parscale.cli import main as parscale_main
-from peft_parscale.eval import heldout_loss
+from peft_parscale.eval import completion_loss, heldout_loss, prompt_completion_ids
 from peft_parscale.humaneval import (
     evaluate_humaneval,
     generation_config,
@@ -61,6 +72,81 @@ def test_heldout_loss_matches_hand_computation(parscale_model):
     assert abs(base["loss"] - result["loss"]) > 1e-3  # the adapter is what was scored
     with pytest.raises(ValueError, match="no text"):
         heldout_loss(model, tokenizer, ["z"], seq_len=seq_len, progress=False)
+
+
+PAIRS = [
+    {"prompt": "def inc(x):\n", "completion": "    return x + 1\n"},
+    {"prompt": 'def noop():\n    """Nothing."""\n', "completion": "    pass\n<|im_end|>"},  # ends with EOS already
+]
+CONVERSATION = {
+    "prompt": [{"role": "user", "content": "Add one."}],
+    "completion": [{"role": "assistant", "content": "x + 1"}],
+}
+
+
+def test_prompt_completion_ids_are_what_trl_trains_on(tmp_path):
+    # the tiny tokenizer has one token per character, and one per special token
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids, start = prompt_completion_ids(tokenizer, PAIRS[0])
+    assert start == len("def inc(x):\n") and ids[:-1] == [
+        tokenizer.convert_tokens_to_ids(c) for c in "def inc(x):\n    return x + 1\n"
+    ]
+    assert ids[-1] == eos  # appended, as TRL does
+    ids, start = prompt_completion_ids(tokenizer, PAIRS[1])
+    assert start == len('def noop():\n    """Nothing."""\n') and ids.count(eos) == 1
+    # the chat template (peft_parscale.testing.CHAT_TEMPLATE) by hand: the prompt ends with the assistant header
+    prompt = "<|im_start|>user\nAdd one.<|im_end|>\n<|im_start|>assistant\n"
+    ids, start = prompt_completion_ids(tokenizer, CONVERSATION)
+    assert ids == tokenizer(prompt + "x + 1<|im_end|>\n")["input_ids"] and start == len(tokenizer(prompt)["input_ids"])
+    # and what SFTTrainer prepares from the same rows: its labels hide exactly the prompt
+    for rows in (PAIRS, [CONVERSATION]):
+        trainer = SFTTrainer(
+            model=tiny_model(vocab_size=len(tokenizer)),
+            args=training_args(tmp_path, max_length=512),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+        for row, prepared in zip(rows, trainer.train_dataset):
+            ids, start = prompt_completion_ids(tokenizer, row)
+            assert prepared["input_ids"] == ids
+            assert prepared["labels"] == [-100] * start + ids[start:]
+
+
+def test_completion_loss_scores_the_completion_given_the_prompt():
+    tokenizer = tiny_tokenizer()
+    # float64, so that the reference comparison is tight (see below)
+    model = get_peft_model(
+        tiny_model(vocab_size=len(tokenizer), dtype=torch.float64), ParScaleConfig(P=2, prefix_length=4)
+    )
+    randomize_adapter(model, scale=0.3)
+    reference = tiny_model(vocab_size=len(tokenizer), dtype=torch.float64)
+    rows = [*PAIRS, CONVERSATION]
+    expected_nll, expected_tokens, bound = [], [], 0.0
+    for row, prompt in zip(rows, ["def inc(x):\n", 'def noop():\n    """Nothing."""\n', None]):
+        if prompt is None:
+            prompt = "<|im_start|>user\nAdd one.<|im_end|>\n<|im_start|>assistant\n"
+            text = prompt + "x + 1<|im_end|>\n"
+        else:
+            text = prompt + row["completion"] + ("" if row["completion"].endswith("<|im_end|>") else "<|im_end|>")
+        tokens = torch.tensor(tokenizer(text)["input_ids"])
+        first = len(tokenizer(prompt)["input_ids"])  # the first completion token
+        logits = reference_logits(reference, tokens, adapter_tensors(model))
+        log_probs = logits.log_softmax(-1)
+        expected_nll.append(-sum(log_probs[t - 1, tokens[t]].item() for t in range(first, len(tokens))))
+        expected_tokens.append(len(tokens) - first)
+        # logits agree to LOGIT_TOLERANCE·max(1, |logit|) elementwise, and a log-softmax entry moves by at most twice
+        # the largest change of its logits
+        bound = max(bound, 2 * LOGIT_TOLERANCE[torch.float64] * max(1.0, logits.abs().max().item()))
+    result = completion_loss(model, tokenizer, rows, batch_size=2, progress=False)
+    assert result["scored_tokens"] == expected_tokens == [len("    return x + 1\n") + 1, len("    pass\n") + 1, 7]
+    for actual, expected, count in zip(result["nll"], expected_nll, expected_tokens):
+        assert actual == pytest.approx(expected, abs=bound * count)
+    assert result["loss"] == pytest.approx(sum(expected_nll) / sum(expected_tokens), abs=bound)
+    assert (result["pairs"], result["tokens"]) == (3, sum(expected_tokens))
+    with model.disable_adapter():
+        base = completion_loss(model, tokenizer, rows, progress=False)
+    assert abs(base["loss"] - result["loss"]) > 100 * bound  # the adapter is what was scored
 
 
 CANONICAL_TASKS = ["HumanEval/0", "HumanEval/2", "HumanEval/53"]

@@ -15,6 +15,7 @@ from trl import SFTConfig, SFTTrainer
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
 from peft_parscale import ParScaleConfig
+from peft_parscale.functions import DROP_REASONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +50,69 @@ def test_scaling_experiment_smoke(tmp_path):
     assert summary["adapter_configs"]["P2"]["P"] == 2
     assert "log_linear_fit" in summary and (tmp_path / "out" / "streams.png").is_file()
     assert "| P=2 |" in stdout
+
+
+def test_humaneval_experiment_smoke(tmp_path):
+    stdout = run_example(
+        "humaneval_experiment.py", "--smoke", "--models", "base", "P2", "--compare", "P2:base",
+        "--output-dir", "out", cwd=tmp_path,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    stats = json.loads((out / "data" / "stats.json").read_text())["stats"]
+    assert stats["train"] > 0 and stats["test"] > 0
+    assert stats["functions"] == sum(stats[reason] for reason in DROP_REASONS) + stats["train"] + stats["test"]
+    summary = json.loads((out / "results.json").read_text())
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert list(rows) == ["base", "P2"] and rows["base"]["train_tokens"] is None and rows["P2"]["train_tokens"] > 0
+    metrics = ["completion_pass@1", "chat_pass@1", "sampled_pass@1", "sampled_pass@10", "heldout_loss"]
+    for row in rows.values():
+        assert all(row[metric]["low"] <= row[metric]["value"] <= row[metric]["high"] for metric in metrics)
+    # raw samples: every generated text with its checker's verdict, 10 per problem when sampling
+    sampled = json.loads((out / "P2" / "sampled.json").read_text())["completion"]
+    assert [sample["task_id"] for sample in sampled["samples"]] == ["HumanEval/0"] * 10 + ["HumanEval/53"] * 10
+    assert all(
+        isinstance(sample["generated"], str) and isinstance(sample["passed"], bool) for sample in sampled["samples"]
+    )
+    # with n samples, pass@1 is the mean pass rate (c/n per problem, averaged)
+    passed = [sample["passed"] for sample in sampled["samples"]]
+    assert rows["P2"]["sampled_pass@1"]["value"] == pytest.approx(sum(passed) / len(passed))
+    greedy = json.loads((out / "P2" / "greedy.json").read_text())
+    assert [len(greedy[mode]["samples"]) for mode in ("completion", "chat")] == [2, 2]
+    loss = json.loads((out / "P2" / "loss.json").read_text())
+    assert loss["pairs"] == 4 and rows["P2"]["heldout_loss"]["value"] == pytest.approx(loss["loss"])
+    comparisons = {(c["first"], c["second"], c["metric"]): c for c in summary["comparisons"]}
+    assert set(comparisons) == {("P2", "base", metric) for metric in metrics}
+    assert all(0 <= c["bootstrap_pvalue"] <= 1 for c in comparisons.values())
+    assert (
+        "mcnemar" in comparisons["P2", "base", "chat_pass@1"]
+        and "mcnemar" not in comparisons["P2", "base", "heldout_loss"]
+    )
+    assert "| P2 − base |" in stdout and (out / "pass_at_k.png").is_file()
+
+
+def test_humaneval_experiment_phases():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import humaneval_experiment as experiment
+    finally:
+        sys.path.pop(0)
+    plan = experiment.phases(experiment.parse_args(["--only", "prepare", "train:P8", "eval:base", "loss:P8"]))
+    assert plan == [
+        ("prepare", None),
+        ("train", "P8"),
+        ("greedy", "base"),
+        ("sampled", "base"),
+        ("loss", "base"),
+        ("loss", "P8"),
+    ]
+    everything = experiment.phases(experiment.parse_args(["--models", "base", "P2"]))
+    assert everything == [("prepare", None)] + [(phase, "base") for phase in ("greedy", "sampled", "loss")] + [
+        ("train", "P2"),
+        *[(phase, "P2") for phase in ("greedy", "sampled", "loss")],
+    ]
+    for bad in ["train:base", "eval:Q3", "greedy", "eval:P0", "score:P2"]:
+        with pytest.raises(ValueError):
+            experiment.phases(experiment.parse_args(["--only", bad]))
 
 
 def test_inference_smoke_switches_adapters(tmp_path):

