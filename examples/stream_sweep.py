@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.seq_len, args.batch_size, args.stream_sequences, args.prefix_length = 32, 4, 8, 4
         args.train_tokens, args.heldout_tokens, args.eval_every = 6 * 4 * 32, 8 * 32, 2 * 4 * 32
-        args.runs = args.runs if "--runs" in (argv or sys.argv) else ["base", "P1", "P2"]
+        args.runs = args.runs if "--runs" in (argv or sys.argv) else ["base", "P1", "P2", "P4"]
     if not torch.cuda.is_available():
         args.compile = False
     return args
@@ -357,7 +357,7 @@ def report(args: argparse.Namespace) -> dict:
         speed = f"{r['steady_tokens_per_s']:,.0f}" if r["steady_tokens_per_s"] else "-"
         lines.append(f"| P={r['P']} | {r['train_tokens']:,} | {initial:.4f} | {final:.4f} | {versus} | {speed} |")
     summary: dict = {"table": "\n".join(lines)}
-    if len(sweep) >= 2:
+    if len(sweep) >= 3:  # two points always fit a line: R² says something from three
         fit = fit_log_linear([r["P"] for r in sweep], [r["heldout_curve"][-1][1] for r in sweep])
         summary["log_linear_fit"] = {"intercept": fit.intercept, "slope": fit.slope, "r2": fit.r2}
     summary |= gap_analysis(sweep)
@@ -420,12 +420,12 @@ def compare_adapters(output: Path, names: list[str]) -> dict:
             comparison["runs"][name] = "no adapter: the run did not finish"
             continue
         other, other_start = weights(name, "adapter"), weights(name, "initial_adapter")
+        difference = {key: (other[key] - reference[key]).abs().max().item() for key in reference}
         comparison["runs"][name] = {
             "same_start_max_abs": max((other_start[key] - start[key]).abs().max().item() for key in start),
-            "max_abs_difference": max((other[key] - reference[key]).abs().max().item() for key in reference),
-            "max_relative_to_movement": max(
-                (other[key] - reference[key]).abs().max().item() / moved[key] for key in reference if moved[key] > 0
-            ),
+            "max_abs_difference": max(difference.values()),
+            "max_relative_to_movement": max(difference[key] / moved[key] for key in reference if moved[key] > 0),
+            "per_tensor": {key: {"difference": difference[key], "moved": moved[key]} for key in sorted(reference)},
         }
     (output / "compare.json").write_text(json.dumps(comparison, indent=1))
     print(json.dumps(comparison, indent=1))

@@ -205,14 +205,15 @@ def test_stream_sweep_smoke_two_processes_interrupted_and_resumed(tmp_path):
     )
     assert not (tmp_path / "out" / "P2" / "result.json").exists()
     assert [path.name for path in (tmp_path / "out" / "P2").glob("checkpoint-*")] == ["checkpoint-1"]
-    stdout = run_example("stream_sweep.py", *common, "--runs", "base", "P1", "P2", cwd=tmp_path)
+    stdout = run_example("stream_sweep.py", *common, cwd=tmp_path)  # base, P1, P2, P4
 
-    results = {P: json.loads((tmp_path / "out" / f"P{P}" / "result.json").read_text()) for P in (1, 2)}
+    results = {P: json.loads((tmp_path / "out" / f"P{P}" / "result.json").read_text()) for P in (1, 2, 4)}
     for result in results.values():
         assert result["processes"] == 2 and result["steps"] == 6 and result["train_tokens"] == 6 * 4 * 32
         assert [tokens for tokens, _ in result["heldout_curve"]] == [0, 256, 512, 768]
     assert [segment["resumed_from"] is not None for segment in results[2]["segments"]] == [False, True]
     assert [segment["resumed_from"] for segment in results[1]["segments"]] == [None]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["log_linear_fit"]["r2"] <= 1 and [tokens for tokens, _ in report["gaps"]["2"]] == [0, 256, 512, 768]
+    assert report["log_linear_fit"]["r2"] <= 1 and [tokens for tokens, _ in report["gaps"]["4"]] == [0, 256, 512, 768]
+    assert report["gap_fit"]["P"] == 4 and (tmp_path / "out" / "curves.png").is_file()
     assert "| base (no adapter) |" in stdout and "| P=2 | 768 |" in stdout
