@@ -289,7 +289,9 @@ def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.
             new_layers[i] = ParScaleStaticLayer(layer.max_cache_len, prefix_k, prefix_v)
         elif type(layer) is StaticSlidingWindowLayer:
             # its max_cache_len is already min(sliding_window, the cache's max_cache_len)
-            new_layers[i] = ParScaleStaticSlidingWindowLayer(layer.max_cache_len, layer.max_cache_len, prefix_k, prefix_v)
+            new_layers[i] = ParScaleStaticSlidingWindowLayer(
+                layer.max_cache_len, layer.max_cache_len, prefix_k, prefix_v
+            )
         else:
             raise ValueError(
                 "ParScale supports the default dynamic and static caches (full and sliding-window layers), not "

@@ -14,14 +14,17 @@ A frozen causal LM runs a batch of B sequences as P parallel streams:
        y = Σ_p w_p h_p                                              (cast back to the model dtype)
    and y goes to the unchanged LM head (`ParScaleStreams.aggregate`, a forward hook on the decoder).
 
-Where the prefix lives. transformers' attention modules call `past_key_values.update(k, v, layer_idx)` right after
-the rotary embedding and use what it returns as the keys/values. That call is the one place to put the prefix in
-front of post-rotary keys without a modeling fork:
+Where the prefix lives. transformers' attention modules call `<cache>.update(k, v, self.layer_idx)` right after
+the rotary embedding and use what it returns as the keys/values (the cache argument is `past_key_values`, or
+`layer_past` in GPT-NeoX, Falcon and GPT-BigCode). That call is the one place to put the prefix in front of
+post-rotary keys without a modeling fork:
 - with a cache (generation), the prefix is written once into the cache's first T slots (`cache.py`) and the
-  decoder is given a 2D attention mask with T leading ones, so transformers builds the right mask itself;
+  decoder is given a 2D attention mask with T leading ones, so transformers builds the right mask itself; in
+  sliding-window layers, whose mask transformers builds without knowing of the prefix, the T prefix columns are then
+  marked visible (`prefix_always_visible`): the window limits only the real tokens;
 - without one (training, `use_cache=False`; gradient checkpointing also drops the cache inside each layer), each
-  attention call gets a stand-in `past_key_values` whose `update` returns [prefix; k], and T always-visible
-  columns are added to the attention mask.
+  attention call gets a stand-in cache whose `update` returns [prefix; k], and T always-visible columns are added
+  to the attention mask transformers built for the real tokens (sliding-window masks included).
 """
 
 from __future__ import annotations
@@ -235,7 +238,9 @@ def prefix_always_visible(mask: Any, prefix_length: int) -> Any:
             device=mask.kv_num_blocks.device,
         )
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        raise NotImplementedError(f"ParScale's sliding-window layers need a 4D attention mask, got {type(mask).__name__}.")
+        raise NotImplementedError(
+            f"ParScale's sliding-window layers need a 4D attention mask, got {type(mask).__name__}."
+        )
     visible = mask.new_full((*mask.shape[:-1], prefix_length), True if mask.dtype == torch.bool else 0.0)
     return torch.cat([visible.expand(*mask.shape[:-1], prefix_length), mask[..., prefix_length:]], dim=-1)
 
@@ -391,9 +396,11 @@ def check_mask_fits_cache(kwargs: dict, cache: Any, prefix_length: int) -> None:
     cache length, which counts the prefix slots, and would silently feed the wrong tokens.
     """
     mask = kwargs.get("attention_mask")
+    if getattr(cache, "is_compileable", False):
+        return  # static caches: generate's 4D masks are built for the streams; the fast path's 2D mask spans the cache
     cached = cache.get_seq_length()
     if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(cached, int)):
-        return  # static caches come with 4D masks that `create_masks_for_generate` built for the streams
+        return
     cached_tokens, new_tokens = cached - prefix_length, decoder_inputs(kwargs).shape[1]
     if mask.shape[-1] != cached_tokens + new_tokens:
         raise ValueError(

@@ -132,7 +132,9 @@ def describe_architecture(model: nn.Module) -> Architecture:
     config = getattr(model, "config", None)
     model_name = type(model).__name__
     if config is None:
-        raise ValueError(f"ParScale supports transformers causal LMs (AutoModelForCausalLM); {model_name} has no config.")
+        raise ValueError(
+            f"ParScale supports transformers causal LMs (AutoModelForCausalLM); {model_name} has no config."
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
             f"ParScale supports decoder-only causal LMs; {model_name} is an encoder-decoder model, whose decoder also "

@@ -97,7 +97,9 @@ ARCHITECTURES = {
             },
             sliding=True,
         ),
-        Arch("Phi3 (sliding window)", "phi3", {**LLAMA_LIKE, "sliding_window": WINDOW, "pad_token_id": 0}, sliding=True),
+        Arch(
+            "Phi3 (sliding window)", "phi3", {**LLAMA_LIKE, "sliding_window": WINDOW, "pad_token_id": 0}, sliding=True
+        ),
         Arch("OLMo2", "olmo2", LLAMA_LIKE),
         Arch(
             "Granite",
