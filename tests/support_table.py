@@ -13,6 +13,7 @@ Usage (from the repository root):
     python -m tests.support_table run                # the suite's run (CPU, sdpa and eager): results/support/cpu.json
     PARSCALE_TEST_FLEX=1 python -m tests.support_table run --name cpu-flex -k flex_attention   # flex attention
     PARSCALE_TEST_DEVICE=cuda PARSCALE_TEST_FLEX=1 python -m tests.support_table run --name cuda   # on a GPU
+    python -m tests.support_table run --name cpu-transformers-5.17   # in an environment with transformers 5.17
     python -m tests.support_table readme             # write the table into README.md
     python -m tests.support_table                    # print the table
 
@@ -47,30 +48,31 @@ def load_runs(directory: pathlib.Path = RESULTS) -> dict[str, dict]:
     return {path.stem: json.loads(path.read_text()) for path in paths}
 
 
-def outcomes(runs: dict[str, dict], architecture: str, implementation: str, feature: str) -> list[str]:
-    """The outcome of every test of one cell, over all runs."""
+def outcomes(runs: dict[str, dict], architecture: str, implementation: str, feature: str) -> list[tuple[str, str]]:
+    """(run, outcome) of every test of one cell, over all runs."""
     return [
-        result["outcome"]
-        for run in runs.values()
+        (name, result["outcome"])
+        for name, run in runs.items()
         for result in run["results"].values()
         if (result["architecture"], result["attn_implementation"], result["feature"])
         == (architecture, implementation, feature)
     ]
 
 
-def cell(found: list[str], notes: list[str]) -> str:
-    """✓ all passed, ✗ one failed, n/a all skipped (the plain model cannot), – untested; a skip's reason becomes a
-    numbered note (appended to `notes`), also on a ✓ of which some tests were skipped."""
-    reasons = sorted({outcome.removeprefix("skipped: ") for outcome in found if outcome.startswith("skipped")})
+def cell(found: list[tuple[str, str]], notes: list[str]) -> str:
+    """✓ all passed, ✗ one failed, n/a all skipped (the plain model cannot), – untested; a skip's reason, with its
+    run, becomes a numbered note (appended to `notes`), also on a ✓ of which some tests were skipped."""
+    skips = {f"{run}: {outcome.removeprefix('skipped: ')}" for run, outcome in found if outcome.startswith("skipped")}
     marks = []
-    for reason in reasons:
+    for reason in sorted(skips):
         if reason not in notes:
             notes.append(reason)
         marks.append(str(notes.index(reason) + 1))
     note = f"<sup>{','.join(marks)}</sup>" if marks else ""
-    if "failed" in found:
+    kinds = {outcome for _, outcome in found}
+    if "failed" in kinds:
         return "✗"
-    if "passed" in found:
+    if "passed" in kinds:
         return "✓" + note
     return "n/a" + note if found else "–"
 
@@ -104,7 +106,8 @@ def render(runs: dict[str, dict]) -> str:
     legend = (
         "Each cell: training (no cache, gradient checkpointing; gradients reach the ParScale weights only) · cached "
         "generation (dynamic cache) · static cache. ✓ tested and passing, ✗ failing, n/a the plain model cannot do it "
-        "there either, – not tested."
+        "there either, – not tested. A note names the run that skipped the cell, and why; on a ✓ the cell passed in "
+        "the other runs."
     )
     lines += ["", legend, ""]
     lines += [f"{number}. {note}" for number, note in enumerate(notes, start=1)]

@@ -357,6 +357,9 @@ class ReferenceAttention:
         self.prefix_k: list[torch.Tensor] = []  # per layer, (kv_heads, T, head_dim) of the stream being run
         self.prefix_v: list[torch.Tensor] = []
         self.windows: list[int | None] = []  # per layer: the window, or None for full attention
+        # Soft-capping of the scores, where the model's attention implementation applies it: transformers' sdpa path
+        # has none (Gemma2, which transformers < 5.23 runs with sdpa, then ignores attn_logit_softcapping).
+        self.softcap = True
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
         assert query.shape[0] == 1, "one sequence at a time"
@@ -367,7 +370,7 @@ class ReferenceAttention:
         keys = keys.repeat_interleave(heads // keys.shape[0], dim=0)
         values = values.repeat_interleave(heads // values.shape[0], dim=0)
         scores = query[0] @ keys.transpose(-1, -2) * (head_dim**-0.5 if scaling is None else scaling)
-        if softcap is not None:
+        if softcap is not None and self.softcap:
             scores = torch.tanh(scores / softcap) * softcap
         queries, real_keys = torch.arange(length)[:, None], torch.arange(length)[None, :]
         visible = real_keys <= queries
@@ -395,6 +398,7 @@ def reference_logits(reference, model, tokens: torch.Tensor) -> torch.Tensor:
     prefix_k = [layer.parscale_prefix_k["default"].detach() for layer in attention_layers(model)]
     prefix_v = [layer.parscale_prefix_v["default"].detach() for layer in attention_layers(model)]
     REFERENCE.windows = window_per_layer(reference.config)
+    REFERENCE.softcap = model.get_base_model().config._attn_implementation != "sdpa"
     streams = []
     for p in range(prefix_k[0].shape[0]):
         REFERENCE.prefix_k, REFERENCE.prefix_v = [k[p] for k in prefix_k], [v[p] for v in prefix_v]
