@@ -8,14 +8,26 @@ right mask, and no decode step copies the cache to put the prefix in front.
 Consequences of counting the prefix as cached tokens: `cache.get_seq_length()` includes the T prefix slots, and
 the real tokens' rotary positions are passed explicitly (they still start at 0). Both are handled in `layer.py`.
 
-transformers has no hook to choose the layer class of a cache it creates, so the default `DynamicLayer` and
-`StaticLayer` of an unused cache are swapped for the subclasses below (`make_prefix_resident`).
+Sliding-window layers keep the prefix too, and never evict it: their first T slots hold the prefix, the slots after it
+the last real tokens of the window (the real tokens are evicted as transformers' own sliding-window layers evict them).
+Their `get_mask_sizes` describes the real-token slots to transformers' mask code (offset: the evicted real tokens), and
+`ParScaleAttention` marks the T prefix columns of a sliding layer's mask visible, as the mask code itself cannot.
+
+transformers has no hook to choose the layer class of a cache it creates, so the default `DynamicLayer`,
+`DynamicSlidingWindowLayer`, `StaticLayer` and `StaticSlidingWindowLayer` of an unused cache are swapped for the
+subclasses below (`make_prefix_resident`).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import (
+    Cache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
 
 
 def stream_prefix(prefix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -23,6 +35,14 @@ def stream_prefix(prefix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     num_streams = prefix.shape[0]
     if like.shape[0] % num_streams:
         raise ValueError(f"{like.shape[0]} rows cannot be split into {num_streams} ParScale streams.")
+    if like.shape[1] != prefix.shape[1] or like.shape[-1] != prefix.shape[-1]:
+        # The adapter's shape comes from the config (`describe_architecture`); an attention module whose cached
+        # keys/values are laid out otherwise would otherwise fail inside `torch.cat` with a bare shape error.
+        raise ValueError(
+            f"The model's keys/values have {like.shape[1]} heads of size {like.shape[-1]}, the ParScale prefix "
+            f"{prefix.shape[1]} of size {prefix.shape[-1]}: this model's attention stores its keys/values in a layout "
+            "the adapter's shape (num_key_value_heads, head_dim from the config) does not describe."
+        )
     return prefix.to(like.dtype).repeat_interleave(like.shape[0] // num_streams, dim=0)
 
 
@@ -98,6 +118,137 @@ class ParScaleStaticLayer(_PrefixResident, StaticLayer):
         self.cumulative_length.fill_(self.prefix_k.shape[2])
 
 
+class ParScaleDynamicSlidingWindowLayer(_PrefixResident, DynamicSlidingWindowLayer):
+    """A `DynamicSlidingWindowLayer` whose first T positions hold the streams' prefix, never evicted.
+
+    After the prefix it keeps the last `sliding_window - 1` real tokens, as transformers' layer does. Its length
+    (`cumulative_length`) counts the prefix, like the full layers': the queries' cache positions are T + real position.
+    """
+
+    def __init__(self, sliding_window: int, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
+        super().__init__(sliding_window=sliding_window)
+        self.prefix_k, self.prefix_v = prefix_k, prefix_v
+        self.cumulative_length = prefix_k.shape[2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys = stream_prefix(self.prefix_k, key_states)
+        self.values = stream_prefix(self.prefix_v, value_states)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        prefix_length, kept = self.prefix_k.shape[2], self.sliding_window - 1
+        if keys.shape[-2] - prefix_length > kept:  # evict the oldest real tokens, never the prefix
+            self.keys = torch.cat([keys[:, :, :prefix_length], keys[:, :, keys.shape[-2] - kept :]], dim=-2)
+            self.values = torch.cat([values[:, :, :prefix_length], values[:, :, values.shape[-2] - kept :]], dim=-2)
+        else:
+            self.keys, self.values = keys, values
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The keys `update` returns: T prefix slots, the kept real tokens, the new ones. The mask code numbers key
+        # slot s as s + offset; with offset = number of evicted real tokens, the real-token slots get their true cache
+        # positions (T + real position). The prefix slots get wrong ones, and `ParScaleAttention` overrides them.
+        prefix_length = self.prefix_k.shape[2]
+        real_tokens = self.cumulative_length - prefix_length
+        kept = min(real_tokens, self.sliding_window - 1)
+        return prefix_length + kept + query_length, real_tokens - kept
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("ParScale's sliding-window cache layers cannot be cropped.")
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = self.prefix_k.shape[2]
+
+
+class ParScaleStaticSlidingWindowLayer(_PrefixResident, StaticSlidingWindowLayer):
+    """A `StaticSlidingWindowLayer` with T more slots, the first T holding the streams' prefix, never evicted.
+
+    The slots after the prefix hold the last real tokens, rolled as in transformers' layer; the python-int length
+    (`cumulative_length_int`) counts the prefix, like the full layers' length.
+    """
+
+    def __init__(self, max_cache_len: int, sliding_window: int, prefix_k: torch.Tensor, prefix_v: torch.Tensor):
+        prefix_length = prefix_k.shape[2]
+        super().__init__(max_cache_len=min(sliding_window, max_cache_len), sliding_window=sliding_window)
+        self.window_slots = self.max_cache_len  # real-token slots: min(sliding_window, max_cache_len)
+        self.max_cache_len += prefix_length
+        self.prefix_k, self.prefix_v = prefix_k, prefix_v
+        self.cumulative_length_int = prefix_length
+        self.cumulative_length.fill_(prefix_length)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._write_prefix()
+
+    def _write_prefix(self) -> None:
+        prefix_length = self.prefix_k.shape[2]
+        self.keys[:, :, :prefix_length] = stream_prefix(self.prefix_k, self.keys)
+        self.values[:, :, :prefix_length] = stream_prefix(self.prefix_v, self.values)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        prefix_length, slots = self.prefix_k.shape[2], self.window_slots
+        real_tokens, new_tokens = self.cumulative_length_int - prefix_length, key_states.shape[-2]
+        self.cumulative_length_int += new_tokens
+        if real_tokens + new_tokens <= slots:  # room left: write in place, return the whole buffer
+            position = torch.arange(new_tokens, device=self.device) + self.cumulative_length
+            self.keys.index_copy_(2, position, key_states)
+            self.values.index_copy_(2, position, value_states)
+            self.cumulative_length.add_(new_tokens)
+            return self.keys, self.values
+        if real_tokens >= slots and new_tokens == 1:  # full, one token: roll the real-token slots left by one
+            for cached, new in ((self.keys, key_states), (self.values, value_states)):
+                rolled = cached[:, :, prefix_length:].roll(-1, dims=-2)
+                rolled[:, :, -1:] = new
+                cached[:, :, prefix_length:].copy_(rolled)
+            return self.keys, self.values
+        # Several new tokens that overflow the window: return prefix, kept and new tokens; keep the last `slots` real
+        kept = min(real_tokens, slots) - (1 if real_tokens >= slots else 0)
+        start = prefix_length + min(real_tokens, slots) - kept
+        returned = []
+        for cached, new in ((self.keys, key_states), (self.values, value_states)):
+            real = torch.cat([cached[:, :, start : start + kept], new], dim=-2)
+            full = torch.cat([cached[:, :, :prefix_length], real], dim=-2)
+            cached[:, :, prefix_length:].copy_(real[:, :, -slots:])
+            returned.append(full)
+        return returned[0], returned[1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # As `ParScaleDynamicSlidingWindowLayer.get_mask_sizes`, for the keys `update` returns in each of its cases.
+        prefix_length, slots = self.prefix_k.shape[2], self.window_slots
+        real_tokens = self.cumulative_length_int - prefix_length
+        if real_tokens + query_length <= slots:
+            return prefix_length + slots, 0
+        if real_tokens >= slots:
+            return prefix_length + slots - 1 + query_length, real_tokens - slots + 1
+        return prefix_length + real_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length_int
+
+    def reset(self) -> None:
+        super().reset()
+        prefix_length = self.prefix_k.shape[2]
+        if self.is_initialized:
+            self._write_prefix()
+        self.cumulative_length_int = prefix_length
+        self.cumulative_length.fill_(prefix_length)
+
+
 def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Turn an unused cache's layers into prefix layers (idempotent for a cache already prepared with `prefixes`).
 
@@ -132,11 +283,19 @@ def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.
             )
         if type(layer) is DynamicLayer:
             new_layers[i] = ParScaleDynamicLayer(prefix_k, prefix_v)
+        elif type(layer) is DynamicSlidingWindowLayer:
+            new_layers[i] = ParScaleDynamicSlidingWindowLayer(layer.sliding_window, prefix_k, prefix_v)
         elif type(layer) is StaticLayer:
             new_layers[i] = ParScaleStaticLayer(layer.max_cache_len, prefix_k, prefix_v)
+        elif type(layer) is StaticSlidingWindowLayer:
+            # its max_cache_len is already min(sliding_window, the cache's max_cache_len)
+            new_layers[i] = ParScaleStaticSlidingWindowLayer(
+                layer.max_cache_len, layer.max_cache_len, prefix_k, prefix_v
+            )
         else:
             raise ValueError(
-                f"ParScale supports the default dynamic and static caches, not {type(layer).__name__} layers."
+                "ParScale supports the default dynamic and static caches (full and sliding-window layers), not "
+                f"{type(layer).__name__} layers."
             )
     cache.layers = new_layers
     if hasattr(cache, "layer_class_to_replicate"):

@@ -85,7 +85,7 @@ def init_prefixes_from_token_ids(
             f"Adapter {adapter_name!r} has no weights yet (created with low_cpu_mem_usage=True): create it with "
             "low_cpu_mem_usage=False to initialise it from text."
         )
-    keys_and_values = base_model_keys_and_values(decoder, windows)
+    keys_and_values = base_model_keys_and_values(decoder, windows, streams.learned_positions)
     for (prefix_k, _), (keys, _) in zip(targets, keys_and_values, strict=True):
         if prefix_k.shape != keys.shape:  # checked for every layer before any is written
             raise ValueError(f"The model's keys have shape {tuple(keys.shape)}, the prefixes {tuple(prefix_k.shape)}.")
@@ -95,14 +95,22 @@ def init_prefixes_from_token_ids(
             prefix_v.copy_(values)
 
 
-def base_model_keys_and_values(decoder: nn.Module, token_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def base_model_keys_and_values(
+    decoder: nn.Module, token_ids: torch.Tensor, learned_positions: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every layer's post-rotary keys and values, (P, kv_heads, T, head_dim), of the base model (ParScale disabled)
-    reading the P rows of `token_ids` (P, T) at positions -T..-1: what the cache holds after reading them."""
+    reading the P rows of `token_ids` (P, T) at positions -T..-1: what the cache holds after reading them.
+
+    With `learned_positions` (a model that adds learned absolute position embeddings, such as GPT-2, which has none
+    for negative positions) the text is read at positions 0..T-1 instead. Sliding-window layers read the text with
+    their window, as the base model would, and keep all T keys/values (a cache of full layers).
+    """
     num_rows, length = token_ids.shape
     device = next(decoder.parameters()).device
     token_ids = token_ids.to(device)
-    positions = torch.arange(-length, 0, device=device).expand(num_rows, length)
-    cache = DynamicCache(config=decoder.config)
+    first = 0 if learned_positions else -length
+    positions = torch.arange(first, first + length, device=device).expand(num_rows, length)
+    cache = DynamicCache()  # full layers: a sliding-window layer would keep only the window's last tokens
     modules = list(decoder.modules())
     training = [module.training for module in modules]
     disabled = {module: module.disable_adapters for module in modules if isinstance(module, ParScaleLayer)}

@@ -180,8 +180,9 @@ class Checkpoint:
 class Qwen2Layout:
     """The tensors a Qwen2 model of a given config has, and where ParScale attaches to it.
 
-    Built from a model on the meta device, so that the names, shapes and the checks of `describe_architecture` (no
-    sliding window, supported attention) are transformers' and this package's own, at no memory cost.
+    Built from a model on the meta device, so that the names, shapes and the checks of `describe_architecture`
+    (supported attention) are transformers' and this package's own, at no memory cost. Sliding-window configurations
+    are refused: the released checkpoints use none, and what the authors' code does with a window was not checked.
     """
 
     config: Qwen2Config
@@ -196,6 +197,11 @@ class Qwen2Layout:
             with torch.device("meta"):
                 model = Qwen2ForCausalLM(qwen2_config)
             architecture = describe_architecture(model)
+            if any(architecture.sliding_layers):
+                raise ValueError(
+                    "sliding-window layers (use_sliding_window=True): the released format has none, and how the "
+                    "authors' code treats the prefix under a window is not known"
+                )
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(f"{role}: unsupported Qwen2 configuration: {error}") from error
         backbone = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}

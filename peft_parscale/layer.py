@@ -14,14 +14,17 @@ A frozen causal LM runs a batch of B sequences as P parallel streams:
        y = Σ_p w_p h_p                                              (cast back to the model dtype)
    and y goes to the unchanged LM head (`ParScaleStreams.aggregate`, a forward hook on the decoder).
 
-Where the prefix lives. transformers' attention modules call `past_key_values.update(k, v, layer_idx)` right after
-the rotary embedding and use what it returns as the keys/values. That call is the one place to put the prefix in
-front of post-rotary keys without a modeling fork:
+Where the prefix lives. transformers' attention modules call `<cache>.update(k, v, self.layer_idx)` right after
+the rotary embedding and use what it returns as the keys/values (the cache argument is `past_key_values`, or
+`layer_past` in GPT-NeoX, Falcon and GPT-BigCode). That call is the one place to put the prefix in front of
+post-rotary keys without a modeling fork:
 - with a cache (generation), the prefix is written once into the cache's first T slots (`cache.py`) and the
-  decoder is given a 2D attention mask with T leading ones, so transformers builds the right mask itself;
+  decoder is given a 2D attention mask with T leading ones, so transformers builds the right mask itself; in
+  sliding-window layers, whose mask transformers builds without knowing of the prefix, the T prefix columns are then
+  marked visible (`prefix_always_visible`): the window limits only the real tokens;
 - without one (training, `use_cache=False`; gradient checkpointing also drops the cache inside each layer), each
-  attention call gets a stand-in `past_key_values` whose `update` returns [prefix; k], and T always-visible
-  columns are added to the attention mask.
+  attention call gets a stand-in cache whose `update` returns [prefix; k], and T always-visible columns are added
+  to the attention mask transformers built for the real tokens (sliding-window masks included).
 """
 
 from __future__ import annotations
@@ -146,13 +149,22 @@ def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> An
 class ParScaleAttention(nn.Module, ParScaleLayer):
     """Wraps one attention module and gives each of the P streams its own T prefix keys/values.
 
-    prefix_k / prefix_v: (P, num_key_value_heads, T, head_dim) per adapter.
+    prefix_k / prefix_v: (P, num_key_value_heads, T, head_dim) per adapter. `cache_argument` is the name of the wrapped
+    module's cache argument (`past_key_values`, or `layer_past` in GPT-NeoX, Falcon and GPT-BigCode); `sliding_window`
+    says whether it is a sliding-window layer.
     """
 
     adapter_layer_names = ("parscale_prefix_k", "parscale_prefix_v")
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: ParScaleConfig, num_key_value_heads: int, head_dim: int
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: ParScaleConfig,
+        num_key_value_heads: int,
+        head_dim: int,
+        cache_argument: str = "past_key_values",
+        sliding_window: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -160,6 +172,14 @@ class ParScaleAttention(nn.Module, ParScaleLayer):
         self.parscale_prefix_v = nn.ParameterDict()
         self._disable_adapters = False
         self.merged_adapters = []
+        self.cache_argument = cache_argument
+        self.sliding_window = sliding_window
+        # The wrapped forward's named arguments, to read positional ones by name.
+        self._argument_names = [
+            name
+            for name, parameter in inspect.signature(base_layer.forward).parameters.items()
+            if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        ]
         self.update_layer(adapter_name, config, num_key_value_heads, head_dim)
         self._active_adapter = adapter_name
 
@@ -179,13 +199,50 @@ class ParScaleAttention(nn.Module, ParScaleLayer):
 
     def forward(self, *args: Any, **kwargs: Any):
         adapter_name = self.active_adapter_name()
-        if adapter_name is not None and kwargs.get("past_key_values") is None:
+        if adapter_name is None:
+            return self.base_layer(*args, **kwargs)
+        if args and len(args) <= len(self._argument_names):
+            kwargs = {**dict(zip(self._argument_names, args)), **kwargs}
+            args = ()
+        prefix_k, prefix_v = self.prefix(adapter_name)
+        if kwargs.get(self.cache_argument) is None:
             # No cache here (see the module docstring): put the prefix in front of this call's keys/values.
-            hidden_states = args[0] if args else kwargs["hidden_states"]
-            prefix_k, prefix_v = self.prefix(adapter_name)
-            kwargs["past_key_values"] = _PrefixInFront(prefix_k, prefix_v)
+            hidden_states = args[0] if args else kwargs[self._argument_names[0]]
+            kwargs[self.cache_argument] = _PrefixInFront(prefix_k, prefix_v)
             kwargs["attention_mask"] = mask_with_prefix(kwargs.get("attention_mask"), prefix_k.shape[2], hidden_states)
+        elif self.sliding_window:
+            # The prefix sits in the cache's first T slots, where transformers' sliding-window mask (which knows
+            # nothing of it) may hide it: it stays visible to every query, and the window limits the real tokens only.
+            kwargs["attention_mask"] = prefix_always_visible(kwargs.get("attention_mask"), prefix_k.shape[2])
         return self.base_layer(*args, **kwargs)
+
+
+def prefix_always_visible(mask: Any, prefix_length: int) -> Any:
+    """Mark the first T key columns of a mask built with the prefix in the cache (2D mask with T leading ones) visible
+    to every query. A sliding-window mask built by transformers hides them once a query is a window away from them."""
+    if mask is None:
+        return None  # no mask: every key is visible (sdpa skips the mask only when that is right)
+    if isinstance(mask, BlockMask):
+        query_length, key_length = mask.seq_lengths
+        mask_mod = mask.mask_mod
+
+        def prefix_or_mask(batch, head, query, key):
+            return (key < prefix_length) | mask_mod(batch, head, query, key)
+
+        return create_block_mask(
+            prefix_or_mask,
+            B=mask.kv_num_blocks.shape[0],
+            H=None,
+            Q_LEN=query_length,
+            KV_LEN=key_length,
+            device=mask.kv_num_blocks.device,
+        )
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise NotImplementedError(
+            f"ParScale's sliding-window layers need a 4D attention mask, got {type(mask).__name__}."
+        )
+    visible = mask.new_full((*mask.shape[:-1], prefix_length), True if mask.dtype == torch.bool else 0.0)
+    return torch.cat([visible.expand(*mask.shape[:-1], prefix_length), mask[..., prefix_length:]], dim=-1)
 
 
 class ParScaleStreams(nn.Module, ParScaleLayer):
@@ -212,6 +269,9 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         object.__setattr__(self, "_decoder", decoder)
         object.__setattr__(self, "_attention_layers", [])
         self.original_masks_for_generate = None  # set by ParScaleModel
+        # Set by ParScaleModel: the model adds learned absolute position embeddings (GPT-2), so text prefixes are read
+        # at positions 0..T-1 rather than -T..-1 (`init.py`).
+        self.learned_positions = False
         self.update_layer(adapter_name, config)
         self._active_adapter = adapter_name
         self._decoder_arg_names = list(inspect.signature(decoder.forward).parameters)
@@ -273,7 +333,7 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         use_cache = kwargs.get("use_cache")
         use_cache = decoder.config.use_cache if use_cache is None else use_cache
         checkpointing = decoder.training and any(
-            getattr(module, "gradient_checkpointing", False) for module in (decoder, *getattr(decoder, "layers", ()))
+            getattr(module, "gradient_checkpointing", False) for module in decoder.modules()
         )
         # A cache passed in (generate's) is kept and filled; in training none is made unless asked for, and gradient
         # checkpointing drops it inside the layers anyway, so the prefix must come from the layers then.
@@ -336,9 +396,11 @@ def check_mask_fits_cache(kwargs: dict, cache: Any, prefix_length: int) -> None:
     cache length, which counts the prefix slots, and would silently feed the wrong tokens.
     """
     mask = kwargs.get("attention_mask")
+    if getattr(cache, "is_compileable", False):
+        return  # static caches: generate's 4D masks are built for the streams; the fast path's 2D mask spans the cache
     cached = cache.get_seq_length()
     if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(cached, int)):
-        return  # static caches come with 4D masks that `create_masks_for_generate` built for the streams
+        return
     cached_tokens, new_tokens = cached - prefix_length, decoder_inputs(kwargs).shape[1]
     if mask.shape[-1] != cached_tokens + new_tokens:
         raise ValueError(
@@ -358,8 +420,8 @@ def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: int | None) 
     kwargs = dict(kwargs)
     inputs = decoder_inputs(kwargs)
     batch_size, query_length = inputs.shape[:2]
-    for name in ("input_ids", "inputs_embeds"):
-        if kwargs.get(name) is not None:
+    for name in ("input_ids", "inputs_embeds", "token_type_ids"):  # token types: GPT-2, GPT-BigCode
+        if kwargs.get(name) is not None and kwargs[name].shape[0] == batch_size:
             kwargs[name] = repeat_streams(kwargs[name], num_streams)
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and position_ids.shape[0] == batch_size:

@@ -298,14 +298,8 @@ def test_supported_architectures(architecture):
     assert logits(model).shape == (2, 7, VOCAB)
 
 
-def test_unsupported_models_fail_at_get_peft_model_naming_the_reason():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
-        get_peft_model(gpt2, ParScaleConfig(P=2))
-    with pytest.raises(ValueError, match="sliding"):
-        get_peft_model(tiny_model("mistral", sliding_window=16), ParScaleConfig(P=2))
+def test_unsupported_attention_implementation_fails_at_get_peft_model_naming_it():
+    # Unsupported architectures: tests/test_architectures.py.
     untouched = tiny_model("qwen2")
     untouched.config._attn_implementation = "flash_attention_2"  # CUDA-only: set by hand to check the refusal
     before = copy.deepcopy(untouched.state_dict())

@@ -296,6 +296,16 @@ def test_refuses_a_p1_checkpoint(tmp_path):
         import_official(tmp_path / "p1", tmp_path / "out")
 
 
+def test_refuses_a_sliding_window_configuration(tmp_path):
+    # The released checkpoints have no window, and the authors' code under one was never checked against this package.
+    _, tensors, config = released_checkpoint(num_streams=2)
+    config = {**config, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}
+    write_checkpoint(tmp_path / "windowed", tensors, config)
+    with pytest.raises(ValueError, match="unsupported Qwen2 configuration: sliding-window layers"):
+        import_official(tmp_path / "windowed", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_a_misshapen_tensor_and_names_it(tmp_path):
     _, tensors, config = released_checkpoint(num_streams=2)
     tensors["model.layers.1.self_attn.prefix_k"] = tensors["model.layers.1.self_attn.prefix_k"][:, :, 1:]
