@@ -74,6 +74,22 @@ class _PrefixResident:
             self.batch_select_indices(torch.arange(rows_per_stream, device=self.keys.device).repeat_interleave(repeats))
 
 
+class _PrefixInStaticSlots(_PrefixResident):
+    """What the static prefix layers share: the prefix written into the first T of the preallocated slots, when they
+    are allocated and again on every reset."""
+
+    values: torch.Tensor
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._write_prefix()
+
+    def _write_prefix(self) -> None:
+        prefix_length = self.prefix_k.shape[2]
+        self.keys[:, :, :prefix_length] = stream_prefix(self.prefix_k, self.keys)
+        self.values[:, :, :prefix_length] = stream_prefix(self.prefix_v, self.values)
+
+
 class ParScaleDynamicLayer(_PrefixResident, DynamicLayer):
     """A `DynamicLayer` whose first T positions hold the streams' prefix."""
 
@@ -91,22 +107,13 @@ class ParScaleDynamicLayer(_PrefixResident, DynamicLayer):
         return self.keys.shape[-2] if self.is_initialized else self.prefix_k.shape[2]
 
 
-class ParScaleStaticLayer(_PrefixResident, StaticLayer):
+class ParScaleStaticLayer(_PrefixInStaticSlots, StaticLayer):
     """A `StaticLayer` with T more slots, the first T holding the streams' prefix."""
 
     def __init__(self, max_cache_len: int, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
         super().__init__(max_cache_len + prefix_k.shape[2])
         self.prefix_k, self.prefix_v = prefix_k, prefix_v
         self.cumulative_length.fill_(prefix_k.shape[2])
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._write_prefix()
-
-    def _write_prefix(self) -> None:
-        prefix_length = self.prefix_k.shape[2]
-        self.keys[:, :, :prefix_length] = stream_prefix(self.prefix_k, self.keys)
-        self.values[:, :, :prefix_length] = stream_prefix(self.prefix_v, self.values)
 
     def get_seq_length(self) -> torch.Tensor:
         return self.cumulative_length
@@ -171,7 +178,7 @@ class ParScaleDynamicSlidingWindowLayer(_PrefixResident, DynamicSlidingWindowLay
         self.cumulative_length = self.prefix_k.shape[2]
 
 
-class ParScaleStaticSlidingWindowLayer(_PrefixResident, StaticSlidingWindowLayer):
+class ParScaleStaticSlidingWindowLayer(_PrefixInStaticSlots, StaticSlidingWindowLayer):
     """A `StaticSlidingWindowLayer` with T more slots, the first T holding the streams' prefix, never evicted.
 
     The slots after the prefix hold the last real tokens, rolled as in transformers' layer; the python-int length
@@ -186,15 +193,6 @@ class ParScaleStaticSlidingWindowLayer(_PrefixResident, StaticSlidingWindowLayer
         self.prefix_k, self.prefix_v = prefix_k, prefix_v
         self.cumulative_length_int = prefix_length
         self.cumulative_length.fill_(prefix_length)
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._write_prefix()
-
-    def _write_prefix(self) -> None:
-        prefix_length = self.prefix_k.shape[2]
-        self.keys[:, :, :prefix_length] = stream_prefix(self.prefix_k, self.keys)
-        self.values[:, :, :prefix_length] = stream_prefix(self.prefix_v, self.values)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
