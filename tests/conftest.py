@@ -1,4 +1,5 @@
-"""Records the outcome of every test that proves a cell of the README's support table (`support_table.py`).
+"""Shared fixtures, and the recording of every test that proves a cell of the README's support table
+(`support_table.py`).
 
 Tests of `test_architectures.py` carry a `support(feature=...)` mark; their architecture and attention implementation
 are their `name` and `attn_implementation` parameters. The outcomes are kept for `test_support_table.py` (which checks
@@ -15,7 +16,17 @@ import platform
 
 import pytest
 
+from peft_parscale.testing import tiny_tokenizer
+
 SUPPORT_RESULTS = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """`tiny_tokenizer()` saved to a directory, for configs that name a tokenizer (`tokenizer_name_or_path`)."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    tiny_tokenizer().save_pretrained(directory)
+    return str(directory)
 
 
 def pytest_configure(config):

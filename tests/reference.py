@@ -90,6 +90,21 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max(1, |expected|), in float64: a bound of 1e-5 means 1e-5 absolute below 1 and
+    relative above."""
+    return ((actual.double() - expected.double()).abs() / expected.double().abs().clamp(min=1.0)).max().item()
+
+
+def randomize_aggregator(model, seed: int = 1, scale: float = 0.1) -> None:
+    """Random aggregator weights (non-uniform stream weights); the prefixes stay as they are."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "parscale_aggregator" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator).to(parameter) * scale)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The reference
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from architectures import ARCHITECTURES, SLIDING, tiny_model
 from peft import get_peft_model
+from reference import positions_from_mask, randomize_aggregator, relative_error
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
@@ -49,10 +50,6 @@ IMPLEMENTATIONS = ["sdpa", "eager"] + (["flex_attention"] if os.environ.get("PAR
 TOLERANCE = 2e-5
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs() / expected.double().abs().clamp(min=1.0)).max().item()
-
-
 def text_ids(text: str) -> torch.Tensor:
     return torch.tensor(TOKENIZER(text, add_special_tokens=False)["input_ids"][:T], device=DEVICE)
 
@@ -66,10 +63,6 @@ def left_padded_batch(lengths, seed=2):
         input_ids[row, width - length :] = torch.randint(4, len(TOKENIZER), (length,), generator=generator)
         attention_mask[row, width - length :] = 1
     return input_ids.to(DEVICE), attention_mask.to(DEVICE)
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @functools.cache
@@ -109,21 +102,6 @@ def skip_unsupported(name: str, attn_implementation: str, feature: str | None = 
     reason = plain_model_failure(name, attn_implementation, feature)
     if reason is not None:
         pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tokenizer")
-    TOKENIZER.save_pretrained(directory)
-    return str(directory)
-
-
-def randomize_aggregator(model, seed=1, scale=0.1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "parscale_aggregator" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator).to(parameter) * scale)
 
 
 def build(tokenizer_dir, name, attn_implementation, feature=None, seed=0):

@@ -18,6 +18,8 @@ from reference import (
     ARCHITECTURES,
     left_padded_batch,
     positions_from_mask,
+    randomize_aggregator,
+    relative_error,
     tiny_model,
     tiny_tokenizer,
     training_args,
@@ -45,20 +47,8 @@ NEW_TOKENS = 4
 TOLERANCE = 1e-5
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max(1, |expected|): 1e-5 then means 1e-5 absolute below 1 and relative above."""
-    return ((actual - expected).abs() / expected.abs().clamp(min=1.0)).max().item()
-
-
 def text_ids(text: str) -> torch.Tensor:
     return torch.tensor(TOKENIZER(text, add_special_tokens=False)["input_ids"][:T])
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tokenizer")
-    TOKENIZER.save_pretrained(directory)
-    return str(directory)
 
 
 def text_config(tokenizer_dir, P=3, texts=TEXTS) -> ParScaleConfig:
@@ -70,15 +60,6 @@ def text_config(tokenizer_dir, P=3, texts=TEXTS) -> ParScaleConfig:
         prefix_init_text=list(texts[:P]),
         tokenizer_name_or_path=tokenizer_dir,
     )
-
-
-def randomize_aggregator(model, seed=1, scale=0.1) -> None:
-    """Random aggregator weights (non-uniform stream weights); the text-initialised prefixes stay as they are."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "parscale_aggregator" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
 def build(tokenizer_dir, architecture="qwen2", attn_implementation="sdpa", P=3, seed=0, aggregator_seed=1):
