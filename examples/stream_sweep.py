@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from recycling_ablation import load_corpus, training_windows  # examples/ is on the path when an example runs
+from scaling_experiment import pyplot
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
@@ -383,12 +384,9 @@ def gap_analysis(sweep: list[dict]) -> dict:
     points = sorted((tokens, gap) for tokens, gap in gaps[largest].items() if tokens > 0)
     analysis: dict = {"gaps": {str(P): sorted(gap.items()) for P, gap in gaps.items()}}
     if len(points) >= 3:
-        x = torch.tensor([math.log(tokens) for tokens, _ in points], dtype=torch.float64)
-        y = torch.tensor([gap for _, gap in points], dtype=torch.float64)
-        design = torch.stack([torch.ones_like(x), x], dim=1)
-        intercept, slope = torch.linalg.lstsq(design, y[:, None]).solution[:, 0].tolist()
-        residual = ((y - (intercept + slope * x)) ** 2).sum().item()
-        total = ((y - y.mean()) ** 2).sum().item()
+        # The package's fit in ln x: gap = intercept − fit.slope·ln(tokens), so the gap grows by −fit.slope per ln.
+        fit = fit_log_linear([tokens for tokens, _ in points], [gap for _, gap in points])
+        intercept, slope = fit.intercept, -fit.slope
         non_embedding = 494_032_768 - 151_936 * 896  # Qwen2.5-0.5B: all parameters minus the (tied) embedding
         paper_gap = PAPER_STACK_V2_PYTHON.predict(non_embedding, 1) - PAPER_STACK_V2_PYTHON.predict(
             non_embedding, largest
@@ -397,7 +395,7 @@ def gap_analysis(sweep: list[dict]) -> dict:
             "P": largest,
             "intercept": intercept,
             "slope_per_ln_tokens": slope,
-            "r2": 1 - residual / total if total > 0 else math.nan,
+            "r2": fit.r2,
             "paper_law_gap": paper_gap,
             "tokens_to_paper_gap": math.exp((paper_gap - intercept) / slope) if slope > 0 else None,
         }
@@ -433,14 +431,9 @@ def compare_adapters(output: Path, names: list[str]) -> dict:
 
 
 def plot_curves(sweep: list[dict], base: dict | None, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed; no plot")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     figure, (losses, gaps) = plt.subplots(1, 2, figsize=(11, 4))
     by_p = {r["P"]: dict(r["heldout_curve"]) for r in sweep}
     for P, curve in by_p.items():
