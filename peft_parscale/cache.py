@@ -76,7 +76,7 @@ class _PrefixResident:
 
 class _PrefixInStaticSlots(_PrefixResident):
     """What the static prefix layers share: the prefix written into the first T of the preallocated slots, when they
-    are allocated and again on every reset."""
+    are allocated and again on every reset, which also sets the length back to T."""
 
     values: torch.Tensor
 
@@ -89,18 +89,28 @@ class _PrefixInStaticSlots(_PrefixResident):
         self.keys[:, :, :prefix_length] = stream_prefix(self.prefix_k, self.keys)
         self.values[:, :, :prefix_length] = stream_prefix(self.prefix_v, self.values)
 
+    def reset(self) -> None:
+        super().reset()
+        if self.is_initialized:
+            self._write_prefix()
+        self.cumulative_length.fill_(self.prefix_k.shape[2])
 
-class ParScaleDynamicLayer(_PrefixResident, DynamicLayer):
-    """A `DynamicLayer` whose first T positions hold the streams' prefix."""
 
-    def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
-        super().__init__()
-        self.prefix_k, self.prefix_v = prefix_k, prefix_v
+class _PrefixInFront(_PrefixResident):
+    """What the dynamic prefix layers share: the keys/values start as the prefix, to which tokens are appended."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.keys = stream_prefix(self.prefix_k, key_states)
         self.values = stream_prefix(self.prefix_v, value_states)
+
+
+class ParScaleDynamicLayer(_PrefixInFront, DynamicLayer):
+    """A `DynamicLayer` whose first T positions hold the streams' prefix."""
+
+    def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
+        super().__init__()
+        self.prefix_k, self.prefix_v = prefix_k, prefix_v
 
     def get_seq_length(self) -> int:
         # The prefix counts from the start: the attention mask is sized before the first update.
@@ -118,14 +128,8 @@ class ParScaleStaticLayer(_PrefixInStaticSlots, StaticLayer):
     def get_seq_length(self) -> torch.Tensor:
         return self.cumulative_length
 
-    def reset(self) -> None:
-        super().reset()
-        if self.is_initialized:
-            self._write_prefix()
-        self.cumulative_length.fill_(self.prefix_k.shape[2])
 
-
-class ParScaleDynamicSlidingWindowLayer(_PrefixResident, DynamicSlidingWindowLayer):
+class ParScaleDynamicSlidingWindowLayer(_PrefixInFront, DynamicSlidingWindowLayer):
     """A `DynamicSlidingWindowLayer` whose first T positions hold the streams' prefix, never evicted.
 
     After the prefix it keeps the last `sliding_window - 1` real tokens, as transformers' layer does. Its length
@@ -136,11 +140,6 @@ class ParScaleDynamicSlidingWindowLayer(_PrefixResident, DynamicSlidingWindowLay
         super().__init__(sliding_window=sliding_window)
         self.prefix_k, self.prefix_v = prefix_k, prefix_v
         self.cumulative_length = prefix_k.shape[2]
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.keys = stream_prefix(self.prefix_k, key_states)
-        self.values = stream_prefix(self.prefix_v, value_states)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -240,11 +239,7 @@ class ParScaleStaticSlidingWindowLayer(_PrefixInStaticSlots, StaticSlidingWindow
 
     def reset(self) -> None:
         super().reset()
-        prefix_length = self.prefix_k.shape[2]
-        if self.is_initialized:
-            self._write_prefix()
-        self.cumulative_length_int = prefix_length
-        self.cumulative_length.fill_(prefix_length)
+        self.cumulative_length_int = self.prefix_k.shape[2]
 
 
 def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
