@@ -104,6 +104,11 @@ def prefix_causal_bias(query_length: int, prefix_length: int) -> Any:
     return bias
 
 
+def visible_columns(mask: torch.Tensor, prefix_length: int) -> torch.Tensor:
+    """T key columns that every query sees, in the form of a 4D mask (boolean, or additive with 0 for visible)."""
+    return mask.new_full((*mask.shape[:-1], prefix_length), True if mask.dtype == torch.bool else 0.0)
+
+
 def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> Any:
     """Add T always-visible key columns in front of an attention mask built for the real tokens only.
 
@@ -142,8 +147,7 @@ def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> An
         raise NotImplementedError(
             f"ParScale without a KV cache needs a 4D attention mask (eager, sdpa or flex), got {type(mask).__name__}."
         )
-    visible = mask.new_full((*mask.shape[:-1], prefix_length), True if mask.dtype == torch.bool else 0.0)
-    return torch.cat([visible, mask], dim=-1)
+    return torch.cat([visible_columns(mask, prefix_length), mask], dim=-1)
 
 
 class ParScaleAttention(nn.Module, ParScaleLayer):
@@ -241,8 +245,7 @@ def prefix_always_visible(mask: Any, prefix_length: int) -> Any:
         raise NotImplementedError(
             f"ParScale's sliding-window layers need a 4D attention mask, got {type(mask).__name__}."
         )
-    visible = mask.new_full((*mask.shape[:-1], prefix_length), True if mask.dtype == torch.bool else 0.0)
-    return torch.cat([visible.expand(*mask.shape[:-1], prefix_length), mask[..., prefix_length:]], dim=-1)
+    return torch.cat([visible_columns(mask, prefix_length), mask[..., prefix_length:]], dim=-1)
 
 
 class ParScaleStreams(nn.Module, ParScaleLayer):
