@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,10 +53,14 @@ class Architecture:
 def _writes_keys_to_cache(module: nn.Module) -> bool:
     """Whether `module` is an attention module that passes its keys/values through the cache's `update` with its
     own layer index (read from the source of its class's `forward`)."""
-    if not isinstance(getattr(module, "layer_idx", None), int):
-        return False
+    return isinstance(getattr(module, "layer_idx", None), int) and _forward_updates_cache(type(module))
+
+
+@functools.cache
+def _forward_updates_cache(module_class: type) -> bool:
+    # Once per class: every module of a model is checked, and reading a source file costs about a millisecond.
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(module_class.forward)
     except (OSError, TypeError, AttributeError):  # no module, or no source to check
         return False
     return _CACHE_UPDATE.search(source) is not None
@@ -76,10 +82,9 @@ def _attention_modules(layer: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _cache_argument(attention: nn.Module) -> str | None:
-    """The name of the argument through which an attention module's forward receives the KV cache: the one annotated
-    as a `Cache`, else the name transformers uses for it."""
-    parameters = inspect.signature(attention.forward).parameters
+def _cache_argument(parameters: Mapping[str, inspect.Parameter]) -> str | None:
+    """The name of the argument through which an attention module's forward (its `parameters`) receives the KV cache:
+    the one annotated as a `Cache`, else the name transformers uses for it."""
     for name, parameter in parameters.items():
         annotation = parameter.annotation
         text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "") or str(annotation)
@@ -112,11 +117,12 @@ def _layer_types(config, num_layers: int) -> list[str]:
     return ["full_attention"] * num_layers
 
 
-def _uses_alibi(config, attention: nn.Module) -> bool:
-    """ALiBi: Falcon with `alibi=True`, MPT (`attn_config.alibi`), BLOOM (an `alibi` argument with no switch)."""
+def _uses_alibi(config, parameters: Mapping[str, inspect.Parameter]) -> bool:
+    """ALiBi: Falcon with `alibi=True`, MPT (`attn_config.alibi`), BLOOM (an `alibi` argument of the attention's
+    forward, its `parameters`, with no switch)."""
     if getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False):
         return True
-    return "alibi" in inspect.signature(attention.forward).parameters and not hasattr(config, "alibi")
+    return "alibi" in parameters and not hasattr(config, "alibi")
 
 
 def describe_architecture(model: nn.Module) -> Architecture:
@@ -191,14 +197,14 @@ def describe_architecture(model: nn.Module) -> Architecture:
     decoder_name = names[decoder]
     attention_names, cache_arguments = [], []
     for index, (name, attention) in enumerate(attentions):
-        if _uses_alibi(text_config, attention):
+        parameters = inspect.signature(attention.forward).parameters
+        if _uses_alibi(text_config, parameters):
             raise ValueError(
                 f"{model_name} uses ALiBi position biases, which ParScale does not support: the model adds them to the "
                 "attention scores of its real keys itself, so the prefix keys would get none, or the wrong ones. "
                 "Rotary and learned absolute positions are supported."
             )
-        parameters = inspect.signature(attention.forward).parameters
-        cache_argument = _cache_argument(attention)
+        cache_argument = _cache_argument(parameters)
         if cache_argument is None or "attention_mask" not in parameters:
             raise ValueError(
                 f"ParScale needs attention modules that take the KV cache and an `attention_mask` as arguments; "
