@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from scaling_experiment import equal_budget_config, pyplot  # examples/ is on the path when an example runs
+from stream_sweep import model_path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
@@ -55,10 +56,8 @@ from peft_parscale.data import python_packages_corpus, python_stdlib_corpus
 from peft_parscale.eval import completion_loss, load_model
 from peft_parscale.functions import as_conversations, function_pairs
 from peft_parscale.humaneval import evaluate_humaneval, load_problems, problem_pass_at_k
-from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages, convert_gguf
 from peft_parscale.sft import ParScaleSFTTrainer
 from peft_parscale.stats import NUM_RESAMPLES, bootstrap_interval, mcnemar_exact, paired_bootstrap_pvalue
-from peft_parscale.testing import save_tiny_checkpoint
 
 DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # float32 on the CPU (smoke runs)
 EVAL_PHASES = ("greedy", "sampled", "loss")
@@ -137,16 +136,6 @@ def streams(name: str) -> int | None:
     if not (name.startswith("P") and name[1:].isdigit() and int(name[1:]) > 0):
         raise ValueError(f"models are named base or P<n>, not {name!r}")
     return int(name[1:])
-
-
-def model_path(args: argparse.Namespace) -> Path:
-    if args.smoke:
-        path = Path(args.output_dir) / "tiny-qwen2"  # the same random weights in every invocation (seeded)
-        return path if (path / "config.json").is_file() else save_tiny_checkpoint(path)
-    if args.gguf:
-        cache = Path(args.model_cache)
-        return cache if (cache / "config.json").is_file() else convert_gguf(args.gguf, cache)
-    return Path(args.model) if args.model else checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
 
 
 def environment() -> dict:
