@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict
+from scaling_experiment import equal_budget_config, pack  # examples/ is on the path when an example runs
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-from scaling_experiment import equal_budget_config  # examples/ is on the path when an example runs
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
@@ -127,10 +127,11 @@ def load_corpus(args: argparse.Namespace) -> DatasetDict:
 def leading_files(split: Dataset, tokenizer: PreTrainedTokenizerBase, tokens: int) -> tuple[list[str], list[list[int]]]:
     """The first files, in the order of a hash of their path (so that no package dominates), that hold ``tokens``
     tokens: their texts and token ids. Only as much is tokenised as is needed; the same in every run."""
-    order = sorted(range(len(split)), key=lambda i: hashlib.sha256(split[i]["path"].encode()).hexdigest())
+    paths = list(split["path"])  # one column read: indexing rows would decode every file's text to sort by its path
+    order = sorted(range(len(split)), key=lambda i: hashlib.sha256(paths[i].encode()).hexdigest())
     texts, token_ids, count = [], [], 0
     for start in range(0, len(order), 256):
-        batch = [split[i]["text"] for i in order[start : start + 256]]
+        batch = list(split.select(order[start : start + 256])["text"])
         for text, ids in zip(batch, tokenizer(batch, add_special_tokens=False)["input_ids"]):
             texts.append(text)
             token_ids.append(ids)
@@ -145,8 +146,7 @@ def training_windows(split: Dataset, tokenizer: PreTrainedTokenizerBase, length:
     tokens, as in pre-training."""
     needed = math.ceil(tokens / length) * length
     _, token_ids = leading_files(split, tokenizer, needed)  # the end-of-text tokens make up for the last file's tail
-    stream = [token for ids in token_ids for token in [*ids, tokenizer.eos_token_id]]
-    return Dataset.from_dict({"input_ids": [stream[i : i + length] for i in range(0, needed, length)]})
+    return Dataset.from_dict({"input_ids": pack(token_ids, tokenizer.eos_token_id, length)[: needed // length]})
 
 
 def prepared_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, list[str]]:

@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -100,15 +101,17 @@ def load_corpus(args: argparse.Namespace) -> DatasetDict:
     return corpus
 
 
+def pack(token_ids: Iterable[list[int]], eos_token_id: int, length: int) -> list[list[int]]:
+    """Documents' token ids joined by end-of-text tokens and cut into windows of ``length`` tokens (the tail dropped),
+    as in pre-training: every training token is used, and no window needs padding."""
+    stream = [token for ids in token_ids for token in [*ids, eos_token_id]]
+    return [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
+
+
 def packed_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, length: int) -> Dataset:
-    """The documents joined by end-of-text tokens and cut into windows of ``length`` tokens (the tail dropped), as in
-    pre-training: every training token is used, and no window needs padding."""
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream += ids + [tokenizer.eos_token_id]
-    return Dataset.from_dict(
-        {"input_ids": [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]}
-    )
+    """The documents, tokenised, as `pack` windows."""
+    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return Dataset.from_dict({"input_ids": pack(token_ids, tokenizer.eos_token_id, length)})
 
 
 def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float, **overrides) -> SFTConfig:
