@@ -151,12 +151,7 @@ def completion_loss(
     if not encoded:
         raise ValueError("no prompt-completion rows to evaluate")
     nll, counts = sequence_nll(
-        model,
-        [ids for ids, _ in encoded],
-        [max(1, start) for _, start in encoded],
-        batch_size,
-        progress,
-        "completion loss",
+        model, [ids for ids, _ in encoded], [start for _, start in encoded], batch_size, progress, "completion loss"
     )
     loss = sum(nll) / sum(counts)
     return {
