@@ -13,14 +13,21 @@ and the base model, is then measured on all 164 HumanEval problems:
   (``--compare``, default P8 against P1 and against the base): paired bootstrap p-values, and the exact McNemar test
   for greedy pass/fail (`peft_parscale.stats`).
 
+Besides the ParScale arms, the experiment trains what a user would use instead, through the same trainer on the same
+pairs and tokens: a single stream with a longer prefix (``P1T384``: P=1 with T=384, the prefix count of P=8 at T=48)
+and LoRA (``lora``: PEFT's ``LoraConfig``, r=16 on every linear layer of the decoder). A learning rate can be given per
+arm with ``@``: ``lora@3e-4`` is LoRA trained at 3e-4 (a grid point; ``val:`` scores it on validation pairs, which
+come from files hashed into neither split, so that a rate is chosen without looking at the held-out numbers).
+
 The work is split into phases so that each fits one command on a GPU; every phase writes its JSON under OUTPUT and a
-rerun skips what exists. ``MODEL`` is ``base`` or ``P<n>``:
+rerun skips what exists. ``MODEL`` is ``base``, ``P<n>``, ``P<n>T<t>`` or ``lora``, with an optional ``@<rate>``:
 
     prepare           the pairs, from this interpreter's standard library and site-packages -> DATA (--data)
     train:P<n>        an adapter with n streams -> OUTPUT/P<n>/adapter, train.json
     greedy:MODEL      greedy pass@1, completion and chat mode -> OUTPUT/MODEL/greedy.json (every sample, with verdict)
     sampled:MODEL     pass@1 and pass@10 from --samples samples -> OUTPUT/MODEL/sampled.json (every sample)
     loss:MODEL        completion loss on the held-out pairs -> OUTPUT/MODEL/loss.json (per pair)
+    val:MODEL         completion loss on the validation pairs -> OUTPUT/MODEL/val.json (to choose learning rates)
     eval:MODEL        greedy, sampled and loss
 
     python examples/humaneval_experiment.py --only prepare --data he-data           # on the CPU, ~2 min
@@ -37,8 +44,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import chain
 from pathlib import Path
@@ -46,13 +55,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from peft import LoraConfig
 from scaling_experiment import equal_budget_config, pyplot  # examples/ is on the path when an example runs
 from stream_sweep import model_path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
-from peft_parscale.data import python_packages_corpus, python_stdlib_corpus
+from peft_parscale.data import path_bucket, python_packages_corpus, python_stdlib_corpus
 from peft_parscale.eval import completion_loss, load_model
 from peft_parscale.functions import as_conversations, function_pairs
 from peft_parscale.humaneval import evaluate_humaneval, load_problems, problem_pass_at_k
@@ -61,6 +71,7 @@ from peft_parscale.stats import NUM_RESAMPLES, bootstrap_interval, mcnemar_exact
 
 DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # float32 on the CPU (smoke runs)
 EVAL_PHASES = ("greedy", "sampled", "loss")
+SPLIT_OF_LOSS_PHASE = {"loss": "test", "val": "validation"}
 SMOKE_PROBLEMS = ["HumanEval/0", "HumanEval/53"]
 SMOKE_FILES = 120  # stdlib files read in smoke runs
 # (metric, label, paired test): every metric is a mean over problems (the loss: over held-out pairs, per token)
@@ -70,6 +81,7 @@ METRICS = (
     ("sampled_pass@1", "pass@1, sampled", "bootstrap"),
     ("sampled_pass@10", "pass@10, sampled", "bootstrap"),
     ("heldout_loss", "held-out completion loss", "bootstrap"),
+    ("validation_loss", "validation completion loss", "bootstrap"),
 )
 
 
@@ -81,17 +93,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-cache", default="humaneval-model", help="where --gguf is converted to")
     parser.add_argument("--output-dir", default="humaneval-output")
     parser.add_argument("--data", help="where `prepare` writes the pairs and the others read them (OUTPUT/data)")
-    parser.add_argument("--models", nargs="+", default=["base", "P1", "P2", "P4", "P8"])
+    parser.add_argument("--models", nargs="+", default=["base", "P1", "P2", "P4", "P8", "P1T384", "lora"])
     parser.add_argument("--only", nargs="+", metavar="PHASE[:MODEL]", help="run only these phases (see above)")
     parser.add_argument("--report", action="store_true", help="only gather the results")
-    parser.add_argument("--compare", nargs="+", default=["P8:P1", "P8:base"], help="paired comparisons A:B")
+    parser.add_argument(
+        "--compare", nargs="+", default=["P8:P1", "P8:base", "P8:P1T384", "P8:lora"], help="paired comparisons A:B"
+    )
     parser.add_argument("--heldout-percent", type=int, default=5, help="files (by path hash) whose pairs are held out")
+    parser.add_argument(
+        "--validation-percent", type=int, default=5, help="the next files (by path hash): validation pairs"
+    )
     parser.add_argument("--train-format", choices=["completion", "chat"], default="completion")
     parser.add_argument("--train-tokens", type=int, default=2**20, help="training tokens per adapter (equal for all)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per packed training sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="packed sequences per optimizer step")
     parser.add_argument("--stream-sequences", type=int, default=16, help="P x sequences per forward pass (memory)")
-    parser.add_argument("--learning-rate", type=float, default=5e-2)
+    parser.add_argument("--learning-rate", type=float, default=5e-2, help="ParScale arms without @<rate>")
+    parser.add_argument(
+        "--lora-learning-rate", type=float, help="LoRA arms without @<rate> (choose it on validation: lora@<rate>)"
+    )
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--prefix-length", type=int, default=48)
     parser.add_argument("--smoothing", type=float, default=0.1)
     parser.add_argument("--samples", type=int, default=20, help="samples per problem for pass@1/pass@10")
@@ -106,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # one token per character in the tiny tokenizer: 512 keeps most pairs whole
         args.seq_len, args.batch_size, args.stream_sequences, args.prefix_length = 512, 2, 4, 4
         args.train_tokens, args.max_new_tokens, args.samples, args.heldout_pairs = 2 * 2 * 512, 8, 10, 4
-        args.heldout_percent, args.check_workers = 50, 2
+        args.heldout_percent, args.validation_percent, args.check_workers = 40, 20, 2
     args.data = Path(args.data or Path(args.output_dir) / "data")
     return args
 
@@ -122,20 +143,71 @@ def phases(args: argparse.Namespace) -> list[tuple[str, str | None]]:
         if phase == "prepare":
             planned.append(("prepare", None))
             continue
-        if phase not in ("train", "eval", *EVAL_PHASES) or not name or (phase == "train" and name == "base"):
-            raise ValueError(f"unknown phase {item!r}: use prepare, train:P<n>, or greedy|sampled|loss|eval:MODEL")
-        streams(name)  # refuse a bad model name before any work
+        if phase not in ("train", "eval", "val", *EVAL_PHASES) or not name:
+            raise ValueError(f"unknown phase {item!r}: use prepare, train:MODEL, or greedy|sampled|loss|val|eval:MODEL")
+        arm = parse_arm(name)  # refuses a bad model name before any work
+        if phase == "train" and arm.kind == "base":
+            raise ValueError("the base model is not trained: use eval:base")
         planned += [(part, name) for part in (EVAL_PHASES if phase == "eval" else (phase,))]
     return planned
 
 
-def streams(name: str) -> int | None:
-    """P of a model name (``P8`` -> 8), None for ``base``."""
-    if name == "base":
-        return None
-    if not (name.startswith("P") and name[1:].isdigit() and int(name[1:]) > 0):
-        raise ValueError(f"models are named base or P<n>, not {name!r}")
-    return int(name[1:])
+@dataclass(frozen=True)
+class Arm:
+    """What a model name stands for: ``base``, ``P<n>`` (ParScale, T = --prefix-length), ``P<n>T<t>`` or ``lora``,
+    each but ``base`` with an optional ``@<learning rate>``."""
+
+    kind: str  # "base", "parscale" or "lora"
+    P: int | None = None
+    prefix_length: int | None = None  # None: --prefix-length
+    learning_rate: float | None = None  # None: --learning-rate or --lora-learning-rate
+
+
+def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
+    """``lora@best`` -> the ``lora@<rate>`` grid point with the lowest validation loss (``val:`` results in OUTPUT)."""
+    stem = name.removesuffix("@best")
+    losses = {}
+    for result in Path(args.output_dir).glob(f"{stem}@*/val.json"):
+        loss = json.loads(result.read_text())
+        losses[result.parent.name] = sum(loss["nll"]) / sum(loss["scored_tokens"])
+    if not losses:
+        raise FileNotFoundError(f"{name}: no {stem}@<rate> grid point has a val.json yet: run val:{stem}@<rate> first")
+    chosen = min(losses, key=losses.get)
+    print(f"{name}: {chosen} (validation losses {losses})")
+    return chosen
+
+
+ARM_NAME = re.compile(r"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?)(?:@(?P<rate>\d+(?:\.\d*)?(?:e-?\d+)?|best))?")
+
+
+def parse_arm(name: str) -> Arm:
+    match = ARM_NAME.fullmatch(name)
+    if match is None or (name.startswith("base") and match["rate"]):
+        raise ValueError(f"models are named base, P<n>, P<n>T<t> or lora, optionally with @<learning rate>: {name!r}")
+    rate = float(match["rate"]) if match["rate"] and match["rate"] != "best" else None
+    if name.startswith("base"):
+        return Arm("base")
+    if name.startswith("lora"):
+        return Arm("lora", learning_rate=rate)
+    return Arm("parscale", int(match["P"]), int(match["T"]) if match["T"] else None, rate)
+
+
+def learning_rate(args: argparse.Namespace, arm: Arm) -> float:
+    if arm.learning_rate is not None:
+        return arm.learning_rate
+    if arm.kind == "lora":
+        if args.lora_learning_rate is None:
+            raise ValueError("LoRA needs its own learning rate: lora@<rate> (a grid point) or --lora-learning-rate")
+        return args.lora_learning_rate
+    return args.learning_rate
+
+
+def peft_config(args: argparse.Namespace, arm: Arm) -> ParScaleConfig | LoraConfig:
+    if arm.kind == "lora":  # every linear layer of the decoder (PEFT's "all-linear" leaves the output head out)
+        return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", task_type="CAUSAL_LM")
+    return ParScaleConfig(
+        P=arm.P, prefix_length=arm.prefix_length or args.prefix_length, smoothing=args.smoothing, prefix_init="text"
+    )
 
 
 def environment() -> dict:
@@ -159,6 +231,12 @@ def prepare(args: argparse.Namespace) -> None:
     else:
         corpora = [*python_stdlib_corpus().values(), *python_packages_corpus().values()]
     pairs, stats = function_pairs(chain(*corpora), heldout_percent=args.heldout_percent)
+    # the files in the next hash buckets after the held-out ones give the validation pairs (as in the corpora)
+    validation_buckets = range(args.heldout_percent, args.heldout_percent + args.validation_percent)
+    in_validation = [path_bucket(path) in validation_buckets for path in pairs["train"]["path"]]
+    pairs["validation"] = pairs["train"].select([i for i, flag in enumerate(in_validation) if flag])
+    pairs["train"] = pairs["train"].select([i for i, flag in enumerate(in_validation) if not flag])
+    stats["validation"], stats["train"] = len(pairs["validation"]), len(pairs["train"])
     args.data.mkdir(parents=True, exist_ok=True)
     for split, rows in pairs.items():
         write_jsonl(args.data / f"{split}.jsonl", rows)
@@ -189,30 +267,36 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
     if (out / "train.json").is_file():
         print(f"train:{name}: done already")
         return
-    P = streams(name)
+    arm = parse_arm(name)
+    rate = learning_rate(args, arm)
     training_args = equal_budget_config(
-        args, out, P, args.learning_rate, packing=True, include_num_input_tokens_seen="all"
+        args, out, arm.P or 1, rate, packing=True, include_num_input_tokens_seen="all"
     )
+    # one trainer for every arm: with a LoraConfig, ParScaleSFTTrainer is TRL's SFTTrainer unchanged
     trainer = ParScaleSFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE),
         args=training_args,
         train_dataset=read_pairs(args, "train"),
         processing_class=AutoTokenizer.from_pretrained(path),
-        peft_config=ParScaleConfig(P=P, prefix_length=args.prefix_length, smoothing=args.smoothing, prefix_init="text"),
+        peft_config=peft_config(args, arm),
     )
     started = time.time()
     trainer.train()
     seconds = time.time() - started
     trainer.save_model(str(out / "adapter"))
     result = {
-        "P": P,
+        "arm": arm.kind,
+        "P": arm.P,
+        "prefix_length": arm.prefix_length or args.prefix_length if arm.kind == "parscale" else None,
         "train_format": args.train_format,
-        "learning_rate": args.learning_rate,
+        "learning_rate": rate,
         "steps": training_args.max_steps,
         # padding-free packing: every token of a batch is a real token, so "all" counts the training tokens
         "train_tokens": trainer.state.num_input_tokens_seen,
         "train_pairs": len(trainer.train_dataset),
         "train_seconds": seconds,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "adapter_bytes": sum(f.stat().st_size for f in (out / "adapter").glob("*.safetensors")),
         "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
         **environment(),
     }
@@ -232,9 +316,11 @@ def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded
             raise FileNotFoundError(f"{adapter} has no adapter: run train:{name} first")
         loaded.clear()  # the previous model is freed before the next is loaded
         loaded["model"], loaded["tokenizer"] = load_model(path, adapter, DTYPE)
+        if parse_arm(name).kind == "lora":  # merged, LoRA costs what the base model costs, and decodes the same way
+            loaded["model"] = loaded["model"].merge_and_unload()
         loaded["name"] = name
     model, tokenizer = loaded["model"], loaded["tokenizer"]
-    P = streams(name) or 1
+    P = parse_arm(name).P or 1
     problems = load_problems(SMOKE_PROBLEMS if args.smoke else None)
     common = {
         "problems": problems,
@@ -254,7 +340,7 @@ def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded
             )
         }
     else:
-        rows = read_pairs(args, "test")
+        rows = read_pairs(args, SPLIT_OF_LOSS_PHASE[phase])
         rows = rows.select(range(min(len(rows), args.heldout_pairs or len(rows))))
         result = completion_loss(model, tokenizer, rows, batch_size=max(1, args.stream_sequences // P))
         result["train_format"] = args.train_format
@@ -268,7 +354,7 @@ def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded
 def per_problem_scores(model_dir: Path) -> dict[str, dict]:
     """Each metric's per-problem values (and weights, for the loss) from a model's result files, where they exist."""
     scores = {}
-    greedy_file, sampled_file, loss_file = (model_dir / f"{phase}.json" for phase in EVAL_PHASES)
+    greedy_file, sampled_file, _ = (model_dir / f"{phase}.json" for phase in EVAL_PHASES)
     if greedy_file.is_file():
         greedy = json.loads(greedy_file.read_text())
         for mode in ("completion", "chat"):
@@ -283,10 +369,11 @@ def per_problem_scores(model_dir: Path) -> dict[str, dict]:
         for k in (1, 10):
             if k <= n:
                 scores[f"sampled_pass@{k}"] = {"values": problem_pass_at_k(correct, n, k).tolist(), "samples": n}
-    if loss_file.is_file():
-        loss = json.loads(loss_file.read_text())
-        per_token = [nll / tokens for nll, tokens in zip(loss["nll"], loss["scored_tokens"])]
-        scores["heldout_loss"] = {"values": per_token, "weights": loss["scored_tokens"]}
+    for phase, metric in (("loss", "heldout_loss"), ("val", "validation_loss")):
+        if (model_dir / f"{phase}.json").is_file():
+            loss = json.loads((model_dir / f"{phase}.json").read_text())
+            per_token = [nll / tokens for nll, tokens in zip(loss["nll"], loss["scored_tokens"])]
+            scores[metric] = {"values": per_token, "weights": loss["scored_tokens"]}
     return scores
 
 
@@ -320,8 +407,8 @@ def report(args: argparse.Namespace) -> dict:
     installed)."""
     output = Path(args.output_dir)
     names = sorted(
-        (path.name for path in output.iterdir() if path.is_dir() and (path.name == "base" or path.name[1:].isdigit())),
-        key=lambda name: streams(name) or 0,
+        (path.name for path in output.iterdir() if path.is_dir() and ARM_NAME.fullmatch(path.name)),
+        key=lambda name: (["base", "parscale", "lora"].index(parse_arm(name).kind), parse_arm(name).P or 0, name),
     )
     scores = {name: per_problem_scores(output / name) for name in names}
     rows = []
@@ -329,7 +416,10 @@ def report(args: argparse.Namespace) -> dict:
         train_file = output / name / "train.json"
         training = json.loads(train_file.read_text()) if train_file.is_file() else {}
         metrics = {metric: summarise(values) for metric, values in scores[name].items()}
-        rows.append({"name": name, "P": streams(name), "train_tokens": training.get("train_tokens"), **metrics})
+        cost = {key: training.get(key) for key in ("learning_rate", "trainable_parameters", "adapter_bytes")}
+        if training:
+            cost["train_tokens_per_s"] = training["train_tokens"] / training["train_seconds"]
+        rows.append({"name": name, **vars(parse_arm(name)), "train_tokens": training.get("train_tokens"), **cost, **metrics})
     comparisons = []
     for pair in args.compare:
         first, _, second = pair.partition(":")
@@ -352,8 +442,10 @@ def report(args: argparse.Namespace) -> dict:
 def markdown(rows: list[dict], comparisons: list[dict]) -> str:
     labels = {metric: label for metric, label, _ in METRICS}
     lines = [
-        "| model | training tokens | " + " | ".join(labels.values()) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in METRICS) + " |",
+        "| model | learning rate | trainable parameters | adapter MB | training tokens | tokens/s | "
+        + " | ".join(labels.values())
+        + " |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |",
     ]
     for row in rows:
         cells = [
@@ -362,8 +454,14 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
             else "-"
             for metric in labels
         ]
-        tokens = f"{row['train_tokens']:,}" if row.get("train_tokens") else "-"
-        lines.append(f"| {row['name']} | {tokens} | " + " | ".join(cells) + " |")
+        cost = [
+            f"{row['learning_rate']:g}" if row.get("learning_rate") else "-",
+            f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-",
+            f"{row['adapter_bytes'] / 1e6:.1f}" if row.get("adapter_bytes") else "-",
+            f"{row['train_tokens']:,}" if row.get("train_tokens") else "-",
+            f"{row['train_tokens_per_s']:,.0f}" if row.get("train_tokens_per_s") else "-",
+        ]
+        lines.append(f"| {row['name']} | " + " | ".join(cost + cells) + " |")
     lines += [
         "",
         "| comparison | metric | difference [95% interval] | paired bootstrap p | McNemar (b, c, exact p) |",
@@ -381,17 +479,22 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """pass@k and the held-out loss against P, with 95% intervals; the base model as a line and band."""
+    """pass@k and the held-out loss against P, with 95% intervals; the base model as a line and band, the other arms
+    (longer prefix, LoRA, grid points) left out."""
     plt = pyplot()
     if plt is None:
         return
-    adapters = [row for row in rows if row["P"]]
-    base = next((row for row in rows if row["P"] is None), None)
+    adapters = [row for row in rows if re.fullmatch(r"P\d+", row["name"])]
+    base = next((row for row in rows if row["name"] == "base"), None)
+    if not any(metric in row for row in adapters for metric, _, _ in METRICS):
+        return
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels = ((axes[0], [metric for metric, _, _ in METRICS[:4]], "HumanEval"), (axes[1], ["heldout_loss"], "nats"))
     for axis, metrics, ylabel in panels:
         for metric in metrics:
             points = [row for row in adapters if metric in row]
+            if not points:
+                continue
             label = next(label for key, label, _ in METRICS if key == metric)
             values = [row[metric]["value"] for row in points]
             below = [row[metric]["value"] - row[metric]["low"] for row in points]
@@ -417,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
         path = model_path(args) if any(phase != "prepare" for phase, _ in planned) else None
         loaded: dict = {}
         for phase, name in planned:
+            name = chosen_on_validation(args, name) if name and name.endswith("@best") else name
             if phase == "prepare":
                 prepare(args)
             elif phase == "train":

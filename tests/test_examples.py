@@ -60,7 +60,8 @@ def test_humaneval_experiment_smoke(tmp_path):
     out = tmp_path / "out"
     stats = json.loads((out / "data" / "stats.json").read_text())["stats"]
     assert stats["train"] > 0 and stats["test"] > 0
-    assert stats["functions"] == sum(stats[reason] for reason in DROP_REASONS) + stats["train"] + stats["test"]
+    kept = stats["train"] + stats["validation"] + stats["test"]
+    assert stats["validation"] > 0 and stats["functions"] == sum(stats[reason] for reason in DROP_REASONS) + kept
     summary = json.loads((out / "results.json").read_text())
     rows = {row["name"]: row for row in summary["rows"]}
     assert list(rows) == ["base", "P2"] and rows["base"]["train_tokens"] is None and rows["P2"]["train_tokens"] > 0
@@ -110,9 +111,38 @@ def test_humaneval_experiment_phases():
         ("train", "P2"),
         *[(phase, "P2") for phase in ("greedy", "sampled", "loss")],
     ]
-    for bad in ["train:base", "eval:Q3", "greedy", "eval:P0", "score:P2"]:
+    for bad in ["train:base", "eval:Q3", "greedy", "eval:P0", "score:P2", "train:base@1e-3", "val:lora@x", "eval:P1T0"]:
         with pytest.raises(ValueError):
             experiment.phases(experiment.parse_args(["--only", bad]))
+    Arm = experiment.Arm
+    assert [experiment.parse_arm(name) for name in ("base", "P8", "P1T384", "P1T384@0.015", "lora@3e-4", "lora")] == [
+        Arm("base"),
+        Arm("parscale", 8),
+        Arm("parscale", 1, 384),
+        Arm("parscale", 1, 384, 0.015),
+        Arm("lora", learning_rate=3e-4),
+        Arm("lora"),
+    ]
+    with pytest.raises(ValueError, match="LoRA needs its own learning rate"):
+        experiment.learning_rate(experiment.parse_args([]), Arm("lora"))
+
+
+def test_humaneval_experiment_chooses_learning_rate_on_validation(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import humaneval_experiment as experiment
+    finally:
+        sys.path.pop(0)
+    args = experiment.parse_args(["--output-dir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="run val:lora@<rate> first"):
+        experiment.chosen_on_validation(args, "lora@best")
+    # per-token mean over pairs: 3e-4 has the lower mean (7/5 = 1.4 against 3/2 = 1.5) though its first pair is worse
+    for name, nll, tokens in (("lora@1e-4", [1.0, 2.0], [1, 1]), ("lora@3e-4", [3.0, 4.0], [1, 4])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "val.json").write_text(json.dumps({"nll": nll, "scored_tokens": tokens}))
+    (tmp_path / "P1T384@1").mkdir()  # another arm's grid is not looked at
+    (tmp_path / "P1T384@1" / "val.json").write_text(json.dumps({"nll": [0.0], "scored_tokens": [1]}))
+    assert experiment.chosen_on_validation(args, "lora@best") == "lora@3e-4"
 
 
 def test_inference_smoke_switches_adapters(tmp_path):
