@@ -12,7 +12,16 @@ from peft.utils import PeftType, TaskType
 # The base-model dimensions an adapter's tensors depend on; recorded in the adapter so that loading it onto a
 # different base fails with a message naming the dimension, before anything is changed.
 BASE_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim")
+# Recorded too where the values an attention layer caches differ in size from its keys (head_dim): latent attention
+# (DeepSeek-V2/V3) caches a compressed latent as its "keys" and their rotary part as its "values". Absent, it is head_dim,
+# so adapters saved before it existed load unchanged.
+VALUE_HEAD_DIM = "value_head_dim"
 PREFIX_INITS = ("random", "text")
+
+
+def full_base_shape(base_shape: dict[str, int]) -> dict[str, int]:
+    """`base_shape` with `VALUE_HEAD_DIM` filled in (head_dim where it is not recorded)."""
+    return {VALUE_HEAD_DIM: base_shape["head_dim"], **base_shape}
 
 
 def check_prefix_texts(texts: Any, num_streams: int) -> None:
@@ -121,9 +130,10 @@ class ParScaleConfig(PeftConfig):
                 raise ValueError("prefix_init_text needs tokenizer_name_or_path, the tokenizer to read it with.")
         elif self.tokenizer_name_or_path is not None:
             raise ValueError("tokenizer_name_or_path is only used to tokenise prefix_init_text, which is not given.")
-        if self.base_shape is not None and set(self.base_shape) != set(BASE_SHAPE_FIELDS):
+        if self.base_shape is not None and set(self.base_shape) - {VALUE_HEAD_DIM} != set(BASE_SHAPE_FIELDS):
             raise ValueError(
-                f"base_shape must have exactly the keys {BASE_SHAPE_FIELDS}, got {sorted(self.base_shape)}."
+                f"base_shape must have exactly the keys {BASE_SHAPE_FIELDS} (and optionally {VALUE_HEAD_DIM!r}), got "
+                f"{sorted(self.base_shape)}."
             )
 
     @classmethod

@@ -5,7 +5,9 @@ keys/values the model has never produced. Instead, stream p's prefix in every la
 post-rotary keys/values of a real T-token text, computed at positions -T..-1. The rotary embedding is relative, so
 the real tokens (positions 0, 1, ...) then see exactly what they would see had the model read the text just before
 them: a fresh P=1 adapter *is* the base model reading that text first, and a fresh P>1 adapter, whose zero
-aggregator output layer weighs the streams uniformly, averages the final hidden states of P such runs.
+aggregator output layer weighs the streams uniformly, averages the final hidden states of P such runs. A model that
+looks its positions up in a table (GPT-2, CodeGen, GPT-J) has no negative positions: there the text is read at
+0..T-1, and ParScale starts the real tokens at T (`ParScaleStreams.first_position`), which is exact in the same way.
 
 This is PEFT's ``PromptTuningInit.TEXT`` one step further: prompt tuning starts its virtual tokens from a text's
 input embeddings; ParScale's prefixes live in every layer, so they start from the text's keys/values in every layer.
@@ -36,7 +38,8 @@ from torch import nn
 from transformers import AutoTokenizer, DynamicCache
 
 from .config import ParScaleConfig, check_prefix_texts
-from .layer import ParScaleLayer, ParScaleStreams
+from .layer import ParScaleStreams
+from .probe import base_model_only
 
 
 def init_prefixes_from_text(
@@ -85,10 +88,13 @@ def init_prefixes_from_token_ids(
             f"Adapter {adapter_name!r} has no weights yet (created with low_cpu_mem_usage=True): create it with "
             "low_cpu_mem_usage=False to initialise it from text."
         )
-    keys_and_values = base_model_keys_and_values(decoder, windows, streams.learned_positions)
-    for (prefix_k, _), (keys, _) in zip(targets, keys_and_values, strict=True):
-        if prefix_k.shape != keys.shape:  # checked for every layer before any is written
-            raise ValueError(f"The model's keys have shape {tuple(keys.shape)}, the prefixes {tuple(prefix_k.shape)}.")
+    keys_and_values = base_model_keys_and_values(decoder, windows, streams.position_table is not None)
+    for prefixes, cached in zip(targets, keys_and_values, strict=True):
+        for prefix, tensor in zip(prefixes, cached):  # checked for every layer before any is written
+            if prefix.shape != tensor.shape:
+                raise ValueError(
+                    f"The model's cached keys/values have shape {tuple(tensor.shape)}, the prefixes {tuple(prefix.shape)}."
+                )
     with torch.no_grad():
         for (prefix_k, prefix_v), (keys, values) in zip(targets, keys_and_values):
             prefix_k.copy_(keys)
@@ -96,36 +102,23 @@ def init_prefixes_from_token_ids(
 
 
 def base_model_keys_and_values(
-    decoder: nn.Module, token_ids: torch.Tensor, learned_positions: bool = False
+    decoder: nn.Module, token_ids: torch.Tensor, from_zero: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every layer's post-rotary keys and values, (P, kv_heads, T, head_dim), of the base model (ParScale disabled)
     reading the P rows of `token_ids` (P, T) at positions -T..-1: what the cache holds after reading them.
 
-    With `learned_positions` (a model that adds learned absolute position embeddings, such as GPT-2, which has none
-    for negative positions) the text is read at positions 0..T-1 instead. Sliding-window layers read the text with
-    their window, as the base model would, and keep all T keys/values (a cache of full layers).
+    With `from_zero` (a model with a position table, which has no negative positions) the text is read at positions
+    0..T-1 instead. Sliding-window layers read the text with their window, as the base model would, and keep all T
+    keys/values (a cache of full layers).
     """
     num_rows, length = token_ids.shape
     device = next(decoder.parameters()).device
     token_ids = token_ids.to(device)
-    first = 0 if learned_positions else -length
+    first = 0 if from_zero else -length
     positions = torch.arange(first, first + length, device=device).expand(num_rows, length)
     cache = DynamicCache()  # full layers: a sliding-window layer would keep only the window's last tokens
-    modules = list(decoder.modules())
-    training = [module.training for module in modules]
-    disabled = {module: module.disable_adapters for module in modules if isinstance(module, ParScaleLayer)}
-    try:
-        decoder.eval()  # no dropout; gradient checkpointing (training only) would drop the cache
-        for module in disabled:
-            # PEFT's own switch (`enable_adapters`) also changes which weights require gradients; only the flag is set.
-            module._disable_adapters = True
-        with torch.no_grad():
-            decoder(input_ids=token_ids, position_ids=positions, past_key_values=cache, use_cache=True)
-    finally:
-        for module, mode in zip(modules, training):
-            module.training = mode
-        for module, flag in disabled.items():
-            module._disable_adapters = flag
+    with base_model_only(decoder), torch.no_grad():
+        decoder(input_ids=token_ids, position_ids=positions, past_key_values=cache, use_cache=True)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 

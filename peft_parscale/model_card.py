@@ -14,6 +14,8 @@ import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .config import VALUE_HEAD_DIM, full_base_shape
+
 SECTION_START = "<!-- parscale:start -->"
 SECTION_END = "<!-- parscale:end -->"
 TAGS = ("parscale", "peft")
@@ -24,8 +26,9 @@ def trainable_parameters(config) -> int | None:
     shape = config.base_shape
     if shape is None:
         return None
-    prefixes = 2 * shape["num_hidden_layers"] * config.P * shape["num_key_value_heads"] * config.prefix_length
-    prefixes *= shape["head_dim"]
+    shape = full_base_shape(shape)
+    prefixes = shape["num_hidden_layers"] * config.P * shape["num_key_value_heads"] * config.prefix_length
+    prefixes *= shape["head_dim"] + shape[VALUE_HEAD_DIM]  # keys and values
     hidden = shape["hidden_size"]
     # Linear(P·H → H) and Linear(H → P), both with bias; a single stream needs no aggregator
     aggregator = (config.P * hidden * hidden + hidden + hidden * config.P + config.P) if config.P > 1 else 0
