@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-tokens", type=int, default=2**20, help="training tokens per adapter (equal for all)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per packed training sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="packed sequences per optimizer step")
-    parser.add_argument("--stream-sequences", type=int, default=16, help="P x sequences per forward pass (memory)")
+    parser.add_argument("--stream-sequences", type=int, default=16, help="P x pairs per forward pass when scoring losses")
     parser.add_argument("--learning-rate", type=float, default=5e-2, help="ParScale arms without @<rate>")
     parser.add_argument(
         "--lora-learning-rate", type=float, help="LoRA arms without @<rate> (choose it on validation: lora@<rate>)"
@@ -269,8 +269,17 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
         return
     arm = parse_arm(name)
     rate = learning_rate(args, arm)
+    # TRL's packing of prompt-completion pairs is padding-free: a micro-batch is concatenated into one sequence, which
+    # sdpa (no variable-length kernel) attends over as a whole, at a cost that grows with its square. One packed window
+    # per micro-batch keeps attention within --seq-len tokens for every arm (see RESULTS.md for what 16 gave).
     training_args = equal_budget_config(
-        args, out, arm.P or 1, rate, packing=True, include_num_input_tokens_seen="all"
+        args,
+        out,
+        arm.P or 1,
+        rate,
+        per_device_train_batch_size=1,
+        packing=True,
+        include_num_input_tokens_seen="all",
     )
     # one trainer for every arm: with a LoraConfig, ParScaleSFTTrainer is TRL's SFTTrainer unchanged
     trainer = ParScaleSFTTrainer(
@@ -283,6 +292,9 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
     started = time.time()
     trainer.train()
     seconds = time.time() - started
+    diverged = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+    if diverged:  # nothing is saved, so that a rerun trains this arm again
+        raise RuntimeError(f"train:{name} diverged: {len(diverged)} trainable tensors are not finite ({diverged[0]}, ...)")
     trainer.save_model(str(out / "adapter"))
     result = {
         "arm": arm.kind,

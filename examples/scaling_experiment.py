@@ -117,9 +117,12 @@ def packed_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, length:
 def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float, **overrides) -> SFTConfig:
     """Training arguments for ``args.train_tokens`` tokens in batches of ``args.batch_size`` windows, whatever P: the
     micro-batch shrinks as P grows (``args.stream_sequences`` stream rows per forward pass) and gradients accumulate.
-    ``overrides`` are further `SFTConfig` fields."""
+    ``overrides`` are further `SFTConfig` fields (``per_device_train_batch_size`` among them: the accumulation then
+    keeps the batch at ``args.batch_size`` windows)."""
     steps = args.train_tokens // (args.batch_size * args.seq_len)
-    micro_batch = max(1, min(args.batch_size, args.stream_sequences // num_streams))
+    micro_batch = overrides.pop("per_device_train_batch_size", None) or max(
+        1, min(args.batch_size, args.stream_sequences // num_streams)
+    )
     return SFTConfig(
         output_dir=str(out),
         max_steps=steps,
