@@ -22,6 +22,7 @@ from typing import Literal
 
 from accelerate.commands.launch import launch_command, launch_command_parser
 from peft import PeftConfig
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
@@ -55,6 +56,15 @@ ParScaleArguments = dataclasses.make_dataclass(
     ],
 )
 ParScaleArguments.__doc__ = "The adapter `parscale sft` trains, and the ParScaleConfig fields (generated from it)."
+
+
+# every sdpa kernel but cuDNN's (see ParScaleSFTTrainer.train)
+SDPA_BACKENDS_FOR_TRAINING = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+    SDPBackend.OVERRIDEABLE,
+]
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -96,6 +106,9 @@ class ParScaleSFTTrainer(SFTTrainer):
     With ``ParScaleConfig(prefix_init="text")`` and no ``prefix_init_text``, stream p's prefixes start as the base
     model's keys/values of the first T tokens of the p-th training row of at least T tokens (see ``init.py``).
 
+    ``train()`` runs with every sdpa kernel but cuDNN's, whose backward can return NaN gradients under explicit masks
+    on Hopper GPUs (see ``train``).
+
     TRL writes README.md from its own template whenever it creates the card (at each checkpoint, and in
     ``push_to_hub`` after the adapter has been saved), which drops what ``ParScaleConfig.save_pretrained`` merged in.
     With a plain ``SFTTrainer``, ``trainer.save_model()`` still writes the full card; ``trainer.push_to_hub()`` then
@@ -126,6 +139,16 @@ class ParScaleSFTTrainer(SFTTrainer):
                 self.model, training_windows(self.train_dataset, config.P, config.prefix_length)
             )
             config.prefix_init = "text"
+
+    def train(self, *args, **kwargs):
+        # On Hopper GPUs torch >= 2.11 prefers cuDNN's attention, whose backward returns NaN query gradients when an
+        # explicit mask is passed, the key length is 64 more than a multiple of 128, and a row's log-sum-exp is below
+        # ln(FLT_MAX) (pytorch/pytorch#196678; Qwen2.5's massive-activation heads reach it, huggingface/trl#7181).
+        # Training here passes explicit masks whenever the batch is padded or packed (the prefix columns are added to
+        # them), and the key length varies with the prefix and the data. So training runs with every sdpa kernel
+        # but cuDNN's; the flag is restored afterwards.
+        with sdpa_kernel(SDPA_BACKENDS_FOR_TRAINING):
+            return super().train(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs) -> None:
         super().create_model_card(*args, **kwargs)

@@ -130,6 +130,32 @@ def test_trl_dataset_formats_train_the_adapter(tmp_path, kind):
     assert all(changed)
 
 
+def test_training_leaves_cudnn_attention_out_and_restores_it(tmp_path):
+    from transformers import TrainerCallback
+
+    class RecordCudnnAttention(TrainerCallback):
+        seen: list[bool] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+
+    dataset, extra = dataset_of_kind("packed-text")
+    trainer = make_trainer(
+        tmp_path, dataset, trainer_cls=ParScaleSFTTrainer, max_steps=2, per_device_train_batch_size=2, **extra
+    )
+    trainer.add_callback(RecordCudnnAttention)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the default this test needs in order to be able to fail
+    trainer.train()
+    assert RecordCudnnAttention.seen == [False, False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    # a plain SFTTrainer keeps torch's default: what the override changes
+    plain = make_trainer(tmp_path / "plain", dataset, max_steps=1, per_device_train_batch_size=2, **extra)
+    RecordCudnnAttention.seen = []
+    plain.add_callback(RecordCudnnAttention)
+    plain.train()
+    assert RecordCudnnAttention.seen == [True]
+
+
 def test_resume_from_checkpoint_ends_at_the_uninterrupted_adapter(tmp_path):
     tokenizer = tiny_tokenizer()
     train = windows(tokenizer, source_texts(), 24)
