@@ -49,8 +49,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from .architecture import Architecture, describe_architecture
 from .config import BASE_SHAPE_FIELDS, ParScaleConfig
-from .model import Architecture, check_adapter_file, describe_architecture, expected_adapter_shapes
+from .model import check_adapter_file, expected_adapter_shapes
 
 PathLike = str | os.PathLike
 
