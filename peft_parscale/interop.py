@@ -49,9 +49,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from .adapter_file import check_adapter_file, check_tensor_shapes, expected_adapter_shapes
 from .architecture import Architecture, describe_architecture
 from .config import BASE_SHAPE_FIELDS, ParScaleConfig
-from .model import check_adapter_file, expected_adapter_shapes
 
 PathLike = str | os.PathLike
 
@@ -231,7 +231,7 @@ class Qwen2Layout:
 
     def check_backbone(self, tensors: dict[str, TensorInfo], role: str) -> None:
         """Raise `ValueError` unless `tensors` are exactly this model's backbone, with its shapes."""
-        _check_shapes({name: info.shape for name, info in tensors.items()}, self.backbone, role, self.optional)
+        check_tensor_shapes({name: info.shape for name, info in tensors.items()}, self.backbone, role, self.optional)
 
 
 @dataclass(frozen=True)
@@ -242,26 +242,6 @@ class ImportedCheckpoint:
     base_dir: Path | None
     config: ParScaleConfig
     verified_base: Path | None
-
-
-def _check_shapes(
-    found: dict[str, tuple[int, ...]],
-    expected: dict[str, tuple[int, ...]],
-    role: str,
-    optional: dict[str, tuple[int, ...]] | None = None,
-) -> None:
-    """Raise `ValueError` listing missing, unexpected and misshapen tensors (expected vs got)."""
-    allowed = {**(optional or {}), **expected}
-    problems = [f"missing {name} {expected[name]}" for name in sorted(expected.keys() - found.keys())]
-    problems += [f"unexpected {name}" for name in sorted(found.keys() - allowed.keys())]
-    problems += [
-        f"{name} has shape {found[name]}, expected {allowed[name]}"
-        for name in sorted(found.keys() & allowed.keys())
-        if tuple(found[name]) != tuple(allowed[name])
-    ]
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"{role} does not have the expected tensors: " + "; ".join(problems[:5]) + more + ".")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,7 +396,7 @@ def import_official(
     layout = Qwen2Layout.from_config(base_config_of_released(checkpoint.config), "SRC")
     adapter_config.base_shape = dict(layout.architecture.shape)
     names = layout.released_to_adapter(adapter_config)
-    _check_shapes(
+    check_tensor_shapes(
         {name: info.shape for name, info in checkpoint.tensors.items()},
         {**layout.backbone, **{released: shape for released, (_, shape) in names.items()}},
         f"SRC ({RELEASED_MODEL_TYPE}, P={adapter_config.P}, T={adapter_config.prefix_length})",

@@ -2,80 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from typing import ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from safetensors.torch import load_file
 from torch import nn
 from transformers.masking_utils import create_masks_for_generate
 
-from .architecture import Architecture, describe_architecture
+from .adapter_file import check_adapter_file, expected_adapter_shapes
+from .architecture import describe_architecture
 from .config import BASE_SHAPE_FIELDS, ParScaleConfig
 from .init import config_token_ids, init_prefixes_from_token_ids
 from .layer import ParScaleAttention, ParScaleLayer, ParScaleStreams
-
-
-def expected_adapter_shapes(architecture: Architecture, config: ParScaleConfig) -> dict[str, tuple[int, ...]]:
-    """The tensors of a saved adapter (PEFT's checkpoint keys, adapter name removed) and their shapes."""
-    shape = architecture.shape
-    prefix_shape = (config.P, shape["num_key_value_heads"], config.prefix_length, shape["head_dim"])
-    expected = {
-        f"base_model.model.{name}.parscale_prefix_{kind}": prefix_shape
-        for name in architecture.attention_names
-        for kind in ("k", "v")
-    }
-    if config.P > 1:
-        hidden, streams = shape["hidden_size"], config.P
-        aggregator = f"base_model.model.{architecture.decoder_name}.streams.parscale_aggregator"
-        expected.update(
-            {
-                f"{aggregator}.0.weight": (hidden, streams * hidden),
-                f"{aggregator}.0.bias": (hidden,),
-                f"{aggregator}.2.weight": (streams, hidden),
-                f"{aggregator}.2.bias": (streams,),
-            }
-        )
-    return expected
-
-
-def read_adapter_file(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """The path and tensors of a saved adapter, as PEFT reads them: safetensors if present, else PyTorch's format.
-
-    A ``.bin`` file (``save_pretrained(..., safe_serialization=False)``) is read with ``weights_only=True``, so
-    loading it cannot run code. Raises `ValueError` if there is no adapter file or it cannot be read.
-    """
-    safetensors_path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
-    pickle_path = os.path.join(directory, WEIGHTS_NAME)
-    path = safetensors_path if os.path.isfile(safetensors_path) or not os.path.isfile(pickle_path) else pickle_path
-    if not os.path.isfile(path):
-        raise ValueError(f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {directory}: no adapter to load.")
-    try:
-        tensors = (
-            load_file(path) if path == safetensors_path else torch.load(path, map_location="cpu", weights_only=True)
-        )
-    except Exception as error:  # safetensors and torch.load raise several types for truncated or malformed files
-        raise ValueError(f"The adapter file {path} is corrupt or truncated: {error}") from error
-    if not isinstance(tensors, dict) or not all(isinstance(value, torch.Tensor) for value in tensors.values()):
-        raise ValueError(f"The adapter file {path} does not hold a flat dictionary of tensors.")
-    return path, tensors
-
-
-def check_adapter_file(directory: str, expected: dict[str, tuple[int, ...]]) -> None:
-    """Read a saved adapter and raise `ValueError` if it is missing, unreadable, or does not fit `expected`."""
-    path, tensors = read_adapter_file(directory)
-    problems = [f"missing {key}" for key in sorted(expected.keys() - tensors.keys())]
-    problems += [f"unexpected {key}" for key in sorted(tensors.keys() - expected.keys())]
-    for key in sorted(expected.keys() & tensors.keys()):
-        tensor = tensors[key]
-        if tuple(tensor.shape) != expected[key]:
-            problems.append(f"{key} has shape {tuple(tensor.shape)}, expected {expected[key]}")
-        elif not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            problems.append(f"{key} is not finite floating point")
-    if problems:
-        raise ValueError(f"The adapter file {path} does not fit this model: " + "; ".join(problems[:5]))
 
 
 class ParScaleModel(BaseTuner):
