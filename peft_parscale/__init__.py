@@ -7,10 +7,10 @@ and ``AutoPeftModelForCausalLM`` know it: import it before loading a ParScale ad
 from peft.utils import PeftType, register_peft_method
 
 from .config import ParScaleConfig
-from .init import init_prefixes_from_text, init_prefixes_from_token_ids
 from .layer import ParScaleAttention, ParScaleStreams
 from .model import ParScaleModel
 from .model_card import keep_card_on_push_to_hub
+from .prefix_init import init_prefixes_from_text, init_prefixes_from_token_ids
 
 __all__ = [
     "ParScaleAttention",

@@ -45,7 +45,7 @@ class ParScaleConfig(PeftConfig):
         prefix_init: How a new adapter's prefixes start. ``"random"``: normal with std ``init_std``. ``"text"``:
             stream p's prefix in every layer is the frozen model's own post-rotary keys/values of the first
             ``prefix_length`` tokens of ``prefix_init_text[p]``, computed at positions -T..-1, so a fresh ``P=1``
-            adapter is exactly the base model having read that text first (see ``init.py``). Like PEFT's
+            adapter is exactly the base model having read that text first (see ``prefix_init.py``). Like PEFT's
             ``PromptTuningInit.TEXT``. ``ParScaleSFTTrainer`` and ``parscale sft`` take the texts from the training
             data when ``prefix_init_text`` is not given; ``get_peft_model`` needs them. ``"text"`` trains to a lower
             loss at every learning rate tried (RESULTS.md) and is what ``parscale sft``, the recipes and the

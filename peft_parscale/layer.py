@@ -273,7 +273,7 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         object.__setattr__(self, "_attention_layers", [])
         self.original_masks_for_generate = None  # set by ParScaleModel
         # Set by ParScaleModel: the model adds learned absolute position embeddings (GPT-2), so text prefixes are read
-        # at positions 0..T-1 rather than -T..-1 (`init.py`).
+        # at positions 0..T-1 rather than -T..-1 (`prefix_init.py`).
         self.learned_positions = False
         self.update_layer(adapter_name, config)
         self._active_adapter = adapter_name

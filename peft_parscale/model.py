@@ -12,8 +12,8 @@ from transformers.masking_utils import create_masks_for_generate
 from .adapter_file import check_adapter_file, expected_adapter_shapes
 from .architecture import describe_architecture
 from .config import BASE_SHAPE_FIELDS, ParScaleConfig
-from .init import config_token_ids, init_prefixes_from_token_ids
 from .layer import ParScaleAttention, ParScaleLayer, ParScaleStreams
+from .prefix_init import config_token_ids, init_prefixes_from_token_ids
 
 
 class ParScaleModel(BaseTuner):

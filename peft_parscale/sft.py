@@ -26,9 +26,9 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, S
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
 from peft_parscale.config import ParScaleConfig
-from peft_parscale.init import init_prefixes_from_token_ids
 from peft_parscale.model_card import update_model_card
 from peft_parscale.precision import bf16_is_native
+from peft_parscale.prefix_init import init_prefixes_from_token_ids
 
 # The ParScaleConfig fields a user sets (PeftConfig's own fields and the auto-filled base_shape are not flags); the
 # flags are generated from them, so their defaults and help texts have one source.
@@ -94,7 +94,7 @@ class ParScaleSFTTrainer(SFTTrainer):
     section.
 
     With ``ParScaleConfig(prefix_init="text")`` and no ``prefix_init_text``, stream p's prefixes start as the base
-    model's keys/values of the first T tokens of the p-th training row of at least T tokens (see ``init.py``).
+    model's keys/values of the first T tokens of the p-th training row of at least T tokens (see ``prefix_init.py``).
 
     TRL writes README.md from its own template whenever it creates the card (at each checkpoint, and in
     ``push_to_hub`` after the adapter has been saved), which drops what ``ParScaleConfig.save_pretrained`` merged in.
