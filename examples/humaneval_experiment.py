@@ -1,8 +1,8 @@
 """Does P = 8 write more correct functions than P = 1 and the base model? HumanEval with error bars.
 
 Qwen2.5-Coder-0.5B-Instruct, frozen, gets ParScale adapters with P = 1, 2, 4, 8 trained at equal tokens on
-HumanEval-shaped pairs from real code (`peft_parscale.functions`: a function's imports, signature and docstring as
-the prompt, its body as the completion, decontaminated against HumanEval), with TRL's completion-only loss and the
+HumanEval-shaped pairs from real code (`peft_parscale.function_pairs`: a function's imports, signature and docstring
+as the prompt, its body as the completion, decontaminated against HumanEval), with TRL's completion-only loss and the
 recycling ablation's recipe (``prefix_init="text"``, learning rate 5e-2, smoothing 0.1; RESULTS.md). Each adapter,
 and the base model, is then measured on all 164 HumanEval problems:
 
@@ -64,7 +64,7 @@ import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PE
 from peft_parscale import ParScaleConfig
 from peft_parscale.data import path_bucket, python_packages_corpus, python_stdlib_corpus
 from peft_parscale.eval import completion_loss, load_model
-from peft_parscale.functions import as_conversations, function_pairs
+from peft_parscale.function_pairs import as_conversations, function_pairs
 from peft_parscale.humaneval import evaluate_humaneval, load_problems, problem_pass_at_k
 from peft_parscale.sft import ParScaleSFTTrainer
 from peft_parscale.stats import NUM_RESAMPLES, bootstrap_interval, mcnemar_exact, paired_bootstrap_pvalue

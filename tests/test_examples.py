@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
 from peft_parscale import ParScaleConfig
-from peft_parscale.functions import DROP_REASONS
+from peft_parscale.function_pairs import DROP_REASONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
