@@ -123,7 +123,7 @@ class ParScaleSFTTrainer(SFTTrainer):
         if texts_from_data:
             config = self.model.active_peft_config
             init_prefixes_from_token_ids(
-                self.model, training_windows(self.train_dataset, config.P, config.prefix_length)
+                self.model, prefix_init_windows(self.train_dataset, config.P, config.prefix_length)
             )
             config.prefix_init = "text"
 
@@ -134,7 +134,7 @@ class ParScaleSFTTrainer(SFTTrainer):
             update_model_card(self.args.output_dir, config)
 
 
-def training_windows(dataset, num_streams: int, prefix_length: int) -> list[list[int]]:
+def prefix_init_windows(dataset, num_streams: int, prefix_length: int) -> list[list[int]]:
     """The first `prefix_length` token ids of the first `num_streams` rows with at least that many, of a training
     dataset as ``SFTTrainer`` prepared it (``Dataset`` or ``IterableDataset``).
 
