@@ -9,6 +9,8 @@ from typing import Any
 from peft.config import PeftConfig
 from peft.utils import PeftType, TaskType
 
+from .model_card import update_model_card
+
 # The base-model dimensions an adapter's tensors depend on; recorded in the adapter so that loading it onto a
 # different base fails with a message naming the dimension, before anything is changed.
 BASE_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim")
@@ -139,6 +141,4 @@ class ParScaleConfig(PeftConfig):
         super().save_pretrained(save_directory, **kwargs)
         # PEFT calls this on every save_pretrained/push_to_hub, after it has written its own model card: the one
         # place where a method can add to that card (see model_card.py)
-        from .model_card import update_model_card
-
         update_model_card(save_directory, self)
