@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from reference import tiny_model, tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 from trl import SFTConfig, SFTTrainer
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
