@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict
-from scaling_experiment import equal_budget_config, pack  # examples/ is on the path when an example runs
+from scaling_experiment import equal_budget_config  # examples/ is on the path when an example runs
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
-from peft_parscale.data import python_packages_corpus, python_stdlib_corpus
+from peft_parscale.data import packed_windows, python_packages_corpus, python_stdlib_corpus
 from peft_parscale.eval import heldout_loss
 from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages, convert_gguf
 from peft_parscale.sft import ParScaleSFTTrainer
@@ -146,7 +146,8 @@ def training_windows(split: Dataset, tokenizer: PreTrainedTokenizerBase, length:
     tokens, as in pre-training."""
     needed = math.ceil(tokens / length) * length
     _, token_ids = leading_files(split, tokenizer, needed)  # the end-of-text tokens make up for the last file's tail
-    return Dataset.from_dict({"input_ids": pack(token_ids, tokenizer.eos_token_id, length)[: needed // length]})
+    windows = packed_windows(token_ids, tokenizer.eos_token_id, length)
+    return Dataset.from_dict({"input_ids": windows[: needed // length]})
 
 
 def prepared_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, list[str]]:

@@ -27,18 +27,17 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from trl import SFTConfig, SFTTrainer
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
-from peft_parscale.data import python_stdlib_corpus
+from peft_parscale.data import packed_windows, python_stdlib_corpus
 from peft_parscale.eval import heldout_loss, load_model
 from peft_parscale.humaneval import evaluate_humaneval, load_problems
 from peft_parscale.pretrained import (
@@ -99,19 +98,6 @@ def load_corpus(args: argparse.Namespace) -> DatasetDict:
     if args.smoke:
         return DatasetDict({split: corpus[split].select(range(4)) for split in corpus})
     return corpus
-
-
-def pack(token_ids: Iterable[list[int]], eos_token_id: int, length: int) -> list[list[int]]:
-    """Documents' token ids joined by end-of-text tokens and cut into windows of ``length`` tokens (the tail dropped),
-    as in pre-training: every training token is used, and no window needs padding."""
-    stream = [token for ids in token_ids for token in [*ids, eos_token_id]]
-    return [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
-
-
-def packed_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, length: int) -> Dataset:
-    """The documents, tokenised, as `pack` windows."""
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return Dataset.from_dict({"input_ids": pack(token_ids, tokenizer.eos_token_id, length)})
 
 
 def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float, **overrides) -> SFTConfig:
@@ -309,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         path = model_path(args)
         tokenizer = AutoTokenizer.from_pretrained(path)
         corpus = load_corpus(args)
-        windows = packed_windows(list(corpus["train"]["text"]), tokenizer, args.seq_len)
+        token_ids = tokenizer(list(corpus["train"]["text"]), add_special_tokens=False)["input_ids"]
+        windows = Dataset.from_dict({"input_ids": packed_windows(token_ids, tokenizer.eos_token_id, args.seq_len)})
         args.train_tokens = args.train_tokens or len(windows) * args.seq_len
         print(f"{len(windows)} training windows of {args.seq_len} tokens; {args.train_tokens:,} tokens per adapter")
         for name in args.models:

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from datasets import Dataset
 from tiny_models import tiny_model, tiny_tokenizer
 from trl import SFTConfig, SFTTrainer
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
 from peft_parscale import ParScaleConfig
+from peft_parscale.data import document_windows
 from peft_parscale.function_pairs import DROP_REASONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,7 +206,8 @@ def test_quickstart_plan_fits_the_budget(monkeypatch):
 def test_quickstart_timing_probe_leaves_the_adapter_unchanged(tmp_path):
     quickstart = load_quickstart()
     tokenizer = tiny_tokenizer()
-    windows = quickstart.token_windows(["def f(x):\n    return x + 1\n" * 20], tokenizer, 32)
+    token_ids = tokenizer(["def f(x):\n    return x + 1\n" * 20])["input_ids"]
+    windows = Dataset.from_dict({"input_ids": document_windows(token_ids, 32, min_length=32)})
     trainer = SFTTrainer(
         model=tiny_model(vocab_size=len(tokenizer)),
         args=SFTConfig(
