@@ -2,6 +2,9 @@
 
 Importing this package registers the ``PARSCALE`` PEFT type, so that ``get_peft_model``, ``PeftModel.from_pretrained``
 and ``AutoPeftModelForCausalLM`` know it: import it before loading a ParScale adapter.
+
+The tuner core (``config``, ``layer``, ``model`` and the modules they use) never imports the workflows (``sft``,
+``eval``, ``interop``, ...) beside it; docs/design.md has the module map.
 """
 
 from peft.utils import PeftType, register_peft_method
