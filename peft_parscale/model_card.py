@@ -96,15 +96,13 @@ def keep_card_on_push_to_hub() -> None:
     """
     from peft import PeftModel
 
-    from .config import ParScaleConfig
-
     upload = PeftModel._upload_modified_files
     if getattr(upload, "keeps_parscale_card", False):
         return
 
     def upload_with_card(self, working_dir, *args, **kwargs):
         config = self.peft_config.get(self.active_adapter) if isinstance(self.active_adapter, str) else None
-        if isinstance(config, ParScaleConfig):
+        if getattr(config, "peft_type", None) == "PARSCALE":  # by type name: config.py imports this module
             self.create_or_update_model_card(working_dir)
             update_model_card(working_dir, config)
         return upload(self, working_dir, *args, **kwargs)

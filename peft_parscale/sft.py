@@ -27,9 +27,9 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, S
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
 from peft_parscale.config import ParScaleConfig
-from peft_parscale.init import init_prefixes_from_token_ids
 from peft_parscale.model_card import update_model_card
 from peft_parscale.precision import bf16_is_native
+from peft_parscale.prefix_init import init_prefixes_from_token_ids
 
 # The ParScaleConfig fields a user sets (PeftConfig's own fields and the auto-filled base_shape are not flags); the
 # flags are generated from them, so their defaults and help texts have one source.
@@ -104,7 +104,7 @@ class ParScaleSFTTrainer(SFTTrainer):
     section.
 
     With ``ParScaleConfig(prefix_init="text")`` and no ``prefix_init_text``, stream p's prefixes start as the base
-    model's keys/values of the first T tokens of the p-th training row of at least T tokens (see ``init.py``).
+    model's keys/values of the first T tokens of the p-th training row of at least T tokens (see ``prefix_init.py``).
 
     ``train()`` runs with every sdpa kernel but cuDNN's, whose backward can return NaN gradients under explicit masks
     on Hopper GPUs (see ``train``).
@@ -136,7 +136,7 @@ class ParScaleSFTTrainer(SFTTrainer):
         if texts_from_data:
             config = self.model.active_peft_config
             init_prefixes_from_token_ids(
-                self.model, training_windows(self.train_dataset, config.P, config.prefix_length)
+                self.model, prefix_init_windows(self.train_dataset, config.P, config.prefix_length)
             )
             config.prefix_init = "text"
 
@@ -157,7 +157,7 @@ class ParScaleSFTTrainer(SFTTrainer):
             update_model_card(self.args.output_dir, config)
 
 
-def training_windows(dataset, num_streams: int, prefix_length: int) -> list[list[int]]:
+def prefix_init_windows(dataset, num_streams: int, prefix_length: int) -> list[list[int]]:
     """The first `prefix_length` token ids of the first `num_streams` rows with at least that many, of a training
     dataset as ``SFTTrainer`` prepared it (``Dataset`` or ``IterableDataset``).
 

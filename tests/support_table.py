@@ -1,6 +1,6 @@
 """The README's support table, rendered from the results of the test run that proves it.
 
-`tests/test_architectures.py` runs every architecture of `tests/architectures.py` with each attention implementation;
+`tests/test_architectures.py` runs every architecture of `tests/tiny_models.py` with each attention implementation;
 each of its tests proves one cell (training, cached generation or static cache). A run records every test's outcome,
 with the versions and device it ran on, in `results/support/<run>.json` (committed). The table is rendered from those
 files only: a cell is ✓ when its tests passed in some run and failed in none, ✗ when one failed, "n/a" when they were
@@ -39,7 +39,7 @@ IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 FEATURES = ("training", "cached generation", "static cache")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from architectures import ARCHITECTURES
+from tiny_models import ARCHITECTURES
 
 
 def load_runs(directory: pathlib.Path = RESULTS) -> dict[str, dict]:

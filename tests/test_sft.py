@@ -12,16 +12,9 @@ import torch
 import yaml
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from reference import (
-    LENGTH,
-    adapter_tensors,
-    assert_logits_match,
-    reference_logits,
-    tiny_model,
-    tiny_tokenizer,
-    training_args,
-)
+from reference import LENGTH, adapter_tensors, assert_logits_match, reference_logits, training_args
 from safetensors.torch import load_file
+from tiny_models import tiny_model, tiny_tokenizer
 from trl import ModelConfig, SFTTrainer
 
 import peft_parscale  # noqa: F401
