@@ -37,7 +37,7 @@ from trl import SFTConfig
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
-from peft_parscale.data import python_stdlib_corpus
+from peft_parscale.data import document_windows, python_stdlib_corpus
 from peft_parscale.precision import bf16_is_native
 from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages
 from peft_parscale.sft import ParScaleSFTTrainer
@@ -157,19 +157,6 @@ def plan_run(args: argparse.Namespace, trainer: ParScaleSFTTrainer, seconds_left
     return Plan(steps, eval_sequences, train_seconds, eval_seconds, predicted)
 
 
-def token_windows(texts: list[str], tokenizer, length: int, limit: int | None = None) -> Dataset:
-    """Each document cut into consecutive windows of exactly ``length`` tokens (a shorter tail is dropped), in order.
-
-    Every model is trained and evaluated on the same windows, and no window needs padding.
-    """
-    windows = []
-    for ids in tokenizer(texts)["input_ids"]:
-        windows += [ids[start : start + length] for start in range(0, len(ids) - length + 1, length)]
-        if limit is not None and len(windows) >= limit:
-            break
-    return Dataset.from_dict({"input_ids": windows[:limit]})
-
-
 def complete(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
@@ -192,8 +179,12 @@ def main() -> None:
     corpus = python_stdlib_corpus() if args.dataset is None else load_dataset(args.dataset)
     train_texts, heldout_texts = list(corpus["train"]["text"]), list(corpus["test"]["text"])
     train_limit = args.steps * args.batch_size * 4 if args.smoke else None
-    train_set = token_windows(train_texts, tokenizer, args.seq_len, train_limit)
-    heldout_set = token_windows(heldout_texts, tokenizer, args.seq_len, args.eval_sequences or MAX_EVAL_SEQUENCES)
+    # every model is trained and evaluated on the same full windows of `seq_len` tokens (no padding), in order
+    train_ids, heldout_ids = (tokenizer(texts)["input_ids"] for texts in (train_texts, heldout_texts))
+    train_windows = document_windows(train_ids, args.seq_len, min_length=args.seq_len)[:train_limit]
+    heldout_windows = document_windows(heldout_ids, args.seq_len, min_length=args.seq_len)
+    train_set = Dataset.from_dict({"input_ids": train_windows})
+    heldout_set = Dataset.from_dict({"input_ids": heldout_windows[: args.eval_sequences or MAX_EVAL_SEQUENCES]})
     print(f"{len(train_set)} training windows, {len(heldout_set)} held-out windows of {args.seq_len} tokens")
 
     rows, completions, plan = [], {}, None

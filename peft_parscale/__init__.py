@@ -2,15 +2,18 @@
 
 Importing this package registers the ``PARSCALE`` PEFT type, so that ``get_peft_model``, ``PeftModel.from_pretrained``
 and ``AutoPeftModelForCausalLM`` know it: import it before loading a ParScale adapter.
+
+The tuner core (``config``, ``layer``, ``model`` and the modules they use) never imports the workflows (``sft``,
+``eval``, ``interop``, ...) beside it; docs/design.md has the module map.
 """
 
 from peft.utils import PeftType, register_peft_method
 
 from .config import ParScaleConfig
-from .init import init_prefixes_from_text, init_prefixes_from_token_ids
 from .layer import ParScaleAttention, ParScaleStreams
 from .model import ParScaleModel
 from .model_card import keep_card_on_push_to_hub
+from .prefix_init import init_prefixes_from_text, init_prefixes_from_token_ids
 
 __all__ = [
     "ParScaleAttention",

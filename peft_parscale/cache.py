@@ -96,7 +96,7 @@ class _PrefixInStaticSlots(_PrefixResident):
         self.cumulative_length.fill_(self.prefix_k.shape[2])
 
 
-class _PrefixInFront(_PrefixResident):
+class _PrefixInDynamicKeys(_PrefixResident):
     """What the dynamic prefix layers share: the keys/values start as the prefix, to which tokens are appended."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -105,7 +105,7 @@ class _PrefixInFront(_PrefixResident):
         self.values = stream_prefix(self.prefix_v, value_states)
 
 
-class ParScaleDynamicLayer(_PrefixInFront, DynamicLayer):
+class ParScaleDynamicLayer(_PrefixInDynamicKeys, DynamicLayer):
     """A `DynamicLayer` whose first T positions hold the streams' prefix."""
 
     def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
@@ -129,7 +129,7 @@ class ParScaleStaticLayer(_PrefixInStaticSlots, StaticLayer):
         return self.cumulative_length
 
 
-class ParScaleDynamicSlidingWindowLayer(_PrefixInFront, DynamicSlidingWindowLayer):
+class ParScaleDynamicSlidingWindowLayer(_PrefixInDynamicKeys, DynamicSlidingWindowLayer):
     """A `DynamicSlidingWindowLayer` whose first T positions hold the streams' prefix, never evicted.
 
     After the prefix it keeps the last `sliding_window - 1` real tokens, as transformers' layer does. Its length

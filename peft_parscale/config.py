@@ -9,6 +9,8 @@ from typing import Any
 from peft.config import PeftConfig
 from peft.utils import PeftType, TaskType
 
+from .model_card import update_model_card
+
 # The base-model dimensions an adapter's tensors depend on; recorded in the adapter so that loading it onto a
 # different base fails with a message naming the dimension, before anything is changed.
 BASE_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim")
@@ -46,7 +48,7 @@ class ParScaleConfig(PeftConfig):
             released checkpoints).
         smoothing: Label-smoothing of the aggregation weights, ``w <- w * (1 - smoothing) + smoothing / P``.
             Default 0.1: the paper's aggregation ablation found it best, and so did this package's recycling ablation
-            at P=4 (validation loss 1.2188 against 1.2236 at 0.01; RESULTS.md). The released checkpoints use 0.01.
+            at P=4 (against 0.01; RESULTS.md). The released checkpoints use 0.01.
         init_std: Standard deviation of the normal initialisation of the prefix keys and values (with
             ``prefix_init="random"``) and of the aggregator's first layer. The aggregator's output layer starts at
             zero, so a fresh adapter averages its streams uniformly; random prefixes alone make the streams differ
@@ -54,7 +56,7 @@ class ParScaleConfig(PeftConfig):
         prefix_init: How a new adapter's prefixes start. ``"random"``: normal with std ``init_std``. ``"text"``:
             stream p's prefix in every layer is the frozen model's own post-rotary keys/values of the first
             ``prefix_length`` tokens of ``prefix_init_text[p]``, computed at positions -T..-1, so a fresh ``P=1``
-            adapter is exactly the base model having read that text first (see ``init.py``). Like PEFT's
+            adapter is exactly the base model having read that text first (see ``prefix_init.py``). Like PEFT's
             ``PromptTuningInit.TEXT``. ``ParScaleSFTTrainer`` and ``parscale sft`` take the texts from the training
             data when ``prefix_init_text`` is not given; ``get_peft_model`` needs them. ``"text"`` trains to a lower
             loss at every learning rate tried (RESULTS.md) and is what ``parscale sft``, the recipes and the
@@ -149,6 +151,4 @@ class ParScaleConfig(PeftConfig):
         super().save_pretrained(save_directory, **kwargs)
         # PEFT calls this on every save_pretrained/push_to_hub, after it has written its own model card: the one
         # place where a method can add to that card (see model_card.py)
-        from .model_card import update_model_card
-
         update_model_card(save_directory, self)

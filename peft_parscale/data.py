@@ -1,4 +1,4 @@
-"""Real Python code with no download: the running interpreter's standard library or installed packages, split by file.
+"""Real Python code with no download (the standard library or installed packages, split by file), and its windows.
 
 The paper recycles a model by training ParScale weights on Python code (its Section 4.2 uses Stack-V2 Python).
 Every Python installation carries a few thousand files of reviewed, idiomatic Python in its standard library, so
@@ -18,13 +18,21 @@ Example::
     trainer = SFTTrainer(..., train_dataset=corpus["train"], eval_dataset=corpus["test"])
 
     corpus = python_packages_corpus()        # "train", "validation" (to choose settings), "test" (to report)
+
+Token ids become fixed-length windows here, the one place that cuts them: `document_windows` cuts each document on
+its own (evaluation: no window mixes two files), `packed_windows` joins the documents with end-of-text tokens first
+(pre-training style: every token is used and no window needs padding)::
+
+    ids = tokenizer(list(corpus["test"]["text"]), add_special_tokens=False)["input_ids"]
+    document_windows(ids, 2048)                          # the last, shorter window of each document kept
+    packed_windows(ids, tokenizer.eos_token_id, 2048)    # the tail dropped
 """
 
 from __future__ import annotations
 
 import hashlib
 import sysconfig
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Features, Value
@@ -34,6 +42,27 @@ PACKAGE_TEST_DIRECTORIES = {"test", "tests", "testing", "__pycache__"}
 PACKAGE_TEST_FILES = ("test_*.py", "*_test.py", "conftest.py")
 MAX_FILE_BYTES = 1_000_000  # larger files are mostly generated (tables, bindings, vendored bundles)
 FEATURES = Features({"text": Value("string"), "path": Value("string")})
+
+
+def document_windows(token_ids: Iterable[Sequence[int]], length: int, min_length: int = 2) -> list[list[int]]:
+    """Each document's token ids cut into consecutive windows of `length` tokens, in order; a window shorter than
+    `min_length` (a document's last) is dropped. The default keeps every window that predicts a token (two or more);
+    ``min_length=length`` keeps only full windows."""
+    if length < 2:
+        raise ValueError(f"seq_len must be at least 2, got {length}")
+    return [
+        list(ids[start : start + length])
+        for ids in token_ids
+        for start in range(0, len(ids), length)
+        if len(ids) - start >= min_length
+    ]
+
+
+def packed_windows(token_ids: Iterable[Sequence[int]], eos_token_id: int, length: int) -> list[list[int]]:
+    """Documents' token ids joined by end-of-text tokens and cut into windows of `length` tokens (the tail dropped),
+    as in pre-training: every training token is used, and no window needs padding."""
+    stream = [token for ids in token_ids for token in [*ids, eos_token_id]]
+    return [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
 
 
 def python_files(

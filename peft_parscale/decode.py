@@ -3,8 +3,8 @@
 `model.generate(..., cache_implementation="static")` already compiles the decode step (transformers does so by itself
 on CUDA), and ParScale's hooks trace into that graph without breaks. But `generate` runs a Python loop between the
 steps (input preparation, 4D mask building, logits processors, stopping criteria) and waits for the device at every
-step to check whether all sequences have finished, so host and device time add up. On an H100, for the Qwen2.5-1.5B
-shape with P=8 at batch 1, that compiled `generate` took 5.3 ms per token and this loop 3.0 ms (BENCHMARKS.md).
+step to check whether all sequences have finished, so host and device time add up (BENCHMARKS.md, "The fast decode
+path", compares the two).
 Sampling in `generate` also calls `torch.multinomial`, which keeps its step out of CUDA graphs.
 
 `fast_generate` keeps only what greedy search and sampling need. The prompt is run once (uncompiled, like
@@ -327,9 +327,9 @@ def fast_generate(
         generator: Source of the uniform numbers when sampling: one `torch.Generator`, or one per returned sequence.
         tokenizer: Needed for `stop_strings`.
         compile: Compile the decode step (`torch.compile`, CUDA graphs by default); defaults to True on CUDA. The
-            sampling step's cumulative sums are computed in chunks (`peft_parscale.sampling.cumulative_sum`) because
-            inductor failed to compile one long scan over Qwen2.5's vocabulary on an H200 (torch 2.11); the chunked
-            step compiles with inductor on CPU, and `python -m benchmarks.run --suites selector` checks it on a GPU.
+            sampling step's cumulative sums are computed in chunks (`peft_parscale.sampling.cumulative_sum`), short
+            enough for inductor's scan code generation on CUDA (BENCHMARKS.md, "Code changed after the GPU runs", has
+            the failure this avoids; `python -m benchmarks.run --suites selector` checks it on a GPU).
         compile_options: Keyword arguments of `torch.compile`; default `{"mode": "reduce-overhead", "fullgraph": True}`.
             Each new number of sequences, total length, adapter or sampling setting compiles the step again; add
             `"dynamic": True` or raise `torch._dynamo.config.recompile_limit` (8 by default) when decoding many shapes.

@@ -34,20 +34,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .data import document_windows
+
 TASKS = ("loss", "humaneval")
-
-
-def document_windows(token_ids: Sequence[Sequence[int]], seq_len: int) -> list[list[int]]:
-    """Each document cut into consecutive windows of ``seq_len`` tokens; a last window of one token predicts nothing
-    and is dropped."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    return [
-        list(ids[start : start + seq_len])
-        for ids in token_ids
-        for start in range(0, len(ids), seq_len)
-        if len(ids) - start >= 2
-    ]
 
 
 @torch.no_grad()

@@ -20,6 +20,9 @@ Tensors are copied as they are stored, dtype included (a bfloat16 checkpoint giv
 read one shard at a time with safetensors' ``safe_open``, so a conversion holds at most one shard in memory. Outputs
 are written to a temporary directory beside OUT and renamed into place at the end: OUT is never left half-written.
 
+The format's config fields and tensor names are in `released_format.py`; reading checkpoints and writing outputs,
+in `checkpoint_files.py`.
+
 Example:
 
     ```py
@@ -34,51 +37,42 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from .config import BASE_SHAPE_FIELDS, ParScaleConfig
-from .model import Architecture, check_adapter_file, describe_architecture, expected_adapter_shapes
-
-PathLike = str | os.PathLike
-
-RELEASED_MODEL_TYPE = "qwen2_parscale"
-RELEASED_ARCHITECTURES = ["Qwen2ParScaleForCausalLM"]
-RELEASED_AUTO_MAP = {
-    "AutoConfig": "configuration_qwen2_parscale.Qwen2ParScaleConfig",
-    "AutoModelForCausalLM": "modeling_qwen2_parscale.Qwen2ParScaleForCausalLM",
-}
-# The authors' code, which `RELEASED_AUTO_MAP` names; copied into an export only when the user provides it.
-MODELING_FILES = ("configuration_qwen2_parscale.py", "modeling_qwen2_parscale.py")
-AGGREGATOR_PARTS = ("0.weight", "0.bias", "2.weight", "2.bias")
-# Files a checkpoint directory carries besides its config and weights, copied along so the result is usable alone.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
+from .adapter_file import check_adapter_file, check_tensor_shapes
+from .checkpoint_files import (
+    CONFIG_FILE,
+    SAFETENSORS_METADATA,
+    Checkpoint,
+    PathLike,
+    check_output,
+    copy_tokenizer_files,
+    read_json,
+    shard_name,
+    staged_directory,
+    write_index,
+    write_json,
 )
-CONFIG_FILE = "config.json"
-SINGLE_WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+from .config import BASE_SHAPE_FIELDS, ParScaleConfig
+from .released_format import (
+    MODELING_FILES,
+    RELEASED_MODEL_TYPE,
+    Qwen2Layout,
+    base_config_of_released,
+    plain_qwen2_config,
+    released_adapter_config,
+    released_config,
+)
+
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # Qwen2 configuration fields that change what the backbone computes, compared when verifying a base.
@@ -95,142 +89,6 @@ COMPUTE_FIELDS = (
     "tie_word_embeddings",
     "layer_types",
 )
-SAFETENSORS_METADATA = {"format": "pt"}  # what transformers writes, and checks for, in every weights file
-# Bytes per element; the other safetensors dtypes (BOOL, U8, I8, F8_*) have 1.
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a tensor is stored and what its header says, read without loading the tensor."""
-
-    file: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors' name, e.g. "BF16"
-
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * _DTYPE_BYTES.get(self.dtype, 1)
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A transformers checkpoint directory: its config.json and the headers of its safetensors files."""
-
-    directory: Path
-    config: dict
-    tensors: dict[str, TensorInfo]
-
-    @classmethod
-    def read(cls, directory: PathLike, role: str) -> Checkpoint:
-        """Read config.json and the weights' headers; raise `ValueError` naming `role` if anything is missing."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise ValueError(f"{role} {directory} is not a directory.")
-        config = _read_json(directory / CONFIG_FILE, role)
-        if (directory / SINGLE_WEIGHTS_FILE).is_file():  # the order transformers looks for them in
-            listed = None
-            files = [SINGLE_WEIGHTS_FILE]
-        elif (directory / WEIGHTS_INDEX_FILE).is_file():
-            listed = _read_json(directory / WEIGHTS_INDEX_FILE, role).get("weight_map")
-            if not isinstance(listed, dict) or not listed:
-                raise ValueError(f"{role}: {directory / WEIGHTS_INDEX_FILE} has no weight_map.")
-            files = sorted(set(listed.values()))
-        else:
-            raise ValueError(
-                f"{role} {directory} has no safetensors weights ({SINGLE_WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE})."
-            )
-        tensors = {}
-        for file in files:
-            path = directory / file
-            if not path.is_file():
-                raise ValueError(f"{role}: {WEIGHTS_INDEX_FILE} lists {file}, which is not in {directory}.")
-            try:
-                with safe_open(path, "pt") as handle:
-                    for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                        header = handle.get_slice(name)
-                        tensors[name] = TensorInfo(file, tuple(header.get_shape()), header.get_dtype())
-            except Exception as error:  # safetensors raises several types for truncated or malformed files
-                raise ValueError(f"{role}: cannot read {path}: {error}") from error
-        if listed is not None:
-            misplaced = sorted(
-                name for name, file in listed.items() if name not in tensors or tensors[name].file != file
-            )
-            if misplaced:
-                raise ValueError(f"{role}: {WEIGHTS_INDEX_FILE} lists {misplaced[0]} in a file that does not hold it.")
-        return cls(directory, config, tensors)
-
-    def files(self) -> list[str]:
-        return sorted({info.file for info in self.tensors.values()})
-
-    def load(self, names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield the named tensors, reading one file at a time."""
-        wanted = set(names)
-        for file in self.files():
-            with safe_open(self.directory / file, "pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                    if name in wanted:
-                        yield name, handle.get_tensor(name)
-
-
-@dataclass(frozen=True)
-class Qwen2Layout:
-    """The tensors a Qwen2 model of a given config has, and where ParScale attaches to it.
-
-    Built from a model on the meta device, so that the names, shapes and the checks of `describe_architecture`
-    (supported attention) are transformers' and this package's own, at no memory cost. Sliding-window configurations
-    are refused: the released checkpoints use none, and what the authors' code does with a window was not checked.
-    """
-
-    config: Qwen2Config
-    architecture: Architecture
-    backbone: dict[str, tuple[int, ...]]  # parameter -> shape; a tied lm_head is in `optional`
-    optional: dict[str, tuple[int, ...]]
-
-    @classmethod
-    def from_config(cls, config: dict, role: str) -> Qwen2Layout:
-        try:
-            qwen2_config = Qwen2Config.from_dict(config)
-            with torch.device("meta"):
-                model = Qwen2ForCausalLM(qwen2_config)
-            architecture = describe_architecture(model)
-            if any(architecture.sliding_layers):
-                raise ValueError(
-                    "sliding-window layers (use_sliding_window=True): the released format has none, and how the "
-                    "authors' code treats the prefix under a window is not known"
-                )
-        except (ValueError, TypeError, KeyError) as error:
-            raise ValueError(f"{role}: unsupported Qwen2 configuration: {error}") from error
-        backbone = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
-        # A tied LM head is the embedding; checkpoints may or may not store it.
-        optional = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in backbone}
-        return cls(model.config, architecture, backbone, optional)
-
-    def released_to_adapter(self, adapter_config: ParScaleConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """{released tensor name: (this package's adapter key, shape)} for an adapter with P > 1."""
-        decoder = self.architecture.decoder_name
-        names = {
-            f"{attention}.prefix_{kind}": f"base_model.model.{attention}.parscale_prefix_{kind}"
-            for attention in self.architecture.attention_names
-            for kind in ("k", "v")
-        }
-        names.update(
-            {
-                f"{decoder}.aggregate_layer.{part}": f"base_model.model.{decoder}.streams.parscale_aggregator.{part}"
-                for part in AGGREGATOR_PARTS
-            }
-        )
-        expected = expected_adapter_shapes(self.architecture, adapter_config)
-        if set(names.values()) != set(expected):  # the package's key names changed: this table must follow
-            raise RuntimeError(f"Released-format names no longer cover the adapter's keys: {sorted(expected)}")
-        return {released: (key, expected[key]) for released, key in names.items()}
-
-    def check_backbone(self, tensors: dict[str, TensorInfo], role: str) -> None:
-        """Raise `ValueError` unless `tensors` are exactly this model's backbone, with its shapes."""
-        _check_shapes({name: info.shape for name, info in tensors.items()}, self.backbone, role, self.optional)
 
 
 @dataclass(frozen=True)
@@ -243,62 +101,8 @@ class ImportedCheckpoint:
     verified_base: Path | None
 
 
-def _check_shapes(
-    found: dict[str, tuple[int, ...]],
-    expected: dict[str, tuple[int, ...]],
-    role: str,
-    optional: dict[str, tuple[int, ...]] | None = None,
-) -> None:
-    """Raise `ValueError` listing missing, unexpected and misshapen tensors (expected vs got)."""
-    allowed = {**(optional or {}), **expected}
-    problems = [f"missing {name} {expected[name]}" for name in sorted(expected.keys() - found.keys())]
-    problems += [f"unexpected {name}" for name in sorted(found.keys() - allowed.keys())]
-    problems += [
-        f"{name} has shape {found[name]}, expected {allowed[name]}"
-        for name in sorted(found.keys() & allowed.keys())
-        if tuple(found[name]) != tuple(allowed[name])
-    ]
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"{role} does not have the expected tensors: " + "; ".join(problems[:5]) + more + ".")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # import
-
-
-def released_adapter_config(config: dict, role: str = "SRC") -> ParScaleConfig:
-    """The ParScale adapter configuration of a released checkpoint's config.json; `ValueError` if it has none."""
-    model_type = config.get("model_type")
-    if model_type != RELEASED_MODEL_TYPE:
-        raise ValueError(
-            f"{role} is not a released ParScale checkpoint: its model_type is {model_type!r}, "
-            f"not {RELEASED_MODEL_TYPE!r}."
-        )
-    missing = [name for name in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth") if name not in config]
-    if missing:
-        raise ValueError(f"{role}: config.json has model_type {RELEASED_MODEL_TYPE!r} but lacks {', '.join(missing)}.")
-    if config["parscale_n"] == 1:
-        raise ValueError(
-            f"Nothing to import: {role} has parscale_n=1, and a P=1 qwen2_parscale checkpoint is a plain Qwen2 model "
-            "(no prefixes, no aggregator). Load it as Qwen2: set model_type to 'qwen2' in its config.json."
-        )
-    try:
-        return ParScaleConfig(
-            P=config["parscale_n"],
-            prefix_length=config["parscale_n_tokens"],
-            smoothing=config["parscale_attn_smooth"],
-            inference_mode=True,
-        )
-    except ValueError as error:
-        raise ValueError(f"{role}: invalid ParScale fields in config.json: {error}") from error
-
-
-def base_config_of_released(config: dict) -> dict:
-    """The plain Qwen2 config.json of a released checkpoint's backbone: no ParScale fields, no remote code."""
-    base = {key: value for key, value in config.items() if not key.startswith("parscale_") and key != "auto_map"}
-    base.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
-    return base
 
 
 def find_backbone_mismatch(source: PathLike, base: PathLike) -> str | None:
@@ -318,10 +122,10 @@ def find_backbone_mismatch(source: PathLike, base: PathLike) -> str | None:
     source_config = source_checkpoint.config
     released = source_config.get("model_type") == RELEASED_MODEL_TYPE
     plain_source_config = (
-        base_config_of_released(source_config) if released else _plain_qwen2_config(source_config, "SRC")
+        base_config_of_released(source_config) if released else plain_qwen2_config(source_config, "SRC")
     )
     source_layout = Qwen2Layout.from_config(plain_source_config, "SRC")
-    base_layout = Qwen2Layout.from_config(_plain_qwen2_config(base_checkpoint.config, "BASE"), "BASE")
+    base_layout = Qwen2Layout.from_config(plain_qwen2_config(base_checkpoint.config, "BASE"), "BASE")
     for field in COMPUTE_FIELDS:
         source_value, base_value = getattr(source_layout.config, field), getattr(base_layout.config, field)
         if source_value != base_value:
@@ -415,13 +219,13 @@ def import_official(
     layout = Qwen2Layout.from_config(base_config_of_released(checkpoint.config), "SRC")
     adapter_config.base_shape = dict(layout.architecture.shape)
     names = layout.released_to_adapter(adapter_config)
-    _check_shapes(
+    check_tensor_shapes(
         {name: info.shape for name, info in checkpoint.tensors.items()},
         {**layout.backbone, **{released: shape for released, (_, shape) in names.items()}},
         f"SRC ({RELEASED_MODEL_TYPE}, P={adapter_config.P}, T={adapter_config.prefix_length})",
         layout.optional,
     )
-    output = _check_output(output, [source, verify_base], overwrite)
+    output = check_output(output, [source, verify_base], overwrite)
     if verify_base is not None:
         mismatch = find_backbone_mismatch(source, verify_base)
         if mismatch is not None:
@@ -430,7 +234,7 @@ def import_official(
         base_model_name_or_path = str(output / "base") if write_base else _absolute(verify_base)
     adapter_config.base_model_name_or_path = base_model_name_or_path
 
-    with _staged_directory(output) as staging:
+    with staged_directory(output) as staging:
         adapter_tensors = {names[name][0]: tensor for name, tensor in checkpoint.load(list(names))}
         (staging / "adapter").mkdir()
         save_file(adapter_tensors, staging / "adapter" / ADAPTER_WEIGHTS_FILE, metadata=SAFETENSORS_METADATA)
@@ -451,7 +255,7 @@ def _write_base(checkpoint: Checkpoint, backbone: set[str], directory: Path) -> 
     files = [file for file in checkpoint.files() if any(checkpoint.tensors[name].file == file for name in backbone)]
     weight_map, total_size = {}, 0
     for index, file in enumerate(files, start=1):
-        output_file = _shard_name(index, len(files))
+        output_file = shard_name(index, len(files))
         names = [name for name in backbone if checkpoint.tensors[name].file == file]
         shard = dict(checkpoint.load(names))
         save_file(shard, directory / output_file, metadata=SAFETENSORS_METADATA)
@@ -459,9 +263,9 @@ def _write_base(checkpoint: Checkpoint, backbone: set[str], directory: Path) -> 
         total_size += sum(tensor.numel() * tensor.element_size() for tensor in shard.values())
         del shard
     if len(files) > 1:
-        _write_index(directory, weight_map, total_size)
-    _write_json(directory / CONFIG_FILE, base_config_of_released(checkpoint.config))
-    _copy_tokenizer_files(checkpoint.directory, directory)
+        write_index(directory, weight_map, total_size)
+    write_json(directory / CONFIG_FILE, base_config_of_released(checkpoint.config))
+    copy_tokenizer_files(checkpoint.directory, directory)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -501,7 +305,7 @@ def export_official(
         ```
     """
     checkpoint = Checkpoint.read(base, "BASE")
-    layout = Qwen2Layout.from_config(_plain_qwen2_config(checkpoint.config, "BASE"), "BASE")
+    layout = Qwen2Layout.from_config(plain_qwen2_config(checkpoint.config, "BASE"), "BASE")
     layout.check_backbone(checkpoint.tensors, "BASE")
     adapter_config = _read_adapter_config(Path(adapter))
     mismatched = [
@@ -518,55 +322,32 @@ def export_official(
     except ValueError as error:
         raise ValueError(f"ADAPTER does not fit BASE: {error}") from error
     code_files = _check_modeling_files(modeling_files)
-    output = _check_output(output, [base, adapter], overwrite)
+    output = check_output(output, [base, adapter], overwrite)
 
     adapter_tensors = load_file(Path(adapter) / ADAPTER_WEIGHTS_FILE)
     released_tensors = {released: adapter_tensors[key] for released, (key, _) in names.items()}
-    with _staged_directory(output) as staging:
+    with staged_directory(output) as staging:
         files = checkpoint.files()
-        shard_names = {file: _shard_name(index, len(files) + 1) for index, file in enumerate(files, start=1)}
-        for file, shard_name in shard_names.items():
-            shutil.copyfile(checkpoint.directory / file, staging / shard_name)
-        parscale_shard = _shard_name(len(files) + 1, len(files) + 1)
+        shard_names = {file: shard_name(index, len(files) + 1) for index, file in enumerate(files, start=1)}
+        for file, copied_name in shard_names.items():
+            shutil.copyfile(checkpoint.directory / file, staging / copied_name)
+        parscale_shard = shard_name(len(files) + 1, len(files) + 1)
         save_file(released_tensors, staging / parscale_shard, metadata=SAFETENSORS_METADATA)
         weight_map = {name: shard_names[info.file] for name, info in checkpoint.tensors.items()}
         weight_map.update({name: parscale_shard for name in released_tensors})
         total_size = sum(info.nbytes for info in checkpoint.tensors.values())
         total_size += sum(tensor.numel() * tensor.element_size() for tensor in released_tensors.values())
-        _write_index(staging, weight_map, total_size)
-        _write_json(staging / CONFIG_FILE, released_config(checkpoint.config, adapter_config))
-        _copy_tokenizer_files(checkpoint.directory, staging)
+        write_index(staging, weight_map, total_size)
+        write_json(staging / CONFIG_FILE, released_config(checkpoint.config, adapter_config))
+        copy_tokenizer_files(checkpoint.directory, staging)
         for path in code_files:
             shutil.copyfile(path, staging / path.name)
     return output
 
 
-def released_config(base_config: dict, adapter_config: ParScaleConfig) -> dict:
-    """config.json of the released format for a Qwen2 base config and an adapter."""
-    config = dict(base_config)
-    # The authors' code runs on transformers 4.x, which reads rope_theta / rope_scaling / torch_dtype; configs saved by
-    # transformers 5 name them rope_parameters / dtype, and the old config class would fall back to its defaults.
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" not in config:
-        config["rope_theta"] = rope["rope_theta"]
-        scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
-        config["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
-    if "dtype" in config and "torch_dtype" not in config:
-        config["torch_dtype"] = config["dtype"]
-    config.update(
-        model_type=RELEASED_MODEL_TYPE,
-        architectures=list(RELEASED_ARCHITECTURES),
-        auto_map=dict(RELEASED_AUTO_MAP),
-        parscale_n=adapter_config.P,
-        parscale_n_tokens=adapter_config.prefix_length,
-        parscale_attn_smooth=adapter_config.smoothing,
-    )
-    return config
-
-
 def _read_adapter_config(directory: Path) -> ParScaleConfig:
     path = directory / ADAPTER_CONFIG_FILE
-    peft_type = _read_json(path, "ADAPTER").get("peft_type")
+    peft_type = read_json(path, "ADAPTER").get("peft_type")
     if peft_type != "PARSCALE":
         raise ValueError(f"ADAPTER {directory} is not a ParScale adapter: its peft_type is {peft_type!r}.")
     config = ParScaleConfig.from_pretrained(str(directory))
@@ -591,93 +372,12 @@ def _check_modeling_files(paths: Sequence[PathLike] | None) -> list[Path]:
     return paths
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# files
-
-
-def _plain_qwen2_config(config: dict, role: str) -> dict:
-    model_type = config.get("model_type")
-    if model_type == RELEASED_MODEL_TYPE:
-        raise ValueError(f"{role} is a released qwen2_parscale checkpoint; a plain Qwen2 checkpoint is needed here.")
-    if model_type != "qwen2":
-        raise ValueError(f"The released ParScale format is Qwen2-only; {role} has model_type {model_type!r}.")
-    return config
-
-
-def _shard_name(index: int, count: int) -> str:
-    return SINGLE_WEIGHTS_FILE if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
-
-
-def _write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(directory / WEIGHTS_INDEX_FILE, index)
-
-
-def _copy_tokenizer_files(source: Path, destination: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, destination / name)
-
-
-def _read_json(path: Path, role: str) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{role}: {path} does not exist.")
-    try:
-        with open(path, encoding="utf-8") as file:
-            content = json.load(file)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{role}: cannot read {path}: {error}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{role}: {path} is not a JSON object.")  # noqa: TRY004 (a bad file, reported as such)
-    return content
-
-
-def _write_json(path: Path, content: dict) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(content, file, indent=2, sort_keys=True)
-        file.write("\n")
-
-
 def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
 def _absolute(path: PathLike | None) -> str | None:
     return None if path is None else str(Path(path).resolve())
-
-
-def _check_output(output: PathLike, inputs: Sequence[PathLike | None], overwrite: bool) -> Path:
-    """The absolute output path, after refusing one that exists with content (unless `overwrite`) or holds an input."""
-    output = Path(output).resolve()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"OUT {output} exists and is not a directory.")
-    for path in inputs:
-        if path is not None and (Path(path).resolve() == output or output in Path(path).resolve().parents):
-            raise ValueError(f"OUT {output} would replace the input {path}: choose another OUT.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ValueError(
-            f"OUT {output} exists and is not empty: choose another OUT, or pass --overwrite to replace it."
-        )
-    return output
-
-
-@contextmanager
-def _staged_directory(output: Path) -> Iterator[Path]:
-    """Yield a new directory beside `output`; on success it replaces `output`, on failure it is removed."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        yield staging
-        staging.chmod(0o755)  # mkdtemp makes it private
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-            os.replace(output, retired / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # a no-op once renamed
 
 
 # ----------------------------------------------------------------------------------------------------------------

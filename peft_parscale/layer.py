@@ -78,7 +78,7 @@ class ParScaleLayer(BaseTunerLayer):
         return self.active_adapters[0]
 
 
-class _PrefixInFront:
+class _StandInPrefixCache:
     """Stands in for `past_key_values` when there is no cache: `update` returns [prefix; k] and [prefix; v]."""
 
     def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
@@ -218,7 +218,7 @@ class ParScaleAttention(nn.Module, ParScaleLayer):
         if kwargs.get(self.cache_argument) is None:
             # No cache here (see the module docstring): put the prefix in front of this call's keys/values.
             hidden_states = args[0] if args else kwargs[self._argument_names[0]]
-            kwargs[self.cache_argument] = _PrefixInFront(prefix_k, prefix_v)
+            kwargs[self.cache_argument] = _StandInPrefixCache(prefix_k, prefix_v)
             kwargs["attention_mask"] = mask_with_prefix(kwargs.get("attention_mask"), prefix_k.shape[2], hidden_states)
         elif self.sliding_window:
             # The prefix sits in the cache's first T slots, where transformers' sliding-window mask (which knows
@@ -279,7 +279,7 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         object.__setattr__(self, "_attention_layers", [])
         self.original_masks_for_generate = None  # set by ParScaleModel
         # Set by ParScaleModel: the length of the table the model looks its positions up in (GPT-2, CodeGen, GPT-J),
-        # or None. With a table the real tokens start at position T, and text prefixes are read at 0..T-1 (`init.py`).
+        # or None. With a table the real tokens start at position T, and text prefixes are read at 0..T-1 (`prefix_init.py`).
         self.position_table: int | None = None
         self.update_layer(adapter_name, config)
         self._active_adapter = adapter_name

@@ -14,7 +14,6 @@ import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .config import VALUE_HEAD_DIM, full_base_shape
 
 SECTION_START = "<!-- parscale:start -->"
 SECTION_END = "<!-- parscale:end -->"
@@ -26,9 +25,10 @@ def trainable_parameters(config) -> int | None:
     shape = config.base_shape
     if shape is None:
         return None
-    shape = full_base_shape(shape)
     prefixes = shape["num_hidden_layers"] * config.P * shape["num_key_value_heads"] * config.prefix_length
-    prefixes *= shape["head_dim"] + shape[VALUE_HEAD_DIM]  # keys and values
+    # keys and values; the values' size is recorded where it differs (config.VALUE_HEAD_DIM: this module cannot import
+    # config, which imports it)
+    prefixes *= shape["head_dim"] + shape.get("value_head_dim", shape["head_dim"])
     hidden = shape["hidden_size"]
     # Linear(P·H → H) and Linear(H → P), both with bias; a single stream needs no aggregator
     aggregator = (config.P * hidden * hidden + hidden + hidden * config.P + config.P) if config.P > 1 else 0
@@ -99,15 +99,13 @@ def keep_card_on_push_to_hub() -> None:
     """
     from peft import PeftModel
 
-    from .config import ParScaleConfig
-
     upload = PeftModel._upload_modified_files
     if getattr(upload, "keeps_parscale_card", False):
         return
 
     def upload_with_card(self, working_dir, *args, **kwargs):
         config = self.peft_config.get(self.active_adapter) if isinstance(self.active_adapter, str) else None
-        if isinstance(config, ParScaleConfig):
+        if getattr(config, "peft_type", None) == "PARSCALE":  # by type name: config.py imports this module
             self.create_or_update_model_card(working_dir)
             update_model_card(working_dir, config)
         return upload(self, working_dir, *args, **kwargs)

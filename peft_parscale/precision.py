@@ -1,12 +1,9 @@
 """Which floating-point format to train and evaluate in: bfloat16 where the hardware computes it natively, else float32.
 
 TRL trains under bfloat16 autocast by default, and ``parscale eval`` loads models in bfloat16. That is the right choice
-on GPUs with bfloat16 support and on CPUs with bfloat16 instructions (AVX512-BF16 or AMX), where it is about twice as
-fast as float32. On CPUs without them (AVX2-only x86 machines, most laptops) PyTorch emulates bfloat16, several times
-slower than float32. Measured on a 2-core Intel Xeon with AMX, for one forward pass of 4×256 tokens through
-Qwen2.5-Coder-0.5B (torch 2.13 CPU, 2026-11-30): 1.5-1.9 s under bfloat16 autocast, 3.8-4.0 s in float32; with the
-same machine restricted to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``): 64-76 s under bfloat16
-autocast, 10-19 s in float32.
+on GPUs with bfloat16 support and on CPUs with bfloat16 instructions (AVX512-BF16 or AMX), where it is faster than
+float32. On CPUs without them (AVX2-only x86 machines, most laptops) PyTorch emulates bfloat16, several times slower
+than float32 (BENCHMARKS.md, "bfloat16 or float32 on a CPU", has the timings).
 
 So the quickstart, ``parscale sft`` and ``parscale eval`` take their default from the hardware, and an explicit
 setting (``--bf16``/``--no-bf16``, ``--dtype``) always wins.

@@ -17,10 +17,10 @@ from transformers import GenerationConfig
 
 # The longest scan `cumulative_sum` hands to the compiler. Inductor splits a scan over several thread blocks (its
 # `SplitScan`) only when the scanned dimension is longer than 8192 and there are fewer rows than twice the GPU's
-# multiprocessors (`Reduction.num_splits`, `reduction_split_factor`). That code generation failed with torch 2.11 on
-# an H200 for 160 rows of Qwen2.5's 151,936 logits ("list indices must be integers or slices, not NoneType"). Scans
-# of at most 1024 entries are never split, whatever the number of rows, and two levels of them cover a vocabulary of
-# up to 1024² = 1,048,576 tokens.
+# multiprocessors (`Reduction.num_splits`, `reduction_split_factor`), and that code generation failed for a
+# vocabulary-sized scan on a GPU (BENCHMARKS.md, "Code changed after the GPU runs"). Scans of at most 1024 entries are
+# never split, whatever the number of rows, and two levels of them cover a vocabulary of up to 1024² = 1,048,576
+# tokens.
 SCAN_CHUNK = 1024
 
 

@@ -22,13 +22,14 @@ from typing import Literal
 
 from accelerate.commands.launch import launch_command, launch_command_parser
 from peft import PeftConfig
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
 from peft_parscale.config import ParScaleConfig
-from peft_parscale.init import init_prefixes_from_token_ids
 from peft_parscale.model_card import update_model_card
 from peft_parscale.precision import bf16_is_native
+from peft_parscale.prefix_init import init_prefixes_from_token_ids
 
 # The ParScaleConfig fields a user sets (PeftConfig's own fields and the auto-filled base_shape are not flags); the
 # flags are generated from them, so their defaults and help texts have one source.
@@ -55,6 +56,15 @@ ParScaleArguments = dataclasses.make_dataclass(
     ],
 )
 ParScaleArguments.__doc__ = "The adapter `parscale sft` trains, and the ParScaleConfig fields (generated from it)."
+
+
+# every sdpa kernel but cuDNN's (see ParScaleSFTTrainer.train)
+SDPA_BACKENDS_FOR_TRAINING = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+    SDPBackend.OVERRIDEABLE,
+]
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -94,7 +104,10 @@ class ParScaleSFTTrainer(SFTTrainer):
     section.
 
     With ``ParScaleConfig(prefix_init="text")`` and no ``prefix_init_text``, stream p's prefixes start as the base
-    model's keys/values of the first T tokens of the p-th training row of at least T tokens (see ``init.py``).
+    model's keys/values of the first T tokens of the p-th training row of at least T tokens (see ``prefix_init.py``).
+
+    ``train()`` runs with every sdpa kernel but cuDNN's, whose backward can return NaN gradients under explicit masks
+    on Hopper GPUs (see ``train``).
 
     TRL writes README.md from its own template whenever it creates the card (at each checkpoint, and in
     ``push_to_hub`` after the adapter has been saved), which drops what ``ParScaleConfig.save_pretrained`` merged in.
@@ -123,9 +136,19 @@ class ParScaleSFTTrainer(SFTTrainer):
         if texts_from_data:
             config = self.model.active_peft_config
             init_prefixes_from_token_ids(
-                self.model, training_windows(self.train_dataset, config.P, config.prefix_length)
+                self.model, prefix_init_windows(self.train_dataset, config.P, config.prefix_length)
             )
             config.prefix_init = "text"
+
+    def train(self, *args, **kwargs):
+        # On Hopper GPUs torch >= 2.11 prefers cuDNN's attention, whose backward returns NaN query gradients when an
+        # explicit mask is passed, the key length is 64 more than a multiple of 128, and a row's log-sum-exp is below
+        # ln(FLT_MAX) (pytorch/pytorch#196678; Qwen2.5's massive-activation heads reach it, huggingface/trl#7181).
+        # Training here passes explicit masks whenever the batch is padded or packed (the prefix columns are added to
+        # them), and the key length varies with the prefix and the data. So training runs with every sdpa kernel
+        # but cuDNN's; the flag is restored afterwards.
+        with sdpa_kernel(SDPA_BACKENDS_FOR_TRAINING):
+            return super().train(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs) -> None:
         super().create_model_card(*args, **kwargs)
@@ -134,7 +157,7 @@ class ParScaleSFTTrainer(SFTTrainer):
             update_model_card(self.args.output_dir, config)
 
 
-def training_windows(dataset, num_streams: int, prefix_length: int) -> list[list[int]]:
+def prefix_init_windows(dataset, num_streams: int, prefix_length: int) -> list[list[int]]:
     """The first `prefix_length` token ids of the first `num_streams` rows with at least that many, of a training
     dataset as ``SFTTrainer`` prepared it (``Dataset`` or ``IterableDataset``).
 

@@ -62,7 +62,7 @@ def signed(value: float, digits: int = 4) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RESULTS.md: the stream sweep (examples/stream_sweep.py, results/stream-sweep/)
+# RESULTS.md: the stream sweep (experiments/stream_sweep.py, results/stream-sweep/)
 
 SWEEP = RESULTS / "stream-sweep"
 
@@ -195,7 +195,7 @@ def two_gpus() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RESULTS.md: the recycling ablation (examples/recycling_ablation.py, results/recycling-ablation/)
+# RESULTS.md: the recycling ablation (experiments/recycling_ablation.py, results/recycling-ablation/)
 
 
 def recycling_ablation() -> str:
@@ -241,7 +241,7 @@ def recycling_ablation() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RESULTS.md: the first scaling runs (examples/scaling_experiment.py, results/scaling*/)
+# RESULTS.md: the first scaling runs (experiments/scaling_experiment.py, results/scaling*/)
 
 # The learning rate of each run directory: the experiment's default then, and the further run's --learning-rate.
 SCALING_RUNS = {"scaling": 1e-3, "scaling-lr5e-3": 5e-3}

@@ -1,4 +1,4 @@
-"""Tiny models for the tests, and an independent ParScale reference written plainly from the paper's semantics.
+"""Helpers for the tests, and an independent ParScale reference written plainly from the paper's semantics.
 
 The reference does not use transformers' modeling code nor the package: it reads the weights and runs every stream of
 every sequence on its own, with explicit attention over [prefix; keys], explicit rotary embeddings and an explicit
@@ -10,60 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from tiny_models import VOCAB
 from trl import SFTConfig
 
-from peft_parscale.testing import tiny_tokenizer  # noqa: F401  (re-exported for the tests)
-
-VOCAB = 97
 LENGTH = 24  # tokens per training window in the TRL tests
-COMMON = {
-    "vocab_size": VOCAB,
-    "hidden_size": 48,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 6,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
-ARCHITECTURES = {
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16, "attention_bias": False}),
-    "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None, "head_dim": 8}),
-}
-
-
-def tiny_model(
-    architecture: str = "qwen2",
-    attn_implementation: str = "sdpa",
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    **overrides,
-):
-    """A tiny random model; the same weights in any `dtype` (drawn in float32, then converted)."""
-    config_cls, model_cls, extra = ARCHITECTURES[architecture]
-    torch.manual_seed(seed)
-    config = config_cls(**{**COMMON, **extra, **overrides}, attn_implementation=attn_implementation)
-    model = model_cls(config).eval()
-    with torch.no_grad():  # larger-than-default weights, so that mistakes show in the logits
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.uniform_(0.5, 1.5)
-            else:
-                parameter.normal_(0.0, 0.1)
-    return model.to(dtype)
 
 
 def randomize_adapter(model, seed: int = 1, scale: float = 0.5) -> None:

@@ -1,6 +1,6 @@
 """The README's support table, rendered from the results of the test run that proves it.
 
-`tests/test_architectures.py` runs every architecture of `tests/architectures.py` with each attention implementation;
+`tests/test_architectures.py` runs every architecture of `tests/tiny_models.py` with each attention implementation;
 each of its tests proves one cell (training, cached generation or static cache). A run records every test's outcome,
 with the versions and device it ran on, in `results/support/<run>.json` (committed). The table is rendered from those
 files only: a cell is ✓ when its tests passed in some run and failed in none, ✗ when one failed, "n/a" when they were
@@ -44,7 +44,7 @@ GPU_RUN = "PARSCALE_TEST_DEVICE=cuda PARSCALE_TEST_FLEX=1 python -m tests.suppor
 DEVICE_LIMIT = "the plain model fails too on "
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from architectures import ARCHITECTURES
+from tiny_models import ARCHITECTURES
 
 
 def load_runs(directory: pathlib.Path = RESULTS) -> dict[str, dict]:

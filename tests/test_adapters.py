@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
-from reference import ARCHITECTURES, VOCAB, randomize_adapter, tiny_model
+from reference import randomize_adapter
 from safetensors.torch import load_file, save_file
+from tiny_models import REFERENCE_ARCHITECTURES, VOCAB, tiny_model
 
 import peft_parscale  # noqa: F401
 from peft_parscale import ParScaleConfig, ParScaleModel
@@ -288,7 +289,7 @@ def test_missing_adapter_file_fails_loudly_and_changes_nothing(tmp_path):
 # Architectures
 
 
-@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", list(REFERENCE_ARCHITECTURES))
 def test_supported_architectures(architecture):
     model = get_peft_model(tiny_model(architecture), ParScaleConfig(P=2, prefix_length=4))
     assert logits(model).shape == (2, 7, VOCAB)

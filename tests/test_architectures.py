@@ -1,4 +1,4 @@
-"""Every architecture of the README's support table (`tests/architectures.py`), with sdpa and eager attention.
+"""Every architecture of the README's support table (`tests/tiny_models.py`), with sdpa and eager attention.
 
 For each one, a fresh text-initialised adapter equals an explicit oracle written here (the plain transformers model
 run P times over [text_p ; x], the paper's aggregation, the LM head), with and without a cache, on a left-padded
@@ -20,9 +20,9 @@ import os
 
 import pytest
 import torch
-from architectures import ARCHITECTURES, SLIDING, tiny_model
 from peft import get_peft_model
 from reference import positions_from_mask, randomize_aggregator, relative_error
+from tiny_models import ARCHITECTURES, SLIDING, tiny_model
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)

@@ -21,14 +21,8 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from reference import (
-    adapter_tensors,
-    left_padded_batch,
-    positions_from_mask,
-    reference_logits,
-    relative_error,
-    tiny_model,
-)
+from reference import adapter_tensors, left_padded_batch, positions_from_mask, reference_logits, relative_error
+from tiny_models import tiny_model
 from torch.nn.attention.bias import CausalBias
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)

@@ -5,7 +5,13 @@ import sysconfig
 
 import pytest
 
-from peft_parscale.data import is_heldout, python_packages_corpus, python_stdlib_corpus
+from peft_parscale.data import (
+    document_windows,
+    is_heldout,
+    packed_windows,
+    python_packages_corpus,
+    python_stdlib_corpus,
+)
 
 GENERATED = [f"gen/module_{index:03d}.py" for index in range(200)]  # enough files for every split to get some
 KEPT = [
@@ -115,3 +121,16 @@ def test_stdlib_corpus_keeps_its_two_way_split(tmp_path):
     assert list(corpus) == ["train", "test"]
     assert set(corpus["test"]["path"]) == {path for path in KEPT if is_heldout(path, 10)}
     assert set(corpus["train"]["path"]) == {path for path in KEPT if not is_heldout(path, 10)}
+
+
+def test_windows_are_cut_per_document_or_packed():
+    documents = [[1, 2, 3, 4, 5], [6], [7, 8, 9]]
+    # per document: windows of 2; a 1-token tail predicts nothing and is dropped, a 2-token one is kept
+    assert document_windows(documents, 2) == [[1, 2], [3, 4], [7, 8]]
+    assert document_windows(documents, 3) == [[1, 2, 3], [4, 5], [7, 8, 9]]
+    assert document_windows(documents, 3, min_length=3) == [[1, 2, 3], [7, 8, 9]]  # full windows only
+    # packed: the documents joined by end-of-text (0) into 12 tokens, cut into windows; a shorter tail is dropped
+    assert packed_windows(documents, 0, 4) == [[1, 2, 3, 4], [5, 0, 6, 0], [7, 8, 9, 0]]
+    assert packed_windows(documents, 0, 5) == [[1, 2, 3, 4, 5], [0, 6, 0, 7, 8]]  # [9, 0] dropped
+    with pytest.raises(ValueError, match="at least 2"):
+        document_windows(documents, 1)

@@ -15,10 +15,9 @@ from reference import (
     randomize_adapter,
     reference_greedy,
     reference_logits,
-    tiny_model,
-    tiny_tokenizer,
     training_args,
 )
+from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoTokenizer
 from trl import SFTTrainer
 

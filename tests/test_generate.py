@@ -5,14 +5,8 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from reference import (
-    adapter_tensors,
-    left_padded_batch,
-    positions_from_mask,
-    randomize_adapter,
-    reference_greedy,
-    tiny_model,
-)
+from reference import adapter_tensors, left_padded_batch, positions_from_mask, randomize_adapter, reference_greedy
+from tiny_models import tiny_model
 
 import peft_parscale  # noqa: F401
 from peft_parscale import ParScaleConfig

@@ -19,9 +19,9 @@ from reference import (
     randomize_adapter,
     reference_greedy,
     reference_logits,
-    tiny_model,
 )
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)

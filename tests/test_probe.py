@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from architectures import tiny_model
 from peft import get_peft_model
 from reference import positions_from_mask
 from test_architectures import (
@@ -22,11 +21,12 @@ from test_architectures import (
     text_ids,
     worst_error_against_oracle,
 )
+from tiny_models import tiny_model
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
 from peft_parscale import ParScaleConfig, init_prefixes_from_token_ids
+from peft_parscale.architecture import _cached_shape, describe_architecture
 from peft_parscale.layer import ParScaleStreams
-from peft_parscale.model import _cached_shape, describe_architecture
 from peft_parscale.probe import Probe
 
 ROTARY_TABLES = ["CodeGen (rotary angles from a table)", "GPT-J (rotary angles from a table)"]

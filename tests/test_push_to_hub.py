@@ -17,8 +17,9 @@ from datasets import Dataset
 from hub_recorder import RecordingHub
 from huggingface_hub import constants, hf_api
 from peft import PeftModel, get_peft_model
-from reference import VOCAB, randomize_adapter, tiny_model, tiny_tokenizer
+from reference import randomize_adapter
 from safetensors.torch import load as load_safetensors
+from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 from trl import SFTConfig
 
 import peft_parscale  # noqa: F401

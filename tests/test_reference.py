@@ -6,16 +6,14 @@ import pytest
 import torch
 from peft import get_peft_model
 from reference import (
-    ARCHITECTURES,
-    VOCAB,
     adapter_tensors,
     assert_logits_match,
     left_padded_batch,
     positions_from_mask,
     randomize_adapter,
     reference_logits,
-    tiny_model,
 )
+from tiny_models import REFERENCE_ARCHITECTURES, VOCAB, tiny_model
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
 from peft_parscale import ParScaleConfig
@@ -53,7 +51,7 @@ def check_left_padded_batch(architecture, attn_implementation, lengths, dtype=to
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", list(REFERENCE_ARCHITECTURES))
 def test_left_padded_logits_match_reference(architecture, attn_implementation):
     check_left_padded_batch(architecture, attn_implementation, [7, 3, 5])
 
@@ -66,7 +64,7 @@ def test_flex_attention_matches_reference():
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", list(REFERENCE_ARCHITECTURES))
 def test_unpadded_logits_match_reference(architecture, attn_implementation):
     model, reference, adapter = build(architecture, attn_implementation)
     input_ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
@@ -120,7 +118,7 @@ def test_reference_detects_a_wrong_stream_order():
     ).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", list(REFERENCE_ARCHITECTURES))
 def test_disabled_adapter_is_the_base_model_bitwise(architecture):
     model, reference, _ = build(architecture, "sdpa")
     input_ids, attention_mask = left_padded_batch([6, 3])

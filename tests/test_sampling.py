@@ -21,7 +21,8 @@ import pytest
 import test_generate
 import torch
 from peft import get_peft_model
-from reference import left_padded_batch, randomize_adapter, tiny_model, tiny_tokenizer
+from reference import left_padded_batch, randomize_adapter
+from tiny_models import tiny_model, tiny_tokenizer
 from torch._dynamo.utils import counters
 from transformers import GenerationConfig
 

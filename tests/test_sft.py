@@ -13,17 +13,9 @@ import torch
 import yaml
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from reference import (
-    LENGTH,
-    adapter_tensors,
-    assert_logits_match,
-    randomize_adapter,
-    reference_logits,
-    tiny_model,
-    tiny_tokenizer,
-    training_args,
-)
+from reference import LENGTH, adapter_tensors, assert_logits_match, randomize_adapter, reference_logits, training_args
 from safetensors.torch import load_file
+from tiny_models import tiny_model, tiny_tokenizer
 from trl import ModelConfig, SFTTrainer
 
 import peft_parscale  # noqa: F401
@@ -196,6 +188,32 @@ def test_trl_dataset_formats_train_on_exactly_the_right_tokens(tmp_path, kind):
     trainer.train()
     changed = [not torch.equal(p, adapter_before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert all(changed)
+
+
+def test_training_leaves_cudnn_attention_out_and_restores_it(tmp_path):
+    from transformers import TrainerCallback
+
+    class RecordCudnnAttention(TrainerCallback):
+        seen: list[bool] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+
+    dataset, extra = dataset_of_kind("packed-text")
+    trainer = make_trainer(
+        tmp_path, dataset, trainer_cls=ParScaleSFTTrainer, max_steps=2, per_device_train_batch_size=2, **extra
+    )
+    trainer.add_callback(RecordCudnnAttention)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the default this test needs in order to be able to fail
+    trainer.train()
+    assert RecordCudnnAttention.seen == [False, False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    # a plain SFTTrainer keeps torch's default: what the override changes
+    plain = make_trainer(tmp_path / "plain", dataset, max_steps=1, per_device_train_batch_size=2, **extra)
+    RecordCudnnAttention.seen = []
+    plain.add_callback(RecordCudnnAttention)
+    plain.train()
+    assert RecordCudnnAttention.seen == [True]
 
 
 def test_resume_from_checkpoint_ends_at_the_uninterrupted_adapter(tmp_path):

@@ -9,8 +9,8 @@ import os
 import pytest
 import support_table
 import transformers
-from architectures import ARCHITECTURES
 from conftest import SUPPORT_RESULTS
+from tiny_models import ARCHITECTURES
 
 ON_CPU = os.environ.get("PARSCALE_TEST_DEVICE", "cpu") == "cpu"  # as test_architectures.py runs
 

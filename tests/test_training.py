@@ -3,7 +3,8 @@
 import pytest
 import torch
 from peft import get_peft_model
-from reference import VOCAB, left_padded_batch, positions_from_mask, randomize_adapter, tiny_model
+from reference import left_padded_batch, positions_from_mask, randomize_adapter
+from tiny_models import VOCAB, tiny_model
 
 import peft_parscale  # noqa: F401
 from peft_parscale import ParScaleConfig

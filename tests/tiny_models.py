@@ -1,14 +1,18 @@
-"""Tiny random models of every architecture in the README's support table, built from their transformers configs.
+"""The tests' tiny random models, built from their transformers configs, and the tiny tokenizer they read.
 
-Each entry names a model type and the config fields that make it tiny (2 layers, hidden size 48, the vocabulary of
-`tiny_tokenizer()`) while keeping what makes the architecture itself: its module layout, its cache argument, its
-position scheme (rotary, partial rotary, NoPE layers, Llama-3 rope scaling, learned absolute positions), its
-attention variant (grouped-query, multi-query, Falcon-40B's broadcast heads), sliding-window and alternating layers,
-logit soft-capping and scaling, mixtures of experts. Dropout is off everywhere, so training mode computes what
-evaluation mode does.
+Two sets, one `tiny_model`:
 
-`tests/test_architectures.py` runs the same tests over all of them; `tests/support_table.py` renders the README's
-table from those tests' results.
+- `REFERENCE_ARCHITECTURES`: the four architectures the plain reference implementation (`tests/reference.py`)
+  computes (Qwen2, Qwen3, Llama, Mistral), with a vocabulary of `VOCAB` ids; most tests run on these.
+- `ARCHITECTURES`: every architecture in the README's support table. Each entry names a model type and the config
+  fields that make it tiny (2 layers, hidden size 48, the vocabulary of `tiny_tokenizer()`) while keeping what makes
+  the architecture itself: its module layout, its cache argument, its position scheme (rotary, partial rotary, NoPE
+  layers, Llama-3 rope scaling, learned absolute positions), its attention variant (grouped-query, multi-query,
+  Falcon-40B's broadcast heads), sliding-window and alternating layers, logit soft-capping and scaling, mixtures of
+  experts. `tests/test_architectures.py` runs the same tests over all of them; `tests/support_table.py` renders the
+  README's table from those tests' results.
+
+Dropout is off everywhere, so training mode computes what evaluation mode does.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from peft_parscale.testing import tiny_tokenizer
+from peft_parscale.testing import tiny_tokenizer  # noqa: F401  (the tests take it from here, with the models)
 
-VOCAB = len(tiny_tokenizer())
+VOCAB = 97  # the reference architectures' vocabulary
+TOKENIZER_VOCAB = len(tiny_tokenizer())  # the support table's: the tiny tokenizer's ids
 WINDOW = 16  # sliding windows in the oracle tests: longer than any [text ; input] there (6 + 7 tokens)
 
 LLAMA_LIKE = {
@@ -44,6 +49,26 @@ class Arch:
     sliding: bool = False  # has sliding-window layers (tested past the window too)
 
 
+REFERENCE_LIKE = {
+    "vocab_size": VOCAB,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+REFERENCE_ARCHITECTURES = {
+    arch.name: arch
+    for arch in [
+        Arch("qwen2", "qwen2", REFERENCE_LIKE),
+        Arch("qwen3", "qwen3", {**REFERENCE_LIKE, "head_dim": 16, "attention_bias": False}),
+        Arch("llama", "llama", {**REFERENCE_LIKE, "tie_word_embeddings": True}),
+        Arch("mistral", "mistral", {**REFERENCE_LIKE, "sliding_window": None, "head_dim": 8}),
+    ]
+}
 ARCHITECTURES = {
     arch.name: arch
     for arch in [
@@ -182,8 +207,8 @@ SLIDING = [name for name, arch in ARCHITECTURES.items() if arch.sliding]
 
 
 def tiny_config(name: str, attn_implementation: str = "sdpa", **overrides):
-    arch = ARCHITECTURES[name]
-    settings = {"vocab_size": VOCAB, "bos_token_id": None, "eos_token_id": None, **arch.config, **overrides}
+    arch = REFERENCE_ARCHITECTURES.get(name) or ARCHITECTURES[name]
+    settings = {"vocab_size": TOKENIZER_VOCAB, "bos_token_id": None, "eos_token_id": None, **arch.config, **overrides}
     config = AutoConfig.for_model(arch.model_type, **settings)
     for key, value in list(vars(config).items()):  # no dropout anywhere
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
@@ -192,8 +217,16 @@ def tiny_config(name: str, attn_implementation: str = "sdpa", **overrides):
     return config
 
 
-def tiny_model(name: str, attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32, **overrides):
-    """A tiny random model of architecture `name`; weights larger than the default init, so that mistakes show."""
+def tiny_model(
+    name: str = "qwen2",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+):
+    """A tiny random model of architecture `name` (a key of `REFERENCE_ARCHITECTURES` or `ARCHITECTURES`); weights
+    larger than the default init, so that mistakes show in the logits, and the same weights in any `dtype` (drawn in
+    float32, then converted)."""
     config = tiny_config(name, attn_implementation, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()

