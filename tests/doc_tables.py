@@ -32,7 +32,11 @@ from collections.abc import Callable
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 DOCUMENTS = [ROOT / "README.md", ROOT / "RESULTS.md", ROOT / "BENCHMARKS.md"]
-MARKER = re.compile(r"<!-- table:(?P<name>[\w-]+)(?P<arguments>[^>]*?) -->\n(?P<body>.*?)<!-- /table -->", re.DOTALL)
+# A marker may be indented (a table inside a list item): the table's lines then get the same indentation.
+MARKER = re.compile(
+    r"^(?P<indent> *)<!-- table:(?P<name>[\w-]+)(?P<arguments>[^>]*?) -->\n(?P<body>.*?)^(?P=indent)<!-- /table -->",
+    re.DOTALL | re.MULTILINE,
+)
 
 sys.path.insert(0, str(ROOT))  # benchmarks/ (a package at the root)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # support_table, architectures
@@ -299,6 +303,20 @@ def scaling_learning_rates() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# RESULTS.md: an experiment's own rendering of its results
+
+
+def report(path: str) -> str:
+    """The tables an experiment's `--report` rendered from its raw results (`results.md`, beside the `results.json`
+    whose "table" it is: experiments/humaneval_experiment.py)."""
+    rendered = (ROOT / path).read_text()
+    recorded = read_json((ROOT / path).with_name("results.json"))["table"] + "\n"
+    if rendered != recorded:
+        raise ValueError(f"{path} is not the table of its results.json: run the experiment's --report again")
+    return rendered
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # RESULTS.md: where a fresh text-initialised adapter starts (examples/initial_loss.py, results/initial-loss/)
 
 
@@ -493,6 +511,21 @@ def benchmark_scaling(device: str) -> str:
     return markdown(header, ["---"] * 10, rows)
 
 
+def benchmark_sampling(device: str) -> str:
+    """HumanEval's sampling workload (benchmarks/sampling.py): completions per second of each mode, by P, and the
+    first call's time of the compiled fast path (its compilation)."""
+    found = {(r["P"], r["mode"]): r for r in benchmark_records(device) if r.get("suite") == "sampling"}
+    modes = ("generate", "fast_uncompiled", "fast")
+    rows = []
+    for P in sorted({P for P, _ in found}):
+        rates = [f"{found[P, mode]['completions_per_s']:.3g}" if (P, mode) in found else "–" for mode in modes]
+        rates[-1] = f"**{rates[-1]}**"
+        compiled = found.get((P, "fast"))
+        rows.append([str(P), *rates, f"{compiled['warmup_s']:.1f} s" if compiled else "–"])
+    header = ["P", "`generate`", "fast path, step uncompiled", "fast path, compiled", "compilation (first call)"]
+    return markdown(header, ["---", "---:", "---:", "---:", "---:"], rows)
+
+
 def training_records(device: str) -> dict[tuple, dict]:
     """(shape, P, compile) -> the latest plain training record (sequence 2048, no gradient checkpointing)."""
     found = {}
@@ -602,8 +635,10 @@ TABLES: dict[str, Callable[..., str]] = {
     "scaling": scaling,
     "scaling-learning-rates": scaling_learning_rates,
     "initial-loss": initial_loss,
+    "report": report,
     "benchmark-targets": benchmark_targets,
     "benchmark-scaling": benchmark_scaling,
+    "benchmark-sampling": benchmark_sampling,
     "benchmark-training": benchmark_training,
     "benchmark-training-changes": benchmark_training_changes,
 }
@@ -621,8 +656,9 @@ def render(text: str) -> str:
     """A document with every marked table rendered again."""
 
     def fill(match: re.Match) -> str:
-        table = render_table(match["name"], match["arguments"])
-        return f"<!-- table:{match['name']}{match['arguments']} -->\n{table}<!-- /table -->"
+        indent = match["indent"]
+        table = "".join(indent + line for line in render_table(match["name"], match["arguments"]).splitlines(True))
+        return f"{indent}<!-- table:{match['name']}{match['arguments']} -->\n{table}{indent}<!-- /table -->"
 
     return MARKER.sub(fill, text)
 
