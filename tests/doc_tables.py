@@ -321,23 +321,27 @@ def report(path: str) -> str:
 
 
 def initial_loss(file: str) -> str:
+    """The base model, then each kind of stream text and P: the fresh adapter's validation loss, its difference to the
+    base model's, and (texts ending with a boundary) to the same P without one, each ± the standard error of the
+    per-window differences (every window has the same length)."""
     results = read_json(RESULTS / "initial-loss" / file)
-    summary = results["summary"]
-    rows = [["base (no adapter)", "-", f"{summary['base']['loss']:.4f}", "-"]]
-    for name, values in summary.items():
+    per_window, summary = results["per_window"], results["summary"]
+
+    def paired(name: str, reference: str) -> str:
+        differences = [a - b for a, b in zip(per_window[name], per_window[reference])]
+        mean = sum(differences) / len(differences)
+        deviation = (sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)) ** 0.5
+        return f"{signed(mean)} ± {deviation / len(differences) ** 0.5:.4f}"
+
+    rows = [["base (no adapter)", "-", f"{summary['base']['loss']:.4f}", "-", "-"]]
+    for name in summary:
         if name == "base":
             continue
         kind, P = name.rsplit(" P=", 1)
-        rows.append(
-            [
-                kind,
-                P,
-                f"{values['loss']:.4f}",
-                f"{signed(values['minus_base'])} ± {values['minus_base_standard_error']:.4f}",
-            ]
-        )
-    header = ["stream text", "P", "validation loss, fresh adapter", "minus base ± standard error"]
-    return markdown(header, ["---", "---:", "---:", "---:"], rows)
+        versus_window = paired(name, f"window P={P}") if kind != "window" else "-"
+        rows.append([kind, P, f"{summary[name]['loss']:.4f}", paired(name, "base"), versus_window])
+    header = ["stream text", "P", "validation loss, fresh adapter", "minus base", "minus `window` (same P)"]
+    return markdown(header, ["---", "---:", "---:", "---:", "---:"], rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
