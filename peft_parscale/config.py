@@ -55,15 +55,16 @@ class ParScaleConfig(PeftConfig):
             (paper, Appendix A).
         prefix_init: How a new adapter's prefixes start. ``"random"``: normal with std ``init_std``. ``"text"``:
             stream p's prefix in every layer is the frozen model's own post-rotary keys/values of the first
-            ``prefix_length`` tokens of ``prefix_init_text[p]``, computed at positions -T..-1, so a fresh ``P=1``
-            adapter is exactly the base model having read that text first (see ``prefix_init.py``). Like PEFT's
+            ``prefix_length - 1`` tokens of ``prefix_init_text[p]`` and a document boundary (the tokenizer's BOS, or
+            EOS, token), computed at positions -T..-1, so a fresh ``P=1`` adapter is exactly the base model having
+            read that text first (see ``prefix_init.py``). Like PEFT's
             ``PromptTuningInit.TEXT``. ``ParScaleSFTTrainer`` and ``parscale sft`` take the texts from the training
             data when ``prefix_init_text`` is not given; ``get_peft_model`` needs them. ``"text"`` trains to a lower
             loss at every learning rate tried (RESULTS.md) and is what ``parscale sft``, the recipes and the
             quickstart use; the field's default stays ``"random"`` because a config alone has no text to read, as
             with PEFT's ``PromptTuningConfig``.
         prefix_init_text: With ``prefix_init="text"``: ``P`` texts, one per stream, each at least
-            ``prefix_length`` tokens long (tokenised without special tokens).
+            ``prefix_length - 1`` tokens long (tokenised without special tokens).
         tokenizer_name_or_path: The tokenizer of ``prefix_init_text`` (loaded with ``AutoTokenizer``).
         base_shape: Dimensions of the base model the adapter was built for, filled in when the adapter is created.
             Loading the adapter onto a model with other dimensions raises a ``ValueError`` naming them.

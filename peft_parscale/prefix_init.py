@@ -8,6 +8,8 @@ them: a fresh P=1 adapter *is* the base model reading that text first, and a fre
 aggregator output layer weighs the streams uniformly, averages the final hidden states of P such runs. A model that
 looks its positions up in a table (GPT-2, CodeGen, GPT-J) has no negative positions: there the text is read at
 0..T-1, and ParScale starts the real tokens at T (`ParScaleStreams.first_position`), which is exact in the same way.
+A text read from a tokenizer ends with a document boundary (`document_boundary`): its first T - 1 tokens, then the
+tokenizer's BOS (or EOS) token, so that the input reads as a new document rather than as the text's continuation.
 
 This is PEFT's ``PromptTuningInit.TEXT`` one step further: prompt tuning starts its virtual tokens from a text's
 input embeddings; ParScale's prefixes live in every layer, so they start from the text's keys/values in every layer.
@@ -47,9 +49,11 @@ def init_prefixes_from_text(
 ) -> None:
     """Set every prefix of an adapter to the frozen model's keys/values of real text: stream p reads `texts[p]`.
 
-    Each text is tokenised with ``tokenizer(text, add_special_tokens=False)`` and its first T (``prefix_length``)
-    tokens are used. `texts` must hold exactly P strings of at least T tokens each; otherwise a `ValueError` is raised
-    and nothing changes. Only the named adapter (default: the active one) changes; the aggregator is left as it is.
+    Each text is tokenised with ``tokenizer(text, add_special_tokens=False)``; stream p reads its first T − 1 tokens
+    (T: ``prefix_length``), then a document boundary (`document_boundary`), so that the input after the prefix reads
+    as the start of a new document. `texts` must hold exactly P strings of at least T − 1 tokens each; otherwise a
+    `ValueError` is raised and nothing changes. Only the named adapter (default: the active one) changes; the
+    aggregator is left as it is.
 
     Args:
         model: A model with ParScale adapters (a `PeftModel`, or the model PEFT injected them into).
@@ -122,11 +126,33 @@ def base_model_keys_and_values(
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def document_boundary(tokenizer: Any) -> int:
+    """The token each stream's text ends with: the tokenizer's BOS token (a document's start), or its EOS token where
+    it has none. Read with no boundary, the model takes the text for the beginning of the input's own document, and a
+    fresh adapter starts above the base model; with one it starts at it (RESULTS.md, "Where does a fresh
+    text-initialised adapter start?"). `ValueError` if the tokenizer has neither token."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+    boundary = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if boundary is None:
+        raise ValueError(
+            "prefix_init='text' ends each stream's text with the tokenizer's BOS or EOS token, and this tokenizer has "
+            "neither: give the token ids yourself with init_prefixes_from_token_ids."
+        )
+    return boundary
+
+
+def with_boundary(windows: torch.Tensor, boundary: int) -> torch.Tensor:
+    """(P, T − 1) token ids and a last column of `boundary`: (P, T)."""
+    return torch.cat([windows, windows.new_full((windows.shape[0], 1), boundary)], dim=1)
+
+
 def _text_token_ids(tokenizer: Any, texts: Sequence[str], num_streams: int, prefix_length: int) -> torch.Tensor:
-    """The first `prefix_length` token ids of each of `num_streams` texts, (P, T); `ValueError` for bad texts."""
+    """Each of `num_streams` texts' first `prefix_length` − 1 token ids and the document boundary, (P, T);
+    `ValueError` for bad texts."""
     check_prefix_texts(texts, num_streams)
+    boundary = document_boundary(tokenizer)
     token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    return _check_token_ids(token_ids, num_streams, prefix_length, vocabulary_size=None)
+    return with_boundary(_check_token_ids(token_ids, num_streams, prefix_length - 1, vocabulary_size=None), boundary)
 
 
 def config_token_ids(config: ParScaleConfig) -> torch.Tensor:
@@ -163,8 +189,8 @@ def _check_token_ids(token_ids: Any, num_streams: int, prefix_length: int, vocab
     short = [stream for stream, length in enumerate(lengths) if length is None or length < prefix_length]
     if short:
         raise ValueError(
-            f"Every stream's text needs at least prefix_length={prefix_length} tokens; stream(s) {short} have "
-            f"{[lengths[stream] for stream in short]}."
+            f"Every stream's text needs at least {prefix_length} tokens (prefix_length, less the document boundary "
+            f"where the text is read with a tokenizer); stream(s) {short} have {[lengths[stream] for stream in short]}."
         )
     windows = [list(row[:prefix_length]) for row in token_ids]
     if not all(isinstance(token, int) and not isinstance(token, bool) for row in windows for token in row):

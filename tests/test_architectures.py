@@ -51,7 +51,10 @@ TOLERANCE = 2e-5
 
 
 def text_ids(text: str) -> torch.Tensor:
-    return torch.tensor(TOKENIZER(text, add_special_tokens=False)["input_ids"][:T], device=DEVICE)
+    """A stream's text as the model reads it: its first T - 1 tokens, then a document boundary (the tiny tokenizer
+    has no BOS token: its EOS token)."""
+    ids = TOKENIZER(text, add_special_tokens=False)["input_ids"][: T - 1] + [TOKENIZER.eos_token_id]
+    return torch.tensor(ids, device=DEVICE)
 
 
 def left_padded_batch(lengths, seed=2):
