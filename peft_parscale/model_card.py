@@ -14,7 +14,6 @@ import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
-
 SECTION_START = "<!-- parscale:start -->"
 SECTION_END = "<!-- parscale:end -->"
 TAGS = ("parscale", "peft")
