@@ -53,9 +53,9 @@ def read_json(path: pathlib.Path) -> dict:
     return json.loads(path.read_text())
 
 
-def markdown(header: list[str], alignment: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table; `alignment` holds "---" or "---:" per column."""
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(alignment) + " |"]
+def markdown(header: str, alignment: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: its header row (the column names joined by " | "), "---" or "---:" per column, the rows."""
+    lines = ["| " + header + " |", "| " + " | ".join(alignment) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -142,14 +142,10 @@ def stream_sweep() -> str:
                 tokens_per_s(run["segment_tokens_per_s"]),
             ]
         )
-    header = [
-        "model",
-        "training tokens",
-        "held-out loss at init",
-        "final held-out loss",
-        "vs base",
-        "tokens/s, 2 GPUs (steady; range over segments)",
-    ]
+    header = (
+        "model | training tokens | held-out loss at init | final held-out loss | vs base"
+        " | tokens/s, 2 GPUs (steady; range over segments)"
+    )
     return markdown(header, ["---"] + ["---:"] * 5, rows)
 
 
@@ -163,7 +159,7 @@ def stream_sweep_curves() -> str:
             rows.append(
                 [f"gain, P={P}"] + [signed(curves[1][t] - curve[t]).lstrip("+") if t in curve else "" for t in tokens]
             )
-    header = ["tokens (M)"] + [f"{t / 1e6:.2f}".removesuffix(".00") for t in tokens]
+    header = " | ".join(["tokens (M)"] + [f"{t / 1e6:.2f}".removesuffix(".00") for t in tokens])
     return markdown(header, ["---"] + ["---:"] * len(tokens), rows)
 
 
@@ -194,7 +190,7 @@ def two_gpus() -> str:
                 ratio,
             ]
         )
-    header = ["P", "GPUs", "segments", "steady tokens/s", "MFU per GPU", "2 GPUs / 1 GPU"]
+    header = "P | GPUs | segments | steady tokens/s | MFU per GPU | 2 GPUs / 1 GPU"
     return markdown(header, ["---:", "---:", "---:", "---:", "---:", "---:"], rows)
 
 
@@ -230,17 +226,7 @@ def recycling_ablation() -> str:
                 f"{run['train_tokens_per_s']:,.0f}",
             ]
         )
-    header = [
-        "run",
-        "P",
-        "init",
-        "lr",
-        "reparam.",
-        "ε",
-        "validation loss at init",
-        "after training",
-        "training tokens/s",
-    ]
+    header = "run | P | init | lr | reparam. | ε | validation loss at init | after training | training tokens/s"
     return markdown(header, ["---", "---:", "---", "---:", "---", "---:", "---:", "---:", "---:"], rows)
 
 
@@ -276,16 +262,10 @@ def scaling() -> str:
                 sampled,
             ]
         )
-    header = [
-        "model",
-        "trainable parameters",
-        "training tokens",
-        "training time",
-        "held-out loss",
-        "HumanEval pass@1, completion",
-        "pass@1, chat",
-        "pass@1 / pass@10, sampled (completion)",
-    ]
+    header = (
+        "model | trainable parameters | training tokens | training time | held-out loss"
+        " | HumanEval pass@1, completion | pass@1, chat | pass@1 / pass@10, sampled (completion)"
+    )
     return markdown(header, ["---"] + ["---:"] * 7, rows)
 
 
@@ -298,8 +278,32 @@ def scaling_learning_rates() -> str:
         [model_name(row), rate, f"{row['loss']:.4f}", f"{row['completion_pass@1']:.3f}", f"{row['chat_pass@1']:.3f}"]
         for row, rate in found
     ]
-    header = ["model", "learning rate", "held-out loss", "HumanEval pass@1, completion", "pass@1, chat"]
+    header = "model | learning rate | held-out loss | HumanEval pass@1, completion | pass@1, chat"
     return markdown(header, ["---", "---:", "---:", "---:", "---:"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# README.md: the quickstart's output (examples/quickstart.py, results/quickstart/)
+
+COMPLETION_LINES = 4  # each completion is cut to its first lines; the README says so
+
+
+def quickstart(path: str) -> str:
+    """A run's standard output as committed, in a text block: the home directory written `~`, and each completion
+    (the lines after a `--- NAME` line) cut to its first `COMPLETION_LINES` lines, `...` marking a cut."""
+    lines, in_completion, kept, cut = [], False, 0, False
+    for line in (ROOT / path).read_text().splitlines():
+        line = re.sub(r"(?:/root|/home/[^/\s]+)(?=/)", "~", line)
+        if line.startswith(("--- ", "Total time:")):
+            lines += ["..."] if cut else []
+            in_completion, kept, cut = line.startswith("--- "), 0, False
+        elif in_completion:
+            kept += 1
+            cut = cut or kept > COMPLETION_LINES
+            if cut:
+                continue
+        lines.append(line)
+    return "```text\n" + "\n".join(lines).strip("\n") + "\n```\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,7 +344,7 @@ def initial_loss(file: str) -> str:
         kind, P = name.rsplit(" P=", 1)
         versus_window = paired(name, f"window P={P}") if kind != "window" else "-"
         rows.append([kind, P, f"{summary[name]['loss']:.4f}", paired(name, "base"), versus_window])
-    header = ["stream text", "P", "validation loss, fresh adapter", "minus base", "minus `window` (same P)"]
+    header = "stream text | P | validation loss, fresh adapter | minus base | minus `window` (same P)"
     return markdown(header, ["---", "---:", "---:", "---:", "---:"], rows)
 
 
@@ -474,7 +478,7 @@ def benchmark_targets(device: str) -> str:
             "no (see below)",
         ]
     )
-    return markdown(["target", "measured", "comparison, same run", "goal", "met"], ["---"] * 5, rows)
+    return markdown("target | measured | comparison, same run | goal | met", ["---"] * 5, rows)
 
 
 def benchmark_scaling(device: str) -> str:
@@ -500,18 +504,10 @@ def benchmark_scaling(device: str) -> str:
             ]
         )
     rows.sort(key=lambda row: (row[0] != "1.5B", row[1], row[2] != "64+64", row[2].startswith("mean"), int(row[3])))
-    header = [
-        "shape",
-        "batch",
-        "prompt+new",
-        "P",
-        "ParScale: +memory",
-        "dense, equal loss: +memory",
-        "× less memory increase",
-        "ParScale: +latency",
-        "dense: +latency",
-        "× less latency increase",
-    ]
+    header = (
+        "shape | batch | prompt+new | P | ParScale: +memory | dense, equal loss: +memory"
+        " | × less memory increase | ParScale: +latency | dense: +latency | × less latency increase"
+    )
     return markdown(header, ["---"] * 10, rows)
 
 
@@ -526,7 +522,7 @@ def benchmark_sampling(device: str) -> str:
         rates[-1] = f"**{rates[-1]}**"
         compiled = found.get((P, "fast"))
         rows.append([str(P), *rates, f"{compiled['warmup_s']:.1f} s" if compiled else "–"])
-    header = ["P", "`generate`", "fast path, step uncompiled", "fast path, compiled", "compilation (first call)"]
+    header = "P | `generate` | fast path, step uncompiled | fast path, compiled | compilation (first call)"
     return markdown(header, ["---", "---:", "---:", "---:", "---:"], rows)
 
 
@@ -558,14 +554,10 @@ def benchmark_training(device: str) -> str:
                     f"{authors:,}" if authors else "",
                 ]
             )
-    header = [
-        "shape",
-        "P",
-        "eager (tokens/s, MFU)",
-        "decoder layers compiled (tokens/s, MFU)",
-        "speed-up",
-        "authors' code (issue 5)",
-    ]
+    header = (
+        "shape | P | eager (tokens/s, MFU) | decoder layers compiled (tokens/s, MFU) | speed-up"
+        " | authors' code (issue 5)"
+    )
     return markdown(header, ["---"] * 6, rows)
 
 
@@ -625,7 +617,7 @@ def benchmark_training_changes(device: str) -> str:
             f"run {checkpointed['run']}",
         ],
     ]
-    return markdown(["change", "tokens/s", ""], ["---"] * 3, rows)
+    return markdown("change | tokens/s | ", ["---"] * 3, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -640,6 +632,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "scaling-learning-rates": scaling_learning_rates,
     "initial-loss": initial_loss,
     "report": report,
+    "quickstart": quickstart,
     "benchmark-targets": benchmark_targets,
     "benchmark-scaling": benchmark_scaling,
     "benchmark-sampling": benchmark_sampling,
