@@ -289,10 +289,13 @@ COMPLETION_LINES = 4  # each completion is cut to its first lines; the README sa
 
 
 def quickstart(path: str) -> str:
-    """A run's standard output as committed, in a text block: the home directory written `~`, and each completion
-    (the lines after a `--- NAME` line) cut to its first `COMPLETION_LINES` lines, `...` marking a cut."""
+    """A run's standard output as committed, in a text block: the trainer's log lines (`{'loss': ...}`) left out, the
+    home directory written `~`, and each completion (the lines after a `--- NAME` line) cut to its first
+    `COMPLETION_LINES` lines, `...` marking a cut."""
     lines, in_completion, kept, cut = [], False, 0, False
     for line in (ROOT / path).read_text().splitlines():
+        if line.startswith("{'"):
+            continue
         line = re.sub(r"(?:/root|/home/[^/\s]+)(?=/)", "~", line)
         if line.startswith(("--- ", "Total time:")):
             lines += ["..."] if cut else []
