@@ -402,4 +402,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    train(*make_parser().parse_args_and_config(fail_with_unknown_args=False))
+    trainer = train(*make_parser().parse_args_and_config(fail_with_unknown_args=False))
+    # Under `accelerate launch` the process group would otherwise be left for interpreter exit to tear down (torch
+    # warns about that); a training process of a 2-process CPU run was once seen to abort at exit.
+    trainer.accelerator.end_training()
