@@ -11,18 +11,17 @@ request; ``set_adapter`` only changes which prefixes and aggregator the next for
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
-from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages
-from peft_parscale.testing import save_tiny_checkpoint
+from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, load_causal_lm, load_tokenizer
+from peft_parscale.testing import temporary_tiny_checkpoint
 
 REQUESTS = [  # (adapter, prompts): each request is one batch, served with one adapter
     ("p2", ["def fibonacci(n):\n", "import json\n\ndef load(path):\n"]),
@@ -51,18 +50,20 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.smoke:
-        scratch = Path(tempfile.mkdtemp())
-        model_path = save_tiny_checkpoint(scratch / "tiny-qwen2")
-        adapters = fresh_adapters(model_path, scratch)
-    else:
-        model_path = args.model or checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
+        model_name = temporary_tiny_checkpoint()
+        adapters = fresh_adapters(model_name, model_name.parent)  # removed with it
+    else:  # the adapters are checked before the model is loaded (or converted, the first time)
         found = args.adapters or [f"p{d.name[1:]}={d}" for d in sorted(Path("quickstart-output").glob("P*"))]
         if not found:
             parser.error("no adapters: pass --adapters NAME=DIR ..., or run examples/quickstart.py first")
         adapters = dict(item.split("=", 1) for item in found)
+        missing = [path for path in adapters.values() if not Path(path, "adapter_config.json").is_file()]
+        if missing:
+            parser.error(f"no adapter (adapter_config.json) in {', '.join(missing)}")
+        model_name = args.model or QWEN2_5_CODER_0_5B_INSTRUCT.hub_id  # its packaged copy, as in the quickstart
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")  # left padding for batched generation
-    base = AutoModelForCausalLM.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_name, padding_side="left")  # left padding for batched generation
+    base = load_causal_lm(model_name)
     (first_name, first_dir), *others = adapters.items()
     model = PeftModel.from_pretrained(base, first_dir, adapter_name=first_name)
     for name, directory in others:

@@ -4,7 +4,8 @@ With no arguments it takes Qwen2.5-Coder-0.5B-Instruct (a Q4_K_M GGUF published 
 SHA-256 and converted once to safetensors), trains ParScale adapters with P = 1 (the prefix-only baseline) and P = 2
 on the Python standard library's source for the same number of tokens, with the backbone frozen and each stream's
 prefixes starting as the model's own keys/values of a training window (``prefix_init="text"``), and reports the
-held-out loss of each next to the base model's, then a short completion from each.
+held-out loss of each next to the base model's, then a short completion from each. The adapters name the model they
+were trained on, ``Qwen/Qwen2.5-Coder-0.5B-Instruct``, as their base (`peft_parscale.pretrained`).
 
 The run fits a time budget (`--time-budget`, 20 minutes by default, the one-time conversion included) on whatever
 machine it runs on: it times one training step and one evaluation batch first, then picks the number of steps and of
@@ -25,23 +26,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from datasets import Dataset, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from datasets import Dataset
 from trl import SFTConfig
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale import ParScaleConfig
-from peft_parscale.data import document_windows, python_stdlib_corpus
+from peft_parscale.data import document_windows, load_data, python_stdlib_corpus
 from peft_parscale.precision import bf16_is_native
-from peft_parscale.pretrained import QWEN2_5_CODER_0_5B_INSTRUCT, checkpoint_from_packages
+from peft_parscale.pretrained import (
+    QWEN2_5_CODER_0_5B_INSTRUCT,
+    checkpoint_from_packages,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+)
 from peft_parscale.sft import ParScaleSFTTrainer
-from peft_parscale.testing import save_tiny_checkpoint
+from peft_parscale.testing import temporary_tiny_checkpoint
 
 PROMPT = "def is_palindrome(text: str) -> bool:\n"
 MAX_EVAL_SEQUENCES = 32  # held-out windows when the budget allows: 8,192 tokens at the default length
@@ -169,14 +174,16 @@ def main() -> None:
     started = time.time()
     output_dir = Path(args.output_dir)
     if args.smoke:
-        model_path = save_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-qwen2")
+        model = str(temporary_tiny_checkpoint())
     elif args.model is None:
-        model_path = checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
+        checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)  # converted once; names the packages when missing
+        model = QWEN2_5_CODER_0_5B_INSTRUCT.hub_id  # read from that local copy, and named as the adapters' base
     else:
-        model_path = args.model
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = args.model
+    model_path = resolve_model(model)
+    tokenizer = load_tokenizer(model)
 
-    corpus = python_stdlib_corpus() if args.dataset is None else load_dataset(args.dataset)
+    corpus = python_stdlib_corpus() if args.dataset is None else load_data(args.dataset)
     train_texts, heldout_texts = list(corpus["train"]["text"]), list(corpus["test"]["text"])
     train_limit = args.steps * args.batch_size * 4 if args.smoke else None
     # every model is trained and evaluated on the same full windows of `seq_len` tokens (no padding), in order
@@ -189,7 +196,7 @@ def main() -> None:
 
     rows, completions, plan = [], {}, None
     for P in args.P:
-        base = AutoModelForCausalLM.from_pretrained(model_path)
+        base = load_causal_lm(model)
         training_args = SFTConfig(
             output_dir=str(output_dir / f"P{P}"),
             max_steps=args.steps or 1,  # set by the plan below when not given

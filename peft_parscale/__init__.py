@@ -1,11 +1,14 @@
 """ParScale (parallel scaling, arXiv 2505.10475) as a PEFT adapter for transformers causal LMs.
 
 Importing this package registers the ``PARSCALE`` PEFT type, so that ``get_peft_model``, ``PeftModel.from_pretrained``
-and ``AutoPeftModelForCausalLM`` know it: import it before loading a ParScale adapter.
+and ``AutoPeftModelForCausalLM`` know it: import it before loading a ParScale adapter. PEFT has no plug-in discovery,
+so without the import loading an adapter fails in PEFT with ``KeyError: 'PARSCALE'``.
 
 The tuner core (``config``, ``layer``, ``model`` and the modules they use) never imports the workflows (``sft``,
 ``eval``, ``interop``, ...) beside it; docs/design.md has the module map.
 """
+
+import warnings
 
 from peft.utils import PeftType, register_peft_method
 
@@ -52,3 +55,15 @@ def _register() -> None:
 
 
 _register()
+
+# PEFT 0.21's PeftModel.__init__ (and TRL 1.16's model utilities) read `model.is_gradient_checkpointing`, which
+# transformers 5.2x deprecated in favour of `is_activation_checkpointing`, so every get_peft_model and
+# PeftModel.from_pretrained, of any PEFT method, warns about code the user did not write and cannot change. A filter
+# cannot tell callers apart, so that one message of transformers' modeling_utils is silenced for every caller; every
+# other warning still shows.
+warnings.filterwarnings(
+    "ignore",
+    message="`is_gradient_checkpointing` is deprecated",
+    category=FutureWarning,
+    module="transformers.modeling_utils",
+)

@@ -26,16 +26,22 @@ its own (evaluation: no window mixes two files), `packed_windows` joins the docu
     ids = tokenizer(list(corpus["test"]["text"]), add_special_tokens=False)["input_ids"]
     document_windows(ids, 2048)                          # the last, shorter window of each document kept
     packed_windows(ids, tokenizer.eos_token_id, 2048)    # the tail dropped
+
+Local data for ``parscale sft``/``parscale eval`` (`load_data` reads it)::
+
+    python -m peft_parscale.data laptop-data --max_files 40   # laptop-data/train.jsonl and test.jsonl, {"text": ...}
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import os
 import sysconfig
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, Value
 
 EXCLUDED_DIRECTORIES = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 PACKAGE_TEST_DIRECTORIES = {"test", "tests", "testing", "__pycache__"}
@@ -179,3 +185,50 @@ def _corpus(
         columns["path"].append(relative)
     # from columns with explicit features: an empty split still has its two columns
     return DatasetDict({name: Dataset.from_dict(columns, features=FEATURES) for name, columns in splits.items()})
+
+
+def load_data(
+    path: str, name: str | None = None, split: str | None = None, streaming: bool = False
+) -> Dataset | DatasetDict | IterableDataset | IterableDatasetDict:
+    """``datasets.load_dataset(path, name, split=split, streaming=streaming)``, which takes a Hub dataset or a local
+    folder of data files (``train.jsonl``, ``test.jsonl``, ...); for a folder written by ``save_to_disk``, which
+    ``load_dataset`` refuses, ``datasets.load_from_disk`` (a single saved ``Dataset`` is the ``train`` split)."""
+    from datasets import load_dataset, load_from_disk
+
+    saved = ("dataset_dict.json", "state.json")  # what save_to_disk writes for a DatasetDict / a Dataset
+    if not any(os.path.isfile(os.path.join(path, file)) for file in saved):
+        return load_dataset(path, name=name, split=split, streaming=streaming)
+    dataset = load_from_disk(path)
+    if isinstance(dataset, Dataset):
+        dataset = DatasetDict({"train": dataset})
+    if streaming:
+        dataset = IterableDatasetDict({key: value.to_iterable_dataset() for key, value in dataset.items()})
+    return dataset if split is None else dataset[split]
+
+
+def write_jsonl(corpus: DatasetDict, directory: str | os.PathLike, max_rows: int | None = None) -> list[Path]:
+    """Each split of ``corpus`` as ``directory/SPLIT.jsonl``, one JSON object per row (its first ``max_rows`` rows):
+    the layout ``load_dataset(directory)`` reads, with one split per file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for split, rows in corpus.items():
+        rows = rows.select(range(min(len(rows), max_rows))) if max_rows is not None else rows
+        rows.to_json(directory / f"{split}.jsonl", lines=True, force_ascii=False)
+        files.append(directory / f"{split}.jsonl")
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m peft_parscale.data DIR``: write the standard library corpus as ``DIR/train.jsonl`` and
+    ``DIR/test.jsonl``, a local dataset for ``parscale sft --dataset_name DIR`` and ``parscale eval``."""
+    parser = argparse.ArgumentParser(prog="python -m peft_parscale.data", description=main.__doc__.split(":")[1])
+    parser.add_argument("directory")
+    parser.add_argument("--max_files", type=int, help="files per split at most (default: all)")
+    args = parser.parse_args(argv)
+    for file in write_jsonl(python_stdlib_corpus(), args.directory, args.max_files):
+        print(f"{file}: {file.read_text().count(chr(10))} rows")
+
+
+if __name__ == "__main__":
+    main()

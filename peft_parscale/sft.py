@@ -8,6 +8,12 @@ the prefixes start from windows of the training data (see ``ParScaleSFTTrainer``
 training through ``accelerate launch`` like ``trl sft`` (so ``--num_processes``, ``--accelerate_config`` and
 multi-GPU runs work the same way); ``python -m peft_parscale.sft`` runs it in the current process.
 
+Every argument is parsed and checked before anything is launched: a bad flag or value ends in one line and exit status
+2. ``--bf16`` and ``--use_cpu`` default to what the machine supports (`SFTParser`), so the same line runs on a GPU and
+on a laptop. ``--dataset_name`` also takes a local folder of ``train.jsonl``/``test.jsonl`` files or a dataset saved
+with ``save_to_disk`` (`peft_parscale.data.load_data`), and ``--model_name_or_path`` the Hub id of a packaged model,
+read from its local copy (`peft_parscale.pretrained`).
+
 Example::
 
     parscale sft --config recipes/qwen2.5-0.5b-code-p8.yaml
@@ -17,20 +23,26 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
+import subprocess
+import sys
 from typing import Literal
 
 import torch
 from accelerate.commands.launch import launch_command, launch_command_parser
 from peft import PeftConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
+from peft_parscale.cli import CommandParser
 from peft_parscale.config import ParScaleConfig
 from peft_parscale.model_card import update_model_card
-from peft_parscale.precision import bf16_is_native
+from peft_parscale.precision import bf16_is_native, training_precision
 from peft_parscale.prefix_init import document_boundary, init_prefixes_from_token_ids, with_boundary
+from peft_parscale.pretrained import name_base_model, resolve_model
 
 # The ParScaleConfig fields a user sets (PeftConfig's own fields and the auto-filled base_shape are not flags); the
 # flags are generated from them, so their defaults and help texts have one source.
@@ -68,21 +80,93 @@ SDPA_BACKENDS_FOR_TRAINING = [
 ]
 
 
-def make_parser(prog: str | None = None) -> TrlParser:
+# Prefixes start from the frozen model's own keys/values of training windows: lower loss than random prefixes at every
+# learning rate of the recycling ablation (RESULTS.md). `--prefix_init random` restores the config default.
+PARSCALE_SFT_DEFAULTS = {"prefix_init": "text"}
+USAGE = """parscale sft --model_name_or_path MODEL --dataset_name DATA --output_dir DIR [FLAG VALUE ...]
+       parscale sft --config FILE.yaml [FLAG VALUE ...]"""
+
+
+def description() -> str:
+    """The head of ``parscale sft --help``: what it does, the ParScale flags, the launcher's and the usual TRL flags;
+    the list of every ``trl sft`` flag follows it."""
+    defaults = {field.name: field.default for field in dataclasses.fields(ParScaleArguments)} | PARSCALE_SFT_DEFAULTS
+    parscale_flags = "\n".join(
+        f"  --{field.name:<22} {field.metadata['help']}"
+        + (f" (default: {defaults[field.name]})" if defaults[field.name] is not None else "")
+        for field in dataclasses.fields(ParScaleArguments)
+    )
+    return f"""Train a ParScale adapter (or TRL's LoRA, or none) on a frozen model with TRL's SFTTrainer: `trl sft` with
+ParScale's flags, launched through `accelerate launch`. Flags are checked before anything is launched.
+
+ParScale:
+{parscale_flags}
+
+Configuration and launching:
+  --config FILE.yaml       every flag's value from a YAML file; flags on the command line override it
+  --accelerate_config NAME one of TRL's accelerate configs (multi_gpu, fsdp2, zero3, ...) or a config file
+  --num_processes N        processes to train on (one per GPU); any other `accelerate launch` flag works too
+
+Most used TRL flags (all of them follow):
+  --model_name_or_path     a Hub id or a local checkpoint (a packaged model's Hub id loads its local copy)
+  --dataset_name           a Hub dataset, a folder with train.jsonl/test.jsonl, or a dataset saved with save_to_disk
+  --output_dir --max_steps --learning_rate --per_device_train_batch_size --max_length --packing
+  --bf16 / --use_cpu       default: bfloat16 autocast where the device computes it natively (else float32), and
+                           use_cpu where there is no GPU"""
+
+
+# transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing` (keeping the old name as a deprecated
+# alias); 5.17 has only the old name.
+RENAMED_CHECKPOINTING = "activation_checkpointing" in {field.name for field in dataclasses.fields(SFTConfig)}
+
+
+class SFTParser(CommandParser):
+    """The ``parscale sft`` parser: `CommandParser` that fills in the flags whose default depends on what was given.
+
+    These default to ``None`` in `make_parser`, so that after parsing (the ``--config`` file's values are parser
+    defaults, the command line's are parsed values) ``None`` means given nowhere:
+
+    - ``bf16`` and ``use_cpu``: what the hardware supports (`training_precision`).
+    - ``gradient_checkpointing``: TRL turns it on by default under its old name, which makes transformers 5.2x warn
+      of the deprecated name at every run; when neither name is given, it is turned on under the new name instead.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, remaining = super().parse_known_args(args, namespace)
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        device = "cpu" if namespace.use_cpu or accelerator is None else accelerator.type
+        namespace.bf16, namespace.use_cpu = training_precision(
+            device, bf16_is_native(device), namespace.bf16, namespace.use_cpu, namespace.fp16
+        )
+        if RENAMED_CHECKPOINTING and namespace.gradient_checkpointing is None:
+            if namespace.activation_checkpointing is None:
+                namespace.activation_checkpointing = SFTConfig.gradient_checkpointing  # TRL's default
+        return namespace, remaining
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The flags' defaults, as HfArgumentParser shows them, under a description kept as written."""
+
+
+def make_parser(prog: str | None = None) -> SFTParser:
     """TRL's sft parser (same dataclasses, same YAML handling) with the ParScale arguments added.
 
-    ``--prefix_init`` defaults to ``text`` (the texts come from the training data). One default differs from
-    ``trl sft``: where the hardware has no native bfloat16 (a CPU without AVX512-BF16 or AMX,
-    see `peft_parscale.precision`), ``--bf16`` defaults to False, since emulated bfloat16 autocast is several times
-    slower than float32 there. ``--bf16`` on the command line or ``bf16:`` in a ``--config`` file still wins (TrlParser
-    applies the config file's values as parser defaults after this one).
+    ``--prefix_init`` defaults to ``text`` (the texts come from the training data). ``--bf16`` and ``--use_cpu``
+    default to what the hardware supports (`training_precision`): bfloat16 autocast only where it is native (TRL
+    turns it on everywhere, and emulated bfloat16 is several times slower than float32), and ``use_cpu`` where
+    there is no GPU (transformers refuses bfloat16 on a CPU without it). A value given on the command line or in a
+    ``--config`` file always wins.
     """
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, ParScaleArguments), prog=prog)
-    # Prefixes start from the frozen model's own keys/values of training windows: lower loss than random prefixes at
-    # every learning rate of the recycling ablation (RESULTS.md). `--prefix_init random` restores the config default.
-    parser.set_defaults(prefix_init="text")
-    if not bf16_is_native():
-        parser.set_defaults(bf16=False)
+    parser = SFTParser(
+        (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, ParScaleArguments),
+        prog=prog,
+        usage=USAGE,
+        description=description(),
+        formatter_class=_HelpFormatter,
+    )
+    parser.set_defaults(**PARSCALE_SFT_DEFAULTS, bf16=None, use_cpu=None)
+    if RENAMED_CHECKPOINTING:
+        parser.set_defaults(gradient_checkpointing=None)
     return parser
 
 
@@ -123,7 +207,7 @@ class ParScaleSFTTrainer(SFTTrainer):
         )
     """
 
-    def __init__(self, *args, peft_config: PeftConfig | None = None, **kwargs) -> None:
+    def __init__(self, model, *args, peft_config: PeftConfig | None = None, **kwargs) -> None:
         # Overriding __init__ is the only way in: `SFTTrainer.__init__` creates the adapter (`get_peft_model`) before it
         # prepares the training data, with no method in between. The adapter is therefore created with random prefixes
         # and initialised here, once the data is prepared; its config then says "text" again, as it is saved.
@@ -134,7 +218,12 @@ class ParScaleSFTTrainer(SFTTrainer):
         )
         if texts_from_data:
             peft_config = dataclasses.replace(peft_config, prefix_init="random")
-        super().__init__(*args, peft_config=peft_config, **kwargs)
+        # TRL loads a model named by a string itself; a packaged model's Hub id is read from its local copy, and the
+        # adapter then names the Hub id as its base (see `peft_parscale.pretrained.load_causal_lm`)
+        location = resolve_model(model) if isinstance(model, str) else model
+        super().__init__(location, *args, peft_config=peft_config, **kwargs)
+        if location != model:
+            name_base_model(self.model, model)
         if texts_from_data:
             config = self.model.active_peft_config
             windows = prefix_init_windows(self.train_dataset, config.P, config.prefix_length - 1)
@@ -188,8 +277,9 @@ def prefix_init_windows(dataset, num_streams: int, length: int) -> torch.Tensor:
 
 def train(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, dataset_args, parscale_args):
     """The body of TRL's ``sft`` script, with the adapter chosen by ``--peft``."""
-    from datasets import load_dataset
     from trl import get_dataset, get_quantization_config
+
+    from peft_parscale.data import load_data
 
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -200,12 +290,9 @@ def train(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mo
     }
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        dataset = load_dataset(
-            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
-        )
     else:
-        raise ValueError("Either `datasets` or `dataset_name` must be provided.")
+        streaming = script_args.dataset_streaming
+        dataset = load_data(script_args.dataset_name, script_args.dataset_config, streaming=streaming)
 
     trainer = ParScaleSFTTrainer(
         model=model_args.model_name_or_path,
@@ -237,20 +324,88 @@ def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
     return kept
 
 
-def main(argv: list[str]) -> int:
-    """``parscale sft ARGS``: check the arguments here (``-h`` prints them), then train under ``accelerate launch``.
+def _missing_local_path(name: str) -> bool:
+    """Whether ``name`` is written as a local path (not as a Hub id, ``name`` or ``org/name``) and does not exist, so
+    that loading it would only ask the Hub for it and fail."""
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    return looks_local and not os.path.exists(os.path.expanduser(name))
 
-    Arguments the training script does not know are ``accelerate launch``'s, as with ``trl sft``.
+
+def check_arguments(script_args, training_args, model_args, dataset_args, parscale_args) -> None:
+    """Raise `ValueError` with a message for the user where the parsed arguments cannot train (what the dataclasses
+    themselves check was checked when they were built)."""
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required: a Hub id or a local checkpoint directory.")
+    if not (dataset_args.datasets or script_args.dataset_name):
+        raise ValueError(
+            "--dataset_name is required: a Hub dataset, a folder with train.jsonl/test.jsonl, or a dataset saved with "
+            "save_to_disk (or give `datasets:` in a --config file)."
+        )
+    names = {"--model_name_or_path": model_args.model_name_or_path, "--dataset_name": script_args.dataset_name}
+    for flag, name in names.items():
+        if name and _missing_local_path(name):
+            raise ValueError(f"{flag} {name}: no such file or directory.")
+    peft_config_from_args(parscale_args, model_args)  # ParScaleConfig checks its fields
+
+
+def launch_arguments(leftovers: list[str], script_args: list[str]) -> argparse.Namespace:
+    """``accelerate launch``'s arguments for running this module on ``script_args``: the strings the training
+    script's parser did not take (with ``--accelerate_config`` resolved as ``trl sft`` does), checked by accelerate's
+    own parser. Raises `ValueError` for a flag neither parser knows, or a bad value."""
+    launch_args = resolve_accelerate_config_argument(leftovers)
+    parser = launch_command_parser()
+    parser.exit_on_error = False  # raise argparse.ArgumentError for a bad value rather than exit with its usage
+    try:
+        # the module name ends accelerate's own flags: a leftover after it would be taken as the script's
+        _, unknown = parser.parse_known_args([*launch_args, "--module", __name__])
+    except argparse.ArgumentError as error:
+        raise ValueError(str(error)) from None
+    if unknown:
+        unknown = " ".join(unknown)
+        raise ValueError(f"unrecognized arguments: {unknown} (not a flag of trl sft, ParScale or accelerate launch)")
+    return parser.parse_args([*launch_args, "--module", __name__, *script_args])
+
+
+def main(argv: list[str]) -> int:
+    """``parscale sft ARGS``: parse and check every argument here (``-h`` prints them), then train under
+    ``accelerate launch``.
+
+    Arguments the training script does not know are ``accelerate launch``'s, as with ``trl sft``. A bad flag or value
+    ends in one line and exit status 2 before anything is launched; a failed training process ends with its own
+    error (above) and exit status, without the launcher's traceback.
     """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     parser = make_parser(prog="parscale sft")
-    *_, config_leftovers, cli_leftovers = parser.parse_args_and_config(
+    *arguments, config_leftovers, cli_leftovers = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True
     )
-    launch_args = resolve_accelerate_config_argument(config_leftovers + cli_leftovers)
+    _, training_args, model_args, _, _ = arguments
+    # the precision chosen here (SFTParser) is passed on, so the training processes use exactly what was checked
     script_args = _without_subsequence(argv, cli_leftovers)
-    launch_command(launch_command_parser().parse_args([*launch_args, "--module", "peft_parscale.sft", *script_args]))
+    script_args += ["--bf16", str(training_args.bf16), "--use_cpu", str(training_args.use_cpu)]
+    try:
+        check_arguments(*arguments)
+        launch = launch_arguments(config_leftovers + cli_leftovers, script_args)
+    except ValueError as error:
+        parser.error(str(error))
+    precision = "bfloat16 autocast" if training_args.bf16 else "fp16" if training_args.fp16 else "float32"
+    device = "the CPU" if training_args.use_cpu else "the GPU(s)"
+    print(f"parscale sft: training on {device} in {precision} (--bf16, --use_cpu to choose).", flush=True)
+    resolve_model(model_args.model_name_or_path)  # a packaged model is converted once, here, not in every process
+    try:
+        launch_command(launch)
+    except subprocess.CalledProcessError as error:  # one training process (its error is printed above)
+        print(f"parscale sft: training failed (exit status {error.returncode}; its error is above).", file=sys.stderr)
+        return error.returncode
+    except ChildFailedError as error:  # several processes (torchrun): its text names the failed ones and their errors
+        print(f"parscale sft: training failed.\n{error}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    train(*make_parser().parse_args_and_config(fail_with_unknown_args=False))
+    trainer = train(*make_parser().parse_args_and_config(fail_with_unknown_args=False))
+    # Under `accelerate launch` the process group would otherwise be left for interpreter exit to tear down (torch
+    # warns about that); a training process of a 2-process CPU run was once seen to abort at exit.
+    trainer.accelerator.end_training()

@@ -5,15 +5,18 @@ on these, so that CI (no GPU, no network) exercises them end to end.
 
 Example::
 
-    from peft_parscale.testing import save_tiny_checkpoint
+    from peft_parscale.testing import save_tiny_checkpoint, temporary_tiny_checkpoint
 
     path = save_tiny_checkpoint("/tmp/tiny-qwen2")     # a random Qwen2 of ~60k parameters with its tokenizer
     model = AutoModelForCausalLM.from_pretrained(path)
+    path = temporary_tiny_checkpoint()                 # the same, in a directory removed when the process exits
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -68,3 +71,11 @@ def save_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, **config_o
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def temporary_tiny_checkpoint(**config_overrides) -> Path:
+    """`save_tiny_checkpoint` in a new temporary directory, removed (with anything else written there) when the
+    process exits: for smoke runs, which leave nothing behind."""
+    scratch = tempfile.TemporaryDirectory(prefix="parscale-tiny-")
+    atexit.register(scratch.cleanup)
+    return save_tiny_checkpoint(Path(scratch.name) / "tiny-qwen2", **config_overrides)

@@ -326,8 +326,9 @@ def test_parscale_eval_cli(tmp_path, monkeypatch):
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in TEXTS]
     windows = [min(12, n - start) for n in lengths for start in range(0, n, 12)]  # 12-token windows of each document
     assert json.loads(output.read_text())["loss"]["tokens"] == sum(n - 1 for n in windows)
-    with pytest.raises(ValueError, match="unknown tasks"):
+    with pytest.raises(SystemExit) as exit_info:  # one line ("unknown tasks ...") and exit status 2, nothing loaded
         parscale_main([*argv, "--tasks", "perplexity"])
+    assert exit_info.value.code == 2
     fast_path_settings = []  # what `parscale eval` asks HumanEval for: the device's default path, or the one given
 
     def evaluate_humaneval(model, tokenizer, **settings):

@@ -27,6 +27,7 @@ def installed_parts(tmp_path, monkeypatch):
     joined = contents[1] + contents[2]
     spec = PackagedGGUF(
         name="fake",
+        hub_id="fake-org/fake",
         parts=tuple((f"fake-part{i}", f"fake_part{i}/data/part{i:02d}.bin") for i in (1, 2)),
         size=len(joined),
         sha256=hashlib.sha256(joined).hexdigest(),

@@ -1,4 +1,5 @@
-"""CI runs the README's two commands: the test command as written, the quickstart shortened by its own flags only."""
+"""CI runs the README's commands: the test command as written, the quickstart shortened by its own flags only, and
+the laptop block as written (which recipes/README.md repeats)."""
 
 import pathlib
 import re
@@ -8,8 +9,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 QUICKSTART_SHORTENING_FLAGS = {"--P", "--steps", "--eval-sequences", "--seq-len", "--batch-size", "--time-budget"}
 
 
-def readme_command(section: str) -> str:
-    text = (ROOT / "README.md").read_text().split(f"## {section}", 1)[1]
+def readme_command(section: str, readme: pathlib.Path = ROOT / "README.md") -> str:
+    text = readme.read_text().split(f"## {section}", 1)[1]
     return re.search(r"```bash\n(.+?)\n```", text, re.DOTALL).group(1).strip()
 
 
@@ -31,3 +32,24 @@ def test_ci_runs_the_readme_quickstart_shortened_by_its_own_flags_only():
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.index(readme_command("Tests")) < ci.index(runs[0])  # after the tests, in a fresh clone and venv
     assert 'export PARSCALE_CACHE="$quickstart/model-cache"' in ci  # an empty model cache
+
+
+LAPTOP_SECTION = "One minute on a laptop, offline"
+
+
+def laptop_block(readme: pathlib.Path) -> list[str]:
+    return [line.strip() for line in readme_command(LAPTOP_SECTION, readme).splitlines()]
+
+
+def test_ci_runs_the_readme_laptop_block_as_written_in_the_fresh_clone():
+    block = laptop_block(ROOT / "README.md")
+    assert {"parscale sft", "parscale eval"} <= {" ".join(line.split()[:2]) for line in block}
+    lines = ci_lines()
+    starts = [i for i in range(len(lines)) if lines[i : i + len(block)] == block]
+    assert len(starts) == 1, "CI must run the README's laptop block, every line as written and in order"
+    quickstart = next(i for i, line in enumerate(lines) if line.startswith(readme_command("Quickstart") + " "))
+    assert starts[0] > quickstart  # after it, in its fresh clone, virtual environment and empty model cache
+
+
+def test_recipes_readme_carries_the_same_laptop_block():
+    assert laptop_block(ROOT / "recipes" / "README.md") == laptop_block(ROOT / "README.md")

