@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 # The dispatch mode is PyTorch's extension point for seeing every operator a forward pass runs ("Extending PyTorch":
 # TorchDispatchMode); torch exposes it, and the pytree helper it hands arguments in, under these module names.
 from torch.utils._python_dispatch import TorchDispatchMode
