@@ -24,19 +24,23 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from .architecture import Architecture
-from .config import ParScaleConfig
+from .config import VALUE_HEAD_DIM, ParScaleConfig, full_base_shape
 
 Shapes = Mapping[str, tuple[int, ...]]  # tensor name -> shape
 
 
 def expected_adapter_shapes(architecture: Architecture, config: ParScaleConfig) -> dict[str, tuple[int, ...]]:
     """The tensors of a saved adapter (PEFT's checkpoint keys, adapter name removed) and their shapes."""
-    shape = architecture.shape
-    prefix_shape = (config.P, shape["num_key_value_heads"], config.prefix_length, shape["head_dim"])
+    shape = full_base_shape(architecture.shape)
+    heads, length = shape["num_key_value_heads"], config.prefix_length
+    prefix_shapes = {
+        "k": (config.P, heads, length, shape["head_dim"]),
+        "v": (config.P, heads, length, shape[VALUE_HEAD_DIM]),
+    }
     expected = {
         f"base_model.model.{name}.parscale_prefix_{kind}": prefix_shape
         for name in architecture.attention_names
-        for kind in ("k", "v")
+        for kind, prefix_shape in prefix_shapes.items()
     }
     if config.P > 1:
         hidden, streams = shape["hidden_size"], config.P

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .config import VALUE_HEAD_DIM
 from .layer import ParScaleAttention
+from .probe import Probe, probe_decoder
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -42,10 +44,12 @@ class Architecture:
 
     decoder_name: the decoder (`get_decoder()`), e.g. `model` or `transformer`.
     attention_names: each layer's attention module, in layer order, e.g. `transformer.h.0.attn`.
-    shape: the dimensions the adapter's tensors depend on (`BASE_SHAPE_FIELDS`).
+    shape: the dimensions the adapter's tensors depend on (`BASE_SHAPE_FIELDS`, and `VALUE_HEAD_DIM` where the cached
+        values differ in size from the keys).
     cache_arguments: per attention module, the name of its cache argument (`past_key_values`, `layer_past`).
     sliding_layers: per attention module, whether it is a sliding-window layer.
-    learned_positions: the model adds learned absolute position embeddings (GPT-2) rather than rotating keys.
+    position_table: the length of the table the model looks its positions up in (learned, as in GPT-2, or fixed
+        rotary angles, as in CodeGen and GPT-J), which has no negative positions; None where positions are computed.
     """
 
     decoder_name: str
@@ -53,7 +57,7 @@ class Architecture:
     shape: dict[str, int]
     cache_arguments: tuple[str, ...] = ()
     sliding_layers: tuple[bool, ...] = ()
-    learned_positions: bool = False
+    position_table: int | None = None
 
 
 def _writes_keys_to_cache(module: nn.Module) -> bool:
@@ -99,16 +103,24 @@ def _cache_argument(parameters: Mapping[str, inspect.Parameter]) -> str | None:
     return next((name for name in _CACHE_ARGUMENT_NAMES if name in parameters), None)
 
 
-def _key_value_heads(config) -> int:
-    """The number of key/value heads the attention modules store in the cache."""
-    if getattr(config, "new_decoder_architecture", False):  # Falcon-40B: the keys are broadcast to every query head
-        return config.num_attention_heads
-    if getattr(config, "multi_query", False):  # Falcon-7B, GPT-BigCode: one key/value head
-        return 1
-    for name in ("num_key_value_heads", "num_kv_heads"):
-        if getattr(config, name, None):
-            return getattr(config, name)
-    return config.num_attention_heads
+def _cached_shape(model_name: str, probe: Probe) -> dict[str, int]:
+    """The prefix's dimensions (`BASE_SHAPE_FIELDS` but the layer count and hidden size, and `VALUE_HEAD_DIM` where it
+    differs from `head_dim`) from what every attention layer passed to `cache.update`, or `ValueError`."""
+    if len(set(probe.key_shapes)) != 1 or len(set(probe.value_shapes)) != 1:
+        raise ValueError(
+            f"ParScale gives every layer a prefix of one shape; the attention layers of {model_name} cache keys of "
+            f"(heads, size) {sorted(set(probe.key_shapes))} and values of {sorted(set(probe.value_shapes))}."
+        )
+    (key_heads, key_size), (value_heads, value_size) = probe.key_shapes[0], probe.value_shapes[0]
+    if key_heads != value_heads:
+        raise ValueError(
+            f"ParScale needs the keys and values an attention layer caches to have the same number of heads; "
+            f"{model_name} caches {key_heads} key heads and {value_heads} value heads."
+        )
+    shape = {"num_key_value_heads": key_heads, "head_dim": key_size}
+    if value_size != key_size:  # latent attention: a compressed latent and the keys' rotary part (DeepSeek-V2/V3)
+        shape[VALUE_HEAD_DIM] = value_size
+    return shape
 
 
 def _layer_types(config, num_layers: int) -> list[str]:
@@ -139,7 +151,8 @@ def describe_architecture(model: nn.Module) -> Architecture:
     one attention module, found as the module that passes its keys/values through the KV cache
     (`<cache>.update(keys, values, self.layer_idx)`, the point where ParScale adds its prefix). Its cache argument is
     the forward argument annotated as a `Cache` (`past_key_values` in Llama-style models, `layer_past` in GPT-NeoX,
-    Falcon and GPT-BigCode).
+    Falcon and GPT-BigCode). The prefix's shape, and whether the model looks its positions up in a table, come from
+    one forward pass of the decoder over one token (`probe.probe_decoder`).
     """
     config = getattr(model, "config", None)
     model_name = type(model).__name__
@@ -231,22 +244,15 @@ def describe_architecture(model: nn.Module) -> Architecture:
             f"ParScale supports full and sliding-window attention layers; this {model_name} has {unsupported or layer_types} "
             "layers."
         )
-    num_attention_heads = text_config.num_attention_heads
-    shape = {
-        "num_hidden_layers": len(attentions),
-        "hidden_size": text_config.hidden_size,
-        "num_key_value_heads": _key_value_heads(text_config),
-        "head_dim": getattr(text_config, "head_dim", None) or text_config.hidden_size // num_attention_heads,
-    }
-    embeddings = decoder.get_input_embeddings() if callable(getattr(decoder, "get_input_embeddings", None)) else None
-    learned_positions = getattr(text_config, "rope_parameters", None) is None and any(
-        isinstance(module, nn.Embedding) and module is not embeddings for module in decoder.modules()
-    )
+    # What the layers cache, and whether positions index a table, are seen in one forward pass (`probe.py`).
+    probe = probe_decoder(decoder, [attention.layer_idx for _, attention in attentions])
+    shape = {"num_hidden_layers": len(attentions), "hidden_size": text_config.hidden_size}
+    shape.update(_cached_shape(model_name, probe))
     return Architecture(
         decoder_name,
         tuple(attention_names),
         shape,
         tuple(cache_arguments),
         tuple(layer_type == "sliding_attention" for layer_type in layer_types),
-        learned_positions,
+        probe.position_table,
     )

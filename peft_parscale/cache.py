@@ -36,12 +36,12 @@ def stream_prefix(prefix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if like.shape[0] % num_streams:
         raise ValueError(f"{like.shape[0]} rows cannot be split into {num_streams} ParScale streams.")
     if like.shape[1] != prefix.shape[1] or like.shape[-1] != prefix.shape[-1]:
-        # The adapter's shape comes from the config (`describe_architecture`); an attention module whose cached
-        # keys/values are laid out otherwise would otherwise fail inside `torch.cat` with a bare shape error.
+        # The adapter's shape is what each layer cached in one forward pass (`probe.py`); a layer that caches another
+        # layout in another call would otherwise fail inside `torch.cat` with a bare shape error.
         raise ValueError(
             f"The model's keys/values have {like.shape[1]} heads of size {like.shape[-1]}, the ParScale prefix "
-            f"{prefix.shape[1]} of size {prefix.shape[-1]}: this model's attention stores its keys/values in a layout "
-            "the adapter's shape (num_key_value_heads, head_dim from the config) does not describe."
+            f"{prefix.shape[1]} of size {prefix.shape[-1]}: this attention layer cached another layout when the "
+            "adapter was made."
         )
     return prefix.to(like.dtype).repeat_interleave(like.shape[0] // num_streams, dim=0)
 

@@ -14,7 +14,16 @@ from .model_card import update_model_card
 # The base-model dimensions an adapter's tensors depend on; recorded in the adapter so that loading it onto a
 # different base fails with a message naming the dimension, before anything is changed.
 BASE_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim")
+# Recorded too where the values an attention layer caches differ in size from its keys (head_dim): latent attention
+# (DeepSeek-V2/V3) caches a compressed latent as its "keys" and their rotary part as its "values". Absent, it is head_dim,
+# so adapters saved before it existed load unchanged.
+VALUE_HEAD_DIM = "value_head_dim"
 PREFIX_INITS = ("random", "text")
+
+
+def full_base_shape(base_shape: dict[str, int]) -> dict[str, int]:
+    """`base_shape` with `VALUE_HEAD_DIM` filled in (head_dim where it is not recorded)."""
+    return {VALUE_HEAD_DIM: base_shape["head_dim"], **base_shape}
 
 
 def check_prefix_texts(texts: Any, num_streams: int) -> None:
@@ -46,15 +55,16 @@ class ParScaleConfig(PeftConfig):
             (paper, Appendix A).
         prefix_init: How a new adapter's prefixes start. ``"random"``: normal with std ``init_std``. ``"text"``:
             stream p's prefix in every layer is the frozen model's own post-rotary keys/values of the first
-            ``prefix_length`` tokens of ``prefix_init_text[p]``, computed at positions -T..-1, so a fresh ``P=1``
-            adapter is exactly the base model having read that text first (see ``prefix_init.py``). Like PEFT's
+            ``prefix_length - 1`` tokens of ``prefix_init_text[p]`` and a document boundary (the tokenizer's BOS, or
+            EOS, token), computed at positions -T..-1, so a fresh ``P=1`` adapter is exactly the base model having
+            read that text first (see ``prefix_init.py``). Like PEFT's
             ``PromptTuningInit.TEXT``. ``ParScaleSFTTrainer`` and ``parscale sft`` take the texts from the training
             data when ``prefix_init_text`` is not given; ``get_peft_model`` needs them. ``"text"`` trains to a lower
             loss at every learning rate tried (RESULTS.md) and is what ``parscale sft``, the recipes and the
             quickstart use; the field's default stays ``"random"`` because a config alone has no text to read, as
             with PEFT's ``PromptTuningConfig``.
         prefix_init_text: With ``prefix_init="text"``: ``P`` texts, one per stream, each at least
-            ``prefix_length`` tokens long (tokenised without special tokens).
+            ``prefix_length - 1`` tokens long (tokenised without special tokens).
         tokenizer_name_or_path: The tokenizer of ``prefix_init_text`` (loaded with ``AutoTokenizer``).
         base_shape: Dimensions of the base model the adapter was built for, filled in when the adapter is created.
             Loading the adapter onto a model with other dimensions raises a ``ValueError`` naming them.
@@ -123,9 +133,10 @@ class ParScaleConfig(PeftConfig):
                 raise ValueError("prefix_init_text needs tokenizer_name_or_path, the tokenizer to read it with.")
         elif self.tokenizer_name_or_path is not None:
             raise ValueError("tokenizer_name_or_path is only used to tokenise prefix_init_text, which is not given.")
-        if self.base_shape is not None and set(self.base_shape) != set(BASE_SHAPE_FIELDS):
+        if self.base_shape is not None and set(self.base_shape) - {VALUE_HEAD_DIM} != set(BASE_SHAPE_FIELDS):
             raise ValueError(
-                f"base_shape must have exactly the keys {BASE_SHAPE_FIELDS}, got {sorted(self.base_shape)}."
+                f"base_shape must have exactly the keys {BASE_SHAPE_FIELDS} (and optionally {VALUE_HEAD_DIM!r}), got "
+                f"{sorted(self.base_shape)}."
             )
 
     @classmethod

@@ -5,9 +5,11 @@ A frozen causal LM runs a batch of B sequences as P parallel streams:
 1. Replication. The input x is copied P times along the batch, stream-major: row p·B + b is stream p of
    sequence b (`ParScaleStreams.replicate_inputs`, a forward pre-hook on the decoder).
 2. Prefix attention. In every attention layer, stream p attends to T learned key/value vectors of its own in
-   front of the real keys/values: prefix_k, prefix_v of shape (P, num_key_value_heads, T, head_dim). They live in
-   post-rotary space (no rotary embedding is applied to them), every query sees them (padding never hides them),
-   and the real tokens keep their positions 0, 1, ... (`ParScaleAttention`).
+   front of the real keys/values: prefix_k, prefix_v of shape (P, num_key_value_heads, T, head_dim), the shape of
+   what the layer caches (`probe.py`). They live in post-rotary space (no rotary embedding is applied to them), every
+   query sees them (padding never hides them), and the real tokens keep their positions 0, 1, ...
+   (`ParScaleAttention`). In models that look their positions up in a table, which has no negative positions, the
+   real tokens start at T instead, as if the prefix had been read at 0..T-1 (`to_stream_inputs`).
 3. Aggregation. After the final norm, the P hidden states h_1..h_P of a token are mixed with dynamic weights
        w = softmax(W2 · SiLU(W1 · [h_1 ... h_P] + b1) + b2)        (in float32; [..] in hidden-major order)
        w <- w · (1 - ε) + ε / P                                     (smoothing)
@@ -153,7 +155,8 @@ def mask_with_prefix(mask: Any, prefix_length: int, queries: torch.Tensor) -> An
 class ParScaleAttention(nn.Module, ParScaleLayer):
     """Wraps one attention module and gives each of the P streams its own T prefix keys/values.
 
-    prefix_k / prefix_v: (P, num_key_value_heads, T, head_dim) per adapter. `cache_argument` is the name of the wrapped
+    prefix_k / prefix_v: (P, num_key_value_heads, T, head_dim) and (P, num_key_value_heads, T, value_head_dim) per
+    adapter: the shapes of the keys and values the layer caches. `cache_argument` is the name of the wrapped
     module's cache argument (`past_key_values`, or `layer_past` in GPT-NeoX, Falcon and GPT-BigCode); `sliding_window`
     says whether it is a sliding-window layer.
     """
@@ -167,6 +170,7 @@ class ParScaleAttention(nn.Module, ParScaleLayer):
         config: ParScaleConfig,
         num_key_value_heads: int,
         head_dim: int,
+        value_head_dim: int,
         cache_argument: str = "past_key_values",
         sliding_window: bool = False,
     ) -> None:
@@ -184,16 +188,18 @@ class ParScaleAttention(nn.Module, ParScaleLayer):
             for name, parameter in inspect.signature(base_layer.forward).parameters.items()
             if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
         ]
-        self.update_layer(adapter_name, config, num_key_value_heads, head_dim)
+        self.update_layer(adapter_name, config, num_key_value_heads, head_dim, value_head_dim)
         self._active_adapter = adapter_name
 
     def reference_parameter(self) -> torch.Tensor:
         return next(self.base_layer.parameters())
 
-    def update_layer(self, adapter_name: str, config: ParScaleConfig, num_key_value_heads: int, head_dim: int) -> None:
+    def update_layer(
+        self, adapter_name: str, config: ParScaleConfig, num_key_value_heads: int, head_dim: int, value_head_dim: int
+    ) -> None:
         reference = self.reference_parameter()
-        shape = (config.P, num_key_value_heads, config.prefix_length, head_dim)
-        for prefixes in (self.parscale_prefix_k, self.parscale_prefix_v):
+        for prefixes, size in ((self.parscale_prefix_k, head_dim), (self.parscale_prefix_v, value_head_dim)):
+            shape = (config.P, num_key_value_heads, config.prefix_length, size)
             prefix = torch.empty(shape, device=reference.device, dtype=torch.float32)
             nn.init.normal_(prefix, std=config.init_std)
             prefixes[adapter_name] = nn.Parameter(prefix.to(reference.dtype))
@@ -272,9 +278,9 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         object.__setattr__(self, "_decoder", decoder)
         object.__setattr__(self, "_attention_layers", [])
         self.original_masks_for_generate = None  # set by ParScaleModel
-        # Set by ParScaleModel: the model adds learned absolute position embeddings (GPT-2), so text prefixes are read
-        # at positions 0..T-1 rather than -T..-1 (`prefix_init.py`).
-        self.learned_positions = False
+        # Set by ParScaleModel: the length of the table the model looks its positions up in (GPT-2, CodeGen, GPT-J),
+        # or None. With a table the real tokens start at position T, and text prefixes are read at 0..T-1 (`prefix_init.py`).
+        self.position_table: int | None = None
         self.update_layer(adapter_name, config)
         self._active_adapter = adapter_name
         self._decoder_arg_names = list(inspect.signature(decoder.forward).parameters)
@@ -325,6 +331,11 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         """(prefix_k, prefix_v) of every attention layer, in layer order."""
         return [layer.prefix(adapter_name) for layer in self.attention_layers()]
 
+    def first_position(self, adapter_name: str) -> int:
+        """The real tokens' first position: 0, or T in a model with a position table (it has no negative positions
+        for the prefix, which takes 0..T-1)."""
+        return 0 if self.position_table is None else self.prefix_length[adapter_name]
+
     def replicate_inputs(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Forward pre-hook: B sequences in, P·B stream rows to the decoder."""
         adapter_name = self.active_adapter_name()
@@ -348,14 +359,23 @@ class ParScaleStreams(nn.Module, ParScaleLayer):
         elif not torch.compiler.is_compiling():
             prefix_causal_bias(decoder_inputs(kwargs).shape[1], prefix_length)  # for compiled layers (see there)
         kwargs["past_key_values"], kwargs["use_cache"] = (cache, True) if keep_cache else (None, False)
-        return (), to_stream_inputs(kwargs, num_streams, prefix_length if keep_cache else None)
+        first_position = self.first_position(adapter_name)
+        kwargs = to_stream_inputs(kwargs, num_streams, prefix_length if keep_cache else None, first_position)
+        if self.position_table is not None and not torch.compiler.is_compiling():
+            check_positions_fit(kwargs["position_ids"], self.position_table, first_position)
+        return (), kwargs
 
     def masks_for_generate(self, **kwargs: Any) -> Any:
         """`create_masks_for_generate` for the streams: generate calls it with a static cache, before the forward."""
         adapter_name = self.active_adapter_name()
         if adapter_name is not None and kwargs.get("past_key_values") is not None:
             make_prefix_resident(kwargs["past_key_values"], self.attention_prefixes(adapter_name))
-            kwargs = to_stream_inputs(kwargs, self.num_streams[adapter_name], self.prefix_length[adapter_name])
+            kwargs = to_stream_inputs(
+                kwargs,
+                self.num_streams[adapter_name],
+                self.prefix_length[adapter_name],
+                self.first_position(adapter_name),
+            )
         return self.original_masks_for_generate(**kwargs)
 
     def aggregate_outputs(self, decoder: nn.Module, args: tuple, output: Any) -> Any:
@@ -413,9 +433,22 @@ def check_mask_fits_cache(kwargs: dict, cache: Any, prefix_length: int) -> None:
         )
 
 
-def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: int | None) -> dict:
+def check_positions_fit(position_ids: torch.Tensor, table: int, first_position: int) -> None:
+    """Raise `ValueError` if a real token's position (after the shift to `first_position`) is past a position table."""
+    last = int(position_ids.max())
+    if last >= table:
+        raise ValueError(
+            f"This model looks its positions up in a table of {table}. With ParScale its real tokens start at position "
+            f"{first_position} (the prefix takes 0..{first_position - 1}), so at most {table - first_position} fit: "
+            f"position {last - first_position} was asked for."
+        )
+
+
+def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: int | None, first_position: int = 0) -> dict:
     """Replicate the decoder inputs into streams; with a resident prefix (`prefix_length` given), also prepend T
-    visible slots to the 2D attention mask and give the real tokens their positions explicitly.
+    visible slots to the 2D attention mask and give the real tokens their positions explicitly. With a
+    `first_position` (models with a position table), every real token's position is shifted by it, so it is given
+    explicitly too.
 
     4D masks (or a dict of them) are passed through: only `generate` makes those, through
     `ParScaleModel`'s `create_masks_for_generate`, which calls this function first.
@@ -440,8 +473,10 @@ def to_stream_inputs(kwargs: dict, num_streams: int, prefix_length: int | None) 
         if prefix_length is not None:
             mask = torch.cat([mask.new_ones(mask.shape[0], prefix_length), mask], dim=-1)
         kwargs["attention_mask"] = mask
-    if prefix_length is not None and position_ids is None:
-        # The cache counts the prefix's T slots; the real tokens' positions still start at 0.
-        first = int(kwargs["past_key_values"].get_seq_length()) - prefix_length
-        kwargs["position_ids"] = torch.arange(first, first + query_length, device=inputs.device)[None]
+    if position_ids is None and (prefix_length is not None or first_position):
+        # The cache counts the prefix's T slots; the real tokens' positions still start at 0 (or `first_position`).
+        cached = 0 if prefix_length is None else int(kwargs["past_key_values"].get_seq_length()) - prefix_length
+        kwargs["position_ids"] = torch.arange(cached, cached + query_length, device=inputs.device)[None]
+    if first_position:
+        kwargs["position_ids"] = kwargs["position_ids"] + first_position
     return kwargs

@@ -11,7 +11,7 @@ from transformers.masking_utils import create_masks_for_generate
 
 from .adapter_file import check_adapter_file, expected_adapter_shapes
 from .architecture import describe_architecture
-from .config import BASE_SHAPE_FIELDS, ParScaleConfig
+from .config import VALUE_HEAD_DIM, ParScaleConfig, full_base_shape
 from .layer import ParScaleAttention, ParScaleLayer, ParScaleStreams
 from .prefix_init import config_token_ids, init_prefixes_from_token_ids
 
@@ -50,13 +50,21 @@ class ParScaleModel(BaseTuner):
         architecture = describe_architecture(self.model)
         if peft_config.base_shape is None:
             peft_config.base_shape = dict(architecture.shape)
+        built_for, this_model = full_base_shape(peft_config.base_shape), full_base_shape(architecture.shape)
         mismatched = [
-            f"{name}={peft_config.base_shape[name]} (this model has {architecture.shape[name]})"
-            for name in BASE_SHAPE_FIELDS
-            if peft_config.base_shape[name] != architecture.shape[name]
+            f"{name}={built_for[name]} (this model has {this_model[name]})"
+            for name in this_model
+            if built_for[name] != this_model[name]
         ]
         if mismatched:
             raise ValueError("This ParScale adapter was built for a base model with " + ", ".join(mismatched) + ".")
+        table = architecture.position_table
+        if table is not None and peft_config.prefix_length >= table:
+            raise ValueError(
+                f"This model looks its positions up in a table of {table}, with no negative positions: ParScale reads "
+                f"a prefix at positions 0..T-1 and starts the real tokens at T, so prefix_length="
+                f"{peft_config.prefix_length} leaves no position for them."
+            )
         adapter_dir = getattr(peft_config, "adapter_dir", None)
         if adapter_dir is not None:
             check_adapter_file(adapter_dir, expected_adapter_shapes(architecture, peft_config))
@@ -108,25 +116,25 @@ class ParScaleModel(BaseTuner):
         current_key: str,
         **kwargs,
     ) -> None:
-        shape = self.architecture.shape
+        shape = full_base_shape(self.architecture.shape)
+        prefix_sizes = (shape["num_key_value_heads"], shape["head_dim"], shape[VALUE_HEAD_DIM])
         if current_key == self.architecture.decoder_name:
             streams = getattr(target, "streams", None)
             if isinstance(streams, ParScaleStreams):
                 streams.update_layer(adapter_name, peft_config)
             else:
                 target.streams = ParScaleStreams(target, shape["hidden_size"], adapter_name, peft_config)
-                target.streams.learned_positions = self.architecture.learned_positions
+                target.streams.position_table = self.architecture.position_table
                 self._route_generate_masks(target.streams)
         elif isinstance(target, ParScaleAttention):
-            target.update_layer(adapter_name, peft_config, shape["num_key_value_heads"], shape["head_dim"])
+            target.update_layer(adapter_name, peft_config, *prefix_sizes)
         else:
             index = self.architecture.attention_names.index(current_key)
             wrapped = ParScaleAttention(
                 target,
                 adapter_name,
                 peft_config,
-                shape["num_key_value_heads"],
-                shape["head_dim"],
+                *prefix_sizes,
                 cache_argument=self.architecture.cache_arguments[index],
                 sliding_window=self.architecture.sliding_layers[index],
             )

@@ -24,8 +24,10 @@ def trainable_parameters(config) -> int | None:
     shape = config.base_shape
     if shape is None:
         return None
-    prefixes = 2 * shape["num_hidden_layers"] * config.P * shape["num_key_value_heads"] * config.prefix_length
-    prefixes *= shape["head_dim"]
+    prefixes = shape["num_hidden_layers"] * config.P * shape["num_key_value_heads"] * config.prefix_length
+    # keys and values; the values' size is recorded where it differs (config.VALUE_HEAD_DIM: this module cannot import
+    # config, which imports it)
+    prefixes *= shape["head_dim"] + shape.get("value_head_dim", shape["head_dim"])
     hidden = shape["hidden_size"]
     # Linear(P·H → H) and Linear(H → P), both with bias; a single stream needs no aggregator
     aggregator = (config.P * hidden * hidden + hidden + hidden * config.P + config.P) if config.P > 1 else 0

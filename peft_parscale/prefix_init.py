@@ -5,7 +5,11 @@ keys/values the model has never produced. Instead, stream p's prefix in every la
 post-rotary keys/values of a real T-token text, computed at positions -T..-1. The rotary embedding is relative, so
 the real tokens (positions 0, 1, ...) then see exactly what they would see had the model read the text just before
 them: a fresh P=1 adapter *is* the base model reading that text first, and a fresh P>1 adapter, whose zero
-aggregator output layer weighs the streams uniformly, averages the final hidden states of P such runs.
+aggregator output layer weighs the streams uniformly, averages the final hidden states of P such runs. A model that
+looks its positions up in a table (GPT-2, CodeGen, GPT-J) has no negative positions: there the text is read at
+0..T-1, and ParScale starts the real tokens at T (`ParScaleStreams.first_position`), which is exact in the same way.
+A text read from a tokenizer ends with a document boundary (`document_boundary`): its first T - 1 tokens, then the
+tokenizer's BOS (or EOS) token, so that the input reads as a new document rather than as the text's continuation.
 
 This is PEFT's ``PromptTuningInit.TEXT`` one step further: prompt tuning starts its virtual tokens from a text's
 input embeddings; ParScale's prefixes live in every layer, so they start from the text's keys/values in every layer.
@@ -36,7 +40,8 @@ from torch import nn
 from transformers import AutoTokenizer, DynamicCache
 
 from .config import ParScaleConfig, check_prefix_texts
-from .layer import ParScaleLayer, ParScaleStreams
+from .layer import ParScaleStreams
+from .probe import base_model_only
 
 
 def init_prefixes_from_text(
@@ -44,9 +49,11 @@ def init_prefixes_from_text(
 ) -> None:
     """Set every prefix of an adapter to the frozen model's keys/values of real text: stream p reads `texts[p]`.
 
-    Each text is tokenised with ``tokenizer(text, add_special_tokens=False)`` and its first T (``prefix_length``)
-    tokens are used. `texts` must hold exactly P strings of at least T tokens each; otherwise a `ValueError` is raised
-    and nothing changes. Only the named adapter (default: the active one) changes; the aggregator is left as it is.
+    Each text is tokenised with ``tokenizer(text, add_special_tokens=False)``; stream p reads its first T − 1 tokens
+    (T: ``prefix_length``), then a document boundary (`document_boundary`), so that the input after the prefix reads
+    as the start of a new document. `texts` must hold exactly P strings of at least T − 1 tokens each; otherwise a
+    `ValueError` is raised and nothing changes. Only the named adapter (default: the active one) changes; the
+    aggregator is left as it is.
 
     Args:
         model: A model with ParScale adapters (a `PeftModel`, or the model PEFT injected them into).
@@ -85,10 +92,13 @@ def init_prefixes_from_token_ids(
             f"Adapter {adapter_name!r} has no weights yet (created with low_cpu_mem_usage=True): create it with "
             "low_cpu_mem_usage=False to initialise it from text."
         )
-    keys_and_values = base_model_keys_and_values(decoder, windows, streams.learned_positions)
-    for (prefix_k, _), (keys, _) in zip(targets, keys_and_values, strict=True):
-        if prefix_k.shape != keys.shape:  # checked for every layer before any is written
-            raise ValueError(f"The model's keys have shape {tuple(keys.shape)}, the prefixes {tuple(prefix_k.shape)}.")
+    keys_and_values = base_model_keys_and_values(decoder, windows, streams.position_table is not None)
+    for prefixes, cached in zip(targets, keys_and_values, strict=True):
+        for prefix, tensor in zip(prefixes, cached):  # checked for every layer before any is written
+            if prefix.shape != tensor.shape:
+                raise ValueError(
+                    f"The model's cached keys/values have shape {tuple(tensor.shape)}, the prefixes {tuple(prefix.shape)}."
+                )
     with torch.no_grad():
         for (prefix_k, prefix_v), (keys, values) in zip(targets, keys_and_values):
             prefix_k.copy_(keys)
@@ -96,44 +106,53 @@ def init_prefixes_from_token_ids(
 
 
 def base_model_keys_and_values(
-    decoder: nn.Module, token_ids: torch.Tensor, learned_positions: bool = False
+    decoder: nn.Module, token_ids: torch.Tensor, from_zero: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every layer's post-rotary keys and values, (P, kv_heads, T, head_dim), of the base model (ParScale disabled)
     reading the P rows of `token_ids` (P, T) at positions -T..-1: what the cache holds after reading them.
 
-    With `learned_positions` (a model that adds learned absolute position embeddings, such as GPT-2, which has none
-    for negative positions) the text is read at positions 0..T-1 instead. Sliding-window layers read the text with
-    their window, as the base model would, and keep all T keys/values (a cache of full layers).
+    With `from_zero` (a model with a position table, which has no negative positions) the text is read at positions
+    0..T-1 instead. Sliding-window layers read the text with their window, as the base model would, and keep all T
+    keys/values (a cache of full layers).
     """
     num_rows, length = token_ids.shape
     device = next(decoder.parameters()).device
     token_ids = token_ids.to(device)
-    first = 0 if learned_positions else -length
+    first = 0 if from_zero else -length
     positions = torch.arange(first, first + length, device=device).expand(num_rows, length)
     cache = DynamicCache()  # full layers: a sliding-window layer would keep only the window's last tokens
-    modules = list(decoder.modules())
-    training = [module.training for module in modules]
-    disabled = {module: module.disable_adapters for module in modules if isinstance(module, ParScaleLayer)}
-    try:
-        decoder.eval()  # no dropout; gradient checkpointing (training only) would drop the cache
-        for module in disabled:
-            # PEFT's own switch (`enable_adapters`) also changes which weights require gradients; only the flag is set.
-            module._disable_adapters = True
-        with torch.no_grad():
-            decoder(input_ids=token_ids, position_ids=positions, past_key_values=cache, use_cache=True)
-    finally:
-        for module, mode in zip(modules, training):
-            module.training = mode
-        for module, flag in disabled.items():
-            module._disable_adapters = flag
+    with base_model_only(decoder), torch.no_grad():
+        decoder(input_ids=token_ids, position_ids=positions, past_key_values=cache, use_cache=True)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def document_boundary(tokenizer: Any) -> int:
+    """The token each stream's text ends with: the tokenizer's BOS token (a document's start), or its EOS token where
+    it has none. Read with no boundary, the model takes the text for the beginning of the input's own document, and a
+    fresh adapter starts above the base model; with one it starts at it (RESULTS.md, "Where does a fresh
+    text-initialised adapter start?"). `ValueError` if the tokenizer has neither token."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+    boundary = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if boundary is None:
+        raise ValueError(
+            "prefix_init='text' ends each stream's text with the tokenizer's BOS or EOS token, and this tokenizer has "
+            "neither: give the token ids yourself with init_prefixes_from_token_ids."
+        )
+    return boundary
+
+
+def with_boundary(windows: torch.Tensor, boundary: int) -> torch.Tensor:
+    """(P, T − 1) token ids and a last column of `boundary`: (P, T)."""
+    return torch.cat([windows, windows.new_full((windows.shape[0], 1), boundary)], dim=1)
+
+
 def _text_token_ids(tokenizer: Any, texts: Sequence[str], num_streams: int, prefix_length: int) -> torch.Tensor:
-    """The first `prefix_length` token ids of each of `num_streams` texts, (P, T); `ValueError` for bad texts."""
+    """Each of `num_streams` texts' first `prefix_length` − 1 token ids and the document boundary, (P, T);
+    `ValueError` for bad texts."""
     check_prefix_texts(texts, num_streams)
+    boundary = document_boundary(tokenizer)
     token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    return _check_token_ids(token_ids, num_streams, prefix_length, vocabulary_size=None)
+    return with_boundary(_check_token_ids(token_ids, num_streams, prefix_length - 1, vocabulary_size=None), boundary)
 
 
 def config_token_ids(config: ParScaleConfig) -> torch.Tensor:
@@ -170,8 +189,8 @@ def _check_token_ids(token_ids: Any, num_streams: int, prefix_length: int, vocab
     short = [stream for stream, length in enumerate(lengths) if length is None or length < prefix_length]
     if short:
         raise ValueError(
-            f"Every stream's text needs at least prefix_length={prefix_length} tokens; stream(s) {short} have "
-            f"{[lengths[stream] for stream in short]}."
+            f"Every stream's text needs at least {prefix_length} tokens (prefix_length, less the document boundary "
+            f"where the text is read with a tokenizer); stream(s) {short} have {[lengths[stream] for stream in short]}."
         )
     windows = [list(row[:prefix_length]) for row in token_ids]
     if not all(isinstance(token, int) and not isinstance(token, bool) for row in windows for token in row):

@@ -41,7 +41,7 @@ from peft_parscale.cli import CommandParser
 from peft_parscale.config import ParScaleConfig
 from peft_parscale.model_card import update_model_card
 from peft_parscale.precision import bf16_is_native, training_precision
-from peft_parscale.prefix_init import init_prefixes_from_token_ids
+from peft_parscale.prefix_init import document_boundary, init_prefixes_from_token_ids, with_boundary
 from peft_parscale.pretrained import name_base_model, resolve_model
 
 # The ParScaleConfig fields a user sets (PeftConfig's own fields and the auto-filled base_shape are not flags); the
@@ -189,7 +189,8 @@ class ParScaleSFTTrainer(SFTTrainer):
     section.
 
     With ``ParScaleConfig(prefix_init="text")`` and no ``prefix_init_text``, stream p's prefixes start as the base
-    model's keys/values of the first T tokens of the p-th training row of at least T tokens (see ``prefix_init.py``).
+    model's keys/values of the first T - 1 tokens of the p-th training row of at least T - 1 tokens, then a document
+    boundary (see ``prefix_init.py``).
 
     ``train()`` runs with every sdpa kernel but cuDNN's, whose backward can return NaN gradients under explicit masks
     on Hopper GPUs (see ``train``).
@@ -225,9 +226,8 @@ class ParScaleSFTTrainer(SFTTrainer):
             name_base_model(self.model, model)
         if texts_from_data:
             config = self.model.active_peft_config
-            init_prefixes_from_token_ids(
-                self.model, prefix_init_windows(self.train_dataset, config.P, config.prefix_length)
-            )
+            windows = prefix_init_windows(self.train_dataset, config.P, config.prefix_length - 1)
+            init_prefixes_from_token_ids(self.model, with_boundary(windows, document_boundary(self.processing_class)))
             config.prefix_init = "text"
 
     def train(self, *args, **kwargs):
@@ -247,9 +247,11 @@ class ParScaleSFTTrainer(SFTTrainer):
             update_model_card(self.args.output_dir, config)
 
 
-def prefix_init_windows(dataset, num_streams: int, prefix_length: int) -> list[list[int]]:
-    """The first `prefix_length` token ids of the first `num_streams` rows with at least that many, of a training
-    dataset as ``SFTTrainer`` prepared it (``Dataset`` or ``IterableDataset``).
+def prefix_init_windows(dataset, num_streams: int, length: int) -> torch.Tensor:
+    """The first `length` token ids of the first `num_streams` rows with at least that many, of a training dataset as
+    ``SFTTrainer`` prepared it (``Dataset`` or ``IterableDataset``), as a (P, length) tensor. The trainer reads
+    ``prefix_length - 1`` of them and ends each stream's text with a document boundary, as `init_prefixes_from_text`
+    does.
 
     Token ids, not text: by then TRL has tokenised text, conversational and prompt-completion datasets into
     ``input_ids`` and left pre-tokenised ones as they are, so one path serves them all; and the prefixes start from
@@ -262,13 +264,14 @@ def prefix_init_windows(dataset, num_streams: int, prefix_length: int) -> list[l
     for row in dataset:
         if "input_ids" not in row:
             raise ValueError("prefix_init='text' without prefix_init_text reads the prepared data's `input_ids`.")
-        if len(row["input_ids"]) >= prefix_length:
-            windows.append(list(row["input_ids"][:prefix_length]))
+        if len(row["input_ids"]) >= length:
+            windows.append(list(row["input_ids"][:length]))
             if len(windows) == num_streams:
-                return windows
+                return torch.tensor(windows, dtype=torch.long)
     raise ValueError(
-        f"prefix_init='text' takes P={num_streams} windows of prefix_length={prefix_length} tokens from the training "
-        f"data, which has only {len(windows)} rows that long: give prefix_init_text, or a smaller prefix_length."
+        f"prefix_init='text' takes P={num_streams} windows of {length} tokens (prefix_length, less the document "
+        f"boundary) from the training data, which has only {len(windows)} rows that long: give prefix_init_text, or a "
+        "smaller prefix_length."
     )
 
 

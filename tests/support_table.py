@@ -4,17 +4,20 @@
 each of its tests proves one cell (training, cached generation or static cache). A run records every test's outcome,
 with the versions and device it ran on, in `results/support/<run>.json` (committed). The table is rendered from those
 files only: a cell is ✓ when its tests passed in some run and failed in none, ✗ when one failed, "n/a" when they were
-skipped because the plain model cannot do the same there (the reason becomes a note), and "–" when no run tested it.
-`tests/test_support_table.py` checks that the README's table is this rendering, and that the suite's own run of
-`test_architectures.py` gives the outcomes recorded in `results/support/cpu.json`.
+skipped because the plain model cannot do the same with that attention implementation (the reason becomes a note),
+and "–" when no run tested it, including cells that only a GPU run can test (the plain model fails on the CPU too,
+as flex attention's training and static cache do; the note says so and gives `GPU_RUN`).
+`tests/doc_tables.py` writes it into the README (table `support`), and `tests/test_doc_tables.py` checks that the
+README's table is this rendering; `tests/test_support_table.py` checks that the suite's own run of
+`test_architectures.py` gives the outcomes recorded in `results/support/`.
 
 Usage (from the repository root):
 
     python -m tests.support_table run                # the suite's run (CPU, sdpa and eager): results/support/cpu.json
     PARSCALE_TEST_FLEX=1 python -m tests.support_table run --name cpu-flex -k flex_attention   # flex attention
-    PARSCALE_TEST_DEVICE=cuda PARSCALE_TEST_FLEX=1 python -m tests.support_table run --name cuda   # on a GPU
+    PARSCALE_TEST_DEVICE=cuda PARSCALE_TEST_FLEX=1 python -m tests.support_table run --name cuda   # on a GPU (GPU_RUN)
     python -m tests.support_table run --name cpu-transformers-5.17   # in an environment with transformers 5.17
-    python -m tests.support_table readme             # write the table into README.md
+    python -m tests.doc_tables write                 # write the table (and the documents' other tables)
     python -m tests.support_table                    # print the table
 
 Arguments after the options of `run` go to pytest.
@@ -33,10 +36,12 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "support"
-README = ROOT / "README.md"
-START, END = "<!-- support-table: start -->", "<!-- support-table: end -->"
 IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 FEATURES = ("training", "cached generation", "static cache")
+# The one command that records the cells no CPU run can test (on a machine with a CUDA GPU).
+GPU_RUN = "PARSCALE_TEST_DEVICE=cuda PARSCALE_TEST_FLEX=1 python -m tests.support_table run --name cuda"
+# How `test_architectures.plain_model_failure` words a skip that is a limit of the device, not of the model.
+DEVICE_LIMIT = "the plain model fails too on "
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from tiny_models import ARCHITECTURES
@@ -60,9 +65,16 @@ def outcomes(runs: dict[str, dict], architecture: str, implementation: str, feat
 
 
 def cell(found: list[tuple[str, str]], notes: list[str]) -> str:
-    """✓ all passed, ✗ one failed, n/a all skipped (the plain model cannot), – untested; a skip's reason, with its
-    run, becomes a numbered note (appended to `notes`), also on a ✓ of which some tests were skipped."""
-    skips = {f"{run}: {outcome.removeprefix('skipped: ')}" for run, outcome in found if outcome.startswith("skipped")}
+    """✓ all passed, ✗ one failed, n/a all skipped (the plain model cannot), – untested (also when every skip is a
+    limit of the device it ran on); a skip's reason, with its run, becomes a numbered note (appended to `notes`), also
+    on a ✓ of which some tests were skipped."""
+    skips = set()
+    for run, outcome in found:
+        if outcome.startswith("skipped"):
+            reason = f"{run}: {outcome.removeprefix('skipped: ')}"
+            if DEVICE_LIMIT in reason:
+                reason += "; not run on a GPU yet"
+            skips.add(reason)
     marks = []
     for reason in sorted(skips):
         if reason not in notes:
@@ -74,6 +86,8 @@ def cell(found: list[tuple[str, str]], notes: list[str]) -> str:
         return "✗"
     if "passed" in kinds:
         return "✓" + note
+    if found and all(DEVICE_LIMIT in outcome for outcome in kinds):
+        return "–" + note  # only the device stopped it: a GPU run would test it
     return "n/a" + note if found else "–"
 
 
@@ -107,7 +121,7 @@ def render(runs: dict[str, dict]) -> str:
         "Each cell: training (no cache, gradient checkpointing; gradients reach the ParScale weights only) · cached "
         "generation (dynamic cache) · static cache. ✓ tested and passing, ✗ failing, n/a the plain model cannot do it "
         "there either, – not tested. A note names the run that skipped the cell, and why; on a ✓ the cell passed in "
-        "the other runs."
+        f"the other runs. The cells that only a GPU can test are recorded by `{GPU_RUN}` on a machine with a CUDA GPU."
     )
     lines += ["", legend, ""]
     lines += [f"{number}. {note}" for number, note in enumerate(notes, start=1)]
@@ -121,18 +135,6 @@ def render(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_table(text: str) -> str:
-    """The table between the README's markers."""
-    return text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
-
-
-def write_readme(table: str) -> None:
-    text = README.read_text()
-    before, rest = text.split(START, 1)
-    after = rest.split(END, 1)[1]
-    README.write_text(f"{before}{START}\n{table}{END}{after}")
-
-
 def run(name: str, pytest_args: list[str]) -> int:
     """Run `tests/test_architectures.py` (with `pytest_args`) and record its outcomes as run `name`."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -143,16 +145,12 @@ def run(name: str, pytest_args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", choices=["print", "run", "readme"], default="print")
+    parser.add_argument("command", nargs="?", choices=["print", "run"], default="print")
     parser.add_argument("--name", default="cpu", help="the run's name (run): results/support/NAME.json")
     args, pytest_args = parser.parse_known_args(argv)
     if args.command == "run":
         return run(args.name, pytest_args)
-    table = render(load_runs())
-    if args.command == "readme":
-        write_readme(table)
-    else:
-        print(table, end="")
+    print(render(load_runs()), end="")
     return 0
 
 

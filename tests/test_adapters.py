@@ -81,11 +81,7 @@ def test_bfloat16_model_keeps_float32_adapter_weights():
     randomize_adapter(model, scale=0.1)
     assert {p.dtype for n, p in model.named_parameters() if "parscale_" in n} == {torch.float32}
     assert {p.dtype for n, p in model.named_parameters() if "parscale_" not in n} == {torch.bfloat16}
-    reference = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=3, prefix_length=4))
-    randomize_adapter(reference, scale=0.1)
-    output = logits(model)
-    assert output.dtype == torch.bfloat16
-    torch.testing.assert_close(output.float(), logits(reference), atol=0.1, rtol=0.05)  # bfloat16 precision
+    assert logits(model).dtype == torch.bfloat16  # its values against the float64 reference: test_bfloat16.py
     with torch.no_grad():
         tokens = model.generate(input_ids=INPUT_IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert tokens.shape == (2, 11)

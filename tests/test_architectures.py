@@ -51,7 +51,10 @@ TOLERANCE = 2e-5
 
 
 def text_ids(text: str) -> torch.Tensor:
-    return torch.tensor(TOKENIZER(text, add_special_tokens=False)["input_ids"][:T], device=DEVICE)
+    """A stream's text as the model reads it: its first T - 1 tokens, then a document boundary (the tiny tokenizer
+    has no BOS token: its EOS token)."""
+    ids = TOKENIZER(text, add_special_tokens=False)["input_ids"][: T - 1] + [TOKENIZER.eos_token_id]
+    return torch.tensor(ids, device=DEVICE)
 
 
 def left_padded_batch(lengths, seed=2):
@@ -146,21 +149,11 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def plain_hidden(oracle, name, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Final-norm hidden states of the plain model over [prefix ; tokens], at the tokens' positions.
-
-    Rotary models read the whole sequence at positions 0..T+n-1. Models with learned absolute positions (GPT-2) have
-    none below 0, so ParScale reads their text prefix at 0..T-1 while the input keeps 0..n-1: the oracle gives the
-    same positions, [0..T-1, 0..n-1] (with an explicit all-ones mask, so that transformers does not read the restart
-    as two packed sequences).
-    """
-    ids = torch.cat([prefix, tokens])[None]
-    kwargs = {}
-    if ARCHITECTURES[name].learned_positions:
-        positions = torch.cat([torch.arange(len(prefix)), torch.arange(len(tokens))]).to(DEVICE)
-        kwargs = {"position_ids": positions[None], "attention_mask": torch.ones_like(ids)}
+def plain_hidden(oracle, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Final-norm hidden states of the plain model over [prefix ; tokens] (positions 0..T+n-1), at the tokens'
+    positions."""
     with torch.no_grad():
-        output = oracle(input_ids=ids, output_hidden_states=True, **kwargs)
+        output = oracle(input_ids=torch.cat([prefix, tokens])[None], output_hidden_states=True)
     return output.hidden_states[-1][0][len(prefix) :]
 
 
@@ -174,15 +167,15 @@ def aggregate_and_head(model, streams: list[torch.Tensor], aggregator) -> torch.
     return lm_head(model, mixed)
 
 
-def oracle_logits(oracle, name, tokens: torch.Tensor, aggregator, texts=TEXTS) -> torch.Tensor:
-    streams = [plain_hidden(oracle, name, text_ids(text), tokens) for text in texts]
+def oracle_logits(oracle, tokens: torch.Tensor, aggregator, texts=TEXTS) -> torch.Tensor:
+    streams = [plain_hidden(oracle, text_ids(text), tokens) for text in texts]
     return aggregate_and_head(oracle, streams, aggregator)
 
 
-def worst_error_against_oracle(logits, oracle, name, input_ids, attention_mask, aggregator, texts=TEXTS) -> float:
+def worst_error_against_oracle(logits, oracle, input_ids, attention_mask, aggregator, texts=TEXTS) -> float:
     errors = []
     for row, mask in enumerate(attention_mask.bool()):
-        expected = oracle_logits(oracle, name, input_ids[row][mask], aggregator, texts)
+        expected = oracle_logits(oracle, input_ids[row][mask], aggregator, texts)
         errors.append(relative_error(logits[row][mask], expected))
     return max(errors)
 
@@ -223,10 +216,10 @@ def test_fresh_text_adapter_with_a_cache_matches_the_oracle(tokenizer_dir, name,
         )
     assert output.past_key_values is not None
     aggregator = aggregator_tensors(model)
-    assert worst_error_against_oracle(output.logits, oracle, name, input_ids, attention_mask, aggregator) <= TOLERANCE
+    assert worst_error_against_oracle(output.logits, oracle, input_ids, attention_mask, aggregator) <= TOLERANCE
     # Guard: the check can fail for this architecture; with two streams' texts swapped the oracle is far away.
     swapped = [TEXTS[1], TEXTS[0], TEXTS[2]]
-    error = worst_error_against_oracle(output.logits, oracle, name, input_ids, attention_mask, aggregator, swapped)
+    error = worst_error_against_oracle(output.logits, oracle, input_ids, attention_mask, aggregator, swapped)
     assert error > 100 * TOLERANCE
 
 
@@ -248,7 +241,7 @@ def test_training_matches_the_oracle_and_trains_only_parscale_weights(tokenizer_
         labels=labels,
     )
     error = worst_error_against_oracle(
-        output.logits.detach(), oracle, name, input_ids, attention_mask, aggregator_tensors(model)
+        output.logits.detach(), oracle, input_ids, attention_mask, aggregator_tensors(model)
     )
     assert error <= TOLERANCE
     output.loss.backward()

@@ -35,7 +35,10 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
     for record in sampling:
         assert record["batch"] == record["problems"] * record["samples_per_problem"] > record["problems"]
         assert record["completions_per_s"] == pytest.approx(record["batch"] / record["total_ms"] * 1e3)
-        assert 0 < record["ttft_ms"] < record["total_ms"]
+        assert record["ttft_ms"] > 0
+        if record["mode"] == "generate":  # the first token is marked inside each timed run: before its end in each
+            assert record["ttft_ms"] < record["total_ms"]
+        # the fast modes time their prefills in calls of their own, which a busy CPU can slow more than the runs
     selector = {r["variant"]: r for r in records if r["suite"] == "selector"}
     assert set(selector) == {"selector_eager", "long_scan", "selector", "selector_dynamic"}
     for name in ("long_scan", "selector", "selector_dynamic"):  # inductor on CPU compiles every case

@@ -143,3 +143,20 @@ def test_stream_sweep_smoke_two_processes_interrupted_and_resumed(tmp_path):
     assert report["log_linear_fit"]["r2"] <= 1 and [tokens for tokens, _ in report["gaps"]["4"]] == [0, 256, 512, 768]
     assert report["gap_fit"]["P"] == 4 and (tmp_path / "out" / "curves.png").is_file()
     assert "| base (no adapter) |" in stdout and "| P=2 | 768 |" in stdout
+
+
+def test_initial_loss_smoke(tmp_path):
+    run_experiment("initial_loss.py", "--smoke", "--output", str(tmp_path / "initial.json"), cwd=tmp_path)
+    results = json.loads((tmp_path / "initial.json").read_text())
+    base = results["per_window"]["base"]
+    assert len(base) == 4 and set(results["summary"]) == {"base"} | {
+        f"{kind} P={P}" for kind in ("window", "window+boundary", "file-end+boundary") for P in (1, 2)
+    }
+    for name, summary in results["summary"].items():  # each summary is the mean of its per-window losses minus base's
+        differences = [loss - reference for loss, reference in zip(results["per_window"][name], base)]
+        if name != "base":
+            assert summary["minus_base"] == pytest.approx(sum(differences) / len(differences), abs=1e-12)
+    texts = results["settings"]["stream_texts"]
+    boundary = results["settings"]["boundary"]
+    assert all(text.endswith(boundary) for kind in ("window+boundary", "file-end+boundary") for text in texts[kind])
+    assert not any(text.endswith(boundary) for text in texts["window"])

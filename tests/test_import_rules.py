@@ -10,7 +10,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "peft_parscale"
 # The tuner core (docs/design.md, "Module map"); every other module of the package is a workflow.
-CORE = {"__init__", "config", "layer", "model", "cache", "architecture", "adapter_file", "prefix_init", "model_card"}
+CORE = {
+    "__init__",
+    "config",
+    "layer",
+    "model",
+    "cache",
+    "architecture",
+    "probe",
+    "adapter_file",
+    "prefix_init",
+    "model_card",
+}
 WORKFLOWS = {
     "checkpoint_files",
     "cli",

@@ -40,7 +40,10 @@ TOLERANCE = 1e-5
 
 
 def text_ids(text: str) -> torch.Tensor:
-    return torch.tensor(TOKENIZER(text, add_special_tokens=False)["input_ids"][:T])
+    """A stream's text as the model reads it: its first T - 1 tokens, then a document boundary (the tiny tokenizer
+    has no BOS token: its EOS token)."""
+    assert TOKENIZER.bos_token_id is None and TOKENIZER.eos_token_id is not None
+    return torch.tensor(TOKENIZER(text, add_special_tokens=False)["input_ids"][: T - 1] + [TOKENIZER.eos_token_id])
 
 
 def text_config(tokenizer_dir, P=3, texts=TEXTS) -> ParScaleConfig:
@@ -228,7 +231,7 @@ def test_config_and_function_give_the_same_prefixes(tokenizer_dir):
     [
         TEXTS[:2],  # too few
         TEXTS + ["one more text"],  # too many
-        [TEXTS[0], "short", TEXTS[2]],  # 5 tokens < T
+        [TEXTS[0], "shor", TEXTS[2]],  # 4 tokens < T - 1 (the text, then the document boundary)
         [TEXTS[0], 12345678, TEXTS[2]],  # not a string
         [TEXTS[0], None, TEXTS[2]],
         "abc",  # a string is not a list of texts (even one of length P)
@@ -284,7 +287,7 @@ def test_nonsense_init_config_raises(settings, message):
 def test_get_peft_model_with_unusable_text_changes_nothing(tokenizer_dir):
     for config in (
         ParScaleConfig(P=2, prefix_length=T, prefix_init="text"),  # no text: only the SFT trainer supplies one
-        text_config(tokenizer_dir, P=2, texts=["long enough", "short"]),
+        text_config(tokenizer_dir, P=2, texts=["long enough", "shor"]),
     ):
         base = tiny_model("qwen2", vocab_size=len(TOKENIZER))
         before = copy.deepcopy(base.state_dict())
@@ -297,7 +300,7 @@ def test_get_peft_model_with_unusable_text_changes_nothing(tokenizer_dir):
     model, _ = build(tokenizer_dir)
     state = adapter_state(model)
     with pytest.raises(ValueError, match="prefix_length"):
-        model.add_adapter("new", text_config(tokenizer_dir, P=2, texts=["long enough", "short"]))
+        model.add_adapter("new", text_config(tokenizer_dir, P=2, texts=["long enough", "shor"]))
     assert list(model.peft_config) == ["default"]
     assert_same_state(model, state)
 
@@ -464,3 +467,15 @@ def test_parscale_sft_prefix_init_text_flag(tmp_path):
     for name, value in expected.items():
         assert torch.equal(saved[name.replace(".default", "")], value)
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["prefix_init"] == "text"
+
+
+def test_the_document_boundary_is_the_bos_token_else_the_eos_token():
+    from types import SimpleNamespace
+
+    from peft_parscale.prefix_init import document_boundary
+
+    assert document_boundary(SimpleNamespace(bos_token_id=1, eos_token_id=2)) == 1  # a document's start
+    assert document_boundary(SimpleNamespace(bos_token_id=None, eos_token_id=2)) == 2
+    assert document_boundary(SimpleNamespace(tokenizer=SimpleNamespace(bos_token_id=None, eos_token_id=7))) == 7
+    with pytest.raises(ValueError, match="neither"):
+        document_boundary(SimpleNamespace(bos_token_id=None, eos_token_id=None))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import itertools
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 import yaml
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from reference import LENGTH, adapter_tensors, assert_logits_match, reference_logits, training_args
+from reference import LENGTH, adapter_tensors, assert_logits_match, randomize_adapter, reference_logits, training_args
 from safetensors.torch import load_file
 from tiny_models import tiny_model, tiny_tokenizer
 from trl import ModelConfig, SFTTrainer
@@ -43,10 +44,10 @@ def windows(tokenizer, texts, count, offset=0) -> Dataset:
     return Dataset.from_dict({"input_ids": [ids[start + i * LENGTH : start + (i + 1) * LENGTH] for i in range(count)]})
 
 
-def make_trainer(output_dir, train, evaluation=None, trainer_cls=SFTTrainer, P=2, **overrides):
+def make_trainer(output_dir, train, evaluation=None, trainer_cls=SFTTrainer, P=2, dtype=torch.float32, **overrides):
     tokenizer = tiny_tokenizer()
     return trainer_cls(
-        model=tiny_model(vocab_size=len(tokenizer)),
+        model=tiny_model(vocab_size=len(tokenizer), dtype=dtype),
         args=training_args(output_dir, **overrides),
         train_dataset=train,
         eval_dataset=evaluation,
@@ -111,14 +112,80 @@ def dataset_of_kind(kind: str) -> tuple[Dataset, dict]:
     return Dataset.from_dict({"prompt": ["def f(x):\n"] * 4, "completion": ["    return x + 1\n"] * 4}), {}
 
 
+def expected_rows(kind: str, tokenizer, dataset: Dataset) -> list[tuple[list[int], list[bool]]]:
+    """Written out here from the dataset: the token ids TRL should train on, each with the tokens that carry loss.
+    Packed text: each document (with TRL's end-of-sequence token) cut to the window, every token but its first (BFD
+    packs whole documents into one row, and a token is never predicted across two). Chat: the chat template's ids, all
+    of them (TRL's default). Prompt and completion: the completion only, with its end-of-sequence token."""
+    eos = [tokenizer.eos_token_id]
+    if kind == "packed-text":
+        documents = [(tokenizer(text)["input_ids"] + eos)[:LENGTH] for text in dataset["text"]]
+        return [(ids, [False] + [True] * (len(ids) - 1)) for ids in documents]
+    if kind == "chat":
+        ids = tokenizer.apply_chat_template(dataset["messages"][0], tokenize=True, return_dict=True)["input_ids"]
+        return [(ids[:LENGTH], [True] * len(ids[:LENGTH]))]
+    prompt = tokenizer(dataset["prompt"][0])["input_ids"]
+    ids = (prompt + tokenizer(dataset["completion"][0])["input_ids"] + eos)[:LENGTH]
+    return [(ids, [False] * len(prompt) + [True] * (len(ids) - len(prompt)))]
+
+
+def batch_rows(batch: dict) -> list[tuple[list[int], list[bool]]]:
+    """The (token ids, carries loss) of each sequence of a training batch: a padded row each, or, packed, one row
+    split where its positions restart."""
+    rows = []
+    for row in range(batch["input_ids"].shape[0]):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        if "position_ids" in batch:
+            starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [len(ids)]
+        else:
+            starts = [0, int(batch["attention_mask"][row].sum())]
+        rows += [(ids[a:b].tolist(), (labels[a:b] != -100).tolist()) for a, b in itertools.pairwise(starts)]
+    return rows
+
+
+def reference_mean_loss(model, rows: list[tuple[list[int], list[bool]]]) -> float:
+    """Mean cross-entropy of the plain float64 reference over the tokens that carry loss, each sequence on its own."""
+    adapter = adapter_tensors(model)
+    backbone = tiny_model(vocab_size=model.config.vocab_size, dtype=torch.float64)
+    total, count = 0.0, 0
+    for ids, carries_loss in rows:
+        tokens = torch.tensor(ids)
+        logits = reference_logits(backbone, tokens, adapter)
+        losses = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:], reduction="none")
+        scored = torch.tensor(carries_loss[1:])
+        total, count = total + losses[scored].sum().item(), count + int(scored.sum())
+    return total / count
+
+
 @pytest.mark.parametrize("kind", ["packed-text", "chat", "prompt-completion"])
-def test_trl_dataset_formats_train_the_adapter(tmp_path, kind):
+def test_trl_dataset_formats_train_on_exactly_the_right_tokens(tmp_path, kind):
     dataset, extra = dataset_of_kind(kind)
-    trainer = make_trainer(tmp_path, dataset, max_steps=2, per_device_train_batch_size=2, **extra)
+    trainer = make_trainer(tmp_path, dataset, max_steps=1, per_device_train_batch_size=2, dtype=torch.float64, **extra)
+    randomize_adapter(trainer.model, scale=0.3)  # non-uniform stream weights, prefixes that matter
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows = batch_rows(batch)
+    expected = expected_rows(kind, trainer.processing_class, dataset)
+    assert rows and all(row in expected for row in rows), (rows, expected)
+    if kind == "packed-text":
+        assert len(rows) == 2 and batch["input_ids"].shape[0] == 1  # two documents in one padding-free row
+
+    # TRL's loss for this batch is the reference's over exactly those tokens. Bound: the float64 model's logits are
+    # within 1e-5·max(1, |logit|) of the reference (reference.LOGIT_TOLERANCE), and a cross-entropy moves by at most
+    # twice its logits' largest change: 6e-5 for these logits of up to 3; 1e-4.
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    assert loss == pytest.approx(reference_mean_loss(trainer.model, rows), abs=1e-4)
+    # Guards (the check can fail): the loss on the prompt too (5e-4 away on this untrained model), or the packed
+    # documents read as one sequence, is outside the bound. Chat trains on every token: only its ids can be wrong.
+    if kind == "prompt-completion":
+        assert abs(reference_mean_loss(trainer.model, [(ids, [True] * len(ids)) for ids, _ in rows]) - loss) > 1e-4
+    if kind == "packed-text":
+        joined = [token for ids, _ in rows for token in ids]
+        one_sequence = [(joined, [scored for _, marks in rows for scored in marks])]
+        assert abs(reference_mean_loss(trainer.model, one_sequence) - loss) > 1e-4
+
     adapter_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     changed = [not torch.equal(p, adapter_before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert all(changed)
 

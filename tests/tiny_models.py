@@ -47,7 +47,6 @@ class Arch:
     model_type: str
     config: dict = field(default_factory=dict)
     sliding: bool = False  # has sliding-window layers (tested past the window too)
-    learned_positions: bool = False  # adds learned absolute position embeddings instead of rotating keys
 
 
 REFERENCE_LIKE = {
@@ -166,12 +165,41 @@ ARCHITECTURES = {
                 "new_decoder_architecture": True,
             },
         ),
-        Arch("GPT-2", "gpt2", {"n_embd": 48, "n_layer": 2, "n_head": 4, "n_positions": 256}, learned_positions=True),
+        Arch(
+            "DeepSeek-V3 (latent attention)",
+            "deepseek_v3",
+            {
+                **LLAMA_LIKE,
+                "num_key_value_heads": 4,
+                "moe_intermediate_size": 32,
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "n_shared_experts": 1,
+                "n_group": 1,
+                "topk_group": 1,
+                "first_k_dense_replace": 1,  # layer 0 dense, layer 1 a mixture of experts
+                "kv_lora_rank": 16,  # the cache holds this compressed latent and the rotary part of the keys
+                "q_lora_rank": 24,
+                "qk_rope_head_dim": 8,
+                "qk_nope_head_dim": 8,
+                "v_head_dim": 12,
+            },
+        ),
+        Arch(
+            "CodeGen (rotary angles from a table)",
+            "codegen",
+            {"n_embd": 48, "n_layer": 2, "n_head": 4, "n_positions": 256, "rotary_dim": 8},
+        ),
+        Arch(
+            "GPT-J (rotary angles from a table)",
+            "gptj",
+            {"n_embd": 48, "n_layer": 2, "n_head": 4, "n_positions": 256, "rotary_dim": 8},
+        ),
+        Arch("GPT-2", "gpt2", {"n_embd": 48, "n_layer": 2, "n_head": 4, "n_positions": 256}),
         Arch(
             "GPT-BigCode",
             "gpt_bigcode",
             {"n_embd": 48, "n_layer": 2, "n_head": 4, "n_positions": 256, "multi_query": True},
-            learned_positions=True,
         ),
     ]
 }

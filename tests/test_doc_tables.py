@@ -1,0 +1,61 @@
+"""Every table of figures in README.md, RESULTS.md and BENCHMARKS.md is `doc_tables.py`'s rendering of the raw results
+it reports: no figure in a table is typed by hand."""
+
+from __future__ import annotations
+
+import doc_tables
+import pytest
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize("document", doc_tables.DOCUMENTS, ids=lambda path: path.name)
+def test_every_table_of_the_documents_is_its_rendering(document):
+    assert doc_tables.stale_tables(document) == [], (
+        f"{document.name} has stale tables: run `python -m tests.doc_tables write`"
+    )
+
+
+def test_every_table_is_used_and_every_marker_names_a_table():
+    used = {match["name"] for path in doc_tables.DOCUMENTS for match in doc_tables.MARKER.finditer(path.read_text())}
+    assert used == set(doc_tables.TABLES)
+    with pytest.raises(KeyError, match="no table named 'nonsense'"):
+        doc_tables.render("<!-- table:nonsense -->\n| x |\n<!-- /table -->")
+
+
+def test_a_figure_typed_over_its_rendering_is_caught(tmp_path):
+    # The check can fail: one digit of one figure changed in a rendered table makes that table, and only that, stale.
+    results = doc_tables.ROOT / "RESULTS.md"
+    text = results.read_text()
+    start = text.index("<!-- table:stream-sweep -->")
+    figure = text.index("| 1.3389 |", start)  # P=1's final held-out loss
+    edited = tmp_path / "RESULTS.md"
+    edited.write_text(text[:figure] + "| 1.3390 |" + text[figure + len("| 1.3389 |") :])
+    assert doc_tables.stale_tables(edited) == ["stream-sweep"]
+
+
+def test_records_of_another_device_leave_a_device_s_tables_as_they_are(monkeypatch):
+    # The benchmark tables take one device's records (named in their marker): a new run elsewhere changes none of them.
+    tables = ("benchmark-targets", "benchmark-scaling", "benchmark-training", "benchmark-training-changes")
+    before = {name: doc_tables.TABLES[name](device=H100) for name in tables}
+    records = doc_tables.load_records([str(doc_tables.ROOT / "benchmarks" / "results" / "results.jsonl")])
+    elsewhere = [
+        {**record, "device_name": "another GPU", "tokens_per_s": 1.0, "decode_ms_per_token": 1.0}
+        for record in records
+        if record.get("device_name") == H100
+    ]
+    monkeypatch.setattr(doc_tables, "load_records", lambda paths: records + elsewhere)
+    assert {name: doc_tables.TABLES[name](device=H100) for name in tables} == before
+    # ... while a later record of the same device replaces the earlier one of its case
+    compiled = [r for r in records if r.get("suite") == "train" and r.get("compile") == "layers"]
+    later = {**next(r for r in compiled if (r["shape"], r["P"]) == ("1.5b", 8)), "tokens_per_s": 12345.0}
+    monkeypatch.setattr(doc_tables, "load_records", lambda paths: records + [later])
+    assert "**12,345**" in doc_tables.TABLES["benchmark-training"](device=H100)
+
+
+def test_marker_arguments_reach_the_table(monkeypatch):
+    seen = {}
+    monkeypatch.setitem(doc_tables.TABLES, "probe", lambda **kwargs: seen.update(kwargs) or "| rendered |\n")
+    text = '<!-- table:probe device="a b" run=H -->\n| old |\n<!-- /table -->'
+    assert doc_tables.render(text) == '<!-- table:probe device="a b" run=H -->\n| rendered |\n<!-- /table -->'
+    assert seen == {"device": "a b", "run": "H"}
