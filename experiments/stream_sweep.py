@@ -12,7 +12,8 @@ Runs are named ``P1``, ``P2``, ... (``base`` is the model without an adapter). A
 (``--time-limit``, for machines lent for a few minutes at a time) saves a checkpoint (adapter, optimizer, scheduler,
 random states) and the next invocation resumes it; a finished run writes ``OUTPUT/<run>/result.json`` and is
 skipped afterwards. ``--tag`` names variants of a run (another number of processes, ``--max-steps``, float32,
-``--accelerate-config fsdp2``), used for the speed and 1-vs-2-GPU checks.
+``--accelerate-config fsdp2``), used for the speed and 1-vs-2-GPU checks: ``--tag fp32-2gpu`` names them
+``P8-fp32-2gpu``, ...
 
     python experiments/stream_sweep.py --gguf qwen.gguf --prepare                      # the windows, once
     python experiments/stream_sweep.py --gguf qwen.gguf --runs base P1 P8 P2 P4 --num-processes 2 --time-limit 540
@@ -23,6 +24,7 @@ skipped afterwards. ``--tag`` names variants of a run (another number of process
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -49,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser, model_cache="sweep-model")
     parser.add_argument("--output-dir", default="sweep-output")
     parser.add_argument("--runs", nargs="*", default=["base", "P1", "P8", "P2", "P4"])
-    parser.add_argument("--tag", default="", help="appended to the run names (variants of a run)")
+    parser.add_argument(
+        "--tag", type=run_suffix, default="", help="a variant's name: --tag fp32 names its runs P8-fp32, ..."
+    )
     parser.add_argument("--num-processes", type=int, default=max(1, torch.cuda.device_count()))
     parser.add_argument("--accelerate-config", help="an accelerate config file or TRL's name for one (fsdp2)")
     parser.add_argument("--train-tokens", type=int, default=616 * 16 * 2048, help="training tokens per adapter")
@@ -74,14 +78,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", action="store_true", help="only gather the results")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="only compare these runs' adapters with the first")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and the stdlib, on the CPU")
+    argv = sys.argv[1:] if argv is None else argv
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--tag" and value.startswith("-") and not value.startswith("--"):  # argparse reads it as a flag
+            parser.error(f"write the tag without its dash: --tag {value[1:]} names the runs P8{value}, ...")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seq_len, args.batch_size, args.stream_sequences, args.prefix_length = 32, 4, 8, 4
         args.train_tokens, args.heldout_tokens, args.eval_every = 6 * 4 * 32, 8 * 32, 2 * 4 * 32
-        args.runs = args.runs if "--runs" in (argv or sys.argv) else ["base", "P1", "P2", "P4"]
+        args.runs = args.runs if "--runs" in argv else ["base", "P1", "P2", "P4"]
     if not torch.cuda.is_available():
         args.compile = False
     return args
+
+
+def run_suffix(tag: str) -> str:
+    """What ``--tag`` adds to the run names: the tag after a dash (``fp32`` gives ``P8-fp32``; ``-fp32``, as
+    ``--tag=-fp32`` was written before tags took no dash, gives the same)."""
+    name = tag.removeprefix("-")
+    if not name:
+        return ""
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise argparse.ArgumentTypeError(f"{tag!r}: a tag is letters, digits, '.', '_' and '-' (it names folders)")
+    return f"-{name}"
 
 
 def prepare(args: argparse.Namespace, tokenizer) -> dict:

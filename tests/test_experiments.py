@@ -145,6 +145,22 @@ def test_stream_sweep_smoke_two_processes_interrupted_and_resumed(tmp_path):
     assert "| base (no adapter) |" in stdout and "| P=2 | 768 |" in stdout
 
 
+def test_stream_sweep_tags_name_variants_after_a_dash(capsys):
+    sweep = import_experiment("stream_sweep")
+    # --tag fp32 names the runs as --tag=-fp32 did (the results already in results/stream-sweep/ keep their names)
+    for argv in (["--tag", "fp32"], ["--tag=-fp32"], ["--tag=fp32"]):
+        assert sweep.run_dir(sweep.parse_args(argv), "P8").name == "P8-fp32"
+    assert sweep.run_dir(sweep.parse_args(["--tag", "fp32-2gpu"]), "P8").name == "P8-fp32-2gpu"
+    assert sweep.run_dir(sweep.parse_args([]), "P8").name == "P8"
+    # argparse reads "-fp32" after a space as a flag: the error says what to write
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--runs", "P8", "--tag", "-fp32", "--float32"])
+    assert "write the tag without its dash: --tag fp32 names the runs P8-fp32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--tag", "fp32/2gpu"])  # it names a folder
+    assert "a tag is letters, digits" in capsys.readouterr().err
+
+
 def test_initial_loss_smoke(tmp_path):
     run_experiment("initial_loss.py", "--smoke", "--output", str(tmp_path / "initial.json"), cwd=tmp_path)
     results = json.loads((tmp_path / "initial.json").read_text())
