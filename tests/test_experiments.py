@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_examples import ROOT, run_example
 
 from peft_parscale.function_pairs import DROP_REASONS
@@ -159,6 +160,26 @@ def test_stream_sweep_tags_name_variants_after_a_dash(capsys):
     with pytest.raises(SystemExit):
         sweep.parse_args(["--tag", "fp32/2gpu"])  # it names a folder
     assert "a tag is letters, digits" in capsys.readouterr().err
+
+
+def test_stream_sweep_compare_reports_tensors_over_the_parity_bound(tmp_path):
+    from safetensors.torch import save_file
+
+    sweep = import_experiment("stream_sweep")
+    start = {"moved": torch.zeros(3), "still": torch.ones(2)}
+    runs = {  # "still" does not move in the reference; "moved" moves by 1
+        "one": {"moved": torch.tensor([1.0, 0.0, 0.0]), "still": torch.ones(2)},
+        "close": {"moved": torch.tensor([1.0, 5e-4, 0.0]), "still": torch.ones(2)},  # 5e-4 of the movement
+        "far": {"moved": torch.tensor([1.0, 2e-3, 0.0]), "still": torch.tensor([1.0, 1.5])},
+    }
+    for name, weights in runs.items():
+        for folder, tensors in (("initial_adapter", start), ("adapter", weights)):
+            (tmp_path / name / folder).mkdir(parents=True, exist_ok=True)
+            save_file(tensors, tmp_path / name / folder / "adapter_model.safetensors")
+    comparison = sweep.compare_adapters(tmp_path, ["one", "close", "far"], bound=1e-3)
+    assert comparison["runs"]["close"]["over_bound"] == []
+    assert comparison["runs"]["far"]["over_bound"] == ["moved", "still"]  # 2e-3 of its movement; moved where 0 did not
+    assert comparison["runs"]["far"]["per_tensor"]["moved"]["relative"] == pytest.approx(2e-3)
 
 
 def test_initial_loss_smoke(tmp_path):
