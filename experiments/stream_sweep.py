@@ -12,7 +12,8 @@ Runs are named ``P1``, ``P2``, ... (``base`` is the model without an adapter). A
 (``--time-limit``, for machines lent for a few minutes at a time) saves a checkpoint (adapter, optimizer, scheduler,
 random states) and the next invocation resumes it; a finished run writes ``OUTPUT/<run>/result.json`` and is
 skipped afterwards. ``--tag`` names variants of a run (another number of processes, ``--max-steps``, float32,
-``--accelerate-config fsdp2``), used for the speed and 1-vs-2-GPU checks.
+``--accelerate-config fsdp2``), used for the speed and 1-vs-2-GPU checks: ``--tag fp32-2gpu`` names them
+``P8-fp32-2gpu``, ...
 
     python experiments/stream_sweep.py --gguf qwen.gguf --prepare                      # the windows, once
     python experiments/stream_sweep.py --gguf qwen.gguf --runs base P1 P8 P2 P4 --num-processes 2 --time-limit 540
@@ -23,6 +24,7 @@ skipped afterwards. ``--tag`` names variants of a run (another number of process
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -49,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser, model_cache="sweep-model")
     parser.add_argument("--output-dir", default="sweep-output")
     parser.add_argument("--runs", nargs="*", default=["base", "P1", "P8", "P2", "P4"])
-    parser.add_argument("--tag", default="", help="appended to the run names (variants of a run)")
+    parser.add_argument(
+        "--tag", type=run_suffix, default="", help="a variant's name: --tag fp32 names its runs P8-fp32, ..."
+    )
     parser.add_argument("--num-processes", type=int, default=max(1, torch.cuda.device_count()))
     parser.add_argument("--accelerate-config", help="an accelerate config file or TRL's name for one (fsdp2)")
     parser.add_argument("--train-tokens", type=int, default=616 * 16 * 2048, help="training tokens per adapter")
@@ -63,6 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=5e-2)
     parser.add_argument("--smoothing", type=float, default=0.1)
     parser.add_argument("--float32", action="store_true", help="float32 weights, no autocast (1-vs-2-GPU check)")
+    parser.add_argument(
+        "--optim", default="adamw_torch_fused", choices=["adamw_torch_fused", "adamw_torch", "sgd"], help="optimizer"
+    )
+    parser.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW's epsilon")
+    parser.add_argument(
+        "--parity-bound",
+        type=float,
+        default=1e-3,
+        help="--compare: a tensor whose difference exceeds this share of its movement is reported (SGD runs)",
+    )
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="keep the decoder layers eager")
     parser.add_argument("--time-limit", type=float, help="seconds from now; runs checkpoint and stop by then")
     parser.add_argument(
@@ -74,14 +88,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", action="store_true", help="only gather the results")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="only compare these runs' adapters with the first")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and the stdlib, on the CPU")
+    argv = sys.argv[1:] if argv is None else argv
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--tag" and value.startswith("-") and not value.startswith("--"):  # argparse reads it as a flag
+            parser.error(f"write the tag without its dash: --tag {value[1:]} names the runs P8{value}, ...")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seq_len, args.batch_size, args.stream_sequences, args.prefix_length = 32, 4, 8, 4
         args.train_tokens, args.heldout_tokens, args.eval_every = 6 * 4 * 32, 8 * 32, 2 * 4 * 32
-        args.runs = args.runs if "--runs" in (argv or sys.argv) else ["base", "P1", "P2", "P4"]
+        args.runs = args.runs if "--runs" in argv else ["base", "P1", "P2", "P4"]
     if not torch.cuda.is_available():
         args.compile = False
     return args
+
+
+def run_suffix(tag: str) -> str:
+    """What ``--tag`` adds to the run names: the tag after a dash (``fp32`` gives ``P8-fp32``; ``-fp32``, as
+    ``--tag=-fp32`` was written before tags took no dash, gives the same)."""
+    name = tag.removeprefix("-")
+    if not name:
+        return ""
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise argparse.ArgumentTypeError(f"{tag!r}: a tag is letters, digits, '.', '_' and '-' (it names folders)")
+    return f"-{name}"
 
 
 def prepare(args: argparse.Namespace, tokenizer) -> dict:
@@ -130,6 +159,8 @@ def sweep_config(args: argparse.Namespace, out: Path, num_streams: int) -> SFTCo
         per_device_eval_batch_size=micro_batch,
         gradient_accumulation_steps=share // micro_batch,
         learning_rate=args.learning_rate,
+        optim=args.optim,
+        adam_epsilon=args.adam_epsilon,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
         max_length=args.seq_len,
@@ -268,6 +299,8 @@ def write_result(args, name: str, out: Path, trainer, num_streams: int) -> None:
         "steady_tokens_per_s": tokens_per_step / min(steady) if steady else None,  # the best segment's median step
         "segments": segments,
         "learning_rate": args.learning_rate,
+        "optim": args.optim,
+        "adam_epsilon": args.adam_epsilon,
         "smoothing": args.smoothing,
         "prefix_length": args.prefix_length,
         "heldout_curve": curve,  # (training tokens, held-out loss)
@@ -387,9 +420,16 @@ def gap_analysis(sweep: list[dict]) -> dict:
     return analysis
 
 
-def compare_adapters(output: Path, names: list[str]) -> dict:
+def compare_adapters(output: Path, names: list[str], bound: float) -> dict:
     """How far each run's adapter is from the first run's, against how far training moved the first from its start
-    (the same start in every run: text windows and the seeded aggregator)."""
+    (the same start in every run: text windows and the seeded aggregator), per tensor; ``over_bound`` lists the
+    tensors whose difference exceeds `bound` times their movement.
+
+    With SGD the update is linear in the gradient, so two runs that differ only in the order of their sums stay
+    within a small share of the movement, and a wrong data split or gradient average moves a tensor by a share of
+    order one. With Adam the aggregator's first layer exceeds any such bound by design: its gradients start at
+    zero, and Adam turns their rounding noise into steps of order the learning rate (BENCHMARKS.md, "Same adapter on
+    one GPU and two")."""
     from safetensors.torch import load_file
 
     def weights(name: str, folder: str) -> dict[str, torch.Tensor]:
@@ -404,11 +444,20 @@ def compare_adapters(output: Path, names: list[str]) -> dict:
             continue
         other, other_start = weights(name, "adapter"), weights(name, "initial_adapter")
         difference = {key: (other[key] - reference[key]).abs().max().item() for key in reference}
+        relative = {
+            key: difference[key] / moved[key] if moved[key] > 0 else (math.inf if difference[key] else 0.0)
+            for key in reference
+        }
         comparison["runs"][name] = {
             "same_start_max_abs": max((other_start[key] - start[key]).abs().max().item() for key in start),
             "max_abs_difference": max(difference.values()),
-            "max_relative_to_movement": max(difference[key] / moved[key] for key in reference if moved[key] > 0),
-            "per_tensor": {key: {"difference": difference[key], "moved": moved[key]} for key in sorted(reference)},
+            "max_relative_to_movement": max(relative.values()),
+            "bound": bound,
+            "over_bound": sorted(key for key in reference if relative[key] > bound),
+            "per_tensor": {
+                key: {"difference": difference[key], "moved": moved[key], "relative": relative[key]}
+                for key in sorted(reference)
+            },
         }
     (output / "compare.json").write_text(json.dumps(comparison, indent=1))
     print(json.dumps(comparison, indent=1))
@@ -447,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         train_worker(args, args.worker)
         return
     if args.compare:
-        compare_adapters(output, args.compare)
+        compare_adapters(output, args.compare, args.parity_bound)
         return
     if not args.report:
         if args.time_limit is not None:

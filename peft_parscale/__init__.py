@@ -16,13 +16,14 @@ from .config import ParScaleConfig
 from .layer import ParScaleAttention, ParScaleStreams
 from .model import ParScaleModel
 from .model_card import keep_card_on_push_to_hub
-from .prefix_init import init_prefixes_from_text, init_prefixes_from_token_ids
+from .prefix_init import broadcast_prefixes, init_prefixes_from_text, init_prefixes_from_token_ids
 
 __all__ = [
     "ParScaleAttention",
     "ParScaleConfig",
     "ParScaleModel",
     "ParScaleStreams",
+    "broadcast_prefixes",
     "init_prefixes_from_text",
     "init_prefixes_from_token_ids",
 ]

@@ -92,6 +92,12 @@ def init_prefixes_from_token_ids(
             f"Adapter {adapter_name!r} has no weights yet (created with low_cpu_mem_usage=True): create it with "
             "low_cpu_mem_usage=False to initialise it from text."
         )
+    if any(parameter.is_meta for parameter in decoder.parameters()):
+        raise ValueError(
+            "The base model's weights are not loaded in this process (some are on the meta device), and text "
+            "initialisation runs the base model. In a distributed run, initialise on process 0 and broadcast "
+            "(broadcast_prefixes)."
+        )
     keys_and_values = base_model_keys_and_values(decoder, windows, streams.position_table is not None)
     for prefixes, cached in zip(targets, keys_and_values, strict=True):
         for prefix, tensor in zip(prefixes, cached):  # checked for every layer before any is written
@@ -103,6 +109,40 @@ def init_prefixes_from_token_ids(
         for (prefix_k, prefix_v), (keys, values) in zip(targets, keys_and_values):
             prefix_k.copy_(keys)
             prefix_v.copy_(values)
+
+
+def broadcast_prefixes(model: nn.Module, device: torch.device | str, adapter_name: str | None = None) -> None:
+    """Give every process of a distributed run process 0's prefixes of an adapter (``torch.distributed.broadcast``).
+
+    Every process calls it, once process 0 has initialised its prefixes: text initialisation needs the base model's
+    real weights, which only process 0 is sure to hold (docs/design.md, "Text initialisation on several
+    processes"). The tensors travel through `device`, the process's own device in the process group (NCCL sends only
+    tensors on the process's GPU, gloo CPU tensors), and are written back where the prefixes are. A process whose
+    prefixes are on the meta device cannot receive them: `ValueError`, before any broadcast.
+
+    Args:
+        model: A model with ParScale adapters, the same on every process.
+        device: This process's device in the process group.
+        adapter_name: The adapter whose prefixes are broadcast; default: the active one.
+
+    Example::
+
+        if torch.distributed.get_rank() == 0:
+            init_prefixes_from_text(model, tokenizer, texts)
+        broadcast_prefixes(model, device=torch.device("cuda", local_rank))
+    """
+    streams, adapter_name = _find_adapter(model, adapter_name)
+    prefixes = [prefix for layer in streams.attention_layers() for prefix in layer.prefix(adapter_name)]
+    if any(prefix.is_meta for prefix in prefixes):
+        raise ValueError(
+            f"Process {torch.distributed.get_rank()} holds adapter {adapter_name!r}'s prefixes on the meta device, so "
+            "it cannot receive process 0's: load the base model's attention weights on every process."
+        )
+    with torch.no_grad():
+        for prefix in prefixes:
+            received = prefix.detach().to(device)
+            torch.distributed.broadcast(received, src=0)
+            prefix.copy_(received)
 
 
 def base_model_keys_and_values(

@@ -41,7 +41,12 @@ from peft_parscale.cli import CommandParser
 from peft_parscale.config import ParScaleConfig
 from peft_parscale.model_card import update_model_card
 from peft_parscale.precision import bf16_is_native, training_precision
-from peft_parscale.prefix_init import document_boundary, init_prefixes_from_token_ids, with_boundary
+from peft_parscale.prefix_init import (
+    broadcast_prefixes,
+    document_boundary,
+    init_prefixes_from_token_ids,
+    with_boundary,
+)
 from peft_parscale.pretrained import name_base_model, resolve_model
 
 # The ParScaleConfig fields a user sets (PeftConfig's own fields and the auto-filled base_shape are not flags); the
@@ -190,7 +195,9 @@ class ParScaleSFTTrainer(SFTTrainer):
 
     With ``ParScaleConfig(prefix_init="text")`` and no ``prefix_init_text``, stream p's prefixes start as the base
     model's keys/values of the first T - 1 tokens of the p-th training row of at least T - 1 tokens, then a document
-    boundary (see ``prefix_init.py``).
+    boundary (see ``prefix_init.py``). In a distributed run process 0 computes them and broadcasts them to the others
+    (`broadcast_prefixes`), so every process starts from the same prefixes whatever its own copy of the base model
+    holds.
 
     ``train()`` runs with every sdpa kernel but cuDNN's, whose backward can return NaN gradients under explicit masks
     on Hopper GPUs (see ``train``).
@@ -227,7 +234,15 @@ class ParScaleSFTTrainer(SFTTrainer):
         if texts_from_data:
             config = self.model.active_peft_config
             windows = prefix_init_windows(self.train_dataset, config.P, config.prefix_length - 1)
-            init_prefixes_from_token_ids(self.model, with_boundary(windows, document_boundary(self.processing_class)))
+            token_ids = with_boundary(windows, document_boundary(self.processing_class))
+            # Only process 0's base weights are sure to be real: under FSDP's cpu_ram_efficient_loading (TRL's
+            # fsdp2.yaml) transformers leaves another process's weights that are missing from the checkpoint on the
+            # meta device, counting on accelerate to broadcast process 0's state dict in `prepare`; FSDP2 without that
+            # option broadcasts nothing. So process 0 reads the texts and every process takes its prefixes.
+            if self.accelerator.is_main_process:
+                init_prefixes_from_token_ids(self.model, token_ids)
+            if self.accelerator.num_processes > 1:
+                broadcast_prefixes(self.model, self.accelerator.device)
             config.prefix_init = "text"
 
     def train(self, *args, **kwargs):

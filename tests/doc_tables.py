@@ -194,6 +194,38 @@ def two_gpus() -> str:
     return markdown(header, ["---:", "---:", "---:", "---:", "---:", "---:"], rows)
 
 
+def parity_cpu() -> str:
+    """One process against two (gloo, float32) per optimizer: the aggregator's first layer, and the largest difference
+    of every other tensor (`experiments/stream_sweep.py --compare`, results/parity-cpu/compare-*.json)."""
+    first_layer = "base_model.model.model.streams.parscale_aggregator.0.weight"
+    rows = []
+    for variant, label in (
+        ("adam", "AdamW, ε = 1e-8 (the default)"),
+        ("adam1e-6", "AdamW, ε = 1e-6"),
+        ("adam1e-4", "AdamW, ε = 1e-4"),
+        ("sgd", "SGD"),
+    ):
+        (run,) = read_json(RESULTS / "parity-cpu" / f"compare-{variant}.json")["runs"].values()
+        layer = run["per_tensor"][first_layer]
+        others = [tensor for name, tensor in run["per_tensor"].items() if name != first_layer]
+        share = f" ({layer['relative']:.1e})" if layer["difference"] else ""
+        rows.append(
+            [
+                label,
+                f"{layer['difference']:.1e} / {layer['moved']:.1e}{share}".replace("0.0e+00", "0"),
+                (
+                    f"{max(tensor['difference'] for tensor in others):.1e} "
+                    f"({max(tensor['relative'] for tensor in others):.1e})"
+                ),
+            ]
+        )
+    header = (
+        "optimizer | aggregator's first layer: difference / movement (share) | "
+        "every other tensor: largest difference (largest share)"
+    )
+    return markdown(header, ["---", "---:", "---:"], rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RESULTS.md: the recycling ablation (experiments/recycling_ablation.py, results/recycling-ablation/)
 
@@ -630,6 +662,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "stream-sweep": stream_sweep,
     "stream-sweep-curves": stream_sweep_curves,
     "two-gpus": two_gpus,
+    "parity-cpu": parity_cpu,
     "recycling-ablation": recycling_ablation,
     "scaling": scaling,
     "scaling-learning-rates": scaling_learning_rates,

@@ -19,11 +19,12 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from peft_parscale.testing import save_tiny_checkpoint
 
@@ -86,3 +87,50 @@ def test_two_processes_train_the_adapter_of_one_and_resume(workspace):
     resume = ["--save_strategy", "steps", "--save_steps", "2", "--resume_from_checkpoint"]
     parscale_sft(workspace, "two", 2, *resume, str(workspace / "two" / "checkpoint-2"))
     assert_same_adapter(adapter(workspace / "two"), one)
+
+
+# The expected prefixes and process 0's come from the same float64 arithmetic on the same weights, in processes with
+# different thread counts (torchrun gives each worker one): a 2-layer forward of values below 10 rounds to within a
+# few hundred float64 ulps, < 1e-13. NaN weights, or any other process's own weights, miss it by far more.
+PREFIX_TOLERANCE = 1e-12
+
+
+def test_every_process_starts_from_the_prefixes_process_0_reads_under_fsdp2_loading(workspace):
+    """TRL's fsdp2.yaml loads the real weights on process 0 only (`fsdp_cpu_ram_efficient_loading`). The worker gives
+    process 1 NaN base weights before `ParScaleSFTTrainer` text-initialises the prefixes; every process must still end
+    with the base model's keys/values of the first two training windows, computed here from the checkpoint."""
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    output = workspace / "fsdp2-text-init"
+    output.mkdir()
+    launch = [
+        *[sys.executable, "-m", "accelerate.commands.launch"],
+        *resolve_accelerate_config_argument(["--accelerate_config", "fsdp2"]),
+        *["--num_processes", "2", "--mixed_precision", "no"],
+    ]
+    worker = Path(__file__).parent / "fsdp2_text_init_worker.py"
+    command = [*launch, str(worker), str(workspace / "tiny"), str(workspace / "data"), str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for process in (0, 1):  # the launcher's FSDP settings reached transformers' loading, in two processes
+        assert json.loads((output / f"process-{process}.json").read_text()) == {"fsdp_loading": True, "processes": 2}
+
+    # The windows: the first P=2 training rows' first T - 1 = 3 tokens and the tokenizer's EOS (it has no BOS), read
+    # by the base model at positions -4..-1; the prefixes are what its cache then holds.
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "tiny")
+    rows = [json.loads(line)["text"] for line in (workspace / "data" / "train.jsonl").read_text().splitlines()[:2]]
+    windows = torch.tensor([tokenizer(row)["input_ids"][:3] + [tokenizer.eos_token_id] for row in rows])
+    base = AutoModelForCausalLM.from_pretrained(workspace / "tiny", dtype=torch.float64)
+    cache = DynamicCache()
+    with torch.no_grad():
+        base(input_ids=windows, position_ids=torch.arange(-4, 0).expand(2, 4), past_key_values=cache, use_cache=True)
+    expected = {}
+    for index, layer in enumerate(cache.layers):
+        expected[f"base_model.model.model.layers.{index}.self_attn.parscale_prefix_k.default"] = layer.keys
+        expected[f"base_model.model.model.layers.{index}.self_attn.parscale_prefix_v.default"] = layer.values
+
+    first, second = (load_file(output / f"prefixes-{process}.safetensors") for process in (0, 1))
+    assert first.keys() == second.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(second[name], first[name]), f"{name}: process 1 differs from process 0"
+        assert (first[name] - tensor).abs().max().item() <= PREFIX_TOLERANCE, name

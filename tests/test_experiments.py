@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_examples import ROOT, run_example
 
 from peft_parscale.function_pairs import DROP_REASONS
@@ -143,6 +144,42 @@ def test_stream_sweep_smoke_two_processes_interrupted_and_resumed(tmp_path):
     assert report["log_linear_fit"]["r2"] <= 1 and [tokens for tokens, _ in report["gaps"]["4"]] == [0, 256, 512, 768]
     assert report["gap_fit"]["P"] == 4 and (tmp_path / "out" / "curves.png").is_file()
     assert "| base (no adapter) |" in stdout and "| P=2 | 768 |" in stdout
+
+
+def test_stream_sweep_tags_name_variants_after_a_dash(capsys):
+    sweep = import_experiment("stream_sweep")
+    # --tag fp32 names the runs as --tag=-fp32 did (the results already in results/stream-sweep/ keep their names)
+    for argv in (["--tag", "fp32"], ["--tag=-fp32"], ["--tag=fp32"]):
+        assert sweep.run_dir(sweep.parse_args(argv), "P8").name == "P8-fp32"
+    assert sweep.run_dir(sweep.parse_args(["--tag", "fp32-2gpu"]), "P8").name == "P8-fp32-2gpu"
+    assert sweep.run_dir(sweep.parse_args([]), "P8").name == "P8"
+    # argparse reads "-fp32" after a space as a flag: the error says what to write
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--runs", "P8", "--tag", "-fp32", "--float32"])
+    assert "write the tag without its dash: --tag fp32 names the runs P8-fp32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--tag", "fp32/2gpu"])  # it names a folder
+    assert "a tag is letters, digits" in capsys.readouterr().err
+
+
+def test_stream_sweep_compare_reports_tensors_over_the_parity_bound(tmp_path):
+    from safetensors.torch import save_file
+
+    sweep = import_experiment("stream_sweep")
+    start = {"moved": torch.zeros(3), "still": torch.ones(2)}
+    runs = {  # "still" does not move in the reference; "moved" moves by 1
+        "one": {"moved": torch.tensor([1.0, 0.0, 0.0]), "still": torch.ones(2)},
+        "close": {"moved": torch.tensor([1.0, 5e-4, 0.0]), "still": torch.ones(2)},  # 5e-4 of the movement
+        "far": {"moved": torch.tensor([1.0, 2e-3, 0.0]), "still": torch.tensor([1.0, 1.5])},
+    }
+    for name, weights in runs.items():
+        for folder, tensors in (("initial_adapter", start), ("adapter", weights)):
+            (tmp_path / name / folder).mkdir(parents=True, exist_ok=True)
+            save_file(tensors, tmp_path / name / folder / "adapter_model.safetensors")
+    comparison = sweep.compare_adapters(tmp_path, ["one", "close", "far"], bound=1e-3)
+    assert comparison["runs"]["close"]["over_bound"] == []
+    assert comparison["runs"]["far"]["over_bound"] == ["moved", "still"]  # 2e-3 of its movement; moved where 0 did not
+    assert comparison["runs"]["far"]["per_tensor"]["moved"]["relative"] == pytest.approx(2e-3)
 
 
 def test_initial_loss_smoke(tmp_path):

@@ -20,7 +20,7 @@ from tiny_models import REFERENCE_ARCHITECTURES, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401  (registers the PEFT type)
-from peft_parscale import ParScaleConfig, init_prefixes_from_text, init_prefixes_from_token_ids
+from peft_parscale import ParScaleConfig, broadcast_prefixes, init_prefixes_from_text, init_prefixes_from_token_ids
 from peft_parscale.layer import ParScaleLayer
 from peft_parscale.sft import ParScaleSFTTrainer, make_parser, train
 from peft_parscale.testing import save_tiny_checkpoint
@@ -265,6 +265,30 @@ def test_bad_token_ids_raise_before_anything_changes(token_ids, adapter_name):
     with pytest.raises(ValueError):
         init_prefixes_from_token_ids(model, token_ids, adapter_name)
     assert_same_state(model, state)
+
+
+def test_base_weights_missing_from_this_process_raise_before_anything_changes():
+    # A weight that was never loaded here (under FSDP's cpu_ram_efficient_loading, transformers leaves a weight the
+    # checkpoint lacks on the meta device in every process but 0): the model cannot read the texts.
+    model = get_peft_model(tiny_model("qwen2", vocab_size=len(TOKENIZER)), ParScaleConfig(P=3, prefix_length=T))
+    mlp = model.get_base_model().model.layers[0].mlp  # its output is what layer 1 reads
+    mlp.down_proj.weight = torch.nn.Parameter(torch.empty_like(mlp.down_proj.weight, device="meta"))
+    state = adapter_state(model)
+    with pytest.raises(ValueError, match="not loaded in this process"):
+        init_prefixes_from_token_ids(model, [[5] * T, [6] * T, [7] * T])
+    assert_same_state(model, state)
+
+
+def test_broadcast_prefixes_refuses_prefixes_on_the_meta_device():
+    with torch.device("meta"):
+        base = tiny_model("qwen2", vocab_size=len(TOKENIZER))
+    model = get_peft_model(base, ParScaleConfig(P=2, prefix_length=T))
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="Process 0 holds adapter 'default'.s prefixes on the meta device"):
+            broadcast_prefixes(model, "cpu")
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize(
