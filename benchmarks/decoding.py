@@ -6,8 +6,10 @@ Three ways to generate, all greedy, on random prompts without padding:
   CUDA (`torch.compile`, mode "reduce-overhead": CUDA graphs) for the decode steps.
 - `fast`: `peft_parscale.decode.greedy_generate` (the fast path: static cache, compiled decode step, no host waits).
 
-Variants of a shape: `stock` (the base model, no adapter), `P<n>` (a fresh ParScale adapter with P = n), and
-`dense_P<n>` (the dense model of the quality the scaling law gives P = n: `shapes.dense_equivalent`).
+Variants of a shape: `stock` (the base model, no adapter), `P<n>` (a fresh ParScale adapter with P = n and the default
+prefix length), `P<n>T<t>` (the same with T = t: the single streams with a longer prefix that the HumanEval experiment
+compares with), and `dense_P<n>` (the dense model of the quality the scaling law gives P = n:
+`shapes.dense_equivalent`).
 
 ms/token is the decode time per token after the first: for `generate`, the time between the logits of the first and
 the last new token over (n - 1); for `fast`, (total - prefill) / (n - 1), with the prefill timed on its own on the same
@@ -46,10 +48,12 @@ Record = dict[str, Any]
 
 def build_variant(shape: str, variant: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Record]:
     """The model of one variant (see the module docstring) and what describes it."""
-    match = re.fullmatch(r"(dense_)?P(\d+)|stock", variant)
+    match = re.fullmatch(r"P(\d+)(?:T(\d+))?|dense_P(\d+)|stock", variant)
     if match is None:
-        raise ValueError(f"Unknown variant {variant!r}: use 'stock', 'P<n>' or 'dense_P<n>'.")
-    dense, streams = match.group(1) is not None, int(match.group(2) or 1)
+        raise ValueError(f"Unknown variant {variant!r}: use 'stock', 'P<n>', 'P<n>T<t>' or 'dense_P<n>'.")
+    dense = match.group(3) is not None
+    streams = int(match.group(1) or match.group(3) or 1)
+    adapter = ParScaleConfig(P=streams, **({"prefix_length": int(match.group(2))} if match.group(2) else {}))
     config = dense_equivalent(shape, streams) if dense else shape_config(shape)
     model = random_causal_lm(config, device, dtype)
     info = {
@@ -62,7 +66,8 @@ def build_variant(shape: str, variant: str, device: torch.device, dtype: torch.d
     }
     if variant.startswith("P"):
         # Adapter weights in the model's dtype, as served; PEFT's default casts them to float32 (for training).
-        model = get_peft_model(model, ParScaleConfig(P=streams), autocast_adapter_dtype=False).eval()
+        model = get_peft_model(model, adapter, autocast_adapter_dtype=False).eval()
+        info["prefix_length"] = adapter.prefix_length
         info["adapter_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info["weights_gib"] = parameter_bytes(model) / 2**30
     return model, info

@@ -72,11 +72,12 @@ def decode_rows(records: list[Record], suite: str) -> list[Record]:
     return sorted(by_case.values(), key=lambda r: (r["shape"], variant_order(r["variant"]), r["batch"], r["prompt"]))
 
 
-def variant_order(variant: str) -> tuple[int, int]:
+def variant_order(variant: str) -> tuple[int, int, int]:
     if variant == "stock":
-        return (0, 1)
+        return (0, 1, 0)
     dense = variant.startswith("dense_")
-    return (2 if dense else 1, int(variant.split("P")[-1]))
+    streams, _, prefix_length = variant.split("P")[-1].partition("T")  # P<n>, P<n>T<t> or dense_P<n>
+    return (2 if dense else 1, int(streams), int(prefix_length or 0))
 
 
 def decode_table(rows: list[Record]) -> str:

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks import run, sampling
+from peft_parscale import ParScaleConfig
+
+from benchmarks import decoding, report, run, sampling
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
 
 
@@ -95,3 +97,19 @@ def test_dense_equivalent_has_the_law_s_parameter_count(shape, num_streams):
     ratio = non_embedding_parameters(dense) / non_embedding_parameters(base)
     assert ratio == pytest.approx(1 + SCALING_K * math.log(num_streams), rel=5e-3)
     assert (dense.hidden_size, dense.vocab_size) == (base.hidden_size, base.vocab_size)  # same embedding
+
+
+@pytest.mark.parametrize(
+    "variant, streams, prefix_length", [("P1T12", 1, 12), ("P2T3", 2, 3), ("P4", 4, ParScaleConfig().prefix_length)]
+)
+def test_variants_name_the_streams_and_the_prefix_length(variant, streams, prefix_length):
+    model, info = decoding.build_variant("tiny", variant, torch.device("cpu"), torch.float32)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    # prefix keys and values: layers × 2 × P × kv heads × T × head_dim; the aggregator: (P·H)·H + H + H·P + P
+    prefixes = config.num_hidden_layers * 2 * streams * config.num_key_value_heads * prefix_length * head_dim
+    hidden = config.hidden_size
+    aggregator = streams * hidden * hidden + hidden + hidden * streams + streams if streams > 1 else 0
+    assert (info["P"], info["prefix_length"], info["adapter_params"]) == (streams, prefix_length, prefixes + aggregator)
+    assert report.variant_order("stock") < report.variant_order("P1") < report.variant_order("P1T12")
+    assert report.variant_order("P1T384") < report.variant_order("P2") < report.variant_order("dense_P2")
