@@ -1,6 +1,7 @@
 """Data-parallel training on CPU: `parscale sft` under `accelerate launch` with two processes (gloo) trains the same
 adapter as one process with the same global batch, and a two-process run resumed from a checkpoint ends where the
-uninterrupted run ends.
+uninterrupted run ends. Two processes under TRL's fsdp2.yaml, through the Trainer's FSDP2 path (`fsdp2_worker.py`),
+shard every decoder layer and train that adapter too.
 
 Why float64, and the tolerance. The two runs differ only in the order of the sums behind each gradient (one process
 sums the whole batch; two processes each sum half and the all-reduce averages the halves), which changes a gradient
@@ -16,6 +17,7 @@ average or an optimizer state lost on resume shows by orders of magnitude more t
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -73,10 +75,16 @@ def assert_same_adapter(actual: dict, expected: dict) -> None:
         assert (actual[name] - weights).abs().max().item() <= TOLERANCE, name
 
 
-def test_two_processes_train_the_adapter_of_one_and_resume(workspace):
+@pytest.fixture(scope="module")
+def one_process_adapter(workspace) -> dict[str, torch.Tensor]:
+    """The adapter `parscale sft` trains on one process, with the global batch."""
     parscale_sft(workspace, "one", 1, "--save_strategy", "no")
+    return adapter(workspace / "one")
+
+
+def test_two_processes_train_the_adapter_of_one_and_resume(workspace, one_process_adapter):
     parscale_sft(workspace, "two", 2, "--save_strategy", "steps", "--save_steps", "2")
-    one, halfway = adapter(workspace / "one"), adapter(workspace / "two" / "checkpoint-2")
+    one, halfway = one_process_adapter, adapter(workspace / "two" / "checkpoint-2")
     for name, weights in one.items():
         assert (weights - halfway[name]).abs().max().item() > 1e-3, f"{name} hardly moved: the test could not fail"
     assert_same_adapter(adapter(workspace / "two"), one)
@@ -95,25 +103,38 @@ def test_two_processes_train_the_adapter_of_one_and_resume(workspace):
 PREFIX_TOLERANCE = 1e-12
 
 
-def test_every_process_starts_from_the_prefixes_process_0_reads_under_fsdp2_loading(workspace):
-    """TRL's fsdp2.yaml loads the real weights on process 0 only (`fsdp_cpu_ram_efficient_loading`). The worker gives
-    process 1 NaN base weights before `ParScaleSFTTrainer` text-initialises the prefixes; every process must still end
-    with the base model's keys/values of the first two training windows, computed here from the checkpoint."""
+@pytest.fixture(scope="module")
+def fsdp2_run(workspace) -> Path:
+    """`fsdp2_worker.py` on two processes with TRL's fsdp2.yaml: process 1 with NaN base weights, the Trainer's
+    FSDP2 path on the CPU, the steps and global batch of `parscale_sft`. Returns the folder the processes wrote."""
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
-    output = workspace / "fsdp2-text-init"
+    output = workspace / "fsdp2"
     output.mkdir()
     launch = [
         *[sys.executable, "-m", "accelerate.commands.launch"],
         *resolve_accelerate_config_argument(["--accelerate_config", "fsdp2"]),
         *["--num_processes", "2", "--mixed_precision", "no"],
     ]
-    worker = Path(__file__).parent / "fsdp2_text_init_worker.py"
-    command = [*launch, str(worker), str(workspace / "tiny"), str(workspace / "data"), str(output)]
+    worker = [str(Path(__file__).parent / "fsdp2_worker.py"), str(workspace / "tiny"), str(workspace / "data")]
+    training = [str(STEPS), str(LEARNING_RATE), str(GLOBAL_BATCH // 2)]
+    command = [*launch, *worker, str(output), *training]
     result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return output
+
+
+def process_facts(fsdp2_run, process: int) -> dict:
+    return json.loads((fsdp2_run / f"process-{process}.json").read_text())
+
+
+def test_every_process_starts_from_the_prefixes_process_0_reads_under_fsdp2_loading(workspace, fsdp2_run):
+    """TRL's fsdp2.yaml loads the real weights on process 0 only (`fsdp_cpu_ram_efficient_loading`). The worker gives
+    process 1 NaN base weights before `ParScaleSFTTrainer` text-initialises the prefixes; every process must still end
+    with the base model's keys/values of the first two training windows, computed here from the checkpoint."""
     for process in (0, 1):  # the launcher's FSDP settings reached transformers' loading, in two processes
-        assert json.loads((output / f"process-{process}.json").read_text()) == {"fsdp_loading": True, "processes": 2}
+        facts = process_facts(fsdp2_run, process)
+        assert (facts["fsdp_loading"], facts["processes"]) == (True, 2)
 
     # The windows: the first P=2 training rows' first T - 1 = 3 tokens and the tokenizer's EOS (it has no BOS), read
     # by the base model at positions -4..-1; the prefixes are what its cache then holds.
@@ -129,8 +150,43 @@ def test_every_process_starts_from_the_prefixes_process_0_reads_under_fsdp2_load
         expected[f"base_model.model.model.layers.{index}.self_attn.parscale_prefix_k.default"] = layer.keys
         expected[f"base_model.model.model.layers.{index}.self_attn.parscale_prefix_v.default"] = layer.values
 
-    first, second = (load_file(output / f"prefixes-{process}.safetensors") for process in (0, 1))
-    assert first.keys() == second.keys() == expected.keys()
+    first, second = (load_file(fsdp2_run / f"initial-{process}.safetensors") for process in (0, 1))
+    assert first.keys() == second.keys()
+    assert {name for name in first if "parscale_prefix" in name} == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(second[name], first[name]), f"{name}: process 1 differs from process 0"
         assert (first[name] - tensor).abs().max().item() <= PREFIX_TOLERANCE, name
+
+
+def test_fsdp2_shards_every_decoder_layer_and_trains_the_adapter_of_one_process(
+    workspace, fsdp2_run, one_process_adapter
+):
+    """TRL's fsdp2.yaml asks for TRANSFORMER_BASED_WRAP and names no layer class, so accelerate wraps the classes of
+    the model's `_no_split_modules` (Qwen2's decoder layer). The Trainer's FSDP2 path must make every decoder layer a
+    `fully_shard` unit of its own, holding the layer's frozen weights (sharded: each process keeps part of them) next
+    to its trainable prefixes, and train the adapter that one process trains with the same global batch (the bound
+    of the module docstring: the runs differ only in the order of the sums behind each gradient)."""
+    base = AutoModelForCausalLM.from_pretrained(workspace / "tiny")
+    layers = dict(base.model.layers.named_children())
+    units = [process_facts(fsdp2_run, process)["units"] for process in (0, 1)]
+    for index, layer in layers.items():
+        name = f"base_model.model.model.layers.{index}"
+        for process_units in units:
+            assert name in process_units, f"{name} is not an FSDP unit: the whole model's weights are gathered at once"
+            unit = process_units[name]
+            assert (unit["trainable"], unit["sharded"]) == (2, True)  # the attention's prefix keys and values
+            assert unit["frozen"] == len(list(layer.parameters()))
+            assert unit["frozen_elements"] == sum(p.numel() for p in layer.parameters())
+        local = [process_units[name]["frozen_local_elements"] for process_units in units]
+        assert 0 < local[0] < sum(local) == units[0][name]["frozen_elements"]
+    for process in (0, 1):
+        assert math.isfinite(process_facts(fsdp2_run, process)["loss"])
+
+    def by_file_name(tensors: dict) -> dict:  # the adapter file's names carry no adapter name
+        return {name.replace(".default", ""): tensor for name, tensor in tensors.items()}
+
+    initial = by_file_name(load_file(fsdp2_run / "initial-0.safetensors"))
+    trained = by_file_name(load_file(fsdp2_run / "trained.safetensors"))
+    for name, weights in trained.items():
+        assert (weights - initial[name]).abs().max().item() > 1e-3, f"{name} hardly moved: the test could not fail"
+    assert_same_adapter(trained, one_process_adapter)
