@@ -14,16 +14,24 @@ and the base model, is then measured on all 164 HumanEval problems:
   for greedy pass/fail (`peft_parscale.stats`).
 
 Besides the ParScale arms, the experiment trains what a user would use instead, through the same trainer on the same
-pairs and tokens: a single stream with a longer prefix (``P1T384``: P=1 with T=384, the prefix count of P=8 at T=48)
-and LoRA (``lora``: PEFT's ``LoraConfig``, r=16 on every linear layer of the decoder). A learning rate can be given per
-arm with ``@``: ``lora@3e-4`` is LoRA trained at 3e-4 (a grid point; ``val:`` scores it on validation pairs, which
-come from files hashed into neither split, so that a rate is chosen without looking at the held-out numbers).
+pairs and tokens: single streams with a longer prefix (``P1T192`` and ``P1T384``: P=1 with the prefix count of P=4 and
+P=8 at T=48) and LoRA (``lora``: PEFT's ``LoraConfig``, r=16 on every linear layer of the decoder). A learning rate can
+be given per arm with ``@``: ``lora@3e-4`` is LoRA trained at 3e-4 (a grid point; ``val:`` scores it on validation
+pairs, which come from files hashed into neither split, so that a rate is chosen without looking at the held-out
+numbers).
+
+A ParScale arm with ``+div<λ>`` (``P4+div0.1``, ``P4T48+div0.1@5e-2``) trains with ND-LoRA's stream-diversity term
+added to the loss, λ times ND-LoRA's Barlow Twins term between the streams' hidden states at ``--diversity-layer``
+(`stream_diversity`); its train.json records λ, the layer, and the term's mean and curve. It is a candidate for issue
+20's item 6: a variant that keeps the package's shape and beats its prefix-matched single stream (``P1T192`` for P=4)
+on validation pairs. ``+div0`` trains the plain arm and records its term.
 
 The work is split into phases so that each fits one command on a GPU; every phase writes its JSON under OUTPUT and a
-rerun skips what exists. ``MODEL`` is ``base``, ``P<n>``, ``P<n>T<t>`` or ``lora``, with an optional ``@<rate>``:
+rerun skips what exists. ``MODEL`` is ``base``, ``P<n>``, ``P<n>T<t>`` or ``lora``, with an optional ``@<rate>``
+(and ParScale arms with P >= 2 an optional ``+div<λ>`` before it):
 
     prepare           the pairs, from this interpreter's standard library and site-packages -> DATA (--data)
-    train:P<n>        an adapter with n streams -> OUTPUT/P<n>/adapter, train.json
+    train:MODEL       an adapter -> OUTPUT/MODEL/adapter, train.json
     greedy:MODEL      greedy pass@1, completion and chat mode -> OUTPUT/MODEL/greedy.json (every sample, with verdict)
     sampled:MODEL     pass@1 and pass@10 from --samples samples -> OUTPUT/MODEL/sampled.json (every sample)
     loss:MODEL        completion loss on the held-out pairs -> OUTPUT/MODEL/loss.json (per pair)
@@ -33,6 +41,7 @@ rerun skips what exists. ``MODEL`` is ``base``, ``P<n>``, ``P<n>T<t>`` or ``lora
     python experiments/humaneval_experiment.py --only prepare --data he-data           # on the CPU, ~2 min
     python experiments/humaneval_experiment.py --gguf q.gguf --model-cache /tmp/ckpt --data he-data \\
         --output-dir /tmp/he --only train:P1 train:P2 eval:base                      # on the GPU, in pieces
+    python experiments/humaneval_experiment.py ... --only train:P4+div0.1 val:P4+div0.1 val:P4    # a variant
     python experiments/humaneval_experiment.py --output-dir /tmp/he --report           # results.json/.md, plot
     python experiments/humaneval_experiment.py --smoke                                 # tiny random model, CPU
 
@@ -57,6 +66,7 @@ import torch
 from common import DTYPE, add_model_arguments, equal_budget_config, model_path, pyplot
 from datasets import Dataset
 from peft import LoraConfig
+from stream_diversity import StreamDiversityTrainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
@@ -88,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser, model_cache="humaneval-model")
     parser.add_argument("--output-dir", default="humaneval-output")
     parser.add_argument("--data", help="where `prepare` writes the pairs and the others read them (OUTPUT/data)")
-    parser.add_argument("--models", nargs="+", default=["base", "P1", "P2", "P4", "P8", "P1T384", "lora"])
+    parser.add_argument("--models", nargs="+", default=["base", "P1", "P2", "P4", "P8", "P1T192", "P1T384", "lora"])
     parser.add_argument("--only", nargs="+", metavar="PHASE[:MODEL]", help="run only these phases (see above)")
     parser.add_argument("--report", action="store_true", help="only gather the results")
     parser.add_argument(
@@ -102,7 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-tokens", type=int, default=2**20, help="training tokens per adapter (equal for all)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per packed training sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="packed sequences per optimizer step")
-    parser.add_argument("--stream-sequences", type=int, default=16, help="P x pairs per forward pass when scoring losses")
+    parser.add_argument(
+        "--stream-sequences", type=int, default=16, help="P x pairs per forward pass when scoring losses"
+    )
     parser.add_argument("--learning-rate", type=float, default=5e-2, help="ParScale arms without @<rate>")
     parser.add_argument(
         "--lora-learning-rate", type=float, help="LoRA arms without @<rate> (choose it on validation: lora@<rate>)"
@@ -110,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--prefix-length", type=int, default=48)
     parser.add_argument("--smoothing", type=float, default=0.1)
+    parser.add_argument(
+        "--diversity-layer",
+        type=int,
+        default=20,
+        help="+div arms: the hidden_states index whose streams are decorrelated (ND-LoRA's 20 of 24; 24: final norm)",
+    )
     parser.add_argument("--samples", type=int, default=20, help="samples per problem for pass@1/pass@10")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--generation-rows", type=int, default=2048, help="P x sequences generated together")
@@ -123,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seq_len, args.batch_size, args.stream_sequences, args.prefix_length = 512, 2, 4, 4
         args.train_tokens, args.max_new_tokens, args.samples, args.heldout_pairs = 2 * 2 * 512, 8, 10, 4
         args.heldout_percent, args.validation_percent, args.check_workers = 40, 20, 2
+        args.diversity_layer = 1  # the tiny model has 2 layers
     args.data = Path(args.data or Path(args.output_dir) / "data")
     return args
 
@@ -150,12 +169,13 @@ def phases(args: argparse.Namespace) -> list[tuple[str, str | None]]:
 @dataclass(frozen=True)
 class Arm:
     """What a model name stands for: ``base``, ``P<n>`` (ParScale, T = --prefix-length), ``P<n>T<t>`` or ``lora``,
-    each but ``base`` with an optional ``@<learning rate>``."""
+    each but ``base`` with an optional ``@<learning rate>``, ParScale with P >= 2 also with ``+div<λ>`` before it."""
 
     kind: str  # "base", "parscale" or "lora"
     P: int | None = None
     prefix_length: int | None = None  # None: --prefix-length
     learning_rate: float | None = None  # None: --learning-rate or --lora-learning-rate
+    diversity_weight: float | None = None  # λ of the stream-diversity term; None: no term
 
 
 def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
@@ -172,21 +192,28 @@ def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
     return chosen
 
 
+NUMBER = r"\d+(?:\.\d*)?(?:e-?\d+)?"
 ARM_NAME = re.compile(
-    r"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?)(?:@(?P<rate>\d+(?:\.\d*)?(?:e-?\d+)?|best))?"
+    rf"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?(?:\+div(?P<div>{NUMBER}))?)(?:@(?P<rate>{NUMBER}|best))?"
 )
 
 
 def parse_arm(name: str) -> Arm:
     match = ARM_NAME.fullmatch(name)
     if match is None or (name.startswith("base") and match["rate"]):
-        raise ValueError(f"models are named base, P<n>, P<n>T<t> or lora, optionally with @<learning rate>: {name!r}")
+        raise ValueError(
+            f"models are named base, P<n>, P<n>T<t> or lora, optionally with @<learning rate>, and ParScale arms "
+            f"with +div<λ> before it: {name!r}"
+        )
     rate = float(match["rate"]) if match["rate"] and match["rate"] != "best" else None
     if name.startswith("base"):
         return Arm("base")
     if name.startswith("lora"):
         return Arm("lora", learning_rate=rate)
-    return Arm("parscale", int(match["P"]), int(match["T"]) if match["T"] else None, rate)
+    weight = float(match["div"]) if match["div"] else None
+    if weight is not None and int(match["P"]) < 2:
+        raise ValueError(f"{name}: a stream-diversity term (+div) needs P >= 2 streams")
+    return Arm("parscale", int(match["P"]), int(match["T"]) if match["T"] else None, rate, weight)
 
 
 def learning_rate(args: argparse.Namespace, arm: Arm) -> float:
@@ -280,20 +307,27 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
         packing=True,
         include_num_input_tokens_seen="all",
     )
-    # one trainer for every arm: with a LoraConfig, ParScaleSFTTrainer is TRL's SFTTrainer unchanged
-    trainer = ParScaleSFTTrainer(
+    # one trainer for every arm: with a LoraConfig, ParScaleSFTTrainer is TRL's SFTTrainer unchanged; a +div arm's
+    # trainer adds the stream-diversity term to its loss and changes nothing else
+    diversity = {}
+    if arm.diversity_weight is not None:
+        diversity = {"diversity_weight": arm.diversity_weight, "diversity_layer": args.diversity_layer}
+    trainer = (StreamDiversityTrainer if diversity else ParScaleSFTTrainer)(
         model=AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE),
         args=training_args,
         train_dataset=read_pairs(args, "train"),
         processing_class=AutoTokenizer.from_pretrained(path),
         peft_config=peft_config(args, arm),
+        **diversity,
     )
     started = time.time()
     trainer.train()
     seconds = time.time() - started
     diverged = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not p.isfinite().all()]
     if diverged:  # nothing is saved, so that a rerun trains this arm again
-        raise RuntimeError(f"train:{name} diverged: {len(diverged)} trainable tensors are not finite ({diverged[0]}, ...)")
+        raise RuntimeError(
+            f"train:{name} diverged: {len(diverged)} trainable tensors are not finite ({diverged[0]}, ...)"
+        )
     trainer.save_model(str(out / "adapter"))
     result = {
         "arm": arm.kind,
@@ -311,6 +345,14 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
         "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
         **environment(),
     }
+    if arm.diversity_weight is not None:  # the loss curve above includes λ times the term
+        terms = trainer.diversity_terms
+        result["diversity"] = {
+            "weight": arm.diversity_weight,
+            "layer": args.diversity_layer,
+            "term_mean": sum(terms) / len(terms),
+            "term_curve": [(log["step"], log["diversity"]) for log in trainer.state.log_history if "diversity" in log],
+        }
     (out / "train.json").write_text(json.dumps(result, indent=1))
     print(f"train:{name}: {result['train_tokens']:,} tokens in {seconds:.0f} s")
 

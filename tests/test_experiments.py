@@ -3,6 +3,7 @@ one, and their planning logic does what their docstrings say."""
 
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -77,6 +78,16 @@ def test_humaneval_experiment_smoke(tmp_path):
     )
     assert "| P2 − base |" in stdout and (out / "pass_at_k.png").is_file()
 
+    # the stream-diversity variant trains end to end and is scored on validation pairs
+    run_experiment(
+        "humaneval_experiment.py", "--smoke", "--only", "train:P2+div0.1", "val:P2+div0.1", "--output-dir", "out",
+        cwd=tmp_path,
+    )  # fmt: skip
+    diversity = json.loads((out / "P2+div0.1" / "train.json").read_text())["diversity"]
+    assert diversity["weight"] == 0.1 and diversity["layer"] == 1 and math.isfinite(diversity["term_mean"])
+    assert diversity["term_mean"] > 0 and [step for step, _ in diversity["term_curve"]] == [1, 2]
+    assert json.loads((out / "P2+div0.1" / "val.json").read_text())["pairs"] > 0
+
 
 def test_humaneval_experiment_phases():
     experiment = import_experiment("humaneval_experiment")
@@ -94,17 +105,22 @@ def test_humaneval_experiment_phases():
         ("train", "P2"),
         *[(phase, "P2") for phase in ("greedy", "sampled", "loss")],
     ]
-    for bad in ["train:base", "eval:Q3", "greedy", "eval:P0", "score:P2", "train:base@1e-3", "val:lora@x", "eval:P1T0"]:
+    bad_names = ["train:base", "eval:Q3", "greedy", "eval:P0", "score:P2", "train:base@1e-3", "val:lora@x", "eval:P1T0"]
+    bad_names += ["train:P1+div0.1", "train:lora+div0.1", "train:P4+div", "train:P4@1e-2+div0.1"]
+    for bad in bad_names:
         with pytest.raises(ValueError):
             experiment.phases(experiment.parse_args(["--only", bad]))
     Arm = experiment.Arm
-    assert [experiment.parse_arm(name) for name in ("base", "P8", "P1T384", "P1T384@0.015", "lora@3e-4", "lora")] == [
+    names = ("base", "P8", "P1T384", "P1T384@0.015", "lora@3e-4", "lora", "P4+div0.1", "P4T48+div1e-2@5e-2")
+    assert [experiment.parse_arm(name) for name in names] == [
         Arm("base"),
         Arm("parscale", 8),
         Arm("parscale", 1, 384),
         Arm("parscale", 1, 384, 0.015),
         Arm("lora", learning_rate=3e-4),
         Arm("lora"),
+        Arm("parscale", 4, diversity_weight=0.1),
+        Arm("parscale", 4, 48, 0.05, 0.01),
     ]
     with pytest.raises(ValueError, match="LoRA needs its own learning rate"):
         experiment.learning_rate(experiment.parse_args([]), Arm("lora"))
