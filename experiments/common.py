@@ -137,3 +137,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_against_streams(figure, axes, streams: list[int], xlabel: str, path: Path) -> None:
+    """Finish panels drawn against P (a log axis ticked at the measured P) and save the figure to `path`."""
+    for axis in axes:
+        axis.set(xscale="log", xlabel=xlabel)
+        axis.set_xticks(streams, [str(P) for P in streams])
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

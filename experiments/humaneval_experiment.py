@@ -42,10 +42,16 @@ rerun skips what exists. ``MODEL`` is ``base``, ``P<n>``, ``P<n>T<t>`` or ``lora
     python experiments/humaneval_experiment.py --gguf q.gguf --model-cache /tmp/ckpt --data he-data \\
         --output-dir /tmp/he --only train:P1 train:P2 eval:base                      # on the GPU, in pieces
     python experiments/humaneval_experiment.py ... --only train:P4+div0.1 val:P4+div0.1 val:P4    # a variant
-    python experiments/humaneval_experiment.py --output-dir /tmp/he --report           # results.json/.md, plot
+    python experiments/humaneval_experiment.py --output-dir /tmp/he --report \\
+        --decode-results /tmp/he/decode/results.jsonl                                   # results.json/.md, plot
     python experiments/humaneval_experiment.py --smoke                                 # tiny random model, CPU
 
-Without ``--only`` every phase of every ``--models`` runs, then the report.
+Without ``--only`` every phase of every ``--models`` runs, then the report (`humaneval_results.py`). Its decode-cost
+columns come from the benchmarks' decode sweep at the model's shape, the arms' benchmark variants at batch 1 and 8
+(`--decode-results`):
+
+    python -m benchmarks.run --suites sweep --shapes 0.5b --variants stock,P1,P2,P4,P8,P1T192,P1T384 \\
+        --batches 1,8 --lengths 128:512 --out /tmp/he/decode
 """
 
 from __future__ import annotations
@@ -53,18 +59,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import chain
 from pathlib import Path
 
-import numpy as np
 import torch
-from common import DTYPE, add_model_arguments, equal_budget_config, model_path, pyplot
+from common import DTYPE, add_model_arguments, equal_budget_config, model_path
 from datasets import Dataset
+from humaneval_results import EVAL_PHASES, Arm, parse_arm, report
 from peft import LoraConfig
 from stream_diversity import StreamDiversityTrainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,23 +78,12 @@ from peft_parscale import ParScaleConfig
 from peft_parscale.data import path_bucket, python_packages_corpus, python_stdlib_corpus
 from peft_parscale.eval import completion_loss, load_model
 from peft_parscale.function_pairs import as_conversations, function_pairs
-from peft_parscale.humaneval import evaluate_humaneval, load_problems, problem_pass_at_k
+from peft_parscale.humaneval import evaluate_humaneval, load_problems
 from peft_parscale.sft import ParScaleSFTTrainer
-from peft_parscale.stats import NUM_RESAMPLES, bootstrap_interval, mcnemar_exact, paired_bootstrap_pvalue
 
-EVAL_PHASES = ("greedy", "sampled", "loss")
 SPLIT_OF_LOSS_PHASE = {"loss": "test", "val": "validation"}
 SMOKE_PROBLEMS = ["HumanEval/0", "HumanEval/53"]
 SMOKE_FILES = 120  # stdlib files read in smoke runs
-# (metric, label, paired test): every metric is a mean over problems (the loss: over held-out pairs, per token)
-METRICS = (
-    ("completion_pass@1", "pass@1, completion (greedy)", "mcnemar"),
-    ("chat_pass@1", "pass@1, chat (greedy)", "mcnemar"),
-    ("sampled_pass@1", "pass@1, sampled", "bootstrap"),
-    ("sampled_pass@10", "pass@10, sampled", "bootstrap"),
-    ("heldout_loss", "held-out completion loss", "bootstrap"),
-    ("validation_loss", "validation completion loss", "bootstrap"),
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["base", "P1", "P2", "P4", "P8", "P1T192", "P1T384", "lora"])
     parser.add_argument("--only", nargs="+", metavar="PHASE[:MODEL]", help="run only these phases (see above)")
     parser.add_argument("--report", action="store_true", help="only gather the results")
+    parser.add_argument(
+        "--decode-results", type=Path, help="report: decode cost from a benchmarks results.jsonl (humaneval_results.py)"
+    )
     parser.add_argument(
         "--compare", nargs="+", default=["P8:P1", "P8:base", "P8:P1T384", "P8:lora"], help="paired comparisons A:B"
     )
@@ -166,18 +162,6 @@ def phases(args: argparse.Namespace) -> list[tuple[str, str | None]]:
     return planned
 
 
-@dataclass(frozen=True)
-class Arm:
-    """What a model name stands for: ``base``, ``P<n>`` (ParScale, T = --prefix-length), ``P<n>T<t>`` or ``lora``,
-    each but ``base`` with an optional ``@<learning rate>``, ParScale with P >= 2 also with ``+div<λ>`` before it."""
-
-    kind: str  # "base", "parscale" or "lora"
-    P: int | None = None
-    prefix_length: int | None = None  # None: --prefix-length
-    learning_rate: float | None = None  # None: --learning-rate or --lora-learning-rate
-    diversity_weight: float | None = None  # λ of the stream-diversity term; None: no term
-
-
 def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
     """``lora@best`` -> the ``lora@<rate>`` grid point with the lowest validation loss (``val:`` results in OUTPUT)."""
     stem = name.removesuffix("@best")
@@ -190,30 +174,6 @@ def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
     chosen = min(losses, key=losses.get)
     print(f"{name}: {chosen} (validation losses {losses})")
     return chosen
-
-
-NUMBER = r"\d+(?:\.\d*)?(?:e-?\d+)?"
-ARM_NAME = re.compile(
-    rf"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?(?:\+div(?P<div>{NUMBER}))?)(?:@(?P<rate>{NUMBER}|best))?"
-)
-
-
-def parse_arm(name: str) -> Arm:
-    match = ARM_NAME.fullmatch(name)
-    if match is None or (name.startswith("base") and match["rate"]):
-        raise ValueError(
-            f"models are named base, P<n>, P<n>T<t> or lora, optionally with @<learning rate>, and ParScale arms "
-            f"with +div<λ> before it: {name!r}"
-        )
-    rate = float(match["rate"]) if match["rate"] and match["rate"] != "best" else None
-    if name.startswith("base"):
-        return Arm("base")
-    if name.startswith("lora"):
-        return Arm("lora", learning_rate=rate)
-    weight = float(match["div"]) if match["div"] else None
-    if weight is not None and int(match["P"]) < 2:
-        raise ValueError(f"{name}: a stream-diversity term (+div) needs P >= 2 streams")
-    return Arm("parscale", int(match["P"]), int(match["T"]) if match["T"] else None, rate, weight)
 
 
 def learning_rate(args: argparse.Namespace, arm: Arm) -> float:
@@ -404,169 +364,6 @@ def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded
     print(f"{phase}:{name}: {headline} in {time.time() - started:.0f} s")
 
 
-def per_problem_scores(model_dir: Path) -> dict[str, dict]:
-    """Each metric's per-problem values (and weights, for the loss) from a model's result files, where they exist."""
-    scores = {}
-    greedy_file, sampled_file, _ = (model_dir / f"{phase}.json" for phase in EVAL_PHASES)
-    if greedy_file.is_file():
-        greedy = json.loads(greedy_file.read_text())
-        for mode in ("completion", "chat"):
-            passed = [float(sample["passed"]) for sample in greedy[mode]["samples"]]  # one greedy sample per problem
-            scores[f"{mode}_pass@1"] = {"values": passed}
-    if sampled_file.is_file():
-        sampled = json.loads(sampled_file.read_text())["completion"]
-        n = sampled["num_samples"]
-        correct = [
-            sum(s["passed"] for s in sampled["samples"][i : i + n]) for i in range(0, len(sampled["samples"]), n)
-        ]
-        for k in (1, 10):
-            if k <= n:
-                scores[f"sampled_pass@{k}"] = {"values": problem_pass_at_k(correct, n, k).tolist(), "samples": n}
-    for phase, metric in (("loss", "heldout_loss"), ("val", "validation_loss")):
-        if (model_dir / f"{phase}.json").is_file():
-            loss = json.loads((model_dir / f"{phase}.json").read_text())
-            per_token = [nll / tokens for nll, tokens in zip(loss["nll"], loss["scored_tokens"])]
-            scores[metric] = {"values": per_token, "weights": loss["scored_tokens"]}
-    return scores
-
-
-def summarise(scores: dict) -> dict:
-    """The metric's value and its 95% bootstrap interval."""
-    low, high = bootstrap_interval(scores["values"], scores.get("weights"))
-    return {"value": float(np.average(scores["values"], weights=scores.get("weights"))), "low": low, "high": high}
-
-
-def compare(first: dict, second: dict, test: str) -> dict:
-    """Paired comparison of two models on one metric: the difference (first - second), its 95% bootstrap interval and
-    p-values."""
-    a, b, weights = np.asarray(first["values"]), np.asarray(second["values"]), first.get("weights")
-    if weights != second.get("weights"):
-        raise ValueError("paired loss comparisons need the same held-out pairs and tokenizer for both models")
-    difference = a - b
-    low, high = bootstrap_interval(difference, weights)
-    result = {
-        "difference": float(np.average(difference, weights=weights)),
-        "low": low,
-        "high": high,
-        "bootstrap_pvalue": paired_bootstrap_pvalue(a, b, weights),
-    }
-    if test == "mcnemar":
-        result["mcnemar"] = mcnemar_exact(a > 0.5, b > 0.5)
-    return result
-
-
-def report(args: argparse.Namespace) -> dict:
-    """Gather every model's results into results.json and results.md (tables) and pass_at_k.png (where matplotlib is
-    installed)."""
-    output = Path(args.output_dir)
-    names = sorted(
-        (path.name for path in output.iterdir() if path.is_dir() and ARM_NAME.fullmatch(path.name)),
-        key=lambda name: (["base", "parscale", "lora"].index(parse_arm(name).kind), parse_arm(name).P or 0, name),
-    )
-    scores = {name: per_problem_scores(output / name) for name in names}
-    rows = []
-    for name in names:
-        train_file = output / name / "train.json"
-        training = json.loads(train_file.read_text()) if train_file.is_file() else {}
-        metrics = {metric: summarise(values) for metric, values in scores[name].items()}
-        cost = {key: training.get(key) for key in ("learning_rate", "trainable_parameters", "adapter_bytes")}
-        if training:
-            cost["train_tokens_per_s"] = training["train_tokens"] / training["train_seconds"]
-        rows.append(
-            {"name": name, **vars(parse_arm(name)), "train_tokens": training.get("train_tokens"), **cost, **metrics}
-        )
-    comparisons = []
-    for pair in args.compare:
-        first, _, second = pair.partition(":")
-        for metric, _, test in METRICS:
-            if metric in scores.get(first, {}) and metric in scores.get(second, {}):
-                result = compare(scores[first][metric], scores[second][metric], test)
-                comparisons.append({"first": first, "second": second, "metric": metric, **result})
-    summary = {"rows": rows, "comparisons": comparisons}
-    data_stats = args.data / "stats.json"
-    if data_stats.is_file():
-        summary["data"] = json.loads(data_stats.read_text())["stats"]
-    summary["table"] = markdown(rows, comparisons)
-    (output / "results.json").write_text(json.dumps(summary, indent=1))
-    (output / "results.md").write_text(summary["table"] + "\n")
-    plot(rows, output / "pass_at_k.png")
-    print(summary["table"])
-    return summary
-
-
-def markdown(rows: list[dict], comparisons: list[dict]) -> str:
-    labels = {metric: label for metric, label, _ in METRICS}
-    lines = [
-        "| model | learning rate | trainable parameters | adapter MB | training tokens | tokens/s | "
-        + " | ".join(labels.values())
-        + " |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |",
-    ]
-    for row in rows:
-        cells = [
-            f"{row[metric]['value']:.3f} [{row[metric]['low']:.3f}, {row[metric]['high']:.3f}]"
-            if metric in row
-            else "-"
-            for metric in labels
-        ]
-        cost = [
-            f"{row['learning_rate']:g}" if row.get("learning_rate") else "-",
-            f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-",
-            f"{row['adapter_bytes'] / 1e6:.1f}" if row.get("adapter_bytes") else "-",
-            f"{row['train_tokens']:,}" if row.get("train_tokens") else "-",
-            f"{row['train_tokens_per_s']:,.0f}" if row.get("train_tokens_per_s") else "-",
-        ]
-        lines.append(f"| {row['name']} | " + " | ".join(cost + cells) + " |")
-    lines += [
-        "",
-        "| comparison | metric | difference [95% interval] | paired bootstrap p | McNemar (b, c, exact p) |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
-    for c in comparisons:
-        mcnemar = f"{c['mcnemar']['b']}, {c['mcnemar']['c']}, {c['mcnemar']['pvalue']:.4f}" if "mcnemar" in c else "-"
-        # a bootstrap p-value of 0 means below the resolution of its resamples
-        pvalue = f"{c['bootstrap_pvalue']:.4f}" if c["bootstrap_pvalue"] > 0 else f"< {1 / NUM_RESAMPLES:g}"
-        lines.append(
-            f"| {c['first']} − {c['second']} | {labels[c['metric']]} | {c['difference']:+.4f} "
-            f"[{c['low']:+.4f}, {c['high']:+.4f}] | {pvalue} | {mcnemar} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    """pass@k and the held-out loss against P, with 95% intervals; the base model as a line and band, the other arms
-    (longer prefix, LoRA, grid points) left out."""
-    plt = pyplot()
-    if plt is None:
-        return
-    adapters = [row for row in rows if re.fullmatch(r"P\d+", row["name"])]
-    base = next((row for row in rows if row["name"] == "base"), None)
-    if not any(metric in row for row in adapters for metric, _, _ in METRICS):
-        return
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = ((axes[0], [metric for metric, _, _ in METRICS[:4]], "HumanEval"), (axes[1], ["heldout_loss"], "nats"))
-    for axis, metrics, ylabel in panels:
-        for metric in metrics:
-            points = [row for row in adapters if metric in row]
-            if not points:
-                continue
-            label = next(label for key, label, _ in METRICS if key == metric)
-            values = [row[metric]["value"] for row in points]
-            below = [row[metric]["value"] - row[metric]["low"] for row in points]
-            above = [row[metric]["high"] - row[metric]["value"] for row in points]
-            P = [row["P"] for row in points]
-            line = axis.errorbar(P, values, yerr=[below, above], fmt="o-", capsize=3, label=label)
-            if base is not None and metric in base:
-                color = line[0].get_color()
-                axis.axhline(base[metric]["value"], color=color, linestyle=":")
-                axis.axhspan(base[metric]["low"], base[metric]["high"], color=color, alpha=0.1)
-        axis.set(xscale="log", xlabel="P (streams); dotted: base model, band: its 95% interval", ylabel=ylabel)
-        axis.set_xticks([row["P"] for row in adapters], [str(row["P"]) for row in adapters])
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -584,7 +381,10 @@ def main(argv: list[str] | None = None) -> None:
                 evaluate(args, path, name, phase, loaded)
         if args.only:
             return
-    report(args)
+    summary = report(
+        Path(args.output_dir), args.compare, args.data, args.decode_results, default_prefix_length=args.prefix_length
+    )
+    print(summary["table"])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DTYPE, add_model_arguments, equal_budget_config, model_path, pyplot
+from common import DTYPE, add_model_arguments, equal_budget_config, model_path, plot_against_streams, pyplot
 from datasets import Dataset, DatasetDict, load_dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -218,11 +218,8 @@ def plot(rows: list[dict], path: Path) -> None:
             line = axis.plot([row["P"] for row in adapters], [row[key] for row in adapters], "o-", label=key)[0]
             if base is not None:
                 axis.axhline(base[key], color=line.get_color(), linestyle=":", label=f"{key}, base")
-        axis.set(xscale="log", xlabel="P (streams)", ylabel=label)
-        axis.set_xticks([row["P"] for row in adapters], [str(row["P"]) for row in adapters])
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+        axis.set(ylabel=label)
+    plot_against_streams(figure, axes, [row["P"] for row in adapters], "P (streams)", path)
 
 
 def main(argv: list[str] | None = None) -> None:

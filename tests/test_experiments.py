@@ -140,6 +140,42 @@ def test_humaneval_experiment_chooses_learning_rate_on_validation(tmp_path):
     assert experiment.chosen_on_validation(args, "lora@best") == "lora@3e-4"
 
 
+def test_humaneval_report_takes_each_arm_s_decode_cost_from_its_benchmark_variant(tmp_path):
+    results = import_experiment("humaneval_results")
+    records = [  # (suite, variant, mode, batch, new tokens, ms/token)
+        ("decode", "stock", "fast", 1, 64, 9.0),
+        ("decode", "stock", "fast", 1, 512, 2.5),  # the longest generation of a case is the one reported
+        ("decode", "stock", "eager", 1, 1024, 7.0),  # not the fast path
+        ("targets", "P8", "fast", 1, 1024, 7.0),  # another suite
+        ("decode", "P8", "fast", 1, 512, 3.0),
+        ("decode", "P8", "fast", 8, 512, 3.5),
+        ("decode", "P1T384", "fast", 8, 512, 4.0),
+        ("decode", "P1", "fast", 1, 512, 2.75),
+    ]
+    lines = [
+        json.dumps({"suite": s, "variant": v, "mode": m, "batch": b, "new_tokens": n, "decode_ms_per_token": ms})
+        for s, v, m, b, n, ms in records
+    ]
+    (tmp_path / "decode.jsonl").write_text("\n".join(lines) + "\n")
+    arms = ["base", "lora@2e-4", "P8", "P8+div0.1", "P1T384", "P1T48", "P4"]
+    for arm in arms:
+        (tmp_path / "he" / arm).mkdir(parents=True)
+    summary = results.report(
+        tmp_path / "he", [], tmp_path / "data", tmp_path / "decode.jsonl", default_prefix_length=48
+    )
+    costs = {row["name"]: (row["decode_ms_per_token_b1"], row["decode_ms_per_token_b8"]) for row in summary["rows"]}
+    assert costs == {
+        "base": (2.5, None),
+        "lora@2e-4": (2.5, None),  # merged: the base model's cost
+        "P8": (3.0, 3.5),
+        "P8+div0.1": (3.0, 3.5),  # a training variant decodes as its arm does
+        "P1T384": (None, 4.0),
+        "P1T48": (2.75, None),  # T = 48 is the benchmark's default prefix length: variant P1
+        "P4": (None, None),  # not measured
+    }
+    assert "| P8 | - | - | - | - | - | 3.00 | 3.50 |" in summary["table"]
+
+
 def test_stream_sweep_smoke_two_processes_interrupted_and_resumed(tmp_path):
     common = ("--smoke", "--num-processes", "2", "--output-dir", "out")
     # Past its deadline before it starts, P2 trains one step, saves a checkpoint and stops; the next call resumes it.

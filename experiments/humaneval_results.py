@@ -1,0 +1,269 @@
+"""What the HumanEval experiment's output folder holds, and the tables made from it.
+
+Every arm has a folder named after it (`parse_arm`: ``base``, ``P<n>``, ``P<n>T<t>``, ``lora``, with ``+div<λ>`` and
+``@<rate>``) holding ``train.json`` and one JSON per evaluation phase, every sample with its verdict. `report` reads
+them all and writes ``results.json`` (per-metric values, 95% bootstrap intervals and the paired comparisons),
+``results.md`` (the tables RESULTS.md shows) and ``pass_at_k.png``. Decode cost comes from a run of the benchmarks'
+decode sweep at the model's shape (``python -m benchmarks.run --suites sweep ...``, its ``results.jsonl``): it depends
+on the number of streams and the prefix length only, not on trained weights, and a merged LoRA decodes as the base
+model does.
+
+    report(Path("he"), ["P8:P1", "P8:base"], data=Path(".he-data"), decode_results=Path("he/decode/results.jsonl"))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from common import plot_against_streams, pyplot
+
+from peft_parscale.humaneval import problem_pass_at_k
+from peft_parscale.stats import NUM_RESAMPLES, bootstrap_interval, mcnemar_exact, paired_bootstrap_pvalue
+
+EVAL_PHASES = ("greedy", "sampled", "loss")
+# (metric, label, paired test): every metric is a mean over problems (the loss: over held-out pairs, per token)
+METRICS = (
+    ("completion_pass@1", "pass@1, completion (greedy)", "mcnemar"),
+    ("chat_pass@1", "pass@1, chat (greedy)", "mcnemar"),
+    ("sampled_pass@1", "pass@1, sampled", "bootstrap"),
+    ("sampled_pass@10", "pass@10, sampled", "bootstrap"),
+    ("heldout_loss", "held-out completion loss", "bootstrap"),
+    ("validation_loss", "validation completion loss", "bootstrap"),
+)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What a model name stands for: ``base``, ``P<n>`` (ParScale, T = --prefix-length), ``P<n>T<t>`` or ``lora``,
+    each but ``base`` with an optional ``@<learning rate>``, ParScale with P >= 2 also with ``+div<λ>`` before it."""
+
+    kind: str  # "base", "parscale" or "lora"
+    P: int | None = None
+    prefix_length: int | None = None  # None: --prefix-length
+    learning_rate: float | None = None  # None: --learning-rate or --lora-learning-rate
+    diversity_weight: float | None = None  # λ of the stream-diversity term; None: no term
+
+
+NUMBER = r"\d+(?:\.\d*)?(?:e-?\d+)?"
+ARM_NAME = re.compile(
+    rf"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?(?:\+div(?P<div>{NUMBER}))?)(?:@(?P<rate>{NUMBER}|best))?"
+)
+
+
+def parse_arm(name: str) -> Arm:
+    match = ARM_NAME.fullmatch(name)
+    if match is None or (name.startswith("base") and match["rate"]):
+        raise ValueError(
+            f"models are named base, P<n>, P<n>T<t> or lora, optionally with @<learning rate>, and ParScale arms "
+            f"with +div<λ> before it: {name!r}"
+        )
+    rate = float(match["rate"]) if match["rate"] and match["rate"] != "best" else None
+    if name.startswith("base"):
+        return Arm("base")
+    if name.startswith("lora"):
+        return Arm("lora", learning_rate=rate)
+    weight = float(match["div"]) if match["div"] else None
+    if weight is not None and int(match["P"]) < 2:
+        raise ValueError(f"{name}: a stream-diversity term (+div) needs P >= 2 streams")
+    return Arm("parscale", int(match["P"]), int(match["T"]) if match["T"] else None, rate, weight)
+
+
+def per_problem_scores(model_dir: Path) -> dict[str, dict]:
+    """Each metric's per-problem values (and weights, for the loss) from a model's result files, where they exist."""
+    scores = {}
+    greedy_file, sampled_file, _ = (model_dir / f"{phase}.json" for phase in EVAL_PHASES)
+    if greedy_file.is_file():
+        greedy = json.loads(greedy_file.read_text())
+        for mode in ("completion", "chat"):
+            passed = [float(sample["passed"]) for sample in greedy[mode]["samples"]]  # one greedy sample per problem
+            scores[f"{mode}_pass@1"] = {"values": passed}
+    if sampled_file.is_file():
+        sampled = json.loads(sampled_file.read_text())["completion"]
+        n = sampled["num_samples"]
+        correct = [
+            sum(s["passed"] for s in sampled["samples"][i : i + n]) for i in range(0, len(sampled["samples"]), n)
+        ]
+        for k in (1, 10):
+            if k <= n:
+                scores[f"sampled_pass@{k}"] = {"values": problem_pass_at_k(correct, n, k).tolist(), "samples": n}
+    for phase, metric in (("loss", "heldout_loss"), ("val", "validation_loss")):
+        if (model_dir / f"{phase}.json").is_file():
+            loss = json.loads((model_dir / f"{phase}.json").read_text())
+            per_token = [nll / tokens for nll, tokens in zip(loss["nll"], loss["scored_tokens"])]
+            scores[metric] = {"values": per_token, "weights": loss["scored_tokens"]}
+    return scores
+
+
+def summarise(scores: dict) -> dict:
+    """The metric's value and its 95% bootstrap interval."""
+    low, high = bootstrap_interval(scores["values"], scores.get("weights"))
+    return {"value": float(np.average(scores["values"], weights=scores.get("weights"))), "low": low, "high": high}
+
+
+def compare(first: dict, second: dict, test: str) -> dict:
+    """Paired comparison of two models on one metric: the difference (first - second), its 95% bootstrap interval and
+    p-values."""
+    a, b, weights = np.asarray(first["values"]), np.asarray(second["values"]), first.get("weights")
+    if weights != second.get("weights"):
+        raise ValueError("paired loss comparisons need the same held-out pairs and tokenizer for both models")
+    difference = a - b
+    low, high = bootstrap_interval(difference, weights)
+    result = {
+        "difference": float(np.average(difference, weights=weights)),
+        "low": low,
+        "high": high,
+        "bootstrap_pvalue": paired_bootstrap_pvalue(a, b, weights),
+    }
+    if test == "mcnemar":
+        result["mcnemar"] = mcnemar_exact(a > 0.5, b > 0.5)
+    return result
+
+
+def decode_costs(results: Path) -> dict[tuple[str, int], float]:
+    """ms/token of the fast path per (benchmark variant, batch size) in a benchmarks ``results.jsonl``; where a case was
+    measured at several lengths, the longest generation's."""
+    costs, lengths = {}, {}
+    for line in results.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("suite") != "decode" or record.get("mode") != "fast" or "decode_ms_per_token" not in record:
+            continue
+        case = (record["variant"], record["batch"])
+        if record["new_tokens"] >= lengths.get(case, 0):
+            costs[case], lengths[case] = record["decode_ms_per_token"], record["new_tokens"]
+    return costs
+
+
+def decode_variant(arm: Arm, default_prefix_length: int) -> str:
+    """The benchmark variant that decodes as an arm does: ``stock`` for the base model and a merged LoRA."""
+    if arm.kind != "parscale":
+        return "stock"
+    prefix_length = arm.prefix_length or default_prefix_length
+    return f"P{arm.P}" if prefix_length == default_prefix_length else f"P{arm.P}T{prefix_length}"
+
+
+def report(
+    output: Path,
+    compare_pairs: list[str],
+    data: Path,
+    decode_results: Path | None = None,
+    default_prefix_length: int = 48,
+) -> dict:
+    """Gather every arm's results under `output` into results.json and results.md (tables) and pass_at_k.png (where
+    matplotlib is installed); `compare_pairs` are ``A:B`` arm names; `decode_results` is a benchmarks results.jsonl
+    (see the module docstring) whose benchmark variants use `default_prefix_length` as ``P<n>``'s prefix length."""
+    names = sorted(
+        (path.name for path in output.iterdir() if path.is_dir() and ARM_NAME.fullmatch(path.name)),
+        key=lambda name: (["base", "parscale", "lora"].index(parse_arm(name).kind), parse_arm(name).P or 0, name),
+    )
+    scores = {name: per_problem_scores(output / name) for name in names}
+    decode = decode_costs(decode_results) if decode_results is not None else {}
+    rows = []
+    for name in names:
+        train_file = output / name / "train.json"
+        training = json.loads(train_file.read_text()) if train_file.is_file() else {}
+        metrics = {metric: summarise(values) for metric, values in scores[name].items()}
+        cost = {key: training.get(key) for key in ("learning_rate", "trainable_parameters", "adapter_bytes")}
+        if training:
+            cost["train_tokens_per_s"] = training["train_tokens"] / training["train_seconds"]
+        variant = decode_variant(parse_arm(name), default_prefix_length)
+        for batch in (1, 8):
+            cost[f"decode_ms_per_token_b{batch}"] = decode.get((variant, batch))
+        rows.append(
+            {"name": name, **vars(parse_arm(name)), "train_tokens": training.get("train_tokens"), **cost, **metrics}
+        )
+    comparisons = []
+    for pair in compare_pairs:
+        first, _, second = pair.partition(":")
+        for metric, _, test in METRICS:
+            if metric in scores.get(first, {}) and metric in scores.get(second, {}):
+                result = compare(scores[first][metric], scores[second][metric], test)
+                comparisons.append({"first": first, "second": second, "metric": metric, **result})
+    summary = {"rows": rows, "comparisons": comparisons}
+    if (data / "stats.json").is_file():
+        summary["data"] = json.loads((data / "stats.json").read_text())["stats"]
+    summary["table"] = markdown(rows, comparisons)
+    (output / "results.json").write_text(json.dumps(summary, indent=1))
+    (output / "results.md").write_text(summary["table"] + "\n")
+    plot(rows, output / "pass_at_k.png")
+    return summary
+
+
+def markdown(rows: list[dict], comparisons: list[dict]) -> str:
+    labels = {metric: label for metric, label, _ in METRICS}
+    lines = [
+        "| model | learning rate | trainable parameters | adapter MB | training tokens | tokens/s | "
+        + "decode ms/token, batch 1 | decode ms/token, batch 8 | "
+        + " | ".join(labels.values())
+        + " |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |",
+    ]
+    for row in rows:
+        cells = [
+            f"{row[metric]['value']:.3f} [{row[metric]['low']:.3f}, {row[metric]['high']:.3f}]"
+            if metric in row
+            else "-"
+            for metric in labels
+        ]
+        cost = [
+            f"{row['learning_rate']:g}" if row.get("learning_rate") else "-",
+            f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-",
+            f"{row['adapter_bytes'] / 1e6:.1f}" if row.get("adapter_bytes") else "-",
+            f"{row['train_tokens']:,}" if row.get("train_tokens") else "-",
+            f"{row['train_tokens_per_s']:,.0f}" if row.get("train_tokens_per_s") else "-",
+            *(
+                f"{row[key]:.2f}" if row.get(key) is not None else "-"
+                for key in ("decode_ms_per_token_b1", "decode_ms_per_token_b8")
+            ),
+        ]
+        lines.append(f"| {row['name']} | " + " | ".join(cost + cells) + " |")
+    lines += [
+        "",
+        "| comparison | metric | difference [95% interval] | paired bootstrap p | McNemar (b, c, exact p) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for c in comparisons:
+        mcnemar = f"{c['mcnemar']['b']}, {c['mcnemar']['c']}, {c['mcnemar']['pvalue']:.4f}" if "mcnemar" in c else "-"
+        # a bootstrap p-value of 0 means below the resolution of its resamples
+        pvalue = f"{c['bootstrap_pvalue']:.4f}" if c["bootstrap_pvalue"] > 0 else f"< {1 / NUM_RESAMPLES:g}"
+        lines.append(
+            f"| {c['first']} − {c['second']} | {labels[c['metric']]} | {c['difference']:+.4f} "
+            f"[{c['low']:+.4f}, {c['high']:+.4f}] | {pvalue} | {mcnemar} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """pass@k and the held-out loss against P, with 95% intervals; the base model as a line and band, the other arms
+    (longer prefix, LoRA, grid points) left out."""
+    plt = pyplot()
+    if plt is None:
+        return
+    adapters = [row for row in rows if re.fullmatch(r"P\d+", row["name"])]
+    base = next((row for row in rows if row["name"] == "base"), None)
+    if not any(metric in row for row in adapters for metric, _, _ in METRICS):
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = ((axes[0], [metric for metric, _, _ in METRICS[:4]], "HumanEval"), (axes[1], ["heldout_loss"], "nats"))
+    for axis, metrics, ylabel in panels:
+        axis.set(ylabel=ylabel)
+        for metric in metrics:
+            points = [row for row in adapters if metric in row]
+            if not points:
+                continue
+            label = next(label for key, label, _ in METRICS if key == metric)
+            values = [row[metric]["value"] for row in points]
+            below = [row[metric]["value"] - row[metric]["low"] for row in points]
+            above = [row[metric]["high"] - row[metric]["value"] for row in points]
+            P = [row["P"] for row in points]
+            line = axis.errorbar(P, values, yerr=[below, above], fmt="o-", capsize=3, label=label)
+            if base is not None and metric in base:
+                color = line[0].get_color()
+                axis.axhline(base[metric]["value"], color=color, linestyle=":")
+                axis.axhspan(base[metric]["low"], base[metric]["high"], color=color, alpha=0.1)
+    plot_against_streams(
+        figure, axes, [row["P"] for row in adapters], "P (streams); dotted: base model, band: its 95% interval", path
+    )
