@@ -193,6 +193,23 @@ def reference_greedy(model, tokens: torch.Tensor, adapter: dict | None, new_toke
     return tokens
 
 
+def greedy_with_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int, **generate_kwargs
+):
+    """`model.generate`'s greedy output with the logits of every step (pad id 0, that of `left_padded_batch`)."""
+    with torch.no_grad():
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
+
+
 def adapter_tensors(peft_model, adapter_name: str = "default") -> dict:
     """Read an adapter's weights out of a PeftModel by name, for the reference."""
     named = dict(peft_model.named_parameters())

@@ -21,7 +21,7 @@ import os
 import pytest
 import torch
 from peft import get_peft_model
-from reference import positions_from_mask, randomize_aggregator, relative_error
+from reference import greedy_with_logits, positions_from_mask, randomize_aggregator, relative_error
 from tiny_models import ARCHITECTURES, SLIDING, tiny_model
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -273,17 +273,7 @@ def recompute_greedy(model, input_ids, attention_mask, new_tokens):
 
 
 def check_generation_against_recomputation(model, input_ids, attention_mask, cache_implementation, new_tokens):
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            cache_implementation=cache_implementation,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+    output = greedy_with_logits(model, input_ids, attention_mask, new_tokens, cache_implementation=cache_implementation)
     expected_tokens, expected_logits = recompute_greedy(model, input_ids, attention_mask, new_tokens)
     logits = torch.stack(output.logits, dim=1)
     top = expected_logits.topk(2, dim=-1).values

@@ -14,7 +14,14 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
-from reference import left_padded_batch, positions_from_mask, randomize_aggregator, relative_error, training_args
+from reference import (
+    greedy_with_logits,
+    left_padded_batch,
+    positions_from_mask,
+    randomize_aggregator,
+    relative_error,
+    training_args,
+)
 from safetensors.torch import load_file
 from tiny_models import REFERENCE_ARCHITECTURES, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -187,17 +194,7 @@ def test_greedy_generation_follows_the_oracle(tokenizer_dir, architecture, cache
     model, oracle = build(tokenizer_dir, architecture)
     aggregator = aggregator_tensors(model)
     input_ids, attention_mask = left_padded_batch([6, 3, 5])
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-            cache_implementation=cache_implementation,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+    output = greedy_with_logits(model, input_ids, attention_mask, NEW_TOKENS, cache_implementation=cache_implementation)
     logits = torch.stack(output.logits, dim=1)  # (B, NEW_TOKENS, vocab)
     for row, mask in enumerate(attention_mask.bool()):
         tokens, step_logits, gap = oracle_greedy(oracle, TEXTS, input_ids[row][mask], aggregator)

@@ -21,7 +21,7 @@ import pytest
 import test_generate
 import torch
 from peft import get_peft_model
-from reference import left_padded_batch, randomize_adapter
+from reference import greedy_with_logits, left_padded_batch, randomize_adapter
 from tiny_models import tiny_model, tiny_tokenizer
 from torch._dynamo.utils import counters
 from transformers import GenerationConfig
@@ -236,16 +236,7 @@ GREEDY_EQUIVALENTS = {
 def test_settings_without_randomness_give_generate_s_greedy_tokens(setup, settings):
     model, _ = setup
     input_ids, attention_mask = left_padded_batch([6, 3, 5])
-    with torch.no_grad():
-        greedy = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+    greedy = greedy_with_logits(model, input_ids, attention_mask, NEW_TOKENS)
     # At temperature 1e-4 the tokens other than the argmax hold at most 96 · exp(-gap / 1e-4) of the probability:
     # below 1e-40 with these gaps (> 1e-2), and less than any of the uniform numbers drawn (seed 0), so the inverse
     # CDF lands on the argmax.
