@@ -7,7 +7,10 @@ each prompt's completions are consecutive rows), up to `new_tokens` new tokens, 
 - `fast`: `peft_parscale.decode.fast_generate` (static cache; on CUDA the step compiled for static shapes, CUDA graphs);
 - `fast_dynamic`: the same, the step compiled for dynamic shapes, as `evaluate_humaneval` compiles it (one compilation
   for every batch shape of a run);
-- `fast_uncompiled`: the same loop with the step run eagerly (what `fast_generate(..., compile=False)` does).
+- `fast_uncompiled`: the same loop with the step run eagerly (what `fast_generate(..., compile=False)` does);
+- `fast_heads_copied`: `fast` with transformers' own sdpa attention in the decode step, which copies every key/value
+  head once per query head of its group (`repeat_kv`), instead of `peft_parscale.decode_attention`'s packing: the
+  side-by-side baseline of that change.
 
 completions/s is the batch's rows over the whole generation's time (prefill included); time to first token is the
 prefill: for `fast`, timed on its own on the same cache; for `generate`, until the first token's logits. No
@@ -21,15 +24,18 @@ A mode that raises is recorded with its error and the next one runs, so that one
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import AttentionInterface, GenerationConfig, LogitsProcessorList
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS, fast_decoder, fast_generate
+from peft_parscale.decode_attention import PACKED_GQA_SDPA, packed_gqa_sdpa
 from peft_parscale.sampling import TokenSelector, draw_uniforms
 
 from .decoding import build_variant, forget_fast_decoder, random_prompts
@@ -41,6 +47,7 @@ COMPILE_OPTIONS = {
     "fast": DEFAULT_COMPILE_OPTIONS,
     "fast_dynamic": {**DEFAULT_COMPILE_OPTIONS, "dynamic": True},
     "fast_uncompiled": None,
+    "fast_heads_copied": DEFAULT_COMPILE_OPTIONS,
 }
 MODES = ("generate", *COMPILE_OPTIONS)
 
@@ -49,6 +56,17 @@ def failure(error: Exception) -> Record:
     """The record of a measurement that raised `error`; its traceback goes to stderr (the device call's output)."""
     traceback.print_exc()
     return {"error": f"{type(error).__name__}: {error}"[:2000]}
+
+
+@contextlib.contextmanager
+def heads_copied() -> Iterator[None]:
+    """The fast path's decode attention as transformers' sdpa attention computes it (see `fast_heads_copied`); each
+    mode compiles its step afresh, so the swap reaches the compiled step."""
+    AttentionInterface.register(PACKED_GQA_SDPA, sdpa_attention_forward)
+    try:
+        yield
+    finally:
+        AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa)
 
 
 def humaneval_sampling(new_tokens: int, samples: int) -> GenerationConfig:
@@ -165,7 +183,8 @@ def sampling_throughput(
                     record = measure_generate_sampling(model, input_ids, attention_mask, config, repeats)
                 else:
                     options = COMPILE_OPTIONS[mode] if device.type == "cuda" else None
-                    record = measure_fast_sampling(model, input_ids, attention_mask, config, repeats, options)
+                    with heads_copied() if mode == "fast_heads_copied" else contextlib.nullcontext():
+                        record = measure_fast_sampling(model, input_ids, attention_mask, config, repeats, options)
             except Exception as error:  # noqa: BLE001  (recorded, so that the other modes of one device call still run)
                 emit({**case, **failure(error)})
             else:

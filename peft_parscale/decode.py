@@ -31,6 +31,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StaticCache, StopStringCriteria
 from transformers.generation import GenerationMode
 
+from .decode_attention import grouped_query_decoding
 from .layer import ParScaleStreams
 from .sampling import GREEDY, TokenSelector, draw_uniforms
 
@@ -145,20 +146,21 @@ class FastDecoder:
         `uniforms`: each step's uniform numbers, (B,) (sampling only). `all_ended`, if given, is called every
         `check_every` steps with the new tokens so far (B, t); the loop stops when it returns True.
         """
-        first, positions = self.prefill(input_ids, attention_mask, None if uniforms is None else uniforms[0])
-        new_tokens = [first.clone()]  # in memory of its own, like the later steps' inputs (see below)
-        for index in range(1, max_new_tokens):
-            if all_ended is not None and index % check_every == 0 and all_ended(torch.cat(new_tokens, dim=1)):
-                break
-            if self.compiled:
-                # Each call is a new step: the graph's previous outputs may be overwritten (they are copied out).
-                torch.compiler.cudagraph_mark_step_begin()
-            step_uniforms = None if uniforms is None else uniforms[index]
-            # The copy of the output is the next step's input. Every input has memory of its own (views into one
-            # buffer would change storage offset at every step, which a step compiled for dynamic shapes guards on
-            # and would be compiled again for) and the same strides whatever the number of steps.
-            new_tokens.append(self.step(new_tokens[-1], positions, step_uniforms).clone())
-            positions.add_(1)
+        with grouped_query_decoding(self.causal_lm):  # no per-head copies of the cache (decode_attention.py)
+            first, positions = self.prefill(input_ids, attention_mask, None if uniforms is None else uniforms[0])
+            new_tokens = [first.clone()]  # in memory of its own, like the later steps' inputs (see below)
+            for index in range(1, max_new_tokens):
+                if all_ended is not None and index % check_every == 0 and all_ended(torch.cat(new_tokens, dim=1)):
+                    break
+                if self.compiled:
+                    # Each call is a new step: the graph's previous outputs may be overwritten (they are copied out).
+                    torch.compiler.cudagraph_mark_step_begin()
+                step_uniforms = None if uniforms is None else uniforms[index]
+                # The copy of the output is the next step's input. Every input has memory of its own (views into one
+                # buffer would change storage offset at every step, which a step compiled for dynamic shapes guards
+                # on and would be compiled again for) and the same strides whatever the number of steps.
+                new_tokens.append(self.step(new_tokens[-1], positions, step_uniforms).clone())
+                positions.add_(1)
         return torch.cat([input_ids, *new_tokens], dim=1)
 
 

@@ -15,7 +15,7 @@ from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding
 
 def test_tiny_run_writes_results_report_and_comparison(tmp_path):
     suites = "env,targets,sweep,train,sampling,selector"
-    modes = "generate,fast,fast_uncompiled"
+    modes = "generate,fast,fast_uncompiled,fast_heads_copied"
     assert run.main(["--tiny", "--suites", suites, "--sampling-modes", modes, "--out", str(tmp_path)]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     suites = {record["suite"] for record in records}

@@ -27,6 +27,7 @@ WORKFLOWS = {
     "cli",
     "data",
     "decode",
+    "decode_attention",
     "eval",
     "function_pairs",
     "humaneval",

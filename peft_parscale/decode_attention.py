@@ -1,0 +1,103 @@
+"""Attention for the fast path's decode step: one query per sequence against grouped key/value heads, without copying
+the keys and values once per query head.
+
+In grouped-query attention (Qwen2.5-0.5B: 14 query heads, 2 key/value heads), transformers' sdpa attention repeats
+every key/value head once per query head of its group (`repeat_kv`) whenever an attention mask is passed and sdpa's
+own `enable_gqa` would fall back to its math kernel. A decode step always passes one (the static cache's), so each
+step writes and reads the whole cache several times over: a cost that grows with the rows and the length, and at P
+streams the rows are P times the sequences. transformers 5.23 avoids the copy for a single query token
+(`pack_gqa`: the group's query heads become that key/value head's queries) but not under torch.compile, and 5.17 not
+at all; the fast path's decode step is compiled. `packed_gqa_sdpa` does that packing always, and the fast path
+switches a model to it for the duration of a call (`grouped_query_decoding`) through transformers' public
+`AttentionInterface` and `AttentionMaskInterface` registries, so no model code is forked and the model is left as it
+was. Everything else (the prompt, masks with a per-head dimension, softcaps, attention sinks, position biases) goes
+to transformers' own sdpa attention unchanged.
+
+    with grouped_query_decoding(model):  # a transformers causal LM whose attention is "sdpa"
+        logits = model(input_ids=next_token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.functional import scaled_dot_product_attention
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PACKED_GQA_SDPA = "parscale_packed_gqa_sdpa"
+# Keyword arguments that change what attention computes beyond query, key, value, mask and scale.
+_OTHER_TERMS = ("softcap", "position_bias", "s_aux", "sinks")
+
+
+def packed_gqa_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, except that one query token per sequence attends to grouped key/value heads as
+    the group's query heads stacked as queries: (B, H, 1, D) -> (B, H_kv, H / H_kv, D), with no copy of key or value.
+    Query head h belongs to key/value head h // (H / H_kv), as in `repeat_kv`, and the mask, shared by every head, is
+    broadcast over the group's queries."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
+    if (
+        query.shape[2] != 1
+        or groups == 1
+        or not shared_mask
+        or any(kwargs.get(name) is not None for name in _OTHER_TERMS)
+    ):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    batch, heads, _, head_dim = query.shape
+    output = scaled_dot_product_attention(
+        query.reshape(batch, heads // groups, groups, head_dim),
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+    )
+    # (B, H_kv, groups, Dv) -> (B, 1, H, Dv): the layout transformers' attention functions return
+    return output.reshape(batch, 1, heads, value.shape[-1]), None
+
+
+AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa)
+AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)  # the masks sdpa gets
+
+
+@contextmanager
+def grouped_query_decoding(causal_lm: nn.Module) -> Iterator[None]:
+    """Run `causal_lm`'s attention as `packed_gqa_sdpa` inside the block if every config in it says "sdpa"; leave it
+    as it is otherwise. Restored on exit."""
+    configs = {id(config): config for config in _configs(causal_lm)}.values()
+    switch = bool(configs) and all(config._attn_implementation == "sdpa" for config in configs)
+    if switch:
+        for config in configs:
+            config._attn_implementation = PACKED_GQA_SDPA
+    try:
+        yield
+    finally:
+        if switch:
+            for config in configs:
+                config._attn_implementation = "sdpa"
+
+
+def _configs(causal_lm: nn.Module) -> Iterator[PretrainedConfig]:
+    """Every config the modules of `causal_lm` read their attention implementation from, sub-configs included."""
+    for module in causal_lm.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            yield config
+            for key in config.sub_configs:
+                if isinstance(getattr(config, key, None), PretrainedConfig):
+                    yield getattr(config, key)
