@@ -50,8 +50,14 @@ def workspace(tmp_path_factory):
     return root
 
 
+# accelerate picks a free port for the processes to meet on (its default, 29500, is shared by every launch on the
+# machine: two test runs at once, or a test beside a training run, would meet each other's processes)
+FREE_PORT = ["--main_process_port", "0"]
+
+
 def parscale_sft(workspace, output_dir: str, processes: int, *extra: str) -> None:
     launch = ["--num_processes", str(processes), *(["--multi_gpu"] if processes > 1 else [])]  # torchrun; gloo on CPU
+    launch += FREE_PORT
     command = [
         *[sys.executable, "-m", "peft_parscale.cli", "sft"],
         *["--model_name_or_path", str(workspace / "tiny"), "--dtype", "auto"],
@@ -114,7 +120,7 @@ def fsdp2_run(workspace) -> Path:
     launch = [
         *[sys.executable, "-m", "accelerate.commands.launch"],
         *resolve_accelerate_config_argument(["--accelerate_config", "fsdp2"]),
-        *["--num_processes", "2", "--mixed_precision", "no"],
+        *["--num_processes", "2", "--mixed_precision", "no", *FREE_PORT],
     ]
     worker = [str(Path(__file__).parent / "fsdp2_worker.py"), str(workspace / "tiny"), str(workspace / "data")]
     training = [str(STEPS), str(LEARNING_RATE), str(GLOBAL_BATCH // 2)]
