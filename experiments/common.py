@@ -64,10 +64,11 @@ def model_path(args: argparse.Namespace) -> Path | str:
 
 def packages_corpus(args: argparse.Namespace) -> DatasetDict:
     """The installed packages' source (`python_packages_corpus`: train, validation, test); with ``--smoke`` a few
-    standard-library files as train and validation."""
+    standard-library files in each split (validation and test from the library's held-out files)."""
     if args.smoke:
         corpus = python_stdlib_corpus()
-        return DatasetDict({"train": corpus["train"].select(range(8)), "validation": corpus["test"].select(range(4))})
+        validation, test = (corpus["test"].select(range(start, start + 4)) for start in (0, 4))
+        return DatasetDict({"train": corpus["train"].select(range(8)), "validation": validation, "test": test})
     return python_packages_corpus()
 
 

@@ -66,15 +66,14 @@ from itertools import chain
 from pathlib import Path
 
 import torch
+from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
 from common import DTYPE, add_model_arguments, equal_budget_config, model_path
 from datasets import Dataset
-from humaneval_results import EVAL_PHASES, Arm, parse_arm, report
-from peft import LoraConfig
+from humaneval_results import EVAL_PHASES, report
 from stream_diversity import StreamDiversityTrainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
-from peft_parscale import ParScaleConfig
 from peft_parscale.data import path_bucket, python_packages_corpus, python_stdlib_corpus
 from peft_parscale.eval import completion_loss, load_model
 from peft_parscale.function_pairs import as_conversations, function_pairs
@@ -177,23 +176,7 @@ def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
 
 
 def learning_rate(args: argparse.Namespace, arm: Arm) -> float:
-    if arm.learning_rate is not None:
-        return arm.learning_rate
-    if arm.kind == "lora":
-        if args.lora_learning_rate is None:
-            raise ValueError("LoRA needs its own learning rate: lora@<rate> (a grid point) or --lora-learning-rate")
-        return args.lora_learning_rate
-    return args.learning_rate
-
-
-def peft_config(args: argparse.Namespace, arm: Arm) -> ParScaleConfig | LoraConfig:
-    if arm.kind == "lora":  # every linear layer of the decoder (PEFT's "all-linear" leaves the output head out)
-        return LoraConfig(
-            r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", task_type="CAUSAL_LM"
-        )
-    return ParScaleConfig(
-        P=arm.P, prefix_length=arm.prefix_length or args.prefix_length, smoothing=args.smoothing, prefix_init="text"
-    )
+    return arm_learning_rate(arm, args.learning_rate, args.lora_learning_rate)
 
 
 def environment() -> dict:
@@ -277,7 +260,7 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
         args=training_args,
         train_dataset=read_pairs(args, "train"),
         processing_class=AutoTokenizer.from_pretrained(path),
-        peft_config=peft_config(args, arm),
+        peft_config=arm_peft_config(arm, args.prefix_length, args.smoothing, args.lora_rank),
         **diversity,
     )
     started = time.time()

@@ -1,7 +1,7 @@
 """What the HumanEval experiment's output folder holds, and the tables made from it.
 
-Every arm has a folder named after it (`parse_arm`: ``base``, ``P<n>``, ``P<n>T<t>``, ``lora``, with ``+div<λ>`` and
-``@<rate>``) holding ``train.json`` and one JSON per evaluation phase, every sample with its verdict. `report` reads
+Every arm has a folder named after it (`arms.parse_arm`: ``base``, ``P<n>``, ``P<n>T<t>``, ``lora``, with ``+div<λ>``
+and ``@<rate>``) holding ``train.json`` and one JSON per evaluation phase, every sample with its verdict. `report` reads
 them all and writes ``results.json`` (per-metric values, 95% bootstrap intervals and the paired comparisons),
 ``results.md`` (the tables RESULTS.md shows) and ``pass_at_k.png``. Decode cost comes from a run of the benchmarks'
 decode sweep at the model's shape (``python -m benchmarks.run --suites sweep ...``, its ``results.jsonl``): it depends
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from arms import ARM_NAME, Arm, parse_arm
 from common import plot_against_streams, pyplot
 
 from peft_parscale.humaneval import problem_pass_at_k
@@ -34,42 +34,6 @@ METRICS = (
     ("heldout_loss", "held-out completion loss", "bootstrap"),
     ("validation_loss", "validation completion loss", "bootstrap"),
 )
-
-
-@dataclass(frozen=True)
-class Arm:
-    """What a model name stands for: ``base``, ``P<n>`` (ParScale, T = --prefix-length), ``P<n>T<t>`` or ``lora``,
-    each but ``base`` with an optional ``@<learning rate>``, ParScale with P >= 2 also with ``+div<λ>`` before it."""
-
-    kind: str  # "base", "parscale" or "lora"
-    P: int | None = None
-    prefix_length: int | None = None  # None: --prefix-length
-    learning_rate: float | None = None  # None: --learning-rate or --lora-learning-rate
-    diversity_weight: float | None = None  # λ of the stream-diversity term; None: no term
-
-
-NUMBER = r"\d+(?:\.\d*)?(?:e-?\d+)?"
-ARM_NAME = re.compile(
-    rf"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?(?:\+div(?P<div>{NUMBER}))?)(?:@(?P<rate>{NUMBER}|best))?"
-)
-
-
-def parse_arm(name: str) -> Arm:
-    match = ARM_NAME.fullmatch(name)
-    if match is None or (name.startswith("base") and match["rate"]):
-        raise ValueError(
-            f"models are named base, P<n>, P<n>T<t> or lora, optionally with @<learning rate>, and ParScale arms "
-            f"with +div<λ> before it: {name!r}"
-        )
-    rate = float(match["rate"]) if match["rate"] and match["rate"] != "best" else None
-    if name.startswith("base"):
-        return Arm("base")
-    if name.startswith("lora"):
-        return Arm("lora", learning_rate=rate)
-    weight = float(match["div"]) if match["div"] else None
-    if weight is not None and int(match["P"]) < 2:
-        raise ValueError(f"{name}: a stream-diversity term (+div) needs P >= 2 streams")
-    return Arm("parscale", int(match["P"]), int(match["T"]) if match["T"] else None, rate, weight)
 
 
 def per_problem_scores(model_dir: Path) -> dict[str, dict]:

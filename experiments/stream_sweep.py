@@ -1,19 +1,35 @@
-"""Does the gain from more streams grow with training tokens? P = 1, 2, 4, 8 on 20 M tokens each, on several GPUs.
+"""Does the gain from more streams grow with training tokens? P = 1, 2, 4, 8 on 20 M tokens each, against a single
+stream with a longer prefix and LoRA.
 
-Each run trains one ParScale adapter on a frozen Qwen2.5-Coder-0.5B-Instruct with the package's training path
-(`ParScaleSFTTrainer`, TRL's SFTTrainer) under ``accelerate launch`` (data parallel, one process per GPU), with the
-recycling defaults (text-initialised prefixes, learning rate 5e-2, smoothing 0.1), on the same windows of real
-Python code in the same order: the installed packages' source (`peft_parscale.data.python_packages_corpus`, split
-by a hash of each file's path), files joined by end-of-text tokens into windows of 2,048 tokens. The held-out loss
-on windows of the *test* files is measured before training and every ``--eval-every`` tokens, so every P has a
-learning curve; nothing is chosen from it.
+Each run trains one adapter on a frozen Qwen2.5-Coder-0.5B-Instruct with the package's training path
+(`ParScaleSFTTrainer`, TRL's SFTTrainer) under ``accelerate launch`` (data parallel, one process per GPU), on the same
+windows of real Python code in the same order, with the same batch and schedule: the installed packages' source
+(`peft_parscale.data.python_packages_corpus`, split by a hash of each file's path), files joined by end-of-text
+tokens into windows of 2,048 tokens. The held-out loss on windows of the *test* files is measured before training and
+every ``--eval-every`` tokens, so every run has a learning curve; nothing is chosen from it.
 
-Runs are named ``P1``, ``P2``, ... (``base`` is the model without an adapter). A run whose time runs out
-(``--time-limit``, for machines lent for a few minutes at a time) saves a checkpoint (adapter, optimizer, scheduler,
-random states) and the next invocation resumes it; a finished run writes ``OUTPUT/<run>/result.json`` and is
-skipped afterwards. ``--tag`` names variants of a run (another number of processes, ``--max-steps``, float32,
-``--accelerate-config fsdp2``), used for the speed and 1-vs-2-GPU checks: ``--tag fp32-2gpu`` names them
-``P8-fp32-2gpu``, ...
+Runs are named after their arm (`arms.parse_arm`): ``P<n>`` (ParScale with the recycling defaults: text-initialised
+prefixes of T = ``--prefix-length``, learning rate ``--learning-rate`` 5e-2, smoothing 0.1), ``P<n>T<t>`` (prefix
+length t: ``P1T192`` has P=4's prefix count), ``lora`` (PEFT's LoRA, r = ``--lora-rank`` on every linear layer of the
+decoder), each with an optional ``@<learning rate>``; ``base`` is the model without an adapter. LoRA has no default
+rate: ``lora@<rate>`` or ``--lora-learning-rate``.
+
+**How a learning rate is chosen.** ``--prepare`` also builds validation windows from the files in neither split (the
+corpus's ``validation`` hash buckets), and every run ends by measuring its loss on them (``validation_loss`` in
+result.json). A grid is a set of short runs under a tag, with ``--eval-every 0`` so that they never evaluate on the
+held-out windows; ``--report`` lists each arm's grid with its validation losses and names the lowest, and that rate
+is the one the full run is named with:
+
+    python experiments/stream_sweep.py ... --runs lora@2e-4 lora@6e-4 lora@2e-3 --train-tokens 2523136 \
+        --eval-every 0 --tag grid                                                      # then --report
+    python experiments/stream_sweep.py ... --runs lora@6e-4                            # the lowest, at 20 M tokens
+
+A run whose time runs out (``--time-limit``, for machines lent for a few minutes at a time) saves a checkpoint
+(adapter, optimizer, scheduler, random states) and the next invocation resumes it; a finished run writes
+``OUTPUT/<run>/result.json`` and is skipped afterwards. ``--tag`` names variants of a run (a grid, another number of
+processes, ``--max-steps``, float32, ``--accelerate-config fsdp2``): ``--tag fp32-2gpu`` names them
+``P8-fp32-2gpu``, ... The report (`sweep_results.py`) fits the final held-out loss in ln P over the ``P<n>`` runs at
+the default prefix length and rate; every other arm is a row and a learning curve beside them.
 
     python experiments/stream_sweep.py --gguf qwen.gguf --prepare                      # the windows, once
     python experiments/stream_sweep.py --gguf qwen.gguf --runs base P1 P8 P2 P4 --num-processes 2 --time-limit 540
@@ -26,7 +42,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -34,23 +49,32 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_model_arguments, leading_packed_windows, model_path, packages_corpus, pyplot
+from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
+from common import add_model_arguments, leading_packed_windows, model_path, packages_corpus
 from datasets import Dataset
+from sweep_results import compare_adapters, report
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
-from peft_parscale import ParScaleConfig
-from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON, fit_log_linear
 from peft_parscale.sft import ParScaleSFTTrainer
+
+# the window sets --prepare builds: name -> (corpus split, the argument giving their tokens)
+WINDOWS = {
+    "train": ("train", "train_tokens"),
+    "heldout": ("test", "heldout_tokens"),
+    "validation": ("validation", "validation_tokens"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser, model_cache="sweep-model")
     parser.add_argument("--output-dir", default="sweep-output")
-    parser.add_argument("--runs", nargs="*", default=["base", "P1", "P8", "P2", "P4"])
+    parser.add_argument(
+        "--runs", nargs="*", default=["base", "P1", "P8", "P2", "P4"], help="base, P<n>, P<n>T<t>, lora, with @<rate>"
+    )
     parser.add_argument(
         "--tag", type=run_suffix, default="", help="a variant's name: --tag fp32 names its runs P8-fp32, ..."
     )
@@ -58,13 +82,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accelerate-config", help="an accelerate config file or TRL's name for one (fsdp2)")
     parser.add_argument("--train-tokens", type=int, default=616 * 16 * 2048, help="training tokens per adapter")
     parser.add_argument("--heldout-tokens", type=int, default=256 * 2048, help="held-out tokens (whole windows)")
-    parser.add_argument("--eval-every", type=int, default=77 * 16 * 2048, help="training tokens between evaluations")
+    parser.add_argument("--validation-tokens", type=int, default=256 * 2048, help="validation tokens (whole windows)")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=77 * 16 * 2048,
+        help="training tokens between held-out evaluations; 0: none (grid runs: validation loss only)",
+    )
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (speed checks)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step, all processes")
     parser.add_argument("--stream-sequences", type=int, default=16, help="P × sequences per forward pass, per GPU")
     parser.add_argument("--prefix-length", type=int, default=48)
-    parser.add_argument("--learning-rate", type=float, default=5e-2)
+    parser.add_argument("--learning-rate", type=float, default=5e-2, help="ParScale runs without @<rate>")
+    parser.add_argument("--lora-learning-rate", type=float, help="LoRA runs without @<rate> (no default)")
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--smoothing", type=float, default=0.1)
     parser.add_argument("--float32", action="store_true", help="float32 weights, no autocast (1-vs-2-GPU check)")
     parser.add_argument(
@@ -95,11 +127,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.seq_len, args.batch_size, args.stream_sequences, args.prefix_length = 32, 4, 8, 4
-        args.train_tokens, args.heldout_tokens, args.eval_every = 6 * 4 * 32, 8 * 32, 2 * 4 * 32
-        args.runs = args.runs if "--runs" in argv else ["base", "P1", "P2", "P4"]
+        args.train_tokens, args.heldout_tokens, args.validation_tokens = 6 * 4 * 32, 8 * 32, 8 * 32
+        args.eval_every = 2 * 4 * 32 if args.eval_every else 0
+        args.runs = args.runs if "--runs" in argv else ["base", "P1", "P2", "P4", "P1T8", "lora@1e-3"]
+    for name in args.runs:
+        check_run(parser, args, name)
     if not torch.cuda.is_available():
         args.compile = False
     return args
+
+
+def check_run(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:
+    """Refuse a run the sweep cannot train, before anything is prepared or launched."""
+    try:
+        arm = parse_arm(name)
+    except ValueError as error:
+        parser.error(f"--runs {name}: {error}")
+    if name.endswith("@best"):
+        parser.error(
+            f"--runs {name}: the sweep names its rates: choose one by a grid's validation loss (--report) and run "
+            f"{name.removesuffix('@best')}@<rate>"
+        )
+    if arm.diversity_weight is not None:
+        parser.error(f"--runs {name}: the sweep trains no stream-diversity term (+div); humaneval_experiment.py does")
+    try:
+        if arm.kind != "base":
+            arm_learning_rate(arm, args.learning_rate, args.lora_learning_rate)
+    except ValueError as error:
+        parser.error(f"--runs {name}: {error}")
 
 
 def run_suffix(tag: str) -> str:
@@ -114,34 +169,46 @@ def run_suffix(tag: str) -> str:
 
 
 def prepare(args: argparse.Namespace, tokenizer) -> dict:
-    """Training and held-out windows in OUTPUT/data, built once and read by every process of every run."""
+    """Training, held-out and validation windows in OUTPUT/data (`WINDOWS`), built once and read by every process of
+    every run; OUTPUT/data/corpus.json says what they hold. Data prepared before the validation windows existed gets
+    them added, from the same corpus (the same files in each split, or a clear error)."""
     data = Path(args.output_dir) / "data"
-    if not (data / "corpus.json").is_file():
-        corpus = packages_corpus(args)
-        heldout_split = "test" if "test" in corpus else "validation"  # the smoke corpus has train/validation only
-        train = leading_packed_windows(corpus["train"], tokenizer, args.seq_len, args.train_tokens)
-        heldout = leading_packed_windows(corpus[heldout_split], tokenizer, args.seq_len, args.heldout_tokens)
-        train.save_to_disk(str(data / "train"))
-        heldout.save_to_disk(str(data / "heldout"))
-        summary = {
-            "files": {split: len(corpus[split]) for split in corpus},
-            "heldout_split": heldout_split,
-            "train_windows": len(train),
-            "train_tokens": len(train) * args.seq_len,
-            "heldout_windows": len(heldout),
-            "heldout_tokens": len(heldout) * args.seq_len,
-        }
-        (data / "corpus.json").write_text(json.dumps(summary, indent=1))
-    return json.loads((data / "corpus.json").read_text())
+    summary = json.loads((data / "corpus.json").read_text()) if (data / "corpus.json").is_file() else {}
+    missing = [part for part in WINDOWS if f"{part}_windows" not in summary]
+    if not missing:
+        return summary
+    corpus = packages_corpus(args)
+    files = {split: len(corpus[split]) for split in corpus}
+    if summary and (summary.get("heldout_split") != "test" or summary["files"] != files):
+        raise ValueError(
+            f"{data} was prepared from other files ({summary['files']}, held out: {summary.get('heldout_split')}) "
+            f"than this corpus has ({files}): rerun --prepare with a new --output-dir"
+        )
+    for part in missing:
+        split, tokens = WINDOWS[part]
+        windows = leading_packed_windows(corpus[split], tokenizer, args.seq_len, getattr(args, tokens))
+        windows.save_to_disk(str(data / part))
+        summary |= {f"{part}_windows": len(windows), f"{part}_tokens": len(windows) * args.seq_len}
+    summary |= {"files": files, "heldout_split": "test", "validation_split": "validation"}
+    (data / "corpus.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def load_windows(args: argparse.Namespace, part: str) -> Dataset:
+    path = Path(args.output_dir) / "data" / part
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist: rerun --prepare (with the same --output-dir)")
+    return Dataset.load_from_disk(str(path))
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
     return Path(args.output_dir) / f"{name}{args.tag}"
 
 
-def sweep_config(args: argparse.Namespace, out: Path, num_streams: int) -> SFTConfig:
-    """The same global batch and schedule for every P and number of processes: each process runs at most
-    ``stream_sequences`` stream rows per forward pass and accumulates gradients up to its share of the batch."""
+def sweep_config(args: argparse.Namespace, out: Path, num_streams: int, learning_rate: float) -> SFTConfig:
+    """The same global batch and schedule for every arm and number of processes: each process runs at most
+    ``stream_sequences`` stream rows per forward pass (one stream for LoRA) and accumulates gradients up to its share
+    of the batch."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % processes:
         raise ValueError(f"--batch-size {args.batch_size} is not a multiple of {processes} processes")
@@ -158,13 +225,13 @@ def sweep_config(args: argparse.Namespace, out: Path, num_streams: int) -> SFTCo
         per_device_train_batch_size=micro_batch,
         per_device_eval_batch_size=micro_batch,
         gradient_accumulation_steps=share // micro_batch,
-        learning_rate=args.learning_rate,
+        learning_rate=learning_rate,
         optim=args.optim,
         adam_epsilon=args.adam_epsilon,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
         max_length=args.seq_len,
-        eval_strategy="steps",
+        eval_strategy="steps" if args.eval_every else "no",
         eval_steps=eval_steps,
         logging_steps=max(1, eval_steps // 4),
         save_strategy="no",  # checkpoints are written when the time runs out (`StopAtDeadline`)
@@ -228,29 +295,31 @@ class StepClock(TrainerCallback):
 
 def train_worker(args: argparse.Namespace, name: str) -> None:
     """One process of a run under ``accelerate launch``; process 0 writes the results."""
-    num_streams = int(name.removeprefix("P"))
+    arm = parse_arm(name)
+    rate = arm_learning_rate(arm, args.learning_rate, args.lora_learning_rate)
     out = run_dir(args, name)
     path = model_path(args)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    data = Path(args.output_dir) / "data"
-    train, heldout = Dataset.load_from_disk(str(data / "train")), Dataset.load_from_disk(str(data / "heldout"))
-    training_args = sweep_config(args, out, num_streams)
+    train, heldout, validation = (load_windows(args, part) for part in WINDOWS)
+    training_args = sweep_config(args, out, arm.P or 1, rate)
     if args.max_steps:
         training_args.max_steps = args.max_steps
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     clock = StepClock()
+    # one trainer for every arm: with a LoraConfig, ParScaleSFTTrainer is TRL's SFTTrainer unchanged, which seeds
+    # PEFT's initialisation of A (B starts at zero) with the run's seed, the same in every process and run
     trainer = ParScaleSFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
         args=training_args,
         train_dataset=train,
-        eval_dataset=heldout,
+        eval_dataset=heldout if args.eval_every else None,
         processing_class=tokenizer,
-        peft_config=ParScaleConfig(
-            P=num_streams, prefix_length=args.prefix_length, smoothing=args.smoothing, prefix_init="text"
-        ),
+        peft_config=arm_peft_config(arm, args.prefix_length, args.smoothing, args.lora_rank),
         callbacks=[StopAtDeadline(args.deadline), clock],
     )
-    if args.compile:  # regional compilation: one graph serves every decoder layer; attention keeps sdpa's kernels
+    # Regional compilation: one graph serves every decoder layer; attention keeps sdpa's kernels. ParScale's prefixes
+    # and LoRA's low-rank layers live inside the decoder layers, so they are compiled with them.
+    if args.compile:
         for layer in trainer.model.get_base_model().model.layers:
             layer.compile()
     main = trainer.accelerator.is_main_process
@@ -258,7 +327,7 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
     if checkpoint is None:
         if main:
             trainer.model.save_pretrained(str(out / "initial_adapter"))  # what training moved the adapter from
-        if args.max_steps is None:
+        if args.max_steps is None and args.eval_every:
             initial = trainer.evaluate()  # train() starts a new log history, so this one is kept in a file
             if main:
                 (out / "initial_eval.json").write_text(json.dumps(initial))
@@ -269,14 +338,18 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
     state = trainer.state
     if state.global_step < state.max_steps:
         return  # out of time: the checkpoint is saved, and the next invocation resumes
-    if not any(log.get("step") == state.global_step and "eval_loss" in log for log in state.log_history):
+    if args.eval_every and not any(
+        log.get("step") == state.global_step and "eval_loss" in log for log in state.log_history
+    ):
         trainer.evaluate()
+    # the loss learning rates are chosen by: on files in neither the training nor the held-out split
+    validation_loss = trainer.evaluate(eval_dataset=validation, metric_key_prefix="validation")["validation_loss"]
     trainer.save_model(str(out / "adapter"))
     if main:
-        write_result(args, name, out, trainer, num_streams)
+        write_result(args, arm, name, rate, out, trainer, validation_loss)
 
 
-def write_result(args, name: str, out: Path, trainer, num_streams: int) -> None:
+def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, validation_loss: float) -> None:
     tokens_per_step = args.batch_size * args.seq_len
     segments = [json.loads(path.read_text()) for path in sorted(out.glob("segment-*.json"))]
     initial = out / "initial_eval.json"
@@ -288,7 +361,9 @@ def write_result(args, name: str, out: Path, trainer, num_streams: int) -> None:
     steady = [segment["steady_step_s"] for segment in segments if segment["steady_step_s"] is not None]
     result = {
         "name": name + args.tag,
-        "P": num_streams,
+        "arm": name,
+        "kind": arm.kind,
+        "P": arm.P,
         "processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "dtype": "float32" if args.float32 else ("bfloat16" if trainer.args.bf16 else "float32"),
@@ -298,11 +373,15 @@ def write_result(args, name: str, out: Path, trainer, num_streams: int) -> None:
         "train_seconds": train_seconds,  # the segments' steps, evaluations and checkpoints included
         "steady_tokens_per_s": tokens_per_step / min(steady) if steady else None,  # the best segment's median step
         "segments": segments,
-        "learning_rate": args.learning_rate,
+        "learning_rate": rate,
         "optim": args.optim,
         "adam_epsilon": args.adam_epsilon,
-        "smoothing": args.smoothing,
-        "prefix_length": args.prefix_length,
+        "smoothing": args.smoothing if arm.kind == "parscale" else None,
+        "prefix_length": (arm.prefix_length or args.prefix_length) if arm.kind == "parscale" else None,
+        "lora_rank": args.lora_rank if arm.kind == "lora" else None,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "adapter_bytes": sum(file.stat().st_size for file in (out / "adapter").glob("*.safetensors")),
+        "validation_loss": validation_loss,  # to choose learning rates (module docstring)
         "heldout_curve": curve,  # (training tokens, held-out loss)
         "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -313,20 +392,31 @@ def write_result(args, name: str, out: Path, trainer, num_streams: int) -> None:
 
 
 def base_loss(args: argparse.Namespace) -> None:
-    """The frozen model's held-out loss on the same windows, the token-mean loss as the trainer's evaluation computes
-    it (every window is full, so the mean of equal-sized batch means is the mean over tokens)."""
+    """The frozen model's held-out and validation losses on the same windows, the token-mean loss as the trainer's
+    evaluation computes it (every window is full, so the mean of equal-sized batch means is the mean over tokens)."""
     out = run_dir(args, "base")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and not args.float32 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=dtype).to(device).eval()
-    heldout = Dataset.load_from_disk(str(Path(args.output_dir) / "data" / "heldout"))["input_ids"]
-    losses = []
-    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-        for start in range(0, len(heldout), 8):
-            input_ids = torch.tensor(heldout[start : start + 8], device=device)
-            losses.append(model(input_ids=input_ids, labels=input_ids).loss.item() * len(input_ids))
+
+    def mean_loss(part: str) -> float:
+        windows = load_windows(args, part)["input_ids"]
+        losses = []
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            for start in range(0, len(windows), 8):
+                input_ids = torch.tensor(windows[start : start + 8], device=device)
+                losses.append(model(input_ids=input_ids, labels=input_ids).loss.item() * len(input_ids))
+        return sum(losses) / len(windows)
+
     out.mkdir(parents=True, exist_ok=True)
-    result = {"name": "base" + args.tag, "P": None, "heldout_loss": sum(losses) / len(heldout)}
+    result = {
+        "name": "base" + args.tag,
+        "arm": "base",
+        "kind": "base",
+        "P": None,
+        "heldout_loss": mean_loss("heldout"),
+        "validation_loss": mean_loss("validation"),
+    }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
 
@@ -358,135 +448,6 @@ def launch(args: argparse.Namespace, name: str, argv: list[str]) -> None:
     subprocess.run(command, check=True, env=environment)
 
 
-def report(args: argparse.Namespace) -> dict:
-    """The final table with the base model, the log-linear fit in ln P, and the gap L(P=1) − L(P) against tokens."""
-    output = Path(args.output_dir)
-    results = {r["name"]: r for r in (json.loads(p.read_text()) for p in sorted(output.glob("*/result.json")))}
-    sweep = sorted((r for r in results.values() if r["P"] and r["name"] == f"P{r['P']}"), key=lambda r: r["P"])
-    base = results.get("base")
-    lines = [
-        "| model | training tokens | held-out loss at init | final held-out loss | vs base | steady tokens/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    if base:
-        lines.append(f"| base (no adapter) | - | - | {base['heldout_loss']:.4f} | - | - |")
-    for r in sweep:
-        initial, final = r["heldout_curve"][0][1], r["heldout_curve"][-1][1]
-        versus = f"{final - base['heldout_loss']:+.4f}" if base else "-"
-        speed = f"{r['steady_tokens_per_s']:,.0f}" if r["steady_tokens_per_s"] else "-"
-        lines.append(f"| P={r['P']} | {r['train_tokens']:,} | {initial:.4f} | {final:.4f} | {versus} | {speed} |")
-    summary: dict = {"table": "\n".join(lines)}
-    if len(sweep) >= 3:  # two points always fit a line: R² says something from three
-        fit = fit_log_linear([r["P"] for r in sweep], [r["heldout_curve"][-1][1] for r in sweep])
-        summary["log_linear_fit"] = {"intercept": fit.intercept, "slope": fit.slope, "r2": fit.r2}
-    summary |= gap_analysis(sweep)
-    (output / "report.json").write_text(json.dumps(summary, indent=1))
-    print(summary["table"])
-    print(json.dumps({key: value for key, value in summary.items() if key != "table"}, indent=1))
-    plot_curves(sweep, base, output / "curves.png")
-    return summary
-
-
-def gap_analysis(sweep: list[dict]) -> dict:
-    """Gap L(P=1) − L(P) at each evaluation, a fit gap = a + b·ln(tokens) for the largest P, and the tokens at which
-    that fit reaches the gap the paper's Stack-V2-Python law predicts for the same P at this model's size."""
-    by_p = {r["P"]: dict(r["heldout_curve"]) for r in sweep}
-    if 1 not in by_p or len(by_p) < 2:
-        return {}
-    gaps = {
-        P: {tokens: by_p[1][tokens] - loss for tokens, loss in curve.items() if tokens in by_p[1]}
-        for P, curve in by_p.items()
-        if P > 1
-    }
-    largest = max(gaps)
-    points = sorted((tokens, gap) for tokens, gap in gaps[largest].items() if tokens > 0)
-    analysis: dict = {"gaps": {str(P): sorted(gap.items()) for P, gap in gaps.items()}}
-    if len(points) >= 3:
-        # The package's fit in ln x: gap = intercept − fit.slope·ln(tokens), so the gap grows by −fit.slope per ln.
-        fit = fit_log_linear([tokens for tokens, _ in points], [gap for _, gap in points])
-        intercept, slope = fit.intercept, -fit.slope
-        non_embedding = 494_032_768 - 151_936 * 896  # Qwen2.5-0.5B: all parameters minus the (tied) embedding
-        paper_gap = PAPER_STACK_V2_PYTHON.predict(non_embedding, 1) - PAPER_STACK_V2_PYTHON.predict(
-            non_embedding, largest
-        )
-        analysis["gap_fit"] = {
-            "P": largest,
-            "intercept": intercept,
-            "slope_per_ln_tokens": slope,
-            "r2": fit.r2,
-            "paper_law_gap": paper_gap,
-            "tokens_to_paper_gap": math.exp((paper_gap - intercept) / slope) if slope > 0 else None,
-        }
-    return analysis
-
-
-def compare_adapters(output: Path, names: list[str], bound: float) -> dict:
-    """How far each run's adapter is from the first run's, against how far training moved the first from its start
-    (the same start in every run: text windows and the seeded aggregator), per tensor; ``over_bound`` lists the
-    tensors whose difference exceeds `bound` times their movement.
-
-    With SGD the update is linear in the gradient, so two runs that differ only in the order of their sums stay
-    within a small share of the movement, and a wrong data split or gradient average moves a tensor by a share of
-    order one. With Adam the aggregator's first layer exceeds any such bound by design: its gradients start at
-    zero, and Adam turns their rounding noise into steps of order the learning rate (BENCHMARKS.md, "Same adapter on
-    one GPU and two")."""
-    from safetensors.torch import load_file
-
-    def weights(name: str, folder: str) -> dict[str, torch.Tensor]:
-        return {k: v.double() for k, v in load_file(output / name / folder / "adapter_model.safetensors").items()}
-
-    reference, start = weights(names[0], "adapter"), weights(names[0], "initial_adapter")
-    moved = {key: (reference[key] - start[key]).abs().max().item() for key in reference}
-    comparison = {"reference": names[0], "max_abs_moved": max(moved.values()), "runs": {}}
-    for name in names[1:]:
-        if not (output / name / "adapter").is_dir():
-            comparison["runs"][name] = "no adapter: the run did not finish"
-            continue
-        other, other_start = weights(name, "adapter"), weights(name, "initial_adapter")
-        difference = {key: (other[key] - reference[key]).abs().max().item() for key in reference}
-        relative = {
-            key: difference[key] / moved[key] if moved[key] > 0 else (math.inf if difference[key] else 0.0)
-            for key in reference
-        }
-        comparison["runs"][name] = {
-            "same_start_max_abs": max((other_start[key] - start[key]).abs().max().item() for key in start),
-            "max_abs_difference": max(difference.values()),
-            "max_relative_to_movement": max(relative.values()),
-            "bound": bound,
-            "over_bound": sorted(key for key in reference if relative[key] > bound),
-            "per_tensor": {
-                key: {"difference": difference[key], "moved": moved[key], "relative": relative[key]}
-                for key in sorted(reference)
-            },
-        }
-    (output / "compare.json").write_text(json.dumps(comparison, indent=1))
-    print(json.dumps(comparison, indent=1))
-    return comparison
-
-
-def plot_curves(sweep: list[dict], base: dict | None, path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    figure, (losses, gaps) = plt.subplots(1, 2, figsize=(11, 4))
-    by_p = {r["P"]: dict(r["heldout_curve"]) for r in sweep}
-    for P, curve in by_p.items():
-        tokens = sorted(curve)
-        losses.plot([t / 1e6 for t in tokens], [curve[t] for t in tokens], "o-", markersize=3, label=f"P={P}")
-        if P > 1 and 1 in by_p:
-            shared = [t for t in tokens if t in by_p[1] and t > 0]
-            gaps.plot([t / 1e6 for t in shared], [by_p[1][t] - curve[t] for t in shared], "o-", label=f"P={P}")
-    if base:
-        losses.axhline(base["heldout_loss"], color="gray", linestyle=":", label="base")
-    losses.set(xlabel="training tokens (M)", ylabel="held-out loss (nats/token)", title="learning curves")
-    gaps.set(xscale="log", xlabel="training tokens (M)", ylabel="L(P=1) − L(P)", title="gain over one stream")
-    gaps.axhline(0, color="gray", linewidth=0.5)
-    losses.legend()
-    gaps.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -494,6 +455,10 @@ def main(argv: list[str] | None = None) -> None:
     output.mkdir(parents=True, exist_ok=True)
     if args.worker:
         train_worker(args, args.worker)
+        # Leave the process group before exiting: torn down at interpreter exit instead, its threads abort a process
+        # now and then ("terminate called without an active exception"), after its work is done.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return
     if args.compare:
         compare_adapters(output, args.compare, args.parity_bound)
@@ -512,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"not starting {name}{args.tag}: too little time left", flush=True)
                 break
             base_loss(args) if name == "base" else launch(args, name, argv)
-    report(args)
+    report(output, args.prefix_length, args.learning_rate)
 
 
 if __name__ == "__main__":

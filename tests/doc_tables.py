@@ -71,18 +71,21 @@ def signed(value: float, digits: int = 4) -> str:
 SWEEP = RESULTS / "stream-sweep"
 
 
-def sweep_runs() -> list[dict]:
-    """P=1, P=2, P=8, ... of the sweep: each with its held-out curve [(tokens, loss)], training tokens, steady
-    tokens/s of each segment, and, for a run stopped before its end, the step it stopped at."""
+def sweep_runs(directory: pathlib.Path) -> list[dict]:
+    """The sweep's arms in `directory`, ParScale by P and prefix length, then LoRA: every run named after its arm
+    alone (P1, P8, P1T192, lora@6e-4, ...; not a variant named with --tag, such as P8-1gpu), each with its held-out
+    curve [(tokens, loss)], training tokens, steady tokens/s of each segment, a label (``P=8`` for the sweep's P<n>,
+    else the arm's name), and, for a run stopped before its end, the step it stopped at."""
     runs = []
-    for path in sorted(SWEEP.glob("P*/result.json")):
+    for path in sorted(directory.glob("*/result.json")):
         result = read_json(path)
-        if result["name"] != f"P{result['P']}":
-            continue  # P8-1gpu, P8-fp32-*: measurements of the same run's speed and parity, not sweep runs
+        arm = result.get("arm", f"P{result['P']}")  # results written before the sweep named other arms are P<n>
+        if arm == "base" or result["name"] != arm:
+            continue  # the base model is a row of its own; P8-1gpu, P8-fp32-*: the same run's speed and parity
         tokens_per_step = result["train_tokens"] // result["steps"]
         result["segment_tokens_per_s"] = [tokens_per_step / s["steady_step_s"] for s in result["segments"]]
-        runs.append(result)
-    for path in sorted(SWEEP.glob("P*-partial/trainer_state.json")):
+        runs.append({**result, "label": f"P={result['P']}" if arm == f"P{result['P']}" else arm})
+    for path in sorted(directory.glob("P*-partial/trainer_state.json")):
         state = read_json(path)
         P = int(path.parent.name[1:].removesuffix("-partial"))
         initial = read_json(path.parent / "initial_eval.json")["eval_loss"]
@@ -95,13 +98,17 @@ def sweep_runs() -> list[dict]:
         runs.append(
             {
                 "P": P,
+                "label": f"P={P}",
                 "heldout_curve": curve,
                 "train_tokens": state["global_step"] * tokens_per_step,
                 "stopped": (state["global_step"], state["max_steps"]),
                 "segment_tokens_per_s": [],
             }
         )
-    return sorted(runs, key=lambda run: run["P"])
+    order = ["parscale", "lora"]
+    return sorted(
+        runs, key=lambda run: (order.index(run.get("kind", "parscale")), run["P"] or 0, run.get("prefix_length") or 0)
+    )
 
 
 def tokens_per_s(values: list[float]) -> str:
@@ -112,17 +119,25 @@ def tokens_per_s(values: list[float]) -> str:
     return f"{high:,.0f}" if round(low) == round(high) else f"{low:,.0f}–{high:,.0f}"
 
 
-def stream_sweep() -> str:
-    base = read_json(SWEEP / "base" / "result.json")["heldout_loss"]
+def gpus(count: int) -> str:
+    return f"{count} GPU" + ("s" if count > 1 else "")
+
+
+def stream_sweep(path: str = "stream-sweep") -> str:
+    """The sweep's final held-out losses (`sweep_runs` of results/PATH) against the base model's, with throughput."""
+    directory = RESULTS / path
+    runs = sweep_runs(directory)
+    base = read_json(directory / "base" / "result.json")["heldout_loss"]
     rows = [["base (no adapter)", "-", "-", f"{base:.4f}", "-", "-"]]
-    for run in sweep_runs():
+    processes = {run["processes"] for run in runs if "processes" in run}
+    for run in runs:
         curve = run["heldout_curve"]
         if "stopped" in run:
             step, steps = run["stopped"]
             last_tokens, last = curve[-1]
             rows.append(
                 [
-                    f"P={run['P']} (stopped at step {step} of {steps})",
+                    f"{run['label']} (stopped at step {step} of {steps})",
                     f"{run['train_tokens']:,}",
                     f"{curve[0][1]:.4f}",
                     f"{last:.4f} at {last_tokens / 1e6:.1f} M",
@@ -132,32 +147,37 @@ def stream_sweep() -> str:
             )
             continue
         final = curve[-1][1]
+        speed = tokens_per_s(run["segment_tokens_per_s"])
         rows.append(
             [
-                f"P={run['P']}",
+                run["label"],
                 f"{run['train_tokens']:,}",
                 f"{curve[0][1]:.4f}",
                 f"{final:.4f}",
                 signed(final - base),
-                tokens_per_s(run["segment_tokens_per_s"]),
+                speed if len(processes) == 1 else f"{speed}, {gpus(run['processes'])}",
             ]
         )
+    on = gpus(processes.pop()) if len(processes) == 1 else "GPUs"
     header = (
         "model | training tokens | held-out loss at init | final held-out loss | vs base"
-        " | tokens/s, 2 GPUs (steady; range over segments)"
+        f" | tokens/s, {on} (steady; range over segments)"
     )
     return markdown(header, ["---"] + ["---:"] * 5, rows)
 
 
-def stream_sweep_curves() -> str:
-    runs = sweep_runs()
-    curves = {run["P"]: dict(run["heldout_curve"]) for run in runs}
+def stream_sweep_curves(path: str = "stream-sweep") -> str:
+    """Every arm's held-out learning curve, and the gain over P=1 of the sweep's P > 1 (results/PATH)."""
+    runs = sweep_runs(RESULTS / path)
+    curves = {run["label"]: dict(run["heldout_curve"]) for run in runs}
     tokens = sorted({t for curve in curves.values() for t in curve})
-    rows = [[f"P={P}"] + [f"{curve[t]:.4f}" if t in curve else "" for t in tokens] for P, curve in curves.items()]
-    for P, curve in curves.items():
-        if P > 1:
+    rows = [[label] + [f"{curve[t]:.4f}" if t in curve else "" for t in tokens] for label, curve in curves.items()]
+    for run in runs:
+        curve = curves[run["label"]]
+        if run["label"] == f"P={run['P']}" and run["P"] > 1 and "P=1" in curves:
             rows.append(
-                [f"gain, P={P}"] + [signed(curves[1][t] - curve[t]).lstrip("+") if t in curve else "" for t in tokens]
+                [f"gain, {run['label']}"]
+                + [signed(curves["P=1"][t] - curve[t]).lstrip("+") if t in curve else "" for t in tokens]
             )
     header = " | ".join(["tokens (M)"] + [f"{t / 1e6:.2f}".removesuffix(".00") for t in tokens])
     return markdown(header, ["---"] + ["---:"] * len(tokens), rows)

@@ -3,6 +3,9 @@ it reports: no figure in a table is typed by hand."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import doc_tables
 import pytest
 
@@ -59,3 +62,45 @@ def test_marker_arguments_reach_the_table(monkeypatch):
     text = '<!-- table:probe device="a b" run=H -->\n| old |\n<!-- /table -->'
     assert doc_tables.render(text) == '<!-- table:probe device="a b" run=H -->\n| rendered |\n<!-- /table -->'
     assert seen == {"device": "a b", "run": "H"}
+
+
+def test_the_sweep_tables_show_every_arm_with_gains_for_the_sweep_s_p_only(tmp_path):
+    # The runs of the first sweep (2 GPUs) and new arms as stream_sweep.py writes them now, on 1 GPU
+    for name in ("base", "P1", "P8", "P8-1gpu"):
+        shutil.copytree(doc_tables.RESULTS / "stream-sweep" / name, tmp_path / name)
+    for name, kind, P, T, final in (
+        ("P4", "parscale", 4, 48, 1.30),
+        ("P1T192", "parscale", 1, 192, 1.31),
+        ("lora@6e-4", "lora", None, None, 1.20),
+    ):
+        (tmp_path / name).mkdir()
+        result = {"name": name, "arm": name, "kind": kind, "P": P, "prefix_length": T, "processes": 1}
+        result |= {"steps": 616, "train_tokens": 616 * 32768, "segments": [{"steady_step_s": 0.5}]}
+        result["heldout_curve"] = [(0, 1.49), (616 * 32768, final)]
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    table = doc_tables.stream_sweep(path=str(tmp_path))
+    lines = table.splitlines()
+    assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == [
+        "base (no adapter)",
+        "P=1",
+        "P1T192",
+        "P=4",
+        "P=8",
+        "lora@6e-4",
+    ]
+    assert lines[0].endswith("| tokens/s, GPUs (steady; range over segments) |")  # 1 and 2 GPUs: said per row
+    # 32,768 tokens per step in 0.5 s; 1.2 against the base model's 1.4792
+    assert "| lora@6e-4 | 20,185,088 | 1.4900 | 1.2000 | −0.2792 | 65,536, 1 GPU |" in lines
+    assert "| P=1 | 20,185,088 | 1.4937 | 1.3389 | −0.1403 | 195,642, 2 GPUs |" in lines
+    curves = doc_tables.stream_sweep_curves(path=str(tmp_path)).splitlines()
+    assert [line.split(" | ")[0].removeprefix("| ") for line in curves[2:]] == [
+        "P=1",
+        "P1T192",
+        "P=4",
+        "P=8",
+        "lora@6e-4",
+        "gain, P=4",
+        "gain, P=8",
+    ]
+    # the gain of P=4 over P=1 at 20.19 M tokens: 1.3389 − 1.30
+    assert curves[-2].endswith("| 0.0389 |")

@@ -1,15 +1,18 @@
 """The experiments (experiments/) run end to end in their smoke modes (a tiny random model), as they would on a real
 one, and their planning logic does what their docstrings say."""
 
+import hashlib
 import importlib
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_examples import ROOT, run_example
+from transformers import AutoTokenizer
 
 from peft_parscale.function_pairs import DROP_REASONS
 
@@ -176,26 +179,59 @@ def test_humaneval_report_takes_each_arm_s_decode_cost_from_its_benchmark_varian
     assert "| P8 | - | - | - | - | - | 3.00 | 3.50 |" in summary["table"]
 
 
-def test_stream_sweep_smoke_two_processes_interrupted_and_resumed(tmp_path):
-    common = ("--smoke", "--num-processes", "2", "--output-dir", "out")
-    # Past its deadline before it starts, P2 trains one step, saves a checkpoint and stops; the next call resumes it.
-    run_experiment(
-        "stream_sweep.py", *common, "--runs", "P2", "--time-limit", "0", "--launch-margin", "-600", cwd=tmp_path
-    )
-    assert not (tmp_path / "out" / "P2" / "result.json").exists()
-    assert [path.name for path in (tmp_path / "out" / "P2").glob("checkpoint-*")] == ["checkpoint-1"]
-    stdout = run_experiment("stream_sweep.py", *common, cwd=tmp_path)  # base, P1, P2, P4
+def lora_parameters(config: dict, rank: int) -> int:
+    """LoRA's trainable parameters on every linear layer of a Qwen2 decoder: rank · (inputs + outputs) for the query,
+    key, value and output projections and the MLP's gate, up and down projections of each layer (not the head)."""
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    query, key_value = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    shapes = [(hidden, query), (hidden, key_value), (hidden, key_value), (query, hidden)]
+    shapes += [(hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]
+    return config["num_hidden_layers"] * sum(rank * (inputs + outputs) for inputs, outputs in shapes)
 
-    results = {P: json.loads((tmp_path / "out" / f"P{P}" / "result.json").read_text()) for P in (1, 2, 4)}
+
+def test_stream_sweep_smoke_every_arm_two_processes_interrupted_and_resumed(tmp_path):
+    common = ("--smoke", "--num-processes", "2", "--output-dir", "out")
+    # Past its deadline before it starts, LoRA trains one step, saves a checkpoint and stops; the next call resumes it
+    # (ParScale's checkpoints resume as the trainer's do: test_sft.py).
+    run_experiment(
+        "stream_sweep.py", *common, "--runs", "lora@1e-3", "--time-limit", "0", "--launch-margin", "-600", cwd=tmp_path
+    )
+    assert not (tmp_path / "out" / "lora@1e-3" / "result.json").exists()
+    assert [path.name for path in (tmp_path / "out" / "lora@1e-3").glob("checkpoint-*")] == ["checkpoint-1"]
+    stdout = run_experiment("stream_sweep.py", *common, cwd=tmp_path)  # base, P1, P2, P4, P1T8, lora@1e-3
+
+    names = ["P1", "P2", "P4", "P1T8", "lora@1e-3"]
+    results = {name: json.loads((tmp_path / "out" / name / "result.json").read_text()) for name in names}
     for result in results.values():
         assert result["processes"] == 2 and result["steps"] == 6 and result["train_tokens"] == 6 * 4 * 32
         assert [tokens for tokens, _ in result["heldout_curve"]] == [0, 256, 512, 768]
-    assert [segment["resumed_from"] is not None for segment in results[2]["segments"]] == [False, True]
-    assert [segment["resumed_from"] for segment in results[1]["segments"]] == [None]
+        assert math.isfinite(result["validation_loss"]) and result["trainable_parameters"] > 0
+        # the adapter file holds the trainable parameters in float32, and a header
+        assert 0 < result["adapter_bytes"] - 4 * result["trainable_parameters"] < 2**16
+    assert [segment["resumed_from"] is not None for segment in results["lora@1e-3"]["segments"]] == [False, True]
+    assert [segment["resumed_from"] for segment in results["P1"]["segments"]] == [None]
+    assert (results["P1T8"]["P"], results["P1T8"]["prefix_length"], results["P1"]["prefix_length"]) == (1, 8, 4)
+    # P=1 has no aggregator: twice the prefix length, twice the prefix parameters
+    assert results["P1T8"]["trainable_parameters"] == 2 * results["P1"]["trainable_parameters"]
+    config = json.loads((tmp_path / "out" / "tiny-qwen2" / "config.json").read_text())
+    lora = results["lora@1e-3"]
+    assert (lora["kind"], lora["lora_rank"], lora["learning_rate"]) == ("lora", 16, 1e-3)
+    assert lora["trainable_parameters"] == lora_parameters(config, 16)
+    # LoRA starts as the base model (B = 0): the trainer's held-out loss at the start is the base model's, up to
+    # float32 summation of 256 token losses near 4.6 in another order (256 · 1.2e-7 · 4.6 < 2e-4)
+    base = json.loads((tmp_path / "out" / "base" / "result.json").read_text())
+    assert lora["heldout_curve"][0][1] == pytest.approx(base["heldout_loss"], abs=2e-4)
+    assert math.isfinite(base["validation_loss"]) and base["validation_loss"] != base["heldout_loss"]
+
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["log_linear_fit"]["r2"] <= 1 and [tokens for tokens, _ in report["gaps"]["4"]] == [0, 256, 512, 768]
+    assert report["log_linear_fit"]["P"] == [1, 2, 4] and report["log_linear_fit"]["r2"] <= 1  # P<n> at T=4 only
+    assert [tokens for tokens, _ in report["gaps"]["4"]] == [0, 256, 512, 768]
     assert report["gap_fit"]["P"] == 4 and (tmp_path / "out" / "curves.png").is_file()
-    assert "| base (no adapter) |" in stdout and "| P=2 | 768 |" in stdout
+    assert list(report["curves"]) == ["P1", "P1T8", "P2", "P4", "lora@1e-3"]
+    assert "| base (no adapter) |" in stdout
+    for name in names:
+        assert f"| {name} | {results[name]['learning_rate']:g} |" in stdout
 
 
 def test_stream_sweep_tags_name_variants_after_a_dash(capsys):
@@ -212,6 +248,114 @@ def test_stream_sweep_tags_name_variants_after_a_dash(capsys):
     with pytest.raises(SystemExit):
         sweep.parse_args(["--tag", "fp32/2gpu"])  # it names a folder
     assert "a tag is letters, digits" in capsys.readouterr().err
+
+
+def test_stream_sweep_refuses_runs_it_cannot_train_before_anything_starts(tmp_path, capsys, monkeypatch):
+    sweep = import_experiment("stream_sweep")
+
+    def started(*args, **kwargs):
+        raise AssertionError("a run the sweep cannot train got as far as preparing data")
+
+    monkeypatch.setattr(sweep, "model_path", started)  # what preparing, the base model and training start with
+    refused = {
+        "lora": "LoRA needs its own learning rate",
+        "P4+div0.1": "the sweep trains no stream-diversity term",
+        "lora@best": "choose one by a grid's validation loss",
+        "base@1e-3": "models are named base",
+        "P0": "models are named base",
+    }
+    for name, message in refused.items():
+        with pytest.raises(SystemExit):
+            sweep.main(["--runs", "P1", name, "--output-dir", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    args = sweep.parse_args(["--runs", "lora", "P1T192@1.5e-2", "--lora-learning-rate", "2e-4", "--tag", "grid"])
+    assert [sweep.run_dir(args, name).name for name in args.runs] == ["lora-grid", "P1T192@1.5e-2-grid"]
+
+
+def write_sweep_result(folder: Path, **result) -> None:
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"name": folder.name, **result}))
+
+
+def test_stream_sweep_report_fits_ln_p_over_the_default_p_runs_and_picks_rates_on_validation(tmp_path):
+    sweep_results = import_experiment("sweep_results")
+    finals = {1: 1.40, 2: 1.38, 4: 1.37, 8: 1.33}
+    common = {"train_tokens": 1024, "steady_tokens_per_s": None, "prefix_length": 48, "learning_rate": 0.05}
+    for P, final in finals.items():  # P1 as the first runs wrote it: no arm, kind or validation loss
+        extra = {} if P == 1 else {"arm": f"P{P}", "kind": "parscale", "validation_loss": final + 0.1}
+        write_sweep_result(tmp_path / f"P{P}", P=P, heldout_curve=[(0, 1.5), (1024, final)], **common, **extra)
+    others = {  # not the sweep's P<n>: another rate, another prefix length, LoRA
+        "P8@0.02": {"P": 8, "kind": "parscale", "learning_rate": 0.02},
+        "P1T192": {"P": 1, "kind": "parscale", "prefix_length": 192},
+        "lora@6e-4": {"P": None, "kind": "lora", "prefix_length": None, "learning_rate": 6e-4},
+    }
+    for name, changes in others.items():
+        result = {**common, "arm": name, "heldout_curve": [(0, 1.5), (1024, 1.2)], "validation_loss": 1.3, **changes}
+        write_sweep_result(tmp_path / name, **result)
+    grid = {"lora@2e-4": 1.31, "lora@6e-4": 1.29, "lora@2e-3": 1.35, "P1T192@0.015": 1.4}
+    for name, validation in grid.items():  # a grid under --tag grid, never evaluated on held-out windows
+        rate = float(name.partition("@")[2])
+        kind = "lora" if name.startswith("lora") else "parscale"
+        result = {**common, "arm": name, "kind": kind, "learning_rate": rate, "heldout_curve": []}
+        result["validation_loss"] = validation
+        write_sweep_result(tmp_path / f"{name}-grid", **result)
+    write_sweep_result(tmp_path / "P8-1gpu", P=8, heldout_curve=[(1024, 1.0)], **common)  # a speed check
+    write_sweep_result(tmp_path / "base", P=None, heldout_loss=1.45)
+
+    summary = sweep_results.report(tmp_path, default_prefix_length=48, default_learning_rate=0.05)
+    fit = summary["log_linear_fit"]
+    assert fit["P"] == [1, 2, 4, 8]
+    # the least-squares line through (ln P, loss), written out: slope = cov / var, loss = intercept - slope · ln P;
+    # both in float64, so they differ by rounding only, far below 1e-9
+    x, y = [math.log(P) for P in finals], list(finals.values())
+    mean_x, mean_y = sum(x) / 4, sum(y) / 4
+    slope = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y)) / sum((a - mean_x) ** 2 for a in x)
+    assert fit["slope"] == pytest.approx(-slope, rel=1e-9)
+    assert fit["intercept"] == pytest.approx(mean_y - slope * mean_x, rel=1e-9)
+    assert list(summary["curves"]) == ["P1", "P1T192", "P2", "P4", "P8@0.02", "P8", "lora@6e-4"]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in summary["table"].splitlines()[2:]]
+    assert rows == ["base (no adapter)", "P1", "P1T192", "P2", "P4", "P8@0.02", "P8", "lora@6e-4"]
+    assert "| P1 | 0.05 | - | - | 1,024 | 1.5000 | 1.4000 | -0.0500 | - | - |" in summary["table"]
+    assert summary["grids"]["lora-grid"]["lowest"]["run"] == "lora@6e-4-grid"
+    assert summary["grids"]["P1T192-grid"]["lowest"]["learning_rate"] == 0.015
+    assert set(summary["grids"]) == {"lora-grid", "P1T192-grid"}  # not P8-1gpu, a speed check of the first runs
+    assert "| lora-grid | lora@6e-4-grid | 0.0006 | 1.2900 | yes |" in summary["grid_table"]
+    # runs named P<n> but trained at another prefix length or rate than the defaults are not the sweep
+    for prefix_length, learning_rate in ((64, 0.05), (48, 0.02)):
+        assert "log_linear_fit" not in sweep_results.report(tmp_path, prefix_length, learning_rate)
+
+
+def test_stream_sweep_prepare_adds_validation_windows_from_files_in_neither_split(tmp_path):
+    sweep = import_experiment("stream_sweep")
+    args = sweep.parse_args(["--smoke", "--output-dir", str(tmp_path)])
+    tokenizer = AutoTokenizer.from_pretrained(import_experiment("common").model_path(args))
+    corpus = import_experiment("common").packages_corpus(args)
+    paths = {split: set(corpus[split]["path"]) for split in ("train", "validation", "test")}
+    assert all(paths.values()) and not paths["validation"] & (paths["train"] | paths["test"])
+    summary = sweep.prepare(args, tokenizer)
+    assert (summary["validation_windows"], summary["validation_tokens"]) == (8, 8 * 32)
+    # the windows are the validation files' tokens, joined by end-of-text tokens, in the order of a hash of the path
+    ordered = sorted(corpus["validation"], key=lambda row: hashlib.sha256(row["path"].encode()).hexdigest())
+    stream = [token for row in ordered for token in tokenizer(row["text"])["input_ids"] + [tokenizer.eos_token_id]]
+    windows = sweep.load_windows(args, "validation")["input_ids"]
+    assert sum(windows, []) == stream[: 8 * 32]
+
+    # data prepared before the validation windows existed: they are added, the rest is left as it is
+    data = tmp_path / "data"
+    earlier = {key: value for key, value in summary.items() if not key.startswith("validation")}
+    (data / "corpus.json").write_text(json.dumps(earlier))
+    shutil.rmtree(data / "validation")
+    train_written = (data / "train" / "state.json").stat().st_mtime_ns
+    assert sweep.prepare(args, tokenizer) == summary and sweep.load_windows(args, "validation")["input_ids"] == windows
+    assert (data / "train" / "state.json").stat().st_mtime_ns == train_written
+    # ... unless they came from other files: then the message says what to do
+    (data / "corpus.json").write_text(json.dumps({**earlier, "heldout_split": "validation"}))
+    shutil.rmtree(data / "validation")
+    with pytest.raises(ValueError, match="rerun --prepare with a new --output-dir"):
+        sweep.prepare(args, tokenizer)
+    with pytest.raises(FileNotFoundError, match="rerun --prepare"):
+        sweep.load_windows(args, "validation")
 
 
 def test_stream_sweep_compare_reports_tensors_over_the_parity_bound(tmp_path):

@@ -1,0 +1,235 @@
+"""What the stream sweep's output folder holds (`stream_sweep.py`), and the tables, fits and curves made from it.
+
+Every run has a folder named after its arm (`arms.parse_arm`) and ``--tag``, holding ``result.json`` once it has
+finished. `report` reads them all and writes ``report.json`` and ``curves.png``:
+
+- one row per arm run without a tag (``base``, ``P<n>``, ``P<n>T<t>``, ``lora@<rate>``, ...) with its learning rate,
+  trainable parameters, adapter size, held-out losses, validation loss and speed, and its held-out learning curve;
+- the log-linear fit of the final held-out loss in ln P, and the gap L(P=1) − L(P) against tokens, over the ``P<n>``
+  runs at the default prefix length and learning rate only (the sweep proper);
+- the learning-rate grids: runs with a tag (``lora@6e-4-grid``) grouped by arm without its rate and tag, each with its
+  validation loss, and the lowest in each group (``grids`` in report.json, and a table). Held-out losses play no part
+  in it.
+
+    report(Path("sweep-output"), default_prefix_length=48, default_learning_rate=5e-2)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from arms import ARM_NAME, parse_arm
+from common import pyplot
+
+from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON, fit_log_linear
+
+ADAPTERS = ("parscale", "lora")  # the kinds of arm with an adapter, in the order the table lists them
+
+
+def report(output: Path, default_prefix_length: int, default_learning_rate: float) -> dict:
+    """The table of every arm with the base model, the learning-rate grids, the log-linear fit in ln P and the gap
+    L(P=1) − L(P) against tokens (see the module docstring); writes report.json and curves.png in `output`."""
+    results = {r["name"]: r for r in (json.loads(p.read_text()) for p in sorted(output.glob("*/result.json")))}
+    base = results.get("base")
+    arms = sorted((r for name, r in results.items() if ARM_NAME.fullmatch(name) and name != "base"), key=arm_order)
+    sweep = [
+        r
+        for r in arms
+        if r["name"] == f"P{r['P']}"
+        and r["prefix_length"] == default_prefix_length
+        and r["learning_rate"] == default_learning_rate
+    ]
+    grid_runs = [r for name, r in results.items() if not ARM_NAME.fullmatch(name) and r.get("kind") in ADAPTERS]
+    summary: dict = {"table": arms_table(arms, base), "grids": grids(grid_runs)}
+    summary["grid_table"] = grid_table(summary["grids"])
+    if len(sweep) >= 3:  # two points always fit a line: R² says something from three
+        fit = fit_log_linear([r["P"] for r in sweep], [r["heldout_curve"][-1][1] for r in sweep])
+        summary["log_linear_fit"] = {
+            "P": [r["P"] for r in sweep],
+            "intercept": fit.intercept,
+            "slope": fit.slope,
+            "r2": fit.r2,
+        }
+    summary |= gap_analysis(sweep)
+    summary["curves"] = {r["name"]: r["heldout_curve"] for r in arms}
+    (output / "report.json").write_text(json.dumps(summary, indent=1))
+    print(summary["table"], summary["grid_table"], sep="\n\n")
+    print(json.dumps({key: summary[key] for key in ("log_linear_fit", "gap_fit") if key in summary}, indent=1))
+    plot_curves(arms, sweep, base, output / "curves.png")
+    return summary
+
+
+def arm_order(result: dict) -> tuple:
+    """ParScale by P, prefix length and rate, then LoRA by rate (results written before arms had names are P<n>)."""
+    arm = parse_arm(result.get("arm", result["name"]))
+    return (ADAPTERS.index(arm.kind), arm.P or 0, result.get("prefix_length") or 0, result["learning_rate"])
+
+
+def number(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
+def arms_table(arms: list[dict], base: dict | None) -> str:
+    lines = [
+        "| run | learning rate | trainable parameters | adapter MB | training tokens | held-out loss at init | "
+        + "final held-out loss | vs base | validation loss | steady tokens/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    if base:
+        validation = number(base.get("validation_loss"), ".4f")
+        lines.append(f"| base (no adapter) | - | - | - | - | - | {base['heldout_loss']:.4f} | - | {validation} | - |")
+    for r in arms:
+        curve = r["heldout_curve"]
+        initial = curve[0][1] if curve and curve[0][0] == 0 else None
+        final = curve[-1][1] if curve else None
+        versus = final - base["heldout_loss"] if base and final is not None else None
+        adapter_mb = r["adapter_bytes"] / 1e6 if r.get("adapter_bytes") else None
+        cells = [
+            r["name"],
+            f"{r['learning_rate']:g}",
+            number(r.get("trainable_parameters"), ","),
+            number(adapter_mb, ".2f"),
+            f"{r['train_tokens']:,}",
+            number(initial, ".4f"),
+            number(final, ".4f"),
+            number(versus, "+.4f"),
+            number(r.get("validation_loss"), ".4f"),
+            number(r["steady_tokens_per_s"], ",.0f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grids(runs: list[dict]) -> dict[str, dict]:
+    """Tagged runs grouped by their arm without its rate, and their tag (``lora@6e-4-grid`` -> ``lora-grid``): each
+    group's runs with learning rate and validation loss, and the run with the lowest validation loss."""
+    groups: dict[str, dict] = {}
+    for r in sorted(runs, key=lambda r: (r["name"], r["learning_rate"])):
+        group = r["arm"].partition("@")[0] + r["name"].removeprefix(r["arm"])
+        point = {"run": r["name"], "learning_rate": r["learning_rate"], "validation_loss": r["validation_loss"]}
+        groups.setdefault(group, {"runs": []})["runs"].append(point)
+    for group in groups.values():
+        group["lowest"] = min(group["runs"], key=lambda point: point["validation_loss"])
+    return groups
+
+
+def grid_table(groups: dict[str, dict]) -> str:
+    lines = [
+        "| grid | run | learning rate | validation loss | lowest |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
+    for name, group in groups.items():
+        for point in sorted(group["runs"], key=lambda point: point["learning_rate"]):
+            lowest = "yes" if point is group["lowest"] else ""
+            lines.append(
+                f"| {name} | {point['run']} | {point['learning_rate']:g} | {point['validation_loss']:.4f} | {lowest} |"
+            )
+    return "\n".join(lines)
+
+
+def gap_analysis(sweep: list[dict]) -> dict:
+    """Gap L(P=1) − L(P) at each evaluation, a fit gap = a + b·ln(tokens) for the largest P, and the tokens at which
+    that fit reaches the gap the paper's Stack-V2-Python law predicts for the same P at this model's size."""
+    by_p = {r["P"]: dict(r["heldout_curve"]) for r in sweep}
+    if 1 not in by_p or len(by_p) < 2:
+        return {}
+    gaps = {
+        P: {tokens: by_p[1][tokens] - loss for tokens, loss in curve.items() if tokens in by_p[1]}
+        for P, curve in by_p.items()
+        if P > 1
+    }
+    largest = max(gaps)
+    points = sorted((tokens, gap) for tokens, gap in gaps[largest].items() if tokens > 0)
+    analysis: dict = {"gaps": {str(P): sorted(gap.items()) for P, gap in gaps.items()}}
+    if len(points) >= 3:
+        # The package's fit in ln x: gap = intercept − fit.slope·ln(tokens), so the gap grows by −fit.slope per ln.
+        fit = fit_log_linear([tokens for tokens, _ in points], [gap for _, gap in points])
+        intercept, slope = fit.intercept, -fit.slope
+        non_embedding = 494_032_768 - 151_936 * 896  # Qwen2.5-0.5B: all parameters minus the (tied) embedding
+        paper_gap = PAPER_STACK_V2_PYTHON.predict(non_embedding, 1) - PAPER_STACK_V2_PYTHON.predict(
+            non_embedding, largest
+        )
+        analysis["gap_fit"] = {
+            "P": largest,
+            "intercept": intercept,
+            "slope_per_ln_tokens": slope,
+            "r2": fit.r2,
+            "paper_law_gap": paper_gap,
+            "tokens_to_paper_gap": math.exp((paper_gap - intercept) / slope) if slope > 0 else None,
+        }
+    return analysis
+
+
+def compare_adapters(output: Path, names: list[str], bound: float) -> dict:
+    """How far each run's adapter is from the first run's, against how far training moved the first from its start
+    (the same start in every run: ParScale's text windows and seeded aggregator, LoRA's seeded A and zero B), per
+    tensor; ``over_bound`` lists the tensors whose difference exceeds `bound` times their movement.
+
+    With SGD the update is linear in the gradient, so two runs that differ only in the order of their sums stay
+    within a small share of the movement, and a wrong data split or gradient average moves a tensor by a share of
+    order one. With Adam the aggregator's first layer exceeds any such bound by design: its gradients start at
+    zero, and Adam turns their rounding noise into steps of order the learning rate (BENCHMARKS.md, "Same adapter on
+    one GPU and two")."""
+    from safetensors.torch import load_file
+
+    def weights(name: str, folder: str) -> dict[str, torch.Tensor]:
+        return {k: v.double() for k, v in load_file(output / name / folder / "adapter_model.safetensors").items()}
+
+    reference, start = weights(names[0], "adapter"), weights(names[0], "initial_adapter")
+    moved = {key: (reference[key] - start[key]).abs().max().item() for key in reference}
+    comparison = {"reference": names[0], "max_abs_moved": max(moved.values()), "runs": {}}
+    for name in names[1:]:
+        if not (output / name / "adapter").is_dir():
+            comparison["runs"][name] = "no adapter: the run did not finish"
+            continue
+        other, other_start = weights(name, "adapter"), weights(name, "initial_adapter")
+        difference = {key: (other[key] - reference[key]).abs().max().item() for key in reference}
+        relative = {
+            key: difference[key] / moved[key] if moved[key] > 0 else (math.inf if difference[key] else 0.0)
+            for key in reference
+        }
+        comparison["runs"][name] = {
+            "same_start_max_abs": max((other_start[key] - start[key]).abs().max().item() for key in start),
+            "max_abs_difference": max(difference.values()),
+            "max_relative_to_movement": max(relative.values()),
+            "bound": bound,
+            "over_bound": sorted(key for key in reference if relative[key] > bound),
+            "per_tensor": {
+                key: {"difference": difference[key], "moved": moved[key], "relative": relative[key]}
+                for key in sorted(reference)
+            },
+        }
+    (output / "compare.json").write_text(json.dumps(comparison, indent=1))
+    print(json.dumps(comparison, indent=1))
+    return comparison
+
+
+def plot_curves(arms: list[dict], sweep: list[dict], base: dict | None, path: Path) -> None:
+    """Every arm's held-out learning curve, and the gain of the sweep's P streams over one against tokens."""
+    plt = pyplot()
+    if plt is None:
+        return
+    figure, (losses, gaps) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in arms:
+        curve = dict(r["heldout_curve"])
+        tokens = sorted(curve)
+        label = f"P={r['P']}" if r in sweep else r["name"]
+        losses.plot([t / 1e6 for t in tokens], [curve[t] for t in tokens], "o-", markersize=3, label=label)
+    by_p = {r["P"]: dict(r["heldout_curve"]) for r in sweep}
+    for P, curve in by_p.items():
+        if P > 1 and 1 in by_p:
+            shared = [t for t in sorted(curve) if t in by_p[1] and t > 0]
+            gaps.plot([t / 1e6 for t in shared], [by_p[1][t] - curve[t] for t in shared], "o-", label=f"P={P}")
+    if base:
+        losses.axhline(base["heldout_loss"], color="gray", linestyle=":", label="base")
+    losses.set(xlabel="training tokens (M)", ylabel="held-out loss (nats/token)", title="learning curves")
+    gaps.set(xscale="log", xlabel="training tokens (M)", ylabel="L(P=1) − L(P)", title="gain over one stream")
+    gaps.axhline(0, color="gray", linewidth=0.5)
+    for axis in (losses, gaps):
+        if axis.get_legend_handles_labels()[0]:  # no gain to draw without P=1 and another P
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
