@@ -431,6 +431,7 @@ def launch(args: argparse.Namespace, name: str, argv: list[str]) -> None:
         flags = ["--multi_gpu"] if args.num_processes > 1 else []
     if args.float32:
         flags += ["--mixed_precision", "no"]  # TRL's configs ask for bf16
+    flags += ["--main_process_port", "0"]  # a free port: two runs on one machine never meet on the default 29500
     command = [
         *[sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", str(args.num_processes)],
         *[
