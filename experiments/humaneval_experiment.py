@@ -66,7 +66,7 @@ from itertools import chain
 from pathlib import Path
 
 import torch
-from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
+from arms import arm_learning_rate, arm_peft_config, parse_arm
 from common import DTYPE, add_model_arguments, equal_budget_config, model_path
 from datasets import Dataset
 from humaneval_results import EVAL_PHASES, report
@@ -175,10 +175,6 @@ def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
     return chosen
 
 
-def learning_rate(args: argparse.Namespace, arm: Arm) -> float:
-    return arm_learning_rate(arm, args.learning_rate, args.lora_learning_rate)
-
-
 def environment() -> dict:
     import transformers
     import trl
@@ -237,7 +233,7 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
         print(f"train:{name}: done already")
         return
     arm = parse_arm(name)
-    rate = learning_rate(args, arm)
+    rate = arm_learning_rate(arm, args.learning_rate, args.lora_learning_rate)
     # TRL's packing of prompt-completion pairs is padding-free: a micro-batch is concatenated into one sequence, which
     # sdpa (no variable-length kernel) attends over as a whole, at a cost that grows with its square. One packed window
     # per micro-batch keeps attention within --seq-len tokens for every arm (see RESULTS.md for what 16 gave).

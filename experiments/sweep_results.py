@@ -58,7 +58,7 @@ def report(output: Path, default_prefix_length: int, default_learning_rate: floa
     (output / "report.json").write_text(json.dumps(summary, indent=1))
     print(summary["table"], summary["grid_table"], sep="\n\n")
     print(json.dumps({key: summary[key] for key in ("log_linear_fit", "gap_fit") if key in summary}, indent=1))
-    plot_curves(arms, sweep, base, output / "curves.png")
+    plot_curves(arms, sweep, base, summary.get("gaps", {}), output / "curves.png")
     return summary
 
 
@@ -207,28 +207,27 @@ def compare_adapters(output: Path, names: list[str], bound: float) -> dict:
     return comparison
 
 
-def plot_curves(arms: list[dict], sweep: list[dict], base: dict | None, path: Path) -> None:
-    """Every arm's held-out learning curve, and the gain of the sweep's P streams over one against tokens."""
+def plot_curves(arms: list[dict], sweep: list[dict], base: dict | None, gaps: dict[str, list], path: Path) -> None:
+    """Every arm's held-out learning curve, and the gain of the sweep's P streams over one against tokens (`gaps`:
+    `gap_analysis`'s)."""
     plt = pyplot()
     if plt is None:
         return
-    figure, (losses, gaps) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (losses, gain) = plt.subplots(1, 2, figsize=(11, 4))
     for r in arms:
         curve = dict(r["heldout_curve"])
         tokens = sorted(curve)
         label = f"P={r['P']}" if r in sweep else r["name"]
         losses.plot([t / 1e6 for t in tokens], [curve[t] for t in tokens], "o-", markersize=3, label=label)
-    by_p = {r["P"]: dict(r["heldout_curve"]) for r in sweep}
-    for P, curve in by_p.items():
-        if P > 1 and 1 in by_p:
-            shared = [t for t in sorted(curve) if t in by_p[1] and t > 0]
-            gaps.plot([t / 1e6 for t in shared], [by_p[1][t] - curve[t] for t in shared], "o-", label=f"P={P}")
+    for P, points in gaps.items():
+        shown = [(tokens, gap) for tokens, gap in points if tokens > 0]  # a log axis
+        gain.plot([tokens / 1e6 for tokens, _ in shown], [gap for _, gap in shown], "o-", label=f"P={P}")
     if base:
         losses.axhline(base["heldout_loss"], color="gray", linestyle=":", label="base")
     losses.set(xlabel="training tokens (M)", ylabel="held-out loss (nats/token)", title="learning curves")
-    gaps.set(xscale="log", xlabel="training tokens (M)", ylabel="L(P=1) − L(P)", title="gain over one stream")
-    gaps.axhline(0, color="gray", linewidth=0.5)
-    for axis in (losses, gaps):
+    gain.set(xscale="log", xlabel="training tokens (M)", ylabel="L(P=1) − L(P)", title="gain over one stream")
+    gain.axhline(0, color="gray", linewidth=0.5)
+    for axis in (losses, gain):
         if axis.get_legend_handles_labels()[0]:  # no gain to draw without P=1 and another P
             axis.legend(fontsize=7)
     figure.tight_layout()

@@ -113,7 +113,8 @@ def test_humaneval_experiment_phases():
     for bad in bad_names:
         with pytest.raises(ValueError):
             experiment.phases(experiment.parse_args(["--only", bad]))
-    Arm = experiment.Arm
+    arms = import_experiment("arms")
+    Arm = arms.Arm
     names = ("base", "P8", "P1T384", "P1T384@0.015", "lora@3e-4", "lora", "P4+div0.1", "P4T48+div1e-2@5e-2")
     assert [experiment.parse_arm(name) for name in names] == [
         Arm("base"),
@@ -126,7 +127,7 @@ def test_humaneval_experiment_phases():
         Arm("parscale", 4, 48, 0.05, 0.01),
     ]
     with pytest.raises(ValueError, match="LoRA needs its own learning rate"):
-        experiment.learning_rate(experiment.parse_args([]), Arm("lora"))
+        arms.arm_learning_rate(Arm("lora"), learning_rate=5e-2, lora_learning_rate=None)
 
 
 def test_humaneval_experiment_chooses_learning_rate_on_validation(tmp_path):
