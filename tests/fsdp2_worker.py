@@ -14,11 +14,15 @@ Training. On the CPU accelerate runs the processes as data parallel: it settles 
 5.17: 843). The worker sets those three after the trainer is built, with the plugin accelerate builds from the
 launcher's variables, so that ``train()`` takes the Trainer's own FSDP2 path: ``_prepare_for_training``,
 ``accelerator.prepare``, ``fsdp2_prepare_model`` (``fully_shard`` on CPU tensors, over gloo, and process 0's state
-dict broadcast to the others). Each process writes its FSDP units and the training loss; process 0 writes the
-trained adapter, gathered from the shards.
+dict broadcast to the others). Each process writes its FSDP units and the training loss.
+
+Saving. A checkpoint every STEPS/2 steps and the final ``trainer.save_model`` (as ``parscale sft`` saves) take the
+Trainer's FSDP branches: accelerate's ``get_state_dict`` (FSDP2: full state dict on process 0) for the adapter file,
+``save_fsdp_model``/``save_fsdp_optimizer`` for what resuming needs. Given RESUME_FROM (a checkpoint folder), the run
+resumes from it through ``load_fsdp_model``/``load_fsdp_optimizer``.
 
     accelerate launch --config_file .../fsdp2.yaml --num_processes 2 --mixed_precision no \
-        tests/fsdp2_worker.py CHECKPOINT DATA_DIR OUTPUT_DIR STEPS LEARNING_RATE PER_DEVICE_BATCH
+        tests/fsdp2_worker.py CHECKPOINT DATA_DIR OUTPUT_DIR STEPS LEARNING_RATE PER_DEVICE_BATCH [RESUME_FROM]
 """
 
 import json
@@ -26,20 +30,32 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
 from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.integrations import is_fsdp_enabled
 from trl import SFTConfig
 
 from peft_parscale import ParScaleConfig
 from peft_parscale.sft import ParScaleSFTTrainer
 
+
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps this launch runs (a resumed run runs only those after its checkpoint)."""
+
+    steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
 checkpoint, data, output = map(Path, sys.argv[1:4])
 steps, learning_rate, batch = int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+resume_from = sys.argv[7] if len(sys.argv) > 7 else None
 args = SFTConfig(
     str(output),
     use_cpu=True,
@@ -50,7 +66,8 @@ args = SFTConfig(
     max_steps=steps,
     learning_rate=learning_rate,
     per_device_train_batch_size=batch,
-    save_strategy="no",
+    save_strategy="steps",
+    save_steps=steps // 2,
     logging_nan_inf_filter=False,  # the loss reported is every step's, NaN included
 )
 process = args.process_index  # sets up the process group, as TRL's trainer does before it loads a model
@@ -59,12 +76,14 @@ if process != 0:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.fill_(float("nan"))
+step_counter = StepCounter()
 trainer = ParScaleSFTTrainer(
     model=model,
     args=args,
     train_dataset=Dataset.from_json(str(data / "train.jsonl")),
     processing_class=AutoTokenizer.from_pretrained(checkpoint),
     peft_config=ParScaleConfig(P=2, prefix_length=4, prefix_init="text"),
+    callbacks=[step_counter],
 )
 initial = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
 save_file(initial, output / f"initial-{process}.safetensors")
@@ -72,9 +91,13 @@ facts = {"fsdp_loading": is_fsdp_enabled(), "processes": trainer.accelerator.num
 
 state = trainer.accelerator.state
 state.distributed_type = DistributedType.FSDP
+# Every later `AcceleratorState()` (accelerate's saving and loading make some) copies PartialState's fields over its
+# own, distributed_type included; on GPUs accelerate writes FSDP there too (`accelerate/state.py`:998).
+PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 state.fsdp_plugin = FullyShardedDataParallelPlugin()
 trainer.is_fsdp_enabled = True
-facts["loss"] = trainer.train().training_loss
+facts["loss"] = trainer.train(resume_from_checkpoint=resume_from).training_loss
+facts["steps_run"] = step_counter.steps
 facts["units"] = {}
 for name, module in trainer.model.named_modules():
     if isinstance(module, FSDPModule):
@@ -88,7 +111,5 @@ for name, module in trainer.model.named_modules():
             "frozen_elements": sum(p.numel() for p in frozen),
         }
 (output / f"process-{process}.json").write_text(json.dumps(facts))
-trained = {name: p.full_tensor() for name, p in trainer.model.named_parameters() if p.requires_grad}  # collective
-if process == 0:
-    save_file(trained, output / "trained.safetensors")
+trainer.save_model(str(output))  # every process: gathering the full state dict is collective
 trainer.accelerator.end_training()

@@ -1,7 +1,7 @@
 """Data-parallel training on CPU: `parscale sft` under `accelerate launch` with two processes (gloo) trains the same
 adapter as one process with the same global batch, and a two-process run resumed from a checkpoint ends where the
 uninterrupted run ends. Two processes under TRL's fsdp2.yaml, through the Trainer's FSDP2 path (`fsdp2_worker.py`),
-shard every decoder layer and train that adapter too.
+shard every decoder layer and train that adapter too, save it, and resume from their checkpoint to it.
 
 Why float64, and the tolerance. The two runs differ only in the order of the sums behind each gradient (one process
 sums the whole batch; two processes each sum half and the all-reduce averages the halves), which changes a gradient
@@ -109,14 +109,11 @@ def test_two_processes_train_the_adapter_of_one_and_resume(workspace, one_proces
 PREFIX_TOLERANCE = 1e-12
 
 
-@pytest.fixture(scope="module")
-def fsdp2_run(workspace) -> Path:
+def launch_fsdp2_worker(workspace, output: Path, *resume_from: str) -> None:
     """`fsdp2_worker.py` on two processes with TRL's fsdp2.yaml: process 1 with NaN base weights, the Trainer's
-    FSDP2 path on the CPU, the steps and global batch of `parscale_sft`. Returns the folder the processes wrote."""
+    FSDP2 path on the CPU, the steps and global batch of `parscale_sft`, writing into `output`."""
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
-    output = workspace / "fsdp2"
-    output.mkdir()
     launch = [
         *[sys.executable, "-m", "accelerate.commands.launch"],
         *resolve_accelerate_config_argument(["--accelerate_config", "fsdp2"]),
@@ -124,9 +121,17 @@ def fsdp2_run(workspace) -> Path:
     ]
     worker = [str(Path(__file__).parent / "fsdp2_worker.py"), str(workspace / "tiny"), str(workspace / "data")]
     training = [str(STEPS), str(LEARNING_RATE), str(GLOBAL_BATCH // 2)]
-    command = [*launch, *worker, str(output), *training]
+    command = [*launch, *worker, str(output), *training, *resume_from]
     result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(workspace) -> Path:
+    """The folder an uninterrupted `fsdp2_worker.py` run wrote: facts, checkpoints, the saved adapter."""
+    output = workspace / "fsdp2"
+    output.mkdir()
+    launch_fsdp2_worker(workspace, output)
     return output
 
 
@@ -192,7 +197,38 @@ def test_fsdp2_shards_every_decoder_layer_and_trains_the_adapter_of_one_process(
         return {name.replace(".default", ""): tensor for name, tensor in tensors.items()}
 
     initial = by_file_name(load_file(fsdp2_run / "initial-0.safetensors"))
-    trained = by_file_name(load_file(fsdp2_run / "trained.safetensors"))
+    trained = adapter(fsdp2_run)  # what `trainer.save_model` wrote, gathered from the shards
     for name, weights in trained.items():
         assert (weights - initial[name]).abs().max().item() > 1e-3, f"{name} hardly moved: the test could not fail"
     assert_same_adapter(trained, one_process_adapter)
+
+
+def test_fsdp2_checkpoints_hold_the_adapter_only_and_resume_to_the_uninterrupted_adapter(workspace, fsdp2_run):
+    """Under FSDP2 the Trainer checkpoints the model through accelerate's `save_fsdp_model`, which for a PEFT model
+    keeps the trainable weights only (no copy of the frozen backbone per checkpoint), and the optimizer through
+    `save_fsdp_optimizer`. A run resumed on two processes from the halfway checkpoint must end at the adapter of the
+    uninterrupted run (the module docstring's bound: the same sums in the same order, so any difference is a lost
+    optimizer state or step, which shows by more than 1e-3)."""
+    halfway = fsdp2_run / f"checkpoint-{STEPS // 2}"
+    model_state = torch.load(halfway / "pytorch_model_fsdp.bin", weights_only=True)
+    trainable = load_file(fsdp2_run / "initial-0.safetensors").keys()
+    # Besides the trainable weights, torch keeps the second name of a tied frozen weight (the tiny model's lm_head,
+    # tied to its input embeddings): `get_model_state_dict(ignore_frozen_params=True)` drops the names that
+    # `named_parameters()` yields, which lists a shared parameter once (docs/design.md, "FSDP2 checkpoints").
+    base = AutoModelForCausalLM.from_pretrained(workspace / "tiny")
+    tied_aliases = {f"base_model.model.{name}" for name in base.state_dict().keys() - dict(base.named_parameters())}
+    assert tied_aliases == {"base_model.model.lm_head.weight"}
+    assert model_state.keys() - tied_aliases == trainable
+    assert (halfway / "optimizer.bin").is_file()
+    uninterrupted, at_halfway = adapter(fsdp2_run), adapter(halfway)
+    for name, weights in uninterrupted.items():
+        assert (weights - at_halfway[name]).abs().max().item() > 1e-3, f"{name} hardly moved: the test could not fail"
+
+    resumed = workspace / "fsdp2-resumed"
+    resumed.mkdir()
+    shutil.copytree(halfway, resumed / halfway.name)
+    launch_fsdp2_worker(workspace, resumed, str(resumed / halfway.name))
+    for process in (0, 1):
+        assert process_facts(fsdp2_run, process)["steps_run"] == STEPS
+        assert process_facts(resumed, process)["steps_run"] == STEPS - STEPS // 2
+    assert_same_adapter(adapter(resumed), uninterrupted)
