@@ -5,6 +5,8 @@ Three ways to generate, all greedy, on random prompts without padding:
 - `generate_static`: `model.generate(..., cache_implementation="static")`, which transformers compiles by itself on
   CUDA (`torch.compile`, mode "reduce-overhead": CUDA graphs) for the decode steps.
 - `fast`: `peft_parscale.decode.greedy_generate` (the fast path: static cache, compiled decode step, no host waits).
+- `fast_frozen`, `fast_autotune`, `fast_frozen_autotune`: the fast path with its decode step compiled under other
+  inductor settings (`FAST_MODE_OPTIONS`), the compiler-side levers for decode latency, measured beside `fast`.
 
 Variants of a shape: `stock` (the base model, no adapter), `P<n>` (a fresh ParScale adapter with P = n and the default
 prefix length), `P<n>T<t>` (the same with T = t: the single streams with a longer prefix that the HumanEval experiment
@@ -44,6 +46,21 @@ from .measure import (
 from .shapes import dense_equivalent, non_embedding_parameters, shape_config
 
 Record = dict[str, Any]
+
+# Other compilations of the fast path's decode step, passed through `fast_generate`'s public `compile_options`.
+# torch.compile takes inductor settings in `options` but not together with `mode`, so CUDA graphs (what
+# "reduce-overhead" turns on, as `fast` has) are asked for by name.
+FAST_MODE_OPTIONS: dict[str, dict[str, Any]] = {
+    # weights become constants of the graph, so inductor's freezing passes can fuse the q/k/v products (and gate/up)
+    # that read the same input into one product each
+    "fast_frozen": {"fullgraph": True, "options": {"triton.cudagraphs": True, "freezing": True}},
+    # kernels for the decode step's few rows chosen by timing candidates, as mode "max-autotune" does
+    "fast_autotune": {"fullgraph": True, "options": {"triton.cudagraphs": True, "max_autotune": True}},
+    "fast_frozen_autotune": {
+        "fullgraph": True,
+        "options": {"triton.cudagraphs": True, "freezing": True, "max_autotune": True},
+    },
+}
 
 
 def build_variant(shape: str, variant: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Record]:
@@ -231,6 +248,9 @@ def decode_sweep(
                 if mode == "fast":
                     record, tokens = measure_fast(model, input_ids, attention_mask, new, repeats, fast_compile_options)
                     record.update(memory[batch, prompt, new])
+                elif mode in FAST_MODE_OPTIONS:
+                    options = FAST_MODE_OPTIONS[mode]
+                    record, tokens = measure_fast(model, input_ids, attention_mask, new, repeats, options)
                 else:
                     static = mode == "generate_static"
                     config = generate_compile_config if static else None

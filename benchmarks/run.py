@@ -8,12 +8,15 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
 - env: software versions, device, measured copy bandwidth and matrix-product rate.
 - targets: Qwen2.5-1.5B shape, prompt 64 + 128 new tokens: stock at batch 8, ParScale P=1 and P=8 at batch 1 (or,
   with `--variants`/`--batches`, every given variant at every given batch size, one batch size after the other);
-  eager `generate`, static-cache compiled `generate`, and the fast path (`--target-modes`); tokens compared with eager.
+  eager `generate`, static-cache compiled `generate`, and the fast path (`--target-modes`, also fast_frozen,
+  fast_autotune, fast_frozen_autotune: the decode step compiled with inductor's freezing and/or max-autotune, see
+  benchmarks/decoding.py); tokens compared with eager.
 - sweep: fast path, variants stock, P1..P8 and the dense equivalents, batch 1/2/4/8, (prompt, new) = (L, L) for
   L in 64..512; the step compiled with dynamic shapes (one compilation per variant), or with `--static-sweep` for
   each case's static shapes (one compilation per case, as BENCHMARKS.md was measured).
 - sweep_eager: eager `generate` for stock and P1..P8 at batch 1 and 8, 64 + 64 tokens.
-- equality: the targets' P=8 case in float32, fast path against eager `generate` (greedy tokens).
+- equality: the targets' P=8 case in float32, fast path (and the fast_* modes among `--target-modes`) against eager
+  `generate` (greedy tokens).
 - sampling: HumanEval's sampling workload on the 0.5B shape, P=1 and P=8: 8 prompts of 128 tokens × 20 completions,
   up to 512 new tokens, top-p 0.95 at temperature 0.8; completions/s and time to first token of `generate` and of the
   fast path (`--sampling-modes`: generate, fast, fast_dynamic, fast_uncompiled, fast_heads_copied; see
@@ -42,7 +45,7 @@ import peft_parscale  # noqa: F401  (registers the PARSCALE adapter type)
 from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS
 
 from . import report
-from .decoding import decode_sweep
+from .decoding import FAST_MODE_OPTIONS, decode_sweep
 from .measure import device_ceilings, environment, free_memory
 from .profiling import write_profiles
 from .sampling import sampling_throughput, selector_compilation
@@ -114,7 +117,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--target-modes",
         default="eager,generate_static,fast",
-        help="targets suite: any of eager, generate_static, fast (tokens are compared with eager when it comes first)",
+        help="targets suite: any of eager, generate_static, fast, fast_frozen, fast_autotune, fast_frozen_autotune "
+        "(tokens are compared with eager when it comes first)",
     )
     parser.add_argument(
         "--sampling-modes",
@@ -122,7 +126,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="sampling suite: any of generate, fast, fast_dynamic, fast_uncompiled, fast_heads_copied",
     )
     parser.add_argument("--no-report", action="store_true", help="only append to results.jsonl")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = set(args.target_modes.split(",")) - {"eager", "generate_static", "fast", *FAST_MODE_OPTIONS}
+    if unknown:
+        parser.error(f"unknown --target-modes {', '.join(sorted(unknown))}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["P8"],
                 [1],
                 [defaults["target_length"]],
-                ["eager", "fast"],
+                ["eager", "fast", *(mode for mode in args.target_modes.split(",") if mode in FAST_MODE_OPTIONS)],
                 fast_compile_options=static_options,
                 generate_compile_config=None,
                 suite="equality",

@@ -82,6 +82,30 @@ def test_a_sampling_mode_that_fails_is_recorded_and_the_others_still_run(monkeyp
         sampling.sampling_throughput("tiny", ["P1"], **workload, **{**common, "modes": ["fastest"]})
 
 
+def test_the_compile_levers_give_eager_greedy_tokens(tmp_path, monkeypatch):
+    """The fast path's decode step compiled with inductor's freezing and max-autotune (`FAST_MODE_OPTIONS`) is
+    compiled on the CPU too, in float32, where greedy tokens of a correct path equal eager `generate`'s (logit gaps
+    at the tiny shape are far above float32's reassociation differences, as in the tiny run above)."""
+    compile_calls = []
+    compile = torch.compile
+
+    def recording_compile(function, **options):
+        compile_calls.append(options)
+        return compile(function, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    modes = ["eager", *decoding.FAST_MODE_OPTIONS]
+    argv = ["--tiny", "--suites", "targets", "--variants", "P2", "--batches", "1", "--no-report"]
+    assert run.main([*argv, "--target-modes", ",".join(modes), "--out", str(tmp_path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in records] == modes
+    assert compile_calls == list(decoding.FAST_MODE_OPTIONS.values())  # each lever compiled the step its own way
+    for record in records[1:]:
+        assert record["tokens_vs_eager"]["equal"], record
+    with pytest.raises(SystemExit):  # a misspelt mode would otherwise be measured as `generate`
+        run.parse_args(["--out", str(tmp_path), "--target-modes", "eager,fast_frozn"])
+
+
 @pytest.mark.parametrize("shape", sorted(QWEN25))
 def test_non_embedding_parameters_match_the_model(shape):
     with torch.device("meta"):
