@@ -1,4 +1,5 @@
-"""Where the time goes: `torch.profiler` tables of one adapter-training step and of fast-path decode steps."""
+"""Where the time goes: `torch.profiler` tables of one adapter-training step, of fast-path decode steps at batch 1,
+and of fast-path sampling steps of HumanEval's workload."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from peft_parscale import ParScaleConfig
 from peft_parscale.decode import fast_decoder
+from peft_parscale.sampling import TokenSelector, draw_uniforms
 
+from .decoding import build_variant, random_prompts
 from .measure import random_causal_lm
+from .sampling import humaneval_sampling
 from .shapes import shape_config
 
 
@@ -50,11 +54,50 @@ def profile_decoding(
     return profile_table(lambda: decoder.run(input_ids, mask, new_tokens), 1)
 
 
-def write_profiles(out: str, shape: str, device: torch.device, dtype: torch.dtype, tiny: bool) -> None:
+def profile_sampling(
+    shape: str,
+    num_streams: int,
+    problems: int,
+    samples: int,
+    prompt: int,
+    new_tokens: int,
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> str:
+    """`steps` fast-path sampling steps of HumanEval's workload (`benchmarks/sampling.py`: problems × samples rows,
+    the cache as long as the whole generation). On CUDA the step is compiled as the `fast` mode compiles it, but
+    without CUDA graphs, so that the table lists the step's kernels rather than graph replays."""
+    model, _ = build_variant(shape, f"P{num_streams}", device, dtype)
+    config = humaneval_sampling(new_tokens, samples)
+    rows = problems * samples
+    options = {"fullgraph": True} if device.type == "cuda" else None
+    selector = TokenSelector.from_generation_config(config)
+    decoder = fast_decoder(model, rows, prompt + new_tokens, selector, options is not None, options)
+    input_ids, attention_mask = random_prompts(problems, prompt, model.config.vocab_size, device)
+    rows_ids, rows_mask = (tensor.repeat_interleave(samples, dim=0) for tensor in (input_ids, attention_mask))
+    uniforms = draw_uniforms(torch.Generator(device).manual_seed(0), rows, new_tokens, device)
+    decoder.run(rows_ids, rows_mask, steps, uniforms)  # compilation
+    return profile_table(lambda: decoder.run(rows_ids, rows_mask, steps, uniforms), 1)
+
+
+def write_profiles(
+    out: str,
+    shape: str,
+    sampling_shape: str,
+    sampling_workload: dict[str, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    tiny: bool,
+) -> None:
     length, prompt, new_tokens = (32, 8, 8) if tiny else (2048, 64, 128)
+    sampling_steps = 4 if tiny else 32
     tables = {
         "profile_training_P8.txt": lambda: profile_training(shape, 8, length, device, dtype),
         "profile_decode_P8.txt": lambda: profile_decoding(shape, 8, prompt, new_tokens, device, dtype),
+        "profile_sampling_P8.txt": lambda: profile_sampling(
+            sampling_shape, 8, **sampling_workload, steps=sampling_steps, device=device, dtype=dtype
+        ),
     }
     for name, make in tables.items():
         with open(os.path.join(out, name), "w") as file:

@@ -23,7 +23,8 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
   benchmarks/sampling.py).
 - selector: whether inductor compiles the sampling step's token choice for 160 rows of Qwen2.5's 151,936 logits
   (the failure seen on an H200 included), and its time per step compiled and eager.
-- profile: torch.profiler tables of one P=8 training step and of P=8 fast-path decoding (OUT/profile_*.txt).
+- profile: torch.profiler tables of one P=8 training step, of P=8 fast-path decoding at batch 1, and of 32 P=8
+  fast-path steps of the sampling workload (OUT/profile_*.txt).
 - train / train_masks: adapter training throughput (see benchmarks/training.py); train_masks compares the training
   attention mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
 Results are appended to OUT/results.jsonl; OUT/report.md and the plots are rebuilt from everything in it.
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     compare_tokens=True,
                 )
         elif suite == "profile":
-            write_profiles(args.out, defaults["target_shape"], device, dtype, args.tiny)
+            profiled = (defaults["target_shape"], defaults["sampling_shape"], defaults["sampling_workload"])
+            write_profiles(args.out, *profiled, device, dtype, args.tiny)
         elif suite == "equality":
             # Greedy tokens of the fast path against eager generate in float32, where ties are out of reach.
             decode_sweep(

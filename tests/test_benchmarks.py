@@ -106,6 +106,16 @@ def test_the_compile_levers_give_eager_greedy_tokens(tmp_path, monkeypatch):
         run.parse_args(["--out", str(tmp_path), "--target-modes", "eager,fast_frozn"])
 
 
+def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path):
+    assert run.main(["--tiny", "--suites", "profile", "--no-report", "--out", str(tmp_path)]) == 0
+    for name in ("training", "decode", "sampling"):
+        table = (tmp_path / f"profile_{name}_P8.txt").read_text()
+        assert "aten::linear" in table, name
+    # the sampling table profiles the sampling step: top-p sorts the scores, which greedy decoding never does
+    assert "aten::sort" in (tmp_path / "profile_sampling_P8.txt").read_text()
+    assert "aten::sort" not in (tmp_path / "profile_decode_P8.txt").read_text()
+
+
 @pytest.mark.parametrize("shape", sorted(QWEN25))
 def test_non_embedding_parameters_match_the_model(shape):
     with torch.device("meta"):
