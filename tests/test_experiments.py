@@ -200,6 +200,11 @@ def test_stream_sweep_smoke_every_arm_two_processes_interrupted_and_resumed(tmp_
     )
     assert not (tmp_path / "out" / "lora@1e-3" / "result.json").exists()
     assert [path.name for path in (tmp_path / "out" / "lora@1e-3").glob("checkpoint-*")] == ["checkpoint-1"]
+    # as between two device sessions: the run goes away in chunks and comes back (`device_transfer.py`)
+    transfer = import_experiment("device_transfer")
+    transfer.pack(tmp_path / "out" / "lora@1e-3", tmp_path / "pack", chunk_bytes=2**16)
+    shutil.rmtree(tmp_path / "out" / "lora@1e-3")
+    transfer.unpack(tmp_path / "pack", tmp_path / "out" / "lora@1e-3")
     stdout = run_experiment("stream_sweep.py", *common, cwd=tmp_path)  # base, P1, P2, P4, P1T8, lora@1e-3
 
     names = ["P1", "P2", "P4", "P1T8", "lora@1e-3"]
@@ -233,6 +238,57 @@ def test_stream_sweep_smoke_every_arm_two_processes_interrupted_and_resumed(tmp_
     assert "| base (no adapter) |" in stdout
     for name in names:
         assert f"| {name} | {results[name]['learning_rate']:g} |" in stdout
+
+
+def fake_run(run: Path) -> dict[str, bytes]:
+    """A run folder as the sweep leaves it after two segments, with random contents; returns every file's bytes."""
+    generator = torch.Generator().manual_seed(0)
+    names = ["segment-0.json", "segment-2.json", "initial_eval.json", "initial_adapter/adapter_model.safetensors"]
+    for step in (2, 5):
+        names += [f"checkpoint-{step}/{name}" for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")]
+        names += [f"checkpoint-{step}/{name}" for name in ("rng_state.pth", "trainer_state.json", "tokenizer.json")]
+        names += [f"checkpoint-{step}/README.md"]
+    contents = {}
+    for name in names:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        contents[name] = bytes(torch.randint(256, (3000,), generator=generator, dtype=torch.uint8).tolist())
+        (run / name).write_bytes(contents[name])
+    return contents
+
+
+def test_device_transfer_carries_the_latest_checkpoint_and_the_run_s_own_files(tmp_path):
+    transfer = import_experiment("device_transfer")
+    contents = fake_run(tmp_path / "run")
+    manifest = transfer.pack(tmp_path / "run", tmp_path / "pack", chunk_bytes=10_000)
+    assert len(manifest["chunks"]) > 2  # several chunks, joined in order on the way back
+    assert all(chunk["bytes"] <= 10_000 for chunk in manifest["chunks"])
+    transfer.unpack(tmp_path / "pack", tmp_path / "back")
+    wanted = ["segment-0.json", "segment-2.json", "initial_eval.json"]
+    wanted += [f"checkpoint-5/{name}" for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")]
+    wanted += ["checkpoint-5/rng_state.pth", "checkpoint-5/trainer_state.json"]
+    files = [path for path in (tmp_path / "back").rglob("*") if path.is_file()]
+    back = {str(path.relative_to(tmp_path / "back")): path.read_bytes() for path in files}
+    assert back == {name: contents[name] for name in wanted}
+
+
+def test_device_transfer_checks_every_chunk_before_writing_anything(tmp_path):
+    transfer = import_experiment("device_transfer")
+    fake_run(tmp_path / "run")
+    transfer.pack(tmp_path / "run", tmp_path / "pack", chunk_bytes=10_000)
+    chunk = tmp_path / "pack" / "chunk-01"
+    intact = chunk.read_bytes()
+    chunk.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    with pytest.raises(ValueError, match="chunk-01 does not match its SHA-256"):
+        transfer.unpack(tmp_path / "pack", tmp_path / "back")
+    chunk.unlink()
+    with pytest.raises(ValueError, match="chunk-01 is missing"):
+        transfer.unpack(tmp_path / "pack", tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+    chunk.write_bytes(intact)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):  # a run's own checkpoints are never replaced
+        transfer.unpack(tmp_path / "pack", tmp_path / "run")
+    with pytest.raises(ValueError, match="nothing to resume"):
+        transfer.pack(tmp_path / "pack", tmp_path / "pack-of-pack")
 
 
 def test_stream_sweep_tags_name_variants_after_a_dash(capsys):

@@ -1,0 +1,133 @@
+"""Carry an unfinished run from one device session to the next: what resuming needs, in chunks the device takes.
+
+A device machine keeps its files only while it is held, and a session's device time ends before some runs do (a P=8
+run of the 20 M-token sweep takes about 21 minutes on one H200). Such a run checkpoints by ``--time-limit``, comes
+back here at the end of one session and goes up again in the next. A device call returns at most 8 files of at most
+16 MiB, 64 MiB together, and carries at most 64 MiB up, the repository's own files included, so the run travels as
+an archive in chunks, with a manifest of SHA-256 sums:
+
+    # on the device, after the run's last call of the session (the checkpoint is saved):
+    python3 experiments/device_transfer.py pack sweep/P8 /tmp/P8-pack
+    cp /tmp/P8-pack/manifest.json /tmp/P8-pack/chunk-00 /tmp/P8-pack/chunk-01 /tmp/P8-pack/chunk-02 "$OUT"/
+    cp /tmp/P8-pack/chunk-03 ... "$OUT"/               # the next calls, back to back, while the machine is warm
+    # here: every chunk and the manifest into one git-ignored folder (P8-pack/); next session, calls carrying
+    # a few chunks each into /tmp/P8-pack, then:
+    python3 experiments/device_transfer.py unpack /tmp/P8-pack sweep/P8
+
+What travels: the run folder's own files (its segments' timings, the initial held-out loss) and its latest checkpoint,
+which holds everything the Trainer reads to resume (adapter, optimizer, scheduler, random states, trainer state). Left
+behind: older checkpoints, the tokenizer and model card the Trainer writes into each checkpoint (resuming does not read
+them), and ``initial_adapter/``, which only the short parity runs' ``--compare`` reads. `unpack` checks every sum
+before it writes anything and refuses a run folder that already holds a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from transformers.trainer_utils import get_last_checkpoint
+
+CHUNK_BYTES = 15 * 2**20  # under the 16 MiB a returned file may have; four fill a call's 64 MiB with room to spare
+# what the Trainer writes into a checkpoint for the user and never reads back when resuming
+NOT_FOR_RESUMING = {
+    "README.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+}
+
+
+def files_to_carry(run: Path) -> list[Path]:
+    """The run folder's own files and its latest checkpoint's files that resuming reads, relative to `run`."""
+    checkpoint = get_last_checkpoint(str(run))
+    if checkpoint is None:
+        raise ValueError(f"{run} holds no checkpoint-<step> folder: there is nothing to resume.")
+    own = sorted(path.relative_to(run) for path in run.iterdir() if path.is_file())
+    saved = sorted(
+        path.relative_to(run)
+        for path in Path(checkpoint).rglob("*")
+        if path.is_file() and path.name not in NOT_FOR_RESUMING
+    )
+    return own + saved
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pack(run: Path, destination: Path, chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """Write `destination`/chunk-NN and manifest.json for `run`; returns the manifest."""
+    files = files_to_carry(run)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name in files:
+            archive.add(run / name, arcname=str(name))
+    data = buffer.getvalue()
+    destination.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for index, start in enumerate(range(0, len(data), chunk_bytes)):
+        chunk = data[start : start + chunk_bytes]
+        name = f"chunk-{index:02d}"
+        (destination / name).write_bytes(chunk)
+        chunks.append({"name": name, "bytes": len(chunk), "sha256": sha256(chunk)})
+    manifest = {"run": run.name, "files": [str(name) for name in files], "sha256": sha256(data), "chunks": chunks}
+    (destination / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def unpack(source: Path, run: Path) -> list[str]:
+    """Check the chunks in `source` against its manifest, then extract them into `run`; returns the files written."""
+    manifest = json.loads((source / "manifest.json").read_text())
+    parts = []
+    for chunk in manifest["chunks"]:
+        path = source / chunk["name"]
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: bring every chunk of the manifest ({len(manifest['chunks'])}).")
+        data = path.read_bytes()
+        if sha256(data) != chunk["sha256"]:
+            raise ValueError(f"{path} does not match its SHA-256 in the manifest: copy it again.")
+        parts.append(data)
+    data = b"".join(parts)
+    if sha256(data) != manifest["sha256"]:
+        raise ValueError(f"The chunks in {source} joined do not match the manifest's SHA-256.")
+    if run.is_dir() and get_last_checkpoint(str(run)) is not None:
+        raise ValueError(f"{run} already holds a checkpoint; unpack into a folder without one.")
+    run.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as archive:
+        archive.extractall(run, filter="data")  # the "data" filter refuses absolute paths and links out of `run`
+    return manifest["files"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    pack_parser = commands.add_parser("pack", help="RUN_DIR DESTINATION: chunks and manifest of what resuming needs")
+    pack_parser.add_argument("run", type=Path)
+    pack_parser.add_argument("destination", type=Path)
+    pack_parser.add_argument("--chunk-mib", type=float, default=CHUNK_BYTES / 2**20)
+    unpack_parser = commands.add_parser("unpack", help="SOURCE RUN_DIR: check the chunks, then extract them")
+    unpack_parser.add_argument("source", type=Path)
+    unpack_parser.add_argument("run", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "pack":
+        manifest = pack(args.run, args.destination, int(args.chunk_mib * 2**20))
+        total = sum(chunk["bytes"] for chunk in manifest["chunks"])
+        print(
+            f"{args.run}: {len(manifest['files'])} files, {total / 2**20:.1f} MiB in {len(manifest['chunks'])} chunks"
+        )
+    else:
+        files = unpack(args.source, args.run)
+        print(f"{args.run}: {len(files)} files unpacked")
+
+
+if __name__ == "__main__":
+    main()
