@@ -30,9 +30,16 @@ def profile_table(function, steps: int) -> str:
     return profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
 
 
-def profile_training(shape: str, num_streams: int, length: int, device: torch.device, dtype: torch.dtype) -> str:
+def profile_training(
+    shape: str, num_streams: int, length: int, device: torch.device, dtype: torch.dtype, compile_layers: bool = False
+) -> str:
+    """One adapter-training step (forward and backward), eager or with each decoder layer compiled (`compile_layers`,
+    regional compilation, as `parscale sft`'s sweep trains)."""
     model = get_peft_model(random_causal_lm(shape_config(shape), device, dtype), ParScaleConfig(P=num_streams))
     model.train()
+    if compile_layers:
+        for layer in model.get_base_model().get_decoder().layers:
+            layer.compile()
     input_ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
 
     def step() -> None:
@@ -94,6 +101,10 @@ def write_profiles(
     sampling_steps = 4 if tiny else 32
     tables = {
         "profile_training_P8.txt": lambda: profile_training(shape, 8, length, device, dtype),
+        # the sweep's and HumanEval experiment's training: the sampling shape (0.5B), decoder layers compiled
+        "profile_training_P8_layers.txt": lambda: profile_training(
+            sampling_shape, 8, length, device, dtype, compile_layers=True
+        ),
         "profile_decode_P8.txt": lambda: profile_decoding(shape, 8, prompt, new_tokens, device, dtype),
         "profile_sampling_P8.txt": lambda: profile_sampling(
             sampling_shape, 8, **sampling_workload, steps=sampling_steps, device=device, dtype=dtype

@@ -23,7 +23,8 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
   benchmarks/sampling.py).
 - selector: whether inductor compiles the sampling step's token choice for 160 rows of Qwen2.5's 151,936 logits
   (the failure seen on an H200 included), and its time per step compiled and eager.
-- profile: torch.profiler tables of one P=8 training step, of P=8 fast-path decoding at batch 1, and of 32 P=8
+- profile: torch.profiler tables of one P=8 training step (eager at the target shape, and at the sampling shape
+  with decoder layers compiled, as the experiments train), of P=8 fast-path decoding at batch 1, and of 32 P=8
   fast-path steps of the sampling workload (OUT/profile_*.txt).
 - train / train_masks: adapter training throughput (see benchmarks/training.py); train_masks compares the training
   attention mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
