@@ -14,8 +14,8 @@ an archive in chunks, with a manifest of SHA-256 sums:
     # a few chunks each into /tmp/P8-pack, then:
     python3 experiments/device_transfer.py unpack /tmp/P8-pack sweep/P8
 
-What travels: the run folder's own files (its segments' timings, the initial held-out loss) and its latest checkpoint,
-which holds everything the Trainer reads to resume (adapter, optimizer, scheduler, random states, trainer state). Left
+What travels: the run folder's own files (its segments' timings) and its latest checkpoint, which holds everything the
+Trainer reads to resume (adapter, optimizer, scheduler, random states, trainer state with the learning curve). Left
 behind: older checkpoints, the tokenizer and model card the Trainer writes into each checkpoint (resuming does not read
 them), and ``initial_adapter/``, which only the short parity runs' ``--compare`` reads. `unpack` checks every sum
 before it writes anything and refuses a run folder that already holds a checkpoint.

@@ -52,10 +52,12 @@ import torch
 from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
 from common import add_model_arguments, leading_packed_windows, model_path, packages_corpus
 from datasets import Dataset
-from sweep_results import compare_adapters, report
+from peft import PeftModel
+from sweep_results import WINDOW_LOSSES, compare_adapters, report
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
+from window_losses import window_losses
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale.sft import ParScaleSFTTrainer
@@ -324,13 +326,11 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
             layer.compile()
     main = trainer.accelerator.is_main_process
     checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if checkpoint is None:
-        if main:
-            trainer.model.save_pretrained(str(out / "initial_adapter"))  # what training moved the adapter from
-        if args.max_steps is None and args.eval_every:
-            initial = trainer.evaluate()  # train() starts a new log history, so this one is kept in a file
-            if main:
-                (out / "initial_eval.json").write_text(json.dumps(initial))
+    if checkpoint is None and main:
+        trainer.model.save_pretrained(str(out / "initial_adapter"))  # what training moved the adapter from
+    # The held-out loss at step 0, evaluated inside train(): `trainer.evaluate()` before train() would leave several
+    # processes without DistributedDataParallel (`peft_parscale.sft.check_data_parallel_wrapping`).
+    trainer.args.eval_on_start = checkpoint is None and args.max_steps is None and bool(args.eval_every)
     trainer.train(resume_from_checkpoint=checkpoint)
     if main:
         segment = {**clock.segment(), "resumed_from": checkpoint}
@@ -352,9 +352,7 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
 def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, validation_loss: float) -> None:
     tokens_per_step = args.batch_size * args.seq_len
     segments = [json.loads(path.read_text()) for path in sorted(out.glob("segment-*.json"))]
-    initial = out / "initial_eval.json"
-    curve = [(0, json.loads(initial.read_text())["eval_loss"])] if initial.is_file() else []
-    curve += [
+    curve = [
         (log["step"] * tokens_per_step, log["eval_loss"]) for log in trainer.state.log_history if "eval_loss" in log
     ]
     train_seconds = sum(segment["seconds"] for segment in segments)
@@ -391,32 +389,35 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
     print(json.dumps({key: value for key, value in result.items() if "curve" not in key}), flush=True)
 
 
-def base_loss(args: argparse.Namespace) -> None:
-    """The frozen model's held-out and validation losses on the same windows, the token-mean loss as the trainer's
-    evaluation computes it (every window is full, so the mean of equal-sized batch means is the mean over tokens)."""
-    out = run_dir(args, "base")
+def score_windows(args: argparse.Namespace, name: str) -> dict[str, list[float]]:
+    """Each held-out and validation window's loss under a finished run's adapter (the frozen model for ``base``), in
+    OUTPUT/<run>/window_losses.json, from which the report compares arms window by window (`window_losses.py`).
+    One device, in this process, after the run's own processes have ended."""
+    out = run_dir(args, name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and not args.float32 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=dtype).to(device).eval()
-
-    def mean_loss(part: str) -> float:
-        windows = load_windows(args, part)["input_ids"]
-        losses = []
-        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            for start in range(0, len(windows), 8):
-                input_ids = torch.tensor(windows[start : start + 8], device=device)
-                losses.append(model(input_ids=input_ids, labels=input_ids).loss.item() * len(input_ids))
-        return sum(losses) / len(windows)
-
+    model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=dtype).to(device)
+    if name != "base":
+        model = PeftModel.from_pretrained(model, out / "adapter")
+    losses = {part: window_losses(model, load_windows(args, part)["input_ids"]) for part in ("heldout", "validation")}
     out.mkdir(parents=True, exist_ok=True)
+    (out / WINDOW_LOSSES).write_text(json.dumps(losses))
+    return losses
+
+
+def base_loss(args: argparse.Namespace) -> None:
+    """The frozen model's held-out and validation losses on the same windows: the mean of its window losses, which is
+    the token mean the trainer's evaluation computes (every window has the same number of tokens)."""
+    losses = score_windows(args, "base")
     result = {
         "name": "base" + args.tag,
         "arm": "base",
         "kind": "base",
         "P": None,
-        "heldout_loss": mean_loss("heldout"),
-        "validation_loss": mean_loss("validation"),
+        "heldout_loss": sum(losses["heldout"]) / len(losses["heldout"]),
+        "validation_loss": sum(losses["validation"]) / len(losses["validation"]),
     }
+    out = run_dir(args, "base")
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
 
@@ -472,12 +473,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.prepare:
             return
         for name in args.runs:
-            if (run_dir(args, name) / "result.json").is_file():
-                continue
-            if args.deadline and time.time() > args.deadline - args.launch_margin:
-                print(f"not starting {name}{args.tag}: too little time left", flush=True)
-                break
-            base_loss(args) if name == "base" else launch(args, name, argv)
+            out = run_dir(args, name)
+            if not (out / "result.json").is_file():
+                if args.deadline and time.time() > args.deadline - args.launch_margin:
+                    print(f"not starting {name}{args.tag}: too little time left", flush=True)
+                    break
+                base_loss(args) if name == "base" else launch(args, name, argv)
+            # the finished held-out runs' window losses (grids and --max-steps runs stay off the held-out windows)
+            scored = args.eval_every and args.max_steps is None and (out / "adapter").is_dir()
+            in_time = not args.deadline or time.time() < args.deadline - 60  # else the next invocation scores it
+            if scored and in_time and not (out / WINDOW_LOSSES).is_file():
+                score_windows(args, name)
     report(output, args.prefix_length, args.learning_rate)
 
 

@@ -232,3 +232,33 @@ def test_fsdp2_checkpoints_hold_the_adapter_only_and_resume_to_the_uninterrupted
         assert process_facts(fsdp2_run, process)["steps_run"] == STEPS
         assert process_facts(resumed, process)["steps_run"] == STEPS - STEPS // 2
     assert_same_adapter(adapter(resumed), uninterrupted)
+
+
+def launch_evaluate_first_worker(workspace, mode: str) -> Path:
+    """`evaluate_first_worker.py` in `mode` on two processes (torchrun, gloo); returns the folder they wrote."""
+    output = workspace / mode
+    output.mkdir()
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", *FREE_PORT]
+    worker = [str(Path(__file__).parent / "evaluate_first_worker.py"), str(workspace / "tiny"), str(workspace / "data")]
+    command = [*launch, *worker, str(output), mode]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return output
+
+
+def test_training_after_evaluate_on_two_processes_is_refused_and_eval_on_start_keeps_them_in_step(workspace):
+    """`trainer.evaluate()` before `train()` prepares the model for evaluation only, and `train()` would then run the
+    processes without DistributedDataParallel: each on its own share of the batch, drifting apart with no error
+    (`sft.check_data_parallel_wrapping`). Both processes must refuse it; `eval_on_start=True` evaluates inside
+    `train()` instead, after which the two processes hold the same adapter: DDP averages the gradients, so both take
+    the same steps from the same start, bit for bit."""
+    refused = launch_evaluate_first_worker(workspace, "evaluate-first")
+    for process in (0, 1):
+        assert "SFTConfig(eval_on_start=True)" in (refused / f"outcome-{process}.txt").read_text()
+
+    in_step = launch_evaluate_first_worker(workspace, "eval-on-start")
+    first, second = (load_file(in_step / f"adapter-{process}.safetensors") for process in (0, 1))
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name}: the processes' adapters differ"
+    history = json.loads((in_step / "log-0.json").read_text())
+    assert next(entry["step"] for entry in history if "eval_loss" in entry) == 0  # evaluated before the first step
