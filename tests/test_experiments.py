@@ -298,6 +298,17 @@ def test_device_transfer_checks_every_chunk_before_writing_anything(tmp_path):
         transfer.pack(tmp_path / "pack", tmp_path / "pack-of-pack")
 
 
+def test_ddp_sync_check_reports_each_mode_s_difference_between_processes(tmp_path):
+    run_experiment("ddp_sync_check.py", "--output", str(tmp_path / "check.json"), cwd=tmp_path)
+    report = json.loads((tmp_path / "check.json").read_text())
+    modes = report["modes"]
+    assert list(modes) == ["evaluate-first", "eval-on-start", "no-evaluation"]
+    for mode in ("eval-on-start", "no-evaluation"):  # gradients averaged: the same steps from the same start
+        assert modes[mode]["max_abs_difference_between_processes_after_step"] == [0.0, 0.0, 0.0]
+    # what the Trainer does after evaluate() (upstream behaviour, recorded for the installed versions)
+    assert all(math.isfinite(d) for d in modes["evaluate-first"]["max_abs_difference_between_processes_after_step"])
+
+
 def test_stream_sweep_tags_name_variants_after_a_dash(capsys):
     sweep = import_experiment("stream_sweep")
     # --tag fp32 names the runs as --tag=-fp32 did (the results already in results/stream-sweep/ keep their names)
