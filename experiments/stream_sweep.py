@@ -364,6 +364,8 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
         "P": arm.P,
         "processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
+        # DistributedDataParallel when several processes averaged their gradients (see `check_data_parallel_wrapping`)
+        "model_wrapped": type(trainer.model_wrapped).__name__,
         "dtype": "float32" if args.float32 else ("bfloat16" if trainer.args.bf16 else "float32"),
         "compiled_layers": args.compile,
         "steps": trainer.state.global_step,

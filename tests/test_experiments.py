@@ -212,6 +212,7 @@ def test_stream_sweep_smoke_every_arm_two_processes_interrupted_and_resumed(tmp_
     results = {name: json.loads((tmp_path / "out" / name / "result.json").read_text()) for name in names}
     for result in results.values():
         assert result["processes"] == 2 and result["steps"] == 6 and result["train_tokens"] == 6 * 4 * 32
+        assert result["model_wrapped"] == "DistributedDataParallel"  # the two processes averaged their gradients
         assert [tokens for tokens, _ in result["heldout_curve"]] == [0, 256, 512, 768]
         assert math.isfinite(result["validation_loss"]) and result["trainable_parameters"] > 0
         # the adapter file holds the trainable parameters in float32, and a header
