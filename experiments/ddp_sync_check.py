@@ -1,12 +1,18 @@
 """Do two data-parallel processes keep the same adapter? With and without ``trainer.evaluate()`` before ``train()``.
 
 ``trainer.evaluate()`` before ``train()`` prepares the model for evaluation only, and ``train()`` then leaves it
-without ``DistributedDataParallel`` (`peft_parscale.sft.check_data_parallel_wrapping`, which now refuses it). This
-check shows what the Trainer does there, the guard bypassed, beside the two ways that keep the processes together:
-evaluating at the start of training (``eval_on_start=True``) and no evaluation. Each mode trains a tiny random
-Qwen2 with a P=2 adapter for three steps on two CPU processes (gloo), and reports the largest difference between the
-processes' adapters after each step: zero when gradients are averaged (both take the same steps from the same
-start), far from zero when each process follows its own half of the batch.
+without ``DistributedDataParallel`` (`peft_parscale.sft.check_data_parallel_wrapping`, which now refuses it). Each
+mode trains a tiny random Qwen2 with a P=2 adapter on two CPU processes (gloo), in float64:
+
+- ``evaluate-first``: ``evaluate()``, then ``train()`` with that check bypassed: what the Trainer itself does;
+- ``eval-on-start``: ``eval_on_start=True``, the evaluation inside ``train()``;
+- ``no-evaluation``;
+- ``refused`` and ``refused-compiled`` (``torch_compile`` with the eager backend): ``evaluate()``, then ``train()``
+  with the check in place, which must raise before any step.
+
+The first three report the largest difference between the two processes' adapters after each of three steps: zero
+when gradients are averaged (both take the same steps from the same start), far from zero when each process follows
+its own half of the batch. The last two report each process's error.
 
     python experiments/ddp_sync_check.py --output results/ddp-sync-cpu/transformers-5.23.0.json
 """
@@ -22,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-MODES = ("evaluate-first", "eval-on-start", "no-evaluation")
+MODES = ("evaluate-first", "eval-on-start", "no-evaluation", "refused", "refused-compiled")
 STEPS = 3
 
 
 def worker(checkpoint: Path, data: Path, output: Path, mode: str) -> None:
-    """One process: train `STEPS` steps in `mode`, saving its adapter after each step."""
+    """One process: train `STEPS` steps in `mode`, saving its adapter after each step, or its error."""
     from datasets import Dataset
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -40,6 +46,7 @@ def worker(checkpoint: Path, data: Path, output: Path, mode: str) -> None:
             weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(weights, output / f"{mode}-step{state.global_step}-{args.process_index}.safetensors")
 
+    compiled = {"torch_compile": True, "torch_compile_backend": "eager"} if mode == "refused-compiled" else {}
     args = SFTConfig(
         str(output / mode),
         use_cpu=True,
@@ -53,6 +60,7 @@ def worker(checkpoint: Path, data: Path, output: Path, mode: str) -> None:
         per_device_eval_batch_size=2,
         save_strategy="no",
         eval_on_start=mode == "eval-on-start",
+        **compiled,
     )
     rows = Dataset.from_json(str(data))
     trainer = sft.ParScaleSFTTrainer(
@@ -64,15 +72,47 @@ def worker(checkpoint: Path, data: Path, output: Path, mode: str) -> None:
         peft_config=ParScaleConfig(P=2, prefix_length=4, prefix_init="text"),
         callbacks=[SaveEachStep()],
     )
-    if mode == "evaluate-first":
+    if mode in ("evaluate-first", "refused", "refused-compiled"):
         trainer.evaluate()
-        sft.check_data_parallel_wrapping = lambda trainer: None  # what the Trainer does without the guard
-    trainer.train()
+    if mode == "evaluate-first":
+        sft.check_data_parallel_wrapping = lambda trainer: None  # what the Trainer does without the check
+    try:
+        trainer.train()
+    except ValueError as error:
+        (output / f"{mode}-outcome-{trainer.args.process_index}.txt").write_text(str(error))
+
+
+def training_data(path: Path) -> None:
+    """64 rows of 40 random letters, spaces and newlines."""
+    generator = torch.Generator().manual_seed(0)
+    alphabet = "abcdefghijk \n"
+    with open(path, "w") as file:
+        for _ in range(64):
+            letters = torch.randint(len(alphabet), (40,), generator=generator)
+            file.write(json.dumps({"text": "".join(alphabet[i] for i in letters)}) + "\n")
+
+
+def run_mode(checkpoint: Path, data: Path, scratch: Path, mode: str) -> dict:
+    """Launch `mode` on two processes; its record (differences after each step, or each process's error)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", "0", __file__, "--output", "-"]
+    subprocess.run([*launch, "--worker", str(checkpoint), str(data), str(scratch), mode], check=True)
+    if mode.startswith("refused"):
+        errors = [scratch / f"{mode}-outcome-{process}.txt" for process in (0, 1)]
+        return {"errors": [path.read_text() if path.is_file() else None for path in errors]}
+    from safetensors.torch import load_file
+
+    differences = []
+    for step in range(1, STEPS + 1):
+        first, second = (load_file(scratch / f"{mode}-step{step}-{process}.safetensors") for process in (0, 1))
+        differences.append(max((first[name] - second[name]).abs().max().item() for name in first))
+    return {"max_abs_difference_between_processes_after_step": differences}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="the JSON file to write")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--worker", nargs=4, metavar=("CHECKPOINT", "DATA", "OUTPUT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -85,32 +125,17 @@ def main() -> None:
 
     import accelerate
     import transformers
-    from safetensors.torch import load_file
 
     from peft_parscale.testing import save_tiny_checkpoint
 
+    report = {"versions": {m.__name__: m.__version__ for m in (torch, transformers, accelerate)}, "modes": {}}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         checkpoint = save_tiny_checkpoint(scratch / "tiny")
-        generator = torch.Generator().manual_seed(0)
-        alphabet = "abcdefghijk \n"
-        with open(scratch / "train.jsonl", "w") as file:
-            for _ in range(64):
-                letters = torch.randint(len(alphabet), (40,), generator=generator)
-                file.write(json.dumps({"text": "".join(alphabet[i] for i in letters)}) + "\n")
-        report = {"versions": {m.__name__: m.__version__ for m in (torch, transformers, accelerate)}, "modes": {}}
-        for mode in MODES:
-            launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-            launch += ["--main_process_port", "0", __file__, "--output", "-"]
-            subprocess.run(
-                [*launch, "--worker", str(checkpoint), str(scratch / "train.jsonl"), str(scratch), mode], check=True
-            )
-            differences = []
-            for step in range(1, STEPS + 1):
-                first, second = (load_file(scratch / f"{mode}-step{step}-{p}.safetensors") for p in (0, 1))
-                differences.append(max((first[n] - second[n]).abs().max().item() for n in first))
-            report["modes"][mode] = {"max_abs_difference_between_processes_after_step": differences}
-            print(mode, differences, flush=True)
+        training_data(scratch / "train.jsonl")
+        for mode in args.modes:
+            report["modes"][mode] = run_mode(checkpoint, scratch / "train.jsonl", scratch, mode)
+            print(mode, report["modes"][mode], flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
 

@@ -1,7 +1,7 @@
 """Carry an unfinished run from one device session to the next: what resuming needs, in chunks the device takes.
 
-A device machine keeps its files only while it is held, and a session's device time ends before some runs do (a P=8
-run of the 20 M-token sweep takes about 21 minutes on one H200). Such a run checkpoints by ``--time-limit``, comes
+A device machine keeps its files only while it is held, and a session's device time ends before some runs do (the
+20 M-token sweep's P=8 run on one GPU, RESULTS.md). Such a run checkpoints by ``--time-limit``, comes
 back here at the end of one session and goes up again in the next. A device call returns at most 8 files of at most
 16 MiB, 64 MiB together, and carries at most 64 MiB up, the repository's own files included, so the run travels as
 an archive in chunks, with a manifest of SHA-256 sums:

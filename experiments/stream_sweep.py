@@ -52,8 +52,8 @@ import torch
 from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
 from common import add_model_arguments, leading_packed_windows, model_path, packages_corpus
 from datasets import Dataset
-from peft import PeftModel
 from sweep_results import WINDOW_LOSSES, compare_adapters, report
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
@@ -62,6 +62,7 @@ from window_losses import window_losses
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale.sft import ParScaleSFTTrainer
 
+WINDOW_SETS = ("heldout", "validation")  # the windows every finished run is scored on, one loss per window
 # the window sets --prepare builds: name -> (corpus split, the argument giving their tokens)
 WINDOWS = {
     "train": ("train", "train_tokens"),
@@ -346,7 +347,18 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
     validation_loss = trainer.evaluate(eval_dataset=validation, metric_key_prefix="validation")["validation_loss"]
     trainer.save_model(str(out / "adapter"))
     if main:
+        if args.eval_every and args.max_steps is None:  # grids and --max-steps runs stay off the held-out windows
+            # the trainer's own batch, so that compiled decoder layers reuse the graphs its evaluations made
+            write_window_losses(args, trainer.model, out, training_args.per_device_eval_batch_size)
         write_result(args, arm, name, rate, out, trainer, validation_loss)
+    trainer.accelerator.wait_for_everyone()
+
+
+def gradients_averaged(trainer) -> bool:
+    """Whether the run's processes averaged their gradients: one process, FSDP, or a model wrapped in DDP."""
+    wrapped = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)  # inside torch.compile's wrapper
+    distributed = trainer.accelerator.num_processes > 1
+    return not distributed or trainer.is_fsdp_enabled or isinstance(wrapped, DistributedDataParallel)
 
 
 def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, validation_loss: float) -> None:
@@ -364,8 +376,9 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
         "P": arm.P,
         "processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
-        # DistributedDataParallel when several processes averaged their gradients (see `check_data_parallel_wrapping`)
-        "model_wrapped": type(trainer.model_wrapped).__name__,
+        # several processes averaged their gradients (DDP or FSDP): not so after an evaluation before train(), which
+        # `check_data_parallel_wrapping` now refuses; the two-GPU runs of 2026-11-30 did not record it (they did not)
+        "gradients_averaged": gradients_averaged(trainer),
         "dtype": "float32" if args.float32 else ("bfloat16" if trainer.args.bf16 else "float32"),
         "compiled_layers": args.compile,
         "steps": trainer.state.global_step,
@@ -391,17 +404,10 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
     print(json.dumps({key: value for key, value in result.items() if "curve" not in key}), flush=True)
 
 
-def score_windows(args: argparse.Namespace, name: str) -> dict[str, list[float]]:
-    """Each held-out and validation window's loss under a finished run's adapter (the frozen model for ``base``), in
-    OUTPUT/<run>/window_losses.json, from which the report compares arms window by window (`window_losses.py`).
-    One device, in this process, after the run's own processes have ended."""
-    out = run_dir(args, name)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and not args.float32 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=dtype).to(device)
-    if name != "base":
-        model = PeftModel.from_pretrained(model, out / "adapter")
-    losses = {part: window_losses(model, load_windows(args, part)["input_ids"]) for part in ("heldout", "validation")}
+def write_window_losses(args: argparse.Namespace, model, out: Path, batch_size: int) -> dict[str, list[float]]:
+    """Each held-out and validation window's loss under `model`, in OUTPUT/<run>/window_losses.json, from which the
+    report compares arms window by window (`window_losses.py`)."""
+    losses = {part: window_losses(model, load_windows(args, part)["input_ids"], batch_size) for part in WINDOW_SETS}
     out.mkdir(parents=True, exist_ok=True)
     (out / WINDOW_LOSSES).write_text(json.dumps(losses))
     return losses
@@ -410,7 +416,13 @@ def score_windows(args: argparse.Namespace, name: str) -> dict[str, list[float]]
 def base_loss(args: argparse.Namespace) -> None:
     """The frozen model's held-out and validation losses on the same windows: the mean of its window losses, which is
     the token mean the trainer's evaluation computes (every window has the same number of tokens)."""
-    losses = score_windows(args, "base")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and not args.float32 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=dtype).to(device)
+    losses = write_window_losses(args, model, run_dir(args, "base"), batch_size=8)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs train in processes of their own, on the same GPU
     result = {
         "name": "base" + args.tag,
         "arm": "base",
@@ -475,17 +487,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.prepare:
             return
         for name in args.runs:
-            out = run_dir(args, name)
-            if not (out / "result.json").is_file():
-                if args.deadline and time.time() > args.deadline - args.launch_margin:
-                    print(f"not starting {name}{args.tag}: too little time left", flush=True)
-                    break
-                base_loss(args) if name == "base" else launch(args, name, argv)
-            # the finished held-out runs' window losses (grids and --max-steps runs stay off the held-out windows)
-            scored = args.eval_every and args.max_steps is None and (out / "adapter").is_dir()
-            in_time = not args.deadline or time.time() < args.deadline - 60  # else the next invocation scores it
-            if scored and in_time and not (out / WINDOW_LOSSES).is_file():
-                score_windows(args, name)
+            if (run_dir(args, name) / "result.json").is_file():
+                continue
+            if args.deadline and time.time() > args.deadline - args.launch_margin:
+                print(f"not starting {name}{args.tag}: too little time left", flush=True)
+                break
+            base_loss(args) if name == "base" else launch(args, name, argv)
     report(output, args.prefix_length, args.learning_rate)
 
 

@@ -12,8 +12,9 @@ finished. `report` reads them all and writes ``report.json`` and ``curves.png``:
   in it;
 - paired comparisons on the held-out windows (``paired`` in report.json, and a table), from each run's
   ``window_losses.json``: every arm against the base model, P=n against P=1, P=n against the single stream with its
-  prefix count (``P1T<n·T>``), and LoRA against the largest P; each a mean difference with its 95% interval and
-  p-value over windows (`window_losses.paired_differences`).
+  prefix count (``P1T<n·T>``), and LoRA against the largest P scored; each a mean difference with its 95% interval
+  and p-value over windows (`window_losses.paired_differences`). Runs without window scores are listed
+  (``unscored``).
 
     report(Path("sweep-output"), default_prefix_length=48, default_learning_rate=5e-2)
 """
@@ -61,12 +62,16 @@ def report(output: Path, default_prefix_length: int, default_learning_rate: floa
         }
     summary |= gap_analysis(sweep)
     summary["curves"] = {r["name"]: r["heldout_curve"] for r in arms}
-    names = [r["name"] for r in ([base] if base else []) + arms if (output / r["name"] / WINDOW_LOSSES).is_file()]
+    runs = [r["name"] for r in ([base] if base else []) + arms]
+    names = [name for name in runs if (output / name / WINDOW_LOSSES).is_file()]
     losses = {name: json.loads((output / name / WINDOW_LOSSES).read_text())["heldout"] for name in names}
     summary["paired"] = paired_differences(losses, comparisons(names, default_prefix_length))
     summary["paired_table"] = paired_table(summary["paired"])
+    summary["unscored"] = [name for name in runs if name not in names]  # no window_losses.json: not compared
     (output / "report.json").write_text(json.dumps(summary, indent=1))
     print(summary["table"], summary["grid_table"], summary["paired_table"], sep="\n\n")
+    if summary["unscored"]:
+        print(f"not compared window by window (no {WINDOW_LOSSES}): {', '.join(summary['unscored'])}")
     print(json.dumps({key: summary[key] for key in ("log_linear_fit", "gap_fit") if key in summary}, indent=1))
     plot_curves(arms, sweep, base, summary.get("gaps", {}), output / "curves.png")
     return summary
@@ -116,7 +121,7 @@ def arms_table(arms: list[dict], base: dict | None) -> str:
 def comparisons(names: list[str], default_prefix_length: int) -> list[tuple[str, str]]:
     """The pairs the report compares on the same windows, among the runs `names`: every arm against ``base``; the
     sweep's ``P<n>`` against ``P1``; each ``P<n>`` (n > 1) against a single stream with its prefix count,
-    ``P1T<n·T>`` at any rate; every LoRA run against the largest ``P<n>``."""
+    ``P1T<n·T>`` at any rate; every LoRA run against the largest ``P<n>`` among `names`."""
     arms = {name: parse_arm(name) for name in names if name != "base"}
     sweep = sorted((arm.P, name) for name, arm in arms.items() if name == f"P{arm.P}")
     pairs = [(name, "base") for name in arms]

@@ -32,8 +32,10 @@ from typing import Literal
 
 import torch
 from accelerate.commands.launch import launch_command, launch_command_parser
+from accelerate.utils import DistributedType
 from peft import PeftConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
@@ -267,22 +269,30 @@ class ParScaleSFTTrainer(SFTTrainer):
 def check_data_parallel_wrapping(trainer: SFTTrainer) -> None:
     """Raise `ValueError` where ``trainer.train()`` would train several processes without averaging their gradients.
 
-    ``trainer.evaluate()`` before the first ``train()`` prepares the model for evaluation only
+    ``trainer.evaluate()`` (or ``predict()``) before the first ``train()`` prepares the model for evaluation only
     (``Accelerator.prepare_model(..., evaluation_mode=True)``, `Trainer.evaluation_loop`), which marks it as prepared
     without wrapping it in ``DistributedDataParallel``. ``train()`` then hands it to ``Accelerator.prepare``, which
-    never prepares a model twice and returns it as it is: every process trains on its own share of each batch and
-    the processes drift apart, with no error (seen with transformers 5.17 and 5.23, accelerate 1.15 and 1.16:
-    ``tests/test_distributed.py``). ``eval_on_start=True`` evaluates inside ``train()``, after the wrapping.
+    never prepares a model twice and returns it as it is (or, with ``torch_compile``, keeps the compiled model the
+    evaluation made): every process trains on its own share of each batch and the processes drift apart, with no
+    error (transformers 5.17 and 5.23, accelerate 1.15 and 1.16: ``experiments/ddp_sync_check.py``, whose raw results
+    are in ``results/ddp-sync-cpu/``). ``eval_on_start=True`` evaluates inside ``train()``, after the wrapping. Models
+    whose placement transformers manages itself (loaded distributed, or tensor parallel) are never wrapped in DDP by
+    design and are left alone.
     """
     accelerator = trainer.accelerator
-    data_parallel = accelerator.num_processes > 1 and accelerator.distributed_type.name.startswith("MULTI_")
+    # the processes that accelerate would wrap in DistributedDataParallel (`Accelerator.prepare_model`)
+    data_parallel = accelerator.use_distributed and (
+        accelerator.multi_device or accelerator.distributed_type == DistributedType.MULTI_CPU
+    )
+    placed_by_transformers = getattr(trainer, "is_distributed_loading_by_transformers", False)
     prepared = getattr(trainer.model, "_is_accelerate_prepared", False)
-    if data_parallel and prepared and trainer.model_wrapped is trainer.model:
+    wrapped = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)  # inside torch.compile's wrapper
+    if data_parallel and not placed_by_transformers and prepared and not isinstance(wrapped, DistributedDataParallel):
         raise ValueError(
-            f"trainer.evaluate() ran before trainer.train() on {accelerator.num_processes} processes: transformers "
-            "then prepares the model for evaluation only, and train() would not wrap it in DistributedDataParallel, "
-            "so the processes would not average their gradients. Evaluate at the start of training instead: "
-            "SFTConfig(eval_on_start=True)."
+            f"trainer.evaluate() or predict() ran before trainer.train() on {accelerator.num_processes} processes: "
+            "transformers then prepares the model for evaluation only, and train() would not wrap it in "
+            "DistributedDataParallel, so the processes would not average their gradients. Evaluate at the start of "
+            "training instead: SFTConfig(eval_on_start=True)."
         )
 
 

@@ -184,10 +184,12 @@ def stream_sweep_curves(path: str = "stream-sweep") -> str:
 
 
 def processes_note(result: dict) -> str:
-    """How a run's processes trained together: the sweep records the Trainer's wrapped model (`model_wrapped`) since
-    2026-12-05; the runs before it evaluated before training, which left their processes without gradient averaging
-    (RESULTS.md, the correction in the stream sweep's section)."""
-    return " (DDP)" if result.get("model_wrapped") == "DistributedDataParallel" else " (gradients not averaged)"
+    """How a run's processes trained together: the sweep records `gradients_averaged` since 2026-12-05; the runs
+    before it evaluated before training, which left their processes without gradient averaging (RESULTS.md, the
+    correction in the stream sweep's section)."""
+    if not result.get("gradients_averaged"):
+        return " (gradients not averaged)"
+    return " (FSDP)" if "FSDP" in result["distributed_type"] else " (DDP)"
 
 
 def two_gpus() -> str:

@@ -212,7 +212,7 @@ def test_stream_sweep_smoke_every_arm_two_processes_interrupted_and_resumed(tmp_
     results = {name: json.loads((tmp_path / "out" / name / "result.json").read_text()) for name in names}
     for result in results.values():
         assert result["processes"] == 2 and result["steps"] == 6 and result["train_tokens"] == 6 * 4 * 32
-        assert result["model_wrapped"] == "DistributedDataParallel"  # the two processes averaged their gradients
+        assert result["gradients_averaged"]  # the model was wrapped in DDP
         assert [tokens for tokens, _ in result["heldout_curve"]] == [0, 256, 512, 768]
         assert math.isfinite(result["validation_loss"]) and result["trainable_parameters"] > 0
         # the adapter file holds the trainable parameters in float32, and a header
@@ -297,17 +297,6 @@ def test_device_transfer_checks_every_chunk_before_writing_anything(tmp_path):
         transfer.unpack(tmp_path / "pack", tmp_path / "run")
     with pytest.raises(ValueError, match="nothing to resume"):
         transfer.pack(tmp_path / "pack", tmp_path / "pack-of-pack")
-
-
-def test_ddp_sync_check_reports_each_mode_s_difference_between_processes(tmp_path):
-    run_experiment("ddp_sync_check.py", "--output", str(tmp_path / "check.json"), cwd=tmp_path)
-    report = json.loads((tmp_path / "check.json").read_text())
-    modes = report["modes"]
-    assert list(modes) == ["evaluate-first", "eval-on-start", "no-evaluation"]
-    for mode in ("eval-on-start", "no-evaluation"):  # gradients averaged: the same steps from the same start
-        assert modes[mode]["max_abs_difference_between_processes_after_step"] == [0.0, 0.0, 0.0]
-    # what the Trainer does after evaluate() (upstream behaviour, recorded for the installed versions)
-    assert all(math.isfinite(d) for d in modes["evaluate-first"]["max_abs_difference_between_processes_after_step"])
 
 
 def test_stream_sweep_tags_name_variants_after_a_dash(capsys):
@@ -440,6 +429,7 @@ def test_stream_sweep_report_compares_arms_window_by_window(tmp_path):
     assert lora["p_value"] < 1e-4  # 0.074 apart, window by window, against noise of 0.003
     assert "| lora@6e-4 − P8 | 12 | -0.07" in summary["paired_table"]
     assert "< 0.0001 |" in summary["paired_table"].splitlines()[-1]
+    assert summary["unscored"] == ["P1T96", "P4T12"]  # finished, but scored window by window nowhere
 
 
 def test_window_losses_are_each_window_s_own_loss(tmp_path):
