@@ -1,7 +1,7 @@
 """Carry an unfinished run from one device session to the next: what resuming needs, in chunks the device takes.
 
-A device machine keeps its files only while it is held, and a session's device time ends before some runs do (a P=8
-run of the 20 M-token sweep takes about 21 minutes on one H200). Such a run checkpoints by ``--time-limit``, comes
+A device machine keeps its files only while it is held, and a session's device time ends before some runs do (the
+20 M-token sweep's P=8 run on one GPU, RESULTS.md). Such a run checkpoints by ``--time-limit``, comes
 back here at the end of one session and goes up again in the next. A device call returns at most 8 files of at most
 16 MiB, 64 MiB together, and carries at most 64 MiB up, the repository's own files included, so the run travels as
 an archive in chunks, with a manifest of SHA-256 sums:
@@ -14,8 +14,8 @@ an archive in chunks, with a manifest of SHA-256 sums:
     # a few chunks each into /tmp/P8-pack, then:
     python3 experiments/device_transfer.py unpack /tmp/P8-pack sweep/P8
 
-What travels: the run folder's own files (its segments' timings, the initial held-out loss) and its latest checkpoint,
-which holds everything the Trainer reads to resume (adapter, optimizer, scheduler, random states, trainer state). Left
+What travels: the run folder's own files (its segments' timings) and its latest checkpoint, which holds everything the
+Trainer reads to resume (adapter, optimizer, scheduler, random states, trainer state with the learning curve). Left
 behind: older checkpoints, the tokenizer and model card the Trainer writes into each checkpoint (resuming does not read
 them), and ``initial_adapter/``, which only the short parity runs' ``--compare`` reads. `unpack` checks every sum
 before it writes anything and refuses a run folder that already holds a checkpoint.

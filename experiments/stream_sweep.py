@@ -52,14 +52,17 @@ import torch
 from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
 from common import add_model_arguments, leading_packed_windows, model_path, packages_corpus
 from datasets import Dataset
-from sweep_results import compare_adapters, report
+from sweep_results import WINDOW_LOSSES, compare_adapters, report
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
+from window_losses import window_losses
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
 from peft_parscale.sft import ParScaleSFTTrainer
 
+WINDOW_SETS = ("heldout", "validation")  # the windows every finished run is scored on, one loss per window
 # the window sets --prepare builds: name -> (corpus split, the argument giving their tokens)
 WINDOWS = {
     "train": ("train", "train_tokens"),
@@ -324,13 +327,11 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
             layer.compile()
     main = trainer.accelerator.is_main_process
     checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if checkpoint is None:
-        if main:
-            trainer.model.save_pretrained(str(out / "initial_adapter"))  # what training moved the adapter from
-        if args.max_steps is None and args.eval_every:
-            initial = trainer.evaluate()  # train() starts a new log history, so this one is kept in a file
-            if main:
-                (out / "initial_eval.json").write_text(json.dumps(initial))
+    if checkpoint is None and main:
+        trainer.model.save_pretrained(str(out / "initial_adapter"))  # what training moved the adapter from
+    # The held-out loss at step 0, evaluated inside train(): `trainer.evaluate()` before train() would leave several
+    # processes without DistributedDataParallel (`peft_parscale.sft.check_data_parallel_wrapping`).
+    trainer.args.eval_on_start = checkpoint is None and args.max_steps is None and bool(args.eval_every)
     trainer.train(resume_from_checkpoint=checkpoint)
     if main:
         segment = {**clock.segment(), "resumed_from": checkpoint}
@@ -346,15 +347,24 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
     validation_loss = trainer.evaluate(eval_dataset=validation, metric_key_prefix="validation")["validation_loss"]
     trainer.save_model(str(out / "adapter"))
     if main:
+        if args.eval_every and args.max_steps is None:  # grids and --max-steps runs stay off the held-out windows
+            # the trainer's own batch, so that compiled decoder layers reuse the graphs its evaluations made
+            write_window_losses(args, trainer.model, out, training_args.per_device_eval_batch_size)
         write_result(args, arm, name, rate, out, trainer, validation_loss)
+    trainer.accelerator.wait_for_everyone()
+
+
+def gradients_averaged(trainer) -> bool:
+    """Whether the run's processes averaged their gradients: one process, FSDP, or a model wrapped in DDP."""
+    wrapped = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)  # inside torch.compile's wrapper
+    distributed = trainer.accelerator.num_processes > 1
+    return not distributed or trainer.is_fsdp_enabled or isinstance(wrapped, DistributedDataParallel)
 
 
 def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, validation_loss: float) -> None:
     tokens_per_step = args.batch_size * args.seq_len
     segments = [json.loads(path.read_text()) for path in sorted(out.glob("segment-*.json"))]
-    initial = out / "initial_eval.json"
-    curve = [(0, json.loads(initial.read_text())["eval_loss"])] if initial.is_file() else []
-    curve += [
+    curve = [
         (log["step"] * tokens_per_step, log["eval_loss"]) for log in trainer.state.log_history if "eval_loss" in log
     ]
     train_seconds = sum(segment["seconds"] for segment in segments)
@@ -366,6 +376,9 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
         "P": arm.P,
         "processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
+        # several processes averaged their gradients (DDP or FSDP): not so after an evaluation before train(), which
+        # `check_data_parallel_wrapping` now refuses; the two-GPU runs of 2026-11-30 did not record it (they did not)
+        "gradients_averaged": gradients_averaged(trainer),
         "dtype": "float32" if args.float32 else ("bfloat16" if trainer.args.bf16 else "float32"),
         "compiled_layers": args.compile,
         "steps": trainer.state.global_step,
@@ -391,32 +404,34 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
     print(json.dumps({key: value for key, value in result.items() if "curve" not in key}), flush=True)
 
 
+def write_window_losses(args: argparse.Namespace, model, out: Path, batch_size: int) -> dict[str, list[float]]:
+    """Each held-out and validation window's loss under `model`, in OUTPUT/<run>/window_losses.json, from which the
+    report compares arms window by window (`window_losses.py`)."""
+    losses = {part: window_losses(model, load_windows(args, part)["input_ids"], batch_size) for part in WINDOW_SETS}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WINDOW_LOSSES).write_text(json.dumps(losses))
+    return losses
+
+
 def base_loss(args: argparse.Namespace) -> None:
-    """The frozen model's held-out and validation losses on the same windows, the token-mean loss as the trainer's
-    evaluation computes it (every window is full, so the mean of equal-sized batch means is the mean over tokens)."""
-    out = run_dir(args, "base")
+    """The frozen model's held-out and validation losses on the same windows: the mean of its window losses, which is
+    the token mean the trainer's evaluation computes (every window has the same number of tokens)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and not args.float32 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=dtype).to(device).eval()
-
-    def mean_loss(part: str) -> float:
-        windows = load_windows(args, part)["input_ids"]
-        losses = []
-        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            for start in range(0, len(windows), 8):
-                input_ids = torch.tensor(windows[start : start + 8], device=device)
-                losses.append(model(input_ids=input_ids, labels=input_ids).loss.item() * len(input_ids))
-        return sum(losses) / len(windows)
-
-    out.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=dtype).to(device)
+    losses = write_window_losses(args, model, run_dir(args, "base"), batch_size=8)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs train in processes of their own, on the same GPU
     result = {
         "name": "base" + args.tag,
         "arm": "base",
         "kind": "base",
         "P": None,
-        "heldout_loss": mean_loss("heldout"),
-        "validation_loss": mean_loss("validation"),
+        "heldout_loss": sum(losses["heldout"]) / len(losses["heldout"]),
+        "validation_loss": sum(losses["validation"]) / len(losses["validation"]),
     }
+    out = run_dir(args, "base")
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
 

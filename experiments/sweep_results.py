@@ -9,7 +9,12 @@ finished. `report` reads them all and writes ``report.json`` and ``curves.png``:
   runs at the default prefix length and learning rate only (the sweep proper);
 - the learning-rate grids: runs with a tag (``lora@6e-4-grid``) grouped by arm without its rate and tag, each with its
   validation loss, and the lowest in each group (``grids`` in report.json, and a table). Held-out losses play no part
-  in it.
+  in it;
+- paired comparisons on the held-out windows (``paired`` in report.json, and a table), from each run's
+  ``window_losses.json``: every arm against the base model, P=n against P=1, P=n against the single stream with its
+  prefix count (``P1T<n·T>``), and LoRA against the largest P scored; each a mean difference with its 95% interval
+  and p-value over windows (`window_losses.paired_differences`). Runs without window scores are listed
+  (``unscored``).
 
     report(Path("sweep-output"), default_prefix_length=48, default_learning_rate=5e-2)
 """
@@ -23,10 +28,12 @@ from pathlib import Path
 import torch
 from arms import ARM_NAME, parse_arm
 from common import pyplot
+from window_losses import paired_differences
 
 from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON, fit_log_linear
 
 ADAPTERS = ("parscale", "lora")  # the kinds of arm with an adapter, in the order the table lists them
+WINDOW_LOSSES = "window_losses.json"  # in a run's folder: {"heldout": [loss per window], "validation": [...]}
 
 
 def report(output: Path, default_prefix_length: int, default_learning_rate: float) -> dict:
@@ -55,8 +62,16 @@ def report(output: Path, default_prefix_length: int, default_learning_rate: floa
         }
     summary |= gap_analysis(sweep)
     summary["curves"] = {r["name"]: r["heldout_curve"] for r in arms}
+    runs = [r["name"] for r in ([base] if base else []) + arms]
+    names = [name for name in runs if (output / name / WINDOW_LOSSES).is_file()]
+    losses = {name: json.loads((output / name / WINDOW_LOSSES).read_text())["heldout"] for name in names}
+    summary["paired"] = paired_differences(losses, comparisons(names, default_prefix_length))
+    summary["paired_table"] = paired_table(summary["paired"])
+    summary["unscored"] = [name for name in runs if name not in names]  # no window_losses.json: not compared
     (output / "report.json").write_text(json.dumps(summary, indent=1))
-    print(summary["table"], summary["grid_table"], sep="\n\n")
+    print(summary["table"], summary["grid_table"], summary["paired_table"], sep="\n\n")
+    if summary["unscored"]:
+        print(f"not compared window by window (no {WINDOW_LOSSES}): {', '.join(summary['unscored'])}")
     print(json.dumps({key: summary[key] for key in ("log_linear_fit", "gap_fit") if key in summary}, indent=1))
     plot_curves(arms, sweep, base, summary.get("gaps", {}), output / "curves.png")
     return summary
@@ -100,6 +115,37 @@ def arms_table(arms: list[dict], base: dict | None) -> str:
             number(r["steady_tokens_per_s"], ",.0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparisons(names: list[str], default_prefix_length: int) -> list[tuple[str, str]]:
+    """The pairs the report compares on the same windows, among the runs `names`: every arm against ``base``; the
+    sweep's ``P<n>`` against ``P1``; each ``P<n>`` (n > 1) against a single stream with its prefix count,
+    ``P1T<n·T>`` at any rate; every LoRA run against the largest ``P<n>`` among `names`."""
+    arms = {name: parse_arm(name) for name in names if name != "base"}
+    sweep = sorted((arm.P, name) for name, arm in arms.items() if name == f"P{arm.P}")
+    pairs = [(name, "base") for name in arms]
+    pairs += [(name, "P1") for P, name in sweep if P > 1]
+    for P, name in sweep:
+        matched = P * default_prefix_length
+        pairs += [(name, other) for other, arm in arms.items() if P > 1 and (arm.P, arm.prefix_length) == (1, matched)]
+    if sweep:
+        pairs += [(name, sweep[-1][1]) for name, arm in arms.items() if arm.kind == "lora"]
+    return pairs
+
+
+def paired_table(rows: list[dict]) -> str:
+    lines = [
+        "| comparison | held-out windows | loss difference [95% interval] | paired bootstrap p |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        low, high = row["interval"]
+        p_value = "< 0.0001" if row["p_value"] < 1e-4 else f"{row['p_value']:.4f}"
+        lines.append(
+            f"| {row['first']} − {row['second']} | {row['windows']} | "
+            f"{row['difference']:+.4f} [{low:+.4f}, {high:+.4f}] | {p_value} |"
+        )
     return "\n".join(lines)
 
 

@@ -32,8 +32,10 @@ from typing import Literal
 
 import torch
 from accelerate.commands.launch import launch_command, launch_command_parser
+from accelerate.utils import DistributedType
 from peft import PeftConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
@@ -200,7 +202,8 @@ class ParScaleSFTTrainer(SFTTrainer):
     holds.
 
     ``train()`` runs with every sdpa kernel but cuDNN's, whose backward can return NaN gradients under explicit masks
-    on Hopper GPUs (see ``train``).
+    on Hopper GPUs (see ``train``). On several processes it refuses to start after ``evaluate()``, which would leave
+    them without gradient averaging (`check_data_parallel_wrapping`); ``eval_on_start=True`` gives that evaluation.
 
     TRL writes README.md from its own template whenever it creates the card (at each checkpoint, and in
     ``push_to_hub`` after the adapter has been saved), which drops what ``ParScaleConfig.save_pretrained`` merged in.
@@ -246,6 +249,7 @@ class ParScaleSFTTrainer(SFTTrainer):
             config.prefix_init = "text"
 
     def train(self, *args, **kwargs):
+        check_data_parallel_wrapping(self)
         # On Hopper GPUs torch >= 2.11 prefers cuDNN's attention, whose backward returns NaN query gradients when an
         # explicit mask is passed, the key length is 64 more than a multiple of 128, and a row's log-sum-exp is below
         # ln(FLT_MAX) (pytorch/pytorch#196678; Qwen2.5's massive-activation heads reach it, huggingface/trl#7181).
@@ -260,6 +264,36 @@ class ParScaleSFTTrainer(SFTTrainer):
         config = getattr(self.model, "active_peft_config", None)
         if self.is_world_process_zero() and isinstance(config, ParScaleConfig):
             update_model_card(self.args.output_dir, config)
+
+
+def check_data_parallel_wrapping(trainer: SFTTrainer) -> None:
+    """Raise `ValueError` where ``trainer.train()`` would train several processes without averaging their gradients.
+
+    ``trainer.evaluate()`` (or ``predict()``) before the first ``train()`` prepares the model for evaluation only
+    (``Accelerator.prepare_model(..., evaluation_mode=True)``, `Trainer.evaluation_loop`), which marks it as prepared
+    without wrapping it in ``DistributedDataParallel``. ``train()`` then hands it to ``Accelerator.prepare``, which
+    never prepares a model twice and returns it as it is (or, with ``torch_compile``, keeps the compiled model the
+    evaluation made): every process trains on its own share of each batch and the processes drift apart, with no
+    error (transformers 5.17 and 5.23, accelerate 1.15 and 1.16: ``experiments/ddp_sync_check.py``, whose raw results
+    are in ``results/ddp-sync-cpu/``). ``eval_on_start=True`` evaluates inside ``train()``, after the wrapping. Models
+    whose placement transformers manages itself (loaded distributed, or tensor parallel) are never wrapped in DDP by
+    design and are left alone.
+    """
+    accelerator = trainer.accelerator
+    # the processes that accelerate would wrap in DistributedDataParallel (`Accelerator.prepare_model`)
+    data_parallel = accelerator.use_distributed and (
+        accelerator.multi_device or accelerator.distributed_type == DistributedType.MULTI_CPU
+    )
+    placed_by_transformers = getattr(trainer, "is_distributed_loading_by_transformers", False)
+    prepared = getattr(trainer.model, "_is_accelerate_prepared", False)
+    wrapped = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)  # inside torch.compile's wrapper
+    if data_parallel and not placed_by_transformers and prepared and not isinstance(wrapped, DistributedDataParallel):
+        raise ValueError(
+            f"trainer.evaluate() or predict() ran before trainer.train() on {accelerator.num_processes} processes: "
+            "transformers then prepares the model for evaluation only, and train() would not wrap it in "
+            "DistributedDataParallel, so the processes would not average their gradients. Evaluate at the start of "
+            "training instead: SFTConfig(eval_on_start=True)."
+        )
 
 
 def prefix_init_windows(dataset, num_streams: int, length: int) -> torch.Tensor:

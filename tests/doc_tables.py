@@ -183,6 +183,15 @@ def stream_sweep_curves(path: str = "stream-sweep") -> str:
     return markdown(header, ["---"] + ["---:"] * len(tokens), rows)
 
 
+def processes_note(result: dict) -> str:
+    """How a run's processes trained together: the sweep records `gradients_averaged` since 2026-12-05; the runs
+    before it evaluated before training, which left their processes without gradient averaging (RESULTS.md, the
+    correction in the stream sweep's section)."""
+    if not result.get("gradients_averaged"):
+        return " (gradients not averaged)"
+    return " (FSDP)" if "FSDP" in result["distributed_type"] else " (DDP)"
+
+
 def two_gpus() -> str:
     """Throughput of the sweep's P=8 and P=1 on two GPUs against P=8 on one (`--tag=-1gpu`), with MFU per GPU."""
     config = shape_config("0.5b")
@@ -203,7 +212,7 @@ def two_gpus() -> str:
         rows.append(
             [
                 str(result["P"]),
-                f"{result['processes']}" + (" (DDP)" if result["processes"] > 1 else ""),
+                f"{result['processes']}" + (processes_note(result) if result["processes"] > 1 else ""),
                 str(len(result["segments"])),
                 tokens_per_s(rates),
                 low if low == high else f"{low}–{high}",

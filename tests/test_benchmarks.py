@@ -112,6 +112,9 @@ def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path):
     for name in ("training_P8", "training_P8_layers", "decode_P8", "sampling_P8"):
         table = (tmp_path / f"profile_{name}.txt").read_text()
         assert "aten::linear" in table, name
+    # the compiled-layers table profiles compiled layers, the eager one none
+    assert "Torch-Compiled Region" in (tmp_path / "profile_training_P8_layers.txt").read_text()
+    assert "Torch-Compiled Region" not in (tmp_path / "profile_training_P8.txt").read_text()
     # the sampling table profiles the sampling step: top-p sorts the scores, which greedy decoding never does
     assert "aten::sort" in (tmp_path / "profile_sampling_P8.txt").read_text()
     assert "aten::sort" not in (tmp_path / "profile_decode_P8.txt").read_text()

@@ -203,9 +203,9 @@ def test_fsdp2_shards_every_decoder_layer_and_trains_the_adapter_of_one_process(
     assert_same_adapter(trained, one_process_adapter)
 
 
-def test_fsdp2_checkpoints_hold_the_adapter_only_and_resume_to_the_uninterrupted_adapter(workspace, fsdp2_run):
+def test_fsdp2_checkpoints_hold_no_frozen_weight_but_tied_aliases_and_resume_to_the_same_adapter(workspace, fsdp2_run):
     """Under FSDP2 the Trainer checkpoints the model through accelerate's `save_fsdp_model`, which for a PEFT model
-    keeps the trainable weights only (no copy of the frozen backbone per checkpoint), and the optimizer through
+    keeps the trainable weights, not the frozen backbone (but for the second name of a tied weight, below), and the optimizer through
     `save_fsdp_optimizer`. A run resumed on two processes from the halfway checkpoint must end at the adapter of the
     uninterrupted run (the module docstring's bound: the same sums in the same order, so any difference is a lost
     optimizer state or step, which shows by more than 1e-3)."""
@@ -232,3 +232,25 @@ def test_fsdp2_checkpoints_hold_the_adapter_only_and_resume_to_the_uninterrupted
         assert process_facts(fsdp2_run, process)["steps_run"] == STEPS
         assert process_facts(resumed, process)["steps_run"] == STEPS - STEPS // 2
     assert_same_adapter(adapter(resumed), uninterrupted)
+
+
+def test_training_after_evaluate_on_two_processes_is_refused_and_eval_on_start_keeps_them_in_step(tmp_path):
+    """`trainer.evaluate()` before `train()` prepares the model for evaluation only, and `train()` would then run the
+    processes without DistributedDataParallel: each on its own share of the batch, drifting apart with no error
+    (`sft.check_data_parallel_wrapping`). `experiments/ddp_sync_check.py` runs each case on two processes: both must
+    refuse it, compiled or not; with `eval_on_start=True` (the evaluation inside `train()`) or no evaluation, the
+    two processes hold the same adapter after every step, bit for bit (DDP averages the gradients, so both take the
+    same steps from the same start)."""
+    script = Path(__file__).parents[1] / "experiments" / "ddp_sync_check.py"
+    command = [sys.executable, str(script), "--output", str(tmp_path / "check.json")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    modes = json.loads((tmp_path / "check.json").read_text())["modes"]
+    for mode in ("refused", "refused-compiled"):
+        for error in modes[mode]["errors"]:
+            assert error is not None and "SFTConfig(eval_on_start=True)" in error, (mode, error)
+    for mode in ("eval-on-start", "no-evaluation"):
+        assert modes[mode]["max_abs_difference_between_processes_after_step"] == [0.0, 0.0, 0.0], mode
+    # The premise of the check, on the installed transformers and accelerate: without it the processes drift apart
+    # (each step moves the adapter by about the learning rate, 1e-2). If this fails, upstream fixed the bug.
+    assert min(modes["evaluate-first"]["max_abs_difference_between_processes_after_step"]) > 1e-3

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from test_examples import ROOT, run_example
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_parscale.function_pairs import DROP_REASONS
+from peft_parscale.testing import save_tiny_checkpoint
 
 
 def run_experiment(name: str, *args: str, cwd: Path) -> str:
@@ -211,11 +212,17 @@ def test_stream_sweep_smoke_every_arm_two_processes_interrupted_and_resumed(tmp_
     results = {name: json.loads((tmp_path / "out" / name / "result.json").read_text()) for name in names}
     for result in results.values():
         assert result["processes"] == 2 and result["steps"] == 6 and result["train_tokens"] == 6 * 4 * 32
+        assert result["gradients_averaged"]  # the model was wrapped in DDP
         assert [tokens for tokens, _ in result["heldout_curve"]] == [0, 256, 512, 768]
         assert math.isfinite(result["validation_loss"]) and result["trainable_parameters"] > 0
         # the adapter file holds the trainable parameters in float32, and a header
         assert 0 < result["adapter_bytes"] - 4 * result["trainable_parameters"] < 2**16
     assert [segment["resumed_from"] is not None for segment in results["lora@1e-3"]["segments"]] == [False, True]
+    for name, result in results.items():  # each window's loss, scored after training: its mean is the trainer's last
+        # held-out evaluation (float32 sums of 256 token losses near 4.6 in other orders: < 256 · 1.2e-7 · 4.6 < 2e-4)
+        losses = json.loads((tmp_path / "out" / name / "window_losses.json").read_text())
+        assert len(losses["heldout"]) == 8 and len(losses["validation"]) == 8
+        assert sum(losses["heldout"]) / 8 == pytest.approx(result["heldout_curve"][-1][1], abs=2e-4), name
     assert [segment["resumed_from"] for segment in results["P1"]["segments"]] == [None]
     assert (results["P1T8"]["P"], results["P1T8"]["prefix_length"], results["P1"]["prefix_length"]) == (1, 8, 4)
     # P=1 has no aggregator: twice the prefix length, twice the prefix parameters
@@ -232,6 +239,7 @@ def test_stream_sweep_smoke_every_arm_two_processes_interrupted_and_resumed(tmp_
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["log_linear_fit"]["P"] == [1, 2, 4] and report["log_linear_fit"]["r2"] <= 1  # P<n> at T=4 only
+    assert ("P2", "P1T8") in [(row["first"], row["second"]) for row in report["paired"]]  # T=4: P=2's prefix count
     assert [tokens for tokens, _ in report["gaps"]["4"]] == [0, 256, 512, 768]
     assert report["gap_fit"]["P"] == 4 and (tmp_path / "out" / "curves.png").is_file()
     assert list(report["curves"]) == ["P1", "P1T8", "P2", "P4", "lora@1e-3"]
@@ -243,7 +251,7 @@ def test_stream_sweep_smoke_every_arm_two_processes_interrupted_and_resumed(tmp_
 def fake_run(run: Path) -> dict[str, bytes]:
     """A run folder as the sweep leaves it after two segments, with random contents; returns every file's bytes."""
     generator = torch.Generator().manual_seed(0)
-    names = ["segment-0.json", "segment-2.json", "initial_eval.json", "initial_adapter/adapter_model.safetensors"]
+    names = ["segment-0.json", "segment-2.json", "initial_adapter/adapter_model.safetensors"]
     for step in (2, 5):
         names += [f"checkpoint-{step}/{name}" for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")]
         names += [f"checkpoint-{step}/{name}" for name in ("rng_state.pth", "trainer_state.json", "tokenizer.json")]
@@ -263,7 +271,7 @@ def test_device_transfer_carries_the_latest_checkpoint_and_the_run_s_own_files(t
     assert len(manifest["chunks"]) > 2  # several chunks, joined in order on the way back
     assert all(chunk["bytes"] <= 10_000 for chunk in manifest["chunks"])
     transfer.unpack(tmp_path / "pack", tmp_path / "back")
-    wanted = ["segment-0.json", "segment-2.json", "initial_eval.json"]
+    wanted = ["segment-0.json", "segment-2.json"]
     wanted += [f"checkpoint-5/{name}" for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")]
     wanted += ["checkpoint-5/rng_state.pth", "checkpoint-5/trainer_state.json"]
     files = [path for path in (tmp_path / "back").rglob("*") if path.is_file()]
@@ -381,6 +389,59 @@ def test_stream_sweep_report_fits_ln_p_over_the_default_p_runs_and_picks_rates_o
     # runs named P<n> but trained at another prefix length or rate than the defaults are not the sweep
     for prefix_length, learning_rate in ((64, 0.05), (48, 0.02)):
         assert "log_linear_fit" not in sweep_results.report(tmp_path, prefix_length, learning_rate)
+
+
+def test_stream_sweep_report_compares_arms_window_by_window(tmp_path):
+    sweep_results = import_experiment("sweep_results")
+    common = {"train_tokens": 1024, "steady_tokens_per_s": None, "learning_rate": 0.05, "heldout_curve": [(0, 1.5)]}
+    arms = {"P1": (1, 48), "P4": (4, 48), "P8": (8, 48), "P1T192@0.02": (1, 192), "P1T96": (1, 96), "P4T12": (4, 12)}
+    for name, (P, prefix_length) in arms.items():
+        write_sweep_result(tmp_path / name, arm=name, kind="parscale", P=P, prefix_length=prefix_length, **common)
+    write_sweep_result(tmp_path / "lora@6e-4", arm="lora@6e-4", kind="lora", P=None, prefix_length=None, **common)
+    write_sweep_result(tmp_path / "base", P=None, heldout_loss=1.45)
+    generator = torch.Generator().manual_seed(0)
+    windows = 1.0 + torch.rand(12, generator=generator, dtype=torch.float64)  # each window's difficulty, shared
+    shifts = {"base": 0.1, "P1": 0.0, "P4": -0.004, "P8": -0.006, "P1T192@0.02": -0.005, "lora@6e-4": -0.08}
+    noise = {name: 0.002 * torch.randn(12, generator=generator, dtype=torch.float64) for name in shifts}
+    losses = {name: windows + shift + noise[name] for name, shift in shifts.items()}
+    for name, values in losses.items():  # P1T96 and P4T12 have no window losses: left out of the comparisons
+        (tmp_path / name / "window_losses.json").write_text(json.dumps({"heldout": values.tolist(), "validation": []}))
+
+    summary = sweep_results.report(tmp_path, default_prefix_length=48, default_learning_rate=0.05)
+    assert [(row["first"], row["second"]) for row in summary["paired"]] == [
+        ("P1", "base"),
+        ("P1T192@0.02", "base"),
+        ("P4", "base"),
+        ("P8", "base"),
+        ("lora@6e-4", "base"),
+        ("P4", "P1"),
+        ("P8", "P1"),
+        ("P4", "P1T192@0.02"),  # the single stream with P=4's prefix count, 4 · 48
+        ("lora@6e-4", "P8"),
+    ]
+    for row in summary["paired"]:
+        difference = losses[row["first"]] - losses[row["second"]]
+        assert row["windows"] == 12
+        assert row["difference"] == pytest.approx(difference.mean().item(), abs=1e-12)
+        low, high = row["interval"]  # percentile bootstrap of the mean: inside the differences' own range
+        assert difference.min() <= low <= row["difference"] <= high <= difference.max()
+    lora = summary["paired"][-1]
+    assert lora["p_value"] < 1e-4  # 0.074 apart, window by window, against noise of 0.003
+    assert "| lora@6e-4 − P8 | 12 | -0.07" in summary["paired_table"]
+    assert "< 0.0001 |" in summary["paired_table"].splitlines()[-1]
+    assert summary["unscored"] == ["P1T96", "P4T12"]  # finished, but scored window by window nowhere
+
+
+def test_window_losses_are_each_window_s_own_loss(tmp_path):
+    window_losses = import_experiment("window_losses")
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_checkpoint(tmp_path / "tiny")).eval()
+    windows = torch.randint(0, model.config.vocab_size, (5, 24), generator=torch.Generator().manual_seed(0))
+    losses = window_losses.window_losses(model, windows.tolist(), batch_size=2)  # batches of 2, 2 and 1
+    # the model's own loss for each window alone; float32 sums over 23 tokens in another order differ by ~1e-7
+    expected = [model(input_ids=window[None], labels=window[None]).loss.item() for window in windows]
+    assert losses == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="different windows"):
+        window_losses.paired_differences({"a": [1.0, 2.0], "b": [1.0, 2.0, 3.0]}, [("a", "b")])
 
 
 def test_stream_sweep_prepare_adds_validation_windows_from_files_in_neither_split(tmp_path):
