@@ -11,11 +11,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from peft_parscale import ParScaleConfig
 from peft_parscale.decode import fast_decoder
-from peft_parscale.sampling import TokenSelector, draw_uniforms
 
 from .decoding import build_variant, random_prompts
 from .measure import random_causal_lm
-from .sampling import humaneval_sampling
+from .sampling import humaneval_sampling, sampling_decoder
 from .shapes import shape_config
 
 
@@ -77,13 +76,9 @@ def profile_sampling(
     without CUDA graphs, so that the table lists the step's kernels rather than graph replays."""
     model, _ = build_variant(shape, f"P{num_streams}", device, dtype)
     config = humaneval_sampling(new_tokens, samples)
-    rows = problems * samples
     options = {"fullgraph": True} if device.type == "cuda" else None
-    selector = TokenSelector.from_generation_config(config)
-    decoder = fast_decoder(model, rows, prompt + new_tokens, selector, options is not None, options)
     input_ids, attention_mask = random_prompts(problems, prompt, model.config.vocab_size, device)
-    rows_ids, rows_mask = (tensor.repeat_interleave(samples, dim=0) for tensor in (input_ids, attention_mask))
-    uniforms = draw_uniforms(torch.Generator(device).manual_seed(0), rows, new_tokens, device)
+    decoder, rows_ids, rows_mask, uniforms = sampling_decoder(model, input_ids, attention_mask, config, options)
     decoder.run(rows_ids, rows_mask, steps, uniforms)  # compilation
     return profile_table(lambda: decoder.run(rows_ids, rows_mask, steps, uniforms), 1)
 

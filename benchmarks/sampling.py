@@ -111,6 +111,25 @@ def measure_generate_sampling(
     return {"ttft_ms": median(first_token), "total_ms": median(totals), "warmup_s": warmup_ms / 1e3}
 
 
+def sampling_decoder(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+    compile_options: dict[str, Any] | None,
+) -> tuple[Any, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The fast path's decoder for `config`'s samples of every prompt (a cache as long as the whole generation), the
+    prompts repeated once per sample, and the uniform numbers of every step (seed 0)."""
+    device = input_ids.device
+    samples, new_tokens = config.num_return_sequences, config.max_new_tokens
+    rows, length = input_ids.shape[0] * samples, input_ids.shape[1] + new_tokens
+    selector = TokenSelector.from_generation_config(config)
+    decoder = fast_decoder(model, rows, length, selector, compile_options is not None, compile_options)
+    rows_ids, rows_mask = (tensor.repeat_interleave(samples, dim=0) for tensor in (input_ids, attention_mask))
+    uniforms = draw_uniforms(torch.Generator(device).manual_seed(0), rows, new_tokens, device)
+    return decoder, rows_ids, rows_mask, uniforms
+
+
 def measure_fast_sampling(
     model: Any,
     input_ids: torch.Tensor,
@@ -124,11 +143,8 @@ def measure_fast_sampling(
     device = input_ids.device
     clock = Clock(device)
     compile = compile_options is not None
-    samples, new_tokens = config.num_return_sequences, config.max_new_tokens
-    rows, length = input_ids.shape[0] * samples, input_ids.shape[1] + new_tokens
-    decoder = fast_decoder(model, rows, length, TokenSelector.from_generation_config(config), compile, compile_options)
-    rows_ids, rows_mask = (tensor.repeat_interleave(samples, dim=0) for tensor in (input_ids, attention_mask))
-    uniforms = draw_uniforms(torch.Generator(device).manual_seed(0), rows, new_tokens, device)
+    new_tokens = config.max_new_tokens
+    decoder, rows_ids, rows_mask, uniforms = sampling_decoder(model, input_ids, attention_mask, config, compile_options)
     _, warmup_ms = clock.time_ms(lambda: decoder.run(rows_ids, rows_mask, min(new_tokens, 4), uniforms))
 
     def generate() -> torch.Tensor:
