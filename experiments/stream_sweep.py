@@ -53,14 +53,13 @@ from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
 from common import add_model_arguments, leading_packed_windows, model_path, packages_corpus
 from datasets import Dataset
 from sweep_results import WINDOW_LOSSES, compare_adapters, report
-from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 from window_losses import window_losses
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
-from peft_parscale.sft import ParScaleSFTTrainer
+from peft_parscale.sft import ParScaleSFTTrainer, wrapped_in_ddp
 
 WINDOW_SETS = ("heldout", "validation")  # the windows every finished run is scored on, one loss per window
 # the window sets --prepare builds: name -> (corpus split, the argument giving their tokens)
@@ -356,9 +355,7 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
 
 def gradients_averaged(trainer) -> bool:
     """Whether the run's processes averaged their gradients: one process, FSDP, or a model wrapped in DDP."""
-    wrapped = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)  # inside torch.compile's wrapper
-    distributed = trainer.accelerator.num_processes > 1
-    return not distributed or trainer.is_fsdp_enabled or isinstance(wrapped, DistributedDataParallel)
+    return trainer.accelerator.num_processes == 1 or trainer.is_fsdp_enabled or wrapped_in_ddp(trainer)
 
 
 def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, validation_loss: float) -> None:
@@ -418,8 +415,9 @@ def base_loss(args: argparse.Namespace) -> None:
     the token mean the trainer's evaluation computes (every window has the same number of tokens)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and not args.float32 else torch.float32
+    out = run_dir(args, "base")
     model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=dtype).to(device)
-    losses = write_window_losses(args, model, run_dir(args, "base"), batch_size=8)
+    losses = write_window_losses(args, model, out, batch_size=8)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # the runs train in processes of their own, on the same GPU
@@ -431,7 +429,6 @@ def base_loss(args: argparse.Namespace) -> None:
         "heldout_loss": sum(losses["heldout"]) / len(losses["heldout"]),
         "validation_loss": sum(losses["validation"]) / len(losses["validation"]),
     }
-    out = run_dir(args, "base")
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
 

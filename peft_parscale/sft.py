@@ -266,6 +266,13 @@ class ParScaleSFTTrainer(SFTTrainer):
             update_model_card(self.args.output_dir, config)
 
 
+def wrapped_in_ddp(trainer: SFTTrainer) -> bool:
+    """Whether the model the Trainer trains is wrapped in ``DistributedDataParallel`` (inside torch.compile's wrapper,
+    where ``torch_compile`` put one)."""
+    wrapped = trainer.model_wrapped
+    return isinstance(getattr(wrapped, "_orig_mod", wrapped), DistributedDataParallel)
+
+
 def check_data_parallel_wrapping(trainer: SFTTrainer) -> None:
     """Raise `ValueError` where ``trainer.train()`` would train several processes without averaging their gradients.
 
@@ -286,8 +293,7 @@ def check_data_parallel_wrapping(trainer: SFTTrainer) -> None:
     )
     placed_by_transformers = getattr(trainer, "is_distributed_loading_by_transformers", False)
     prepared = getattr(trainer.model, "_is_accelerate_prepared", False)
-    wrapped = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)  # inside torch.compile's wrapper
-    if data_parallel and not placed_by_transformers and prepared and not isinstance(wrapped, DistributedDataParallel):
+    if data_parallel and not placed_by_transformers and prepared and not wrapped_in_ddp(trainer):
         raise ValueError(
             f"trainer.evaluate() or predict() ran before trainer.train() on {accelerator.num_processes} processes: "
             "transformers then prepares the model for evaluation only, and train() would not wrap it in "
