@@ -82,16 +82,6 @@ def worker(checkpoint: Path, data: Path, output: Path, mode: str) -> None:
         (output / f"{mode}-outcome-{trainer.args.process_index}.txt").write_text(str(error))
 
 
-def training_data(path: Path) -> None:
-    """64 rows of 40 random letters, spaces and newlines."""
-    generator = torch.Generator().manual_seed(0)
-    alphabet = "abcdefghijk \n"
-    with open(path, "w") as file:
-        for _ in range(64):
-            letters = torch.randint(len(alphabet), (40,), generator=generator)
-            file.write(json.dumps({"text": "".join(alphabet[i] for i in letters)}) + "\n")
-
-
 def run_mode(checkpoint: Path, data: Path, scratch: Path, mode: str) -> dict:
     """Launch `mode` on two processes; its record (differences after each step, or each process's error)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
@@ -126,13 +116,13 @@ def main() -> None:
     import accelerate
     import transformers
 
-    from peft_parscale.testing import save_tiny_checkpoint
+    from peft_parscale.testing import save_letter_rows, save_tiny_checkpoint
 
     report = {"versions": {m.__name__: m.__version__ for m in (torch, transformers, accelerate)}, "modes": {}}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         checkpoint = save_tiny_checkpoint(scratch / "tiny")
-        training_data(scratch / "train.jsonl")
+        save_letter_rows(scratch / "train.jsonl")
         for mode in args.modes:
             report["modes"][mode] = run_mode(checkpoint, scratch / "train.jsonl", scratch, mode)
             print(mode, report["modes"][mode], flush=True)

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -79,3 +80,15 @@ def temporary_tiny_checkpoint(**config_overrides) -> Path:
     scratch = tempfile.TemporaryDirectory(prefix="parscale-tiny-")
     atexit.register(scratch.cleanup)
     return save_tiny_checkpoint(Path(scratch.name) / "tiny-qwen2", **config_overrides)
+
+
+def save_letter_rows(path: str | os.PathLike, rows: int = 64, length: int = 40, seed: int = 0) -> Path:
+    """Write a JSON-lines training file of `rows` texts of `length` random letters, spaces and newlines (``{"text":
+    ...}`` per line), for smoke trainings of a tiny checkpoint."""
+    generator = torch.Generator().manual_seed(seed)
+    alphabet = "abcdefghijk \n"
+    with open(path, "w") as file:
+        for _ in range(rows):
+            letters = torch.randint(len(alphabet), (length,), generator=generator)
+            file.write(json.dumps({"text": "".join(alphabet[i] for i in letters)}) + "\n")
+    return Path(path)

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from peft_parscale.testing import save_tiny_checkpoint
+from peft_parscale.testing import save_letter_rows, save_tiny_checkpoint
 
 TOLERANCE = 1e-6  # 4e-7 bound (module docstring), rounded up
 STEPS, LEARNING_RATE, GLOBAL_BATCH = 4, 1e-2, 4
@@ -40,13 +40,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     checkpoint = save_tiny_checkpoint(root / "tiny")
     AutoModelForCausalLM.from_pretrained(checkpoint).double().save_pretrained(checkpoint)
-    generator = torch.Generator().manual_seed(0)
-    alphabet = "abcdefghijk \n"
     (root / "data").mkdir()
-    with open(root / "data" / "train.jsonl", "w") as file:
-        for _ in range(64):
-            letters = torch.randint(len(alphabet), (40,), generator=generator)
-            file.write(json.dumps({"text": "".join(alphabet[i] for i in letters)}) + "\n")
+    save_letter_rows(root / "data" / "train.jsonl")
     return root
 
 
