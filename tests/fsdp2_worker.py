@@ -53,63 +53,70 @@ class StepCounter(TrainerCallback):
         self.steps += 1
 
 
-checkpoint, data, output = map(Path, sys.argv[1:4])
-steps, learning_rate, batch = int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
-resume_from = sys.argv[7] if len(sys.argv) > 7 else None
-args = SFTConfig(
-    str(output),
-    use_cpu=True,
-    bf16=False,
-    max_length=32,
-    report_to="none",
-    seed=0,
-    max_steps=steps,
-    learning_rate=learning_rate,
-    per_device_train_batch_size=batch,
-    save_strategy="steps",
-    save_steps=steps // 2,
-    logging_nan_inf_filter=False,  # the loss reported is every step's, NaN included
-)
-process = args.process_index  # sets up the process group, as TRL's trainer does before it loads a model
-model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
-if process != 0:
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.fill_(float("nan"))
-step_counter = StepCounter()
-trainer = ParScaleSFTTrainer(
-    model=model,
-    args=args,
-    train_dataset=Dataset.from_json(str(data / "train.jsonl")),
-    processing_class=AutoTokenizer.from_pretrained(checkpoint),
-    peft_config=ParScaleConfig(P=2, prefix_length=4, prefix_init="text"),
-    callbacks=[step_counter],
-)
-initial = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
-save_file(initial, output / f"initial-{process}.safetensors")
-facts = {"fsdp_loading": is_fsdp_enabled(), "processes": trainer.accelerator.num_processes}
+def main() -> None:
+    """The run, in a function: its trainer is gone when it returns (see the end of this file)."""
+    checkpoint, data, output = map(Path, sys.argv[1:4])
+    steps, learning_rate, batch = int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+    resume_from = sys.argv[7] if len(sys.argv) > 7 else None
+    args = SFTConfig(
+        str(output),
+        use_cpu=True,
+        bf16=False,
+        max_length=32,
+        report_to="none",
+        seed=0,
+        max_steps=steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch,
+        save_strategy="steps",
+        save_steps=steps // 2,
+        logging_nan_inf_filter=False,  # the loss reported is every step's, NaN included
+    )
+    process = args.process_index  # sets up the process group, as TRL's trainer does before it loads a model
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+    if process != 0:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(float("nan"))
+    step_counter = StepCounter()
+    trainer = ParScaleSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_json(str(data / "train.jsonl")),
+        processing_class=AutoTokenizer.from_pretrained(checkpoint),
+        peft_config=ParScaleConfig(P=2, prefix_length=4, prefix_init="text"),
+        callbacks=[step_counter],
+    )
+    initial = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    save_file(initial, output / f"initial-{process}.safetensors")
+    facts = {"fsdp_loading": is_fsdp_enabled(), "processes": trainer.accelerator.num_processes}
 
-state = trainer.accelerator.state
-state.distributed_type = DistributedType.FSDP
-# Every later `AcceleratorState()` (accelerate's saving and loading make some) copies PartialState's fields over its
-# own, distributed_type included; on GPUs accelerate writes FSDP there too (`accelerate/state.py`:998).
-PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-state.fsdp_plugin = FullyShardedDataParallelPlugin()
-trainer.is_fsdp_enabled = True
-facts["loss"] = trainer.train(resume_from_checkpoint=resume_from).training_loss
-facts["steps_run"] = step_counter.steps
-facts["units"] = {}
-for name, module in trainer.model.named_modules():
-    if isinstance(module, FSDPModule):
-        parameters = list(module.parameters())  # nested units' included
-        frozen = [p for p in parameters if not p.requires_grad]
-        facts["units"][name] = {
-            "trainable": sum(p.requires_grad for p in parameters),
-            "frozen": len(frozen),
-            "sharded": all(isinstance(p, DTensor) for p in parameters),
-            "frozen_local_elements": sum(p.to_local().numel() for p in frozen),
-            "frozen_elements": sum(p.numel() for p in frozen),
-        }
-(output / f"process-{process}.json").write_text(json.dumps(facts))
-trainer.save_model(str(output))  # every process: gathering the full state dict is collective
-trainer.accelerator.end_training()
+    state = trainer.accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    # Every later `AcceleratorState()` (accelerate's saving and loading make some) copies PartialState's fields over its
+    # own, distributed_type included; on GPUs accelerate writes FSDP there too (`accelerate/state.py`:998).
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    trainer.is_fsdp_enabled = True
+    facts["loss"] = trainer.train(resume_from_checkpoint=resume_from).training_loss
+    facts["steps_run"] = step_counter.steps
+    facts["units"] = {}
+    for name, module in trainer.model.named_modules():
+        if isinstance(module, FSDPModule):
+            parameters = list(module.parameters())  # nested units' included
+            frozen = [p for p in parameters if not p.requires_grad]
+            facts["units"][name] = {
+                "trainable": sum(p.requires_grad for p in parameters),
+                "frozen": len(frozen),
+                "sharded": all(isinstance(p, DTensor) for p in parameters),
+                "frozen_local_elements": sum(p.to_local().numel() for p in frozen),
+                "frozen_elements": sum(p.numel() for p in frozen),
+            }
+    (output / f"process-{process}.json").write_text(json.dumps(facts))
+    trainer.save_model(str(output))  # every process: gathering the full state dict is collective
+
+
+main()
+# The process group goes after the trainer's FSDP model (destroyed when `main` returned): the other order now and
+# then aborts a process at exit ("terminate called without an active exception").
+torch.distributed.destroy_process_group()
