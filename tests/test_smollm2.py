@@ -75,3 +75,15 @@ def test_p2_adapter_learns_on_real_text_and_generation_stays_fluent(smollm2):
     reply = answer(model, tokenizer, "What is the capital of France?")
     print(json.dumps({"reply": reply}))
     assert "Paris" in reply
+
+
+def test_the_converted_copy_starts_and_ends_sequences_as_the_released_checkpoint_does(smollm2):
+    from transformers import AutoConfig, GenerationConfig
+
+    saved, tokenizer = smollm2
+    # the released checkpoint: tokenizer_config.json's special tokens; config.json's and generation_config.json's ids
+    released = ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == released
+    config = AutoConfig.from_pretrained(saved)
+    assert (config.bos_token_id, config.eos_token_id) == (1, 2) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert GenerationConfig.from_pretrained(saved).eos_token_id == 2
