@@ -1,7 +1,8 @@
 """The arms the experiments train, by name: ``base``, ``P<n>`` (ParScale with the default prefix length),
 ``P<n>T<t>`` (ParScale with prefix length t), ``lora`` (PEFT's LoRA on every linear layer of the decoder), each but
-``base`` with an optional ``@<learning rate>``, and ParScale arms with P >= 2 with ``+div<λ>`` (a stream-diversity
-term, `stream_diversity.py`) before it. The HumanEval experiment and the stream sweep name their output folders after
+``base`` with an optional ``@<learning rate>`` and then an optional ``#<seed>`` (the training seed, 0 when left out:
+the same arm trained again with another seed, to measure how much training alone moves a result), and ParScale arms
+with P >= 2 with ``+div<λ>`` (a stream-diversity term, `stream_diversity.py`) before the rate. The HumanEval experiment and the stream sweep name their output folders after
 them, and build each arm's adapter and learning rate here, so that an arm is the same thing in both.
 
 Example::
@@ -9,6 +10,7 @@ Example::
     from arms import arm_learning_rate, arm_peft_config, parse_arm
 
     arm = parse_arm("P1T192@1.5e-2")  # Arm(kind="parscale", P=1, prefix_length=192, learning_rate=0.015)
+    parse_arm("lora@6e-4#2").seed  # 2
     config = arm_peft_config(arm, prefix_length=48, smoothing=0.1, lora_rank=16)  # ParScaleConfig(P=1, ...T=192)
     rate = arm_learning_rate(arm, learning_rate=5e-2, lora_learning_rate=None)  # 0.015
 """
@@ -34,30 +36,37 @@ class Arm:
     prefix_length: int | None = None  # None: --prefix-length
     learning_rate: float | None = None  # None: --learning-rate or --lora-learning-rate
     diversity_weight: float | None = None  # λ of the stream-diversity term; None: no term
+    seed: int = 0  # the training seed (data order, LoRA's initialisation)
 
 
 NUMBER = r"\d+(?:\.\d*)?(?:e-?\d+)?"
 ARM_NAME = re.compile(
-    rf"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?(?:\+div(?P<div>{NUMBER}))?)(?:@(?P<rate>{NUMBER}|best))?"
+    rf"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?(?:\+div(?P<div>{NUMBER}))?)(?:@(?P<rate>{NUMBER}|best))?(?:#(?P<seed>\d+))?"
 )
 
 
 def parse_arm(name: str) -> Arm:
     match = ARM_NAME.fullmatch(name)
-    if match is None or (name.startswith("base") and match["rate"]):
+    if match is None or (name.startswith("base") and (match["rate"] or match["seed"])):
         raise ValueError(
-            f"models are named base, P<n>, P<n>T<t> or lora, optionally with @<learning rate>, and ParScale arms "
-            f"with +div<λ> before it: {name!r}"
+            f"models are named base, P<n>, P<n>T<t> or lora, optionally with @<learning rate> and then #<seed>, and "
+            f"ParScale arms with +div<λ> before the rate: {name!r}"
         )
     rate = float(match["rate"]) if match["rate"] and match["rate"] != "best" else None
+    seed = int(match["seed"]) if match["seed"] else 0
     if name.startswith("base"):
         return Arm("base")
     if name.startswith("lora"):
-        return Arm("lora", learning_rate=rate)
+        return Arm("lora", learning_rate=rate, seed=seed)
     weight = float(match["div"]) if match["div"] else None
     if weight is not None and int(match["P"]) < 2:
         raise ValueError(f"{name}: a stream-diversity term (+div) needs P >= 2 streams")
-    return Arm("parscale", int(match["P"]), int(match["T"]) if match["T"] else None, rate, weight)
+    return Arm("parscale", int(match["P"]), int(match["T"]) if match["T"] else None, rate, weight, seed)
+
+
+def seedless(name: str) -> str:
+    """The arm's name without its ``#<seed>``: what runs of one arm with different seeds share."""
+    return name.partition("#")[0]
 
 
 def arm_learning_rate(arm: Arm, learning_rate: float, lora_learning_rate: float | None) -> float:

@@ -105,7 +105,9 @@ def leading_packed_windows(split: Dataset, tokenizer: PreTrainedTokenizerBase, l
     return Dataset.from_dict({"input_ids": windows[: needed // length]})
 
 
-def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float, **overrides) -> SFTConfig:
+def equal_budget_config(
+    args, out: Path, num_streams: int, learning_rate: float, seed: int = 0, **overrides
+) -> SFTConfig:
     """Training arguments for ``args.train_tokens`` tokens in batches of ``args.batch_size`` windows, whatever P: the
     micro-batch shrinks as P grows (``args.stream_sequences`` stream rows per forward pass) and gradients accumulate.
     ``overrides`` are further `SFTConfig` fields (``per_device_train_batch_size`` among them: the accumulation then
@@ -127,7 +129,7 @@ def equal_budget_config(args, out: Path, num_streams: int, learning_rate: float,
         logging_steps=max(1, steps // 20),
         save_strategy="no",
         report_to="none",
-        seed=0,
+        seed=seed,
         bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         **overrides,

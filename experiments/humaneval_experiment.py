@@ -168,17 +168,21 @@ def phases(args: argparse.Namespace) -> list[tuple[str, str | None]]:
 
 
 def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
-    """``lora@best`` -> the ``lora@<rate>`` grid point with the lowest validation loss (``val:`` results in OUTPUT)."""
-    stem = name.removesuffix("@best")
+    """``lora@best`` -> the ``lora@<rate>`` grid point with the lowest validation loss (``val:`` results in OUTPUT);
+    ``lora@best#<seed>`` -> that rate trained with another seed. The grid is its seed-0 runs."""
+    best, hash_sign, seed = name.partition("#")
+    stem = best.removesuffix("@best")
     losses = {}
     for result in Path(args.output_dir).glob(f"{stem}@*/val.json"):
+        if "#" in result.parent.name:
+            continue
         loss = json.loads(result.read_text())
         losses[result.parent.name] = sum(loss["nll"]) / sum(loss["scored_tokens"])
     if not losses:
         raise FileNotFoundError(f"{name}: no {stem}@<rate> grid point has a val.json yet: run val:{stem}@<rate> first")
     chosen = min(losses, key=losses.get)
     print(f"{name}: {chosen} (validation losses {losses})")
-    return chosen
+    return chosen + hash_sign + seed
 
 
 def environment() -> dict:
@@ -248,6 +252,7 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
         out,
         arm.P or 1,
         rate,
+        seed=arm.seed,
         per_device_train_batch_size=1,
         packing=True,
         include_num_input_tokens_seen="all",
@@ -280,6 +285,7 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
         "prefix_length": arm.prefix_length or args.prefix_length if arm.kind == "parscale" else None,
         "train_format": args.train_format,
         "learning_rate": rate,
+        "seed": arm.seed,
         "steps": training_args.max_steps,
         # padding-free packing: every token of a batch is a real token, so "all" counts the training tokens
         "train_tokens": trainer.state.num_input_tokens_seen,
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         path = model_path(args) if any(phase != "prepare" for phase, _ in planned) else None
         loaded: dict = {}
         for phase, name in planned:
-            name = chosen_on_validation(args, name) if name and name.endswith("@best") else name
+            name = chosen_on_validation(args, name) if name and "@best" in name else name
             if phase == "prepare":
                 prepare(args)
             elif phase == "train":

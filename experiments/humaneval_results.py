@@ -18,11 +18,17 @@ import re
 from pathlib import Path
 
 import numpy as np
-from arms import ARM_NAME, Arm, parse_arm
+from arms import ARM_NAME, Arm, parse_arm, seedless
 from common import plot_against_streams, pyplot
 
 from peft_parscale.humaneval import problem_pass_at_k
-from peft_parscale.stats import NUM_RESAMPLES, bootstrap_interval, mcnemar_exact, paired_bootstrap_pvalue
+from peft_parscale.stats import (
+    NUM_RESAMPLES,
+    bootstrap_interval,
+    mcnemar_exact,
+    paired_bootstrap_pvalue,
+    seed_and_problem_bootstrap,
+)
 
 EVAL_PHASES = ("greedy", "sampled", "loss")
 # (metric, label, paired test): every metric is a mean over problems (the loss: over held-out pairs, per token)
@@ -87,6 +93,27 @@ def compare(first: dict, second: dict, test: str) -> dict:
     return result
 
 
+def runs_of(side: str, metric: str, scores: dict[str, dict]) -> list[str]:
+    """The runs with `metric` that one side of a comparison stands for: the run named, or for an arm named without a
+    ``#<seed>``, every run of it (``P8`` is ``P8``, ``P8#1``, ``P8#2`` ...)."""
+    if "#" in side:
+        return [side] if metric in scores.get(side, {}) else []
+    return [name for name in scores if seedless(name) == side and metric in scores[name]]
+
+
+def compare_over_seeds(first_runs: list[dict], second_runs: list[dict]) -> dict:
+    """Comparison of two arms trained with several seeds: the difference of their seed-averaged scores, its interval
+    and p-value resampling seeds and problems (`seed_and_problem_bootstrap`), and the spread of the per-run scores."""
+    weights = first_runs[0].get("weights")
+    if any(run.get("weights") != weights for run in first_runs + second_runs):
+        raise ValueError("paired loss comparisons need the same held-out pairs and tokenizer for every run")
+    result = seed_and_problem_bootstrap(
+        [run["values"] for run in first_runs], [run["values"] for run in second_runs], weights
+    )
+    means = [[float(np.average(run["values"], weights=weights)) for run in runs] for runs in (first_runs, second_runs)]
+    return {**result, "run_means": means}
+
+
 def decode_costs(results: Path) -> dict[tuple[str, int], float]:
     """ms/token of the fast path per (benchmark variant, batch size) in a benchmarks ``results.jsonl``; where a case was
     measured at several lengths, the longest generation's."""
@@ -144,9 +171,15 @@ def report(
     for pair in compare_pairs:
         first, _, second = pair.partition(":")
         for metric, _, test in METRICS:
-            if metric in scores.get(first, {}) and metric in scores.get(second, {}):
-                result = compare(scores[first][metric], scores[second][metric], test)
-                comparisons.append({"first": first, "second": second, "metric": metric, **result})
+            runs = [runs_of(side, metric, scores) for side in (first, second)]
+            if not all(runs):
+                continue
+            if len(runs[0]) == len(runs[1]) == 1:
+                result = compare(scores[runs[0][0]][metric], scores[runs[1][0]][metric], test)
+            else:
+                result = compare_over_seeds([scores[n][metric] for n in runs[0]], [scores[n][metric] for n in runs[1]])
+            counts = {"runs": [len(runs[0]), len(runs[1])]}
+            comparisons.append({"first": first, "second": second, "metric": metric, **counts, **result})
     summary = {"rows": rows, "comparisons": comparisons}
     if (data / "stats.json").is_file():
         summary["data"] = json.loads((data / "stats.json").read_text())["stats"]
@@ -187,15 +220,16 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
         lines.append(f"| {row['name']} | " + " | ".join(cost + cells) + " |")
     lines += [
         "",
-        "| comparison | metric | difference [95% interval] | paired bootstrap p | McNemar (b, c, exact p) |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| comparison | metric | runs (seeds) | difference [95% interval] | paired bootstrap p | McNemar (b, c, exact p) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for c in comparisons:
         mcnemar = f"{c['mcnemar']['b']}, {c['mcnemar']['c']}, {c['mcnemar']['pvalue']:.4f}" if "mcnemar" in c else "-"
         # a bootstrap p-value of 0 means below the resolution of its resamples
         pvalue = f"{c['bootstrap_pvalue']:.4f}" if c["bootstrap_pvalue"] > 0 else f"< {1 / NUM_RESAMPLES:g}"
         lines.append(
-            f"| {c['first']} − {c['second']} | {labels[c['metric']]} | {c['difference']:+.4f} "
+            f"| {c['first']} − {c['second']} | {labels[c['metric']]} | {c['runs'][0]}, {c['runs'][1]} | "
+            f"{c['difference']:+.4f} "
             f"[{c['low']:+.4f}, {c['high']:+.4f}] | {pvalue} | {mcnemar} |"
         )
     return "\n".join(lines)

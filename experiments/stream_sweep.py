@@ -304,6 +304,7 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     train, heldout, validation = (load_windows(args, part) for part in WINDOWS)
     training_args = sweep_config(args, out, arm.P or 1, rate)
+    training_args.seed = arm.seed
     if args.max_steps:
         training_args.max_steps = args.max_steps
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32

@@ -8,6 +8,10 @@ in the benchmark. The intervals and tests here resample problems, with a fixed s
 - `paired_bootstrap_pvalue`: two models scored on the same problems; the two-sided p-value of "no difference in
   mean" from the bootstrap distribution of the mean per-problem difference, shifted to the null hypothesis: the
   fraction of resampled mean differences d* with ``|d* − d| >= |d|``, where d is the observed mean difference.
+- `seed_and_problem_bootstrap`: two models each trained with several seeds, all scored on the same problems; the
+  bootstrap distribution of the difference of their seed-averaged mean scores, resampling the seeds of each model and
+  the problems. A problem-only interval says how sure the difference is for these trained models; this one also
+  covers how far training again with another seed moves it.
 - `mcnemar_exact`: for pass/fail outcomes (greedy pass@1), the exact McNemar test: of the b + c problems where the
   two models disagree, b are passed by the first only; under the null hypothesis b ~ Binomial(b + c, 1/2), and the
   two-sided p-value is ``min(1, 2 · P(X <= min(b, c)))``.
@@ -129,6 +133,44 @@ def paired_bootstrap_pvalue(
         return 1.0
     resampled = bootstrap_means(differences, weights, num_resamples, seed)
     return float(np.mean(np.abs(resampled - observed) >= abs(observed)))
+
+
+def seed_and_problem_bootstrap(
+    first_runs: Sequence[Sequence[float]],
+    second_runs: Sequence[Sequence[float]],
+    weights: Sequence[float] | None = None,
+    confidence: float = CONFIDENCE,
+    num_resamples: int = NUM_RESAMPLES,
+    seed: int = SEED,
+) -> dict:
+    """The difference first − second of two models' scores averaged over their runs (one row of per-problem scores
+    per training seed, the same problems in every row), with its percentile bootstrap interval and two-sided p-value
+    (as in `paired_bootstrap_pvalue`). Each resample draws, with replacement, each model's runs and, once for both,
+    the problems; with ``weights`` (one per problem) each mean is ``sum(w·v) / sum(w)``.
+
+    Example::
+
+        seed_and_problem_bootstrap([p8_seed0_loss, p8_seed1_loss], [p1_seed0_loss, p1_seed1_loss], weights=tokens)
+    """
+    first = np.stack([_vector(run, "first_runs") for run in first_runs])
+    second = np.stack([_vector(run, "second_runs") for run in second_runs])
+    if first.shape[1] != second.shape[1]:
+        raise ValueError(f"paired scores need the same problems for both models, got {first.shape} and {second.shape}")
+    w = np.ones(first.shape[1]) if weights is None else _weights(weights, first[0])
+    observed = float(np.average(first.mean(0) - second.mean(0), weights=w))
+    rng = np.random.default_rng(seed)
+    resampled = np.empty(num_resamples)
+    for start in range(0, num_resamples, 1000):  # in blocks, to keep the gathered arrays small
+        count = min(1000, num_resamples - start)
+        runs_a = first[rng.integers(len(first), size=(count, len(first)))].mean(1)  # (count, problems)
+        runs_b = second[rng.integers(len(second), size=(count, len(second)))].mean(1)
+        problems = rng.integers(first.shape[1], size=(count, first.shape[1]))
+        taken = np.take_along_axis(runs_a - runs_b, problems, axis=1)
+        resampled[start : start + count] = (taken * w[problems]).sum(1) / w[problems].sum(1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    pvalue = 1.0 if observed == 0 else float(np.mean(np.abs(resampled - observed) >= abs(observed)))
+    return {"difference": observed, "low": float(low), "high": float(high), "bootstrap_pvalue": pvalue}
 
 
 def mcnemar_exact(first_passed: Sequence[bool], second_passed: Sequence[bool]) -> dict:

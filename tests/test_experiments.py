@@ -111,12 +111,14 @@ def test_humaneval_experiment_phases():
     ]
     bad_names = ["train:base", "eval:Q3", "greedy", "eval:P0", "score:P2", "train:base@1e-3", "val:lora@x", "eval:P1T0"]
     bad_names += ["train:P1+div0.1", "train:lora+div0.1", "train:P4+div", "train:P4@1e-2+div0.1"]
+    bad_names += ["train:P8#x", "train:P8#1@5e-2", "greedy:base#1"]
     for bad in bad_names:
         with pytest.raises(ValueError):
             experiment.phases(experiment.parse_args(["--only", bad]))
     arms = import_experiment("arms")
     Arm = arms.Arm
     names = ("base", "P8", "P1T384", "P1T384@0.015", "lora@3e-4", "lora", "P4+div0.1", "P4T48+div1e-2@5e-2")
+    names += ("P8#2", "lora@3e-4#1")
     assert [experiment.parse_arm(name) for name in names] == [
         Arm("base"),
         Arm("parscale", 8),
@@ -126,7 +128,10 @@ def test_humaneval_experiment_phases():
         Arm("lora"),
         Arm("parscale", 4, diversity_weight=0.1),
         Arm("parscale", 4, 48, 0.05, 0.01),
+        Arm("parscale", 8, seed=2),
+        Arm("lora", learning_rate=3e-4, seed=1),
     ]
+    assert arms.seedless("lora@3e-4#1") == "lora@3e-4" and arms.seedless("P8") == "P8"
     with pytest.raises(ValueError, match="LoRA needs its own learning rate"):
         arms.arm_learning_rate(Arm("lora"), learning_rate=5e-2, lora_learning_rate=None)
 
@@ -143,6 +148,10 @@ def test_humaneval_experiment_chooses_learning_rate_on_validation(tmp_path):
     (tmp_path / "P1T384@1").mkdir()  # another arm's grid is not looked at
     (tmp_path / "P1T384@1" / "val.json").write_text(json.dumps({"nll": [0.0], "scored_tokens": [1]}))
     assert experiment.chosen_on_validation(args, "lora@best") == "lora@3e-4"
+    # the grid is its seed-0 runs: another seed's run of a grid point does not take part; @best#<seed> keeps the seed
+    (tmp_path / "lora@1e-4#1").mkdir()
+    (tmp_path / "lora@1e-4#1" / "val.json").write_text(json.dumps({"nll": [0.0], "scored_tokens": [1]}))
+    assert experiment.chosen_on_validation(args, "lora@best#2") == "lora@3e-4#2"
 
 
 def test_humaneval_report_takes_each_arm_s_decode_cost_from_its_benchmark_variant(tmp_path):
@@ -179,6 +188,25 @@ def test_humaneval_report_takes_each_arm_s_decode_cost_from_its_benchmark_varian
         "P4": (None, None),  # not measured
     }
     assert "| P8 | - | - | - | - | - | 3.00 | 3.50 |" in summary["table"]
+
+
+def test_humaneval_report_compares_arms_over_their_seeds(tmp_path):
+    results = import_experiment("humaneval_results")
+    # validation losses per pair (nll over 1 token each): P8 trained with seeds 0 and 1, P1 with seed 0 only
+    losses = {"P8": [1.0, 2.0, 3.0], "P8#1": [2.0, 3.0, 4.0], "P1": [1.0, 1.0, 1.0], "lora@1e-4": [0.5, 0.5, 0.5]}
+    for arm, nll in losses.items():
+        (tmp_path / arm).mkdir()
+        (tmp_path / arm / "val.json").write_text(json.dumps({"nll": nll, "scored_tokens": [1, 1, 1]}))
+        training = {"train_tokens": 100, "train_seconds": 4.0, "gpu_shared_by": 2 if arm == "lora@1e-4" else 1}
+        (tmp_path / arm / "train.json").write_text(json.dumps(training))
+    summary = results.report(tmp_path, ["P8:P1", "P8#1:P1"], tmp_path / "data")
+    comparisons = {(c["first"], c["second"]): c for c in summary["comparisons"]}
+    # P8 stands for both its runs: their mean (2 + 3) / 2 = 2.5 against P1's 1
+    assert comparisons["P8", "P1"]["runs"] == [2, 1] and comparisons["P8", "P1"]["difference"] == 1.5
+    assert comparisons["P8", "P1"]["run_means"] == [[2.0, 3.0], [1.0]]
+    assert comparisons["P8#1", "P1"]["runs"] == [1, 1] and comparisons["P8#1", "P1"]["difference"] == 2.0
+    speeds = {row["name"]: row.get("train_tokens_per_s") for row in summary["rows"]}
+    assert speeds == {"P1": 25.0, "P8": 25.0, "P8#1": 25.0, "lora@1e-4": None}  # shared GPU: no speed of its own
 
 
 def lora_parameters(config: dict, rank: int) -> int:

@@ -14,6 +14,7 @@ from peft_parscale.stats import (
     bootstrap_means,
     mcnemar_exact,
     paired_bootstrap_pvalue,
+    seed_and_problem_bootstrap,
 )
 
 
@@ -77,6 +78,28 @@ def test_paired_bootstrap_with_weights_compares_per_token_losses():
     assert pvalue == pytest.approx(0.5, abs=five_standard_errors(0.5, resamples))
 
 
+def test_seed_level_resampling_matches_its_enumeration():
+    # three runs of the first model scoring 0, 1 and 2 on every problem, one run of the second scoring 0: the problems
+    # do not matter, and a resample's difference is the mean of 3 runs drawn with replacement, S/3 with S the sum of 3
+    # draws from {0, 1, 2}: P(S = 0..6) = 1, 3, 6, 7, 6, 3, 1 (/27). Observed difference 1; |S/3 − 1| >= 1 for S = 0
+    # or 6: p = 2/27. P(S <= 0) = 1/27 > 0.025 and P(S <= 5) = 26/27 < 0.975: the 95% interval is (0, 2).
+    resamples = 20_000
+    first = [[0.0] * 4, [1.0] * 4, [2.0] * 4]
+    result = seed_and_problem_bootstrap(first, [[0.0] * 4], num_resamples=resamples, seed=5)
+    assert result["difference"] == 1.0
+    assert (result["low"], result["high"]) == (0.0, 2.0)
+    assert result["bootstrap_pvalue"] == pytest.approx(2 / 27, abs=five_standard_errors(2 / 27, resamples))
+
+
+def test_with_one_run_each_only_the_problems_are_resampled():
+    # one run each: the paired bootstrap over problems, whose p-value for differences 1, 0, 0 is 15/27 (above)
+    resamples = 50_000
+    result = seed_and_problem_bootstrap([[1, 1, 0]], [[0, 1, 0]], num_resamples=resamples)
+    assert result["bootstrap_pvalue"] == pytest.approx(15 / 27, abs=five_standard_errors(15 / 27, resamples))
+    # weights make each mean a ratio of sums: differences 1 and 0 with weights 3 and 1 give 3/4
+    assert seed_and_problem_bootstrap([[1.0, 0.0]], [[0.0, 0.0]], weights=[3, 1])["difference"] == 0.75
+
+
 def test_mcnemar_exact_by_hand():
     # b = 5 problems passed by the first model only, c = 1 by the second only, and 3 + 2 concordant ones. Under the
     # null hypothesis b ~ Binomial(6, 1/2): p = 2 · P(X <= 1) = 2 · (C(6,0) + C(6,1)) / 64 = 2 · 7/64 = 0.21875
@@ -100,6 +123,8 @@ def test_mcnemar_exact_by_hand():
         lambda: bootstrap_interval([1.0, 2.0], confidence=1.0),
         lambda: paired_bootstrap_pvalue([1.0, 2.0], [1.0, 2.0, 3.0]),
         lambda: mcnemar_exact([True], [True, False]),
+        lambda: seed_and_problem_bootstrap([[1.0, 2.0]], [[1.0, 2.0, 3.0]]),
+        lambda: seed_and_problem_bootstrap([[1.0, 2.0]], [[1.0, 2.0]], weights=[1.0]),
     ],
 )
 def test_bad_input_is_refused(call):
