@@ -28,7 +28,8 @@ on validation pairs. ``+div0`` trains the plain arm and records its term.
 
 The work is split into phases so that each fits one command on a GPU; every phase writes its JSON under OUTPUT and a
 rerun skips what exists. ``MODEL`` is ``base``, ``P<n>``, ``P<n>T<t>`` or ``lora``, with an optional ``@<rate>``
-(and ParScale arms with P >= 2 an optional ``+div<λ>`` before it):
+and then an optional ``#<seed>`` (the arm trained again with another seed; ParScale arms with P >= 2 take an optional
+``+div<λ>`` before the rate):
 
     prepare           the pairs, from this interpreter's standard library and site-packages -> DATA (--data)
     train:MODEL       an adapter -> OUTPUT/MODEL/adapter, train.json
@@ -42,6 +43,8 @@ rerun skips what exists. ``MODEL`` is ``base``, ``P<n>``, ``P<n>T<t>`` or ``lora
     python experiments/humaneval_experiment.py --gguf q.gguf --model-cache /tmp/ckpt --data he-data \\
         --output-dir /tmp/he --only train:P1 train:P2 eval:base                      # on the GPU, in pieces
     python experiments/humaneval_experiment.py ... --only train:P4+div0.1 val:P4+div0.1 val:P4    # a variant
+    python experiments/humaneval_experiment.py ... --side-by-side 5 --deadline 480 \\
+        --only train:P8#1 val:P8#1 train:P1#1 val:P1#1                      # models side by side, stopping in time
     python experiments/humaneval_experiment.py --output-dir /tmp/he --report \\
         --decode-results /tmp/he/decode/results.jsonl                                   # results.json/.md, plot
     python experiments/humaneval_experiment.py --smoke                                 # tiny random model, CPU
@@ -59,6 +62,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -134,6 +139,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="trainings running side by side on this GPU (recorded, so that the report shows no tokens/s for them)",
+    )
+    parser.add_argument(
+        "--side-by-side",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--only's models in up to N processes at once on the one GPU, each model's phases in order in its own",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="with --side-by-side: stop what still runs after SECONDS and start nothing new (a stopped phase reruns)",
     )
     parser.add_argument("--smoke", action="store_true", help="a tiny random model, 2 problems, on the CPU (CI)")
     args = parser.parse_args(argv)
@@ -356,9 +374,67 @@ def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded
     print(f"{phase}:{name}: {headline} in {time.time() - started:.0f} s")
 
 
+def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run `--only`'s phases grouped by model, up to ``--side-by-side`` models at once, each group a process of this
+    script with the same arguments; returns the number of groups that failed.
+
+    A 0.5B model's training step leaves most of an H200 idle, so several trainings side by side finish sooner than one
+    after another; they then share the GPU, which their train.json records (``gpu_shared_by``). The model is converted
+    and `prepare` runs here first, so that no two processes write them. A group's output goes to OUTPUT/logs/. Past
+    ``--deadline`` the running groups are stopped (their finished phases stay; a rerun does the rest) and no group is
+    started, so that a device call ends in time to bring its results back.
+    """
+    started = time.time()
+    groups: dict[str, list[str]] = {}
+    for phase, name in phases(args):
+        if phase == "prepare":
+            prepare(args)
+        else:
+            groups.setdefault(name, []).append(f"{phase}:{name}")
+    if groups:
+        model_path(args)
+    logs = Path(args.output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    script = [sys.executable, str(Path(__file__).resolve()), *argv]
+    # argparse keeps an option's last occurrence: each group's process runs its own phases, alone
+    extra = ["--side-by-side", "1", "--gpu-shared-by", str(min(args.side_by_side, len(groups)))]
+    waiting, running, failed = list(groups.items()), {}, 0
+    while waiting or running:
+        late = args.deadline is not None and time.time() - started > args.deadline
+        while waiting and len(running) < args.side_by_side and not late:
+            name, items = waiting.pop(0)
+            with open(logs / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+                # a session of its own, so that the deadline stops the group's HumanEval checkers too
+                process = subprocess.Popen([*script, *extra, "--only", *items], stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)  # fmt: skip
+            running[name] = process
+        for name, process in list(running.items()):
+            if late and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                print(f"{name}: stopped at the deadline; its finished phases stay")
+            elif process.poll() is not None and process.returncode != 0:
+                failed += 1
+                print(f"{name}: failed (exit status {process.returncode}); see {logs / f'{name}.log'}")
+            elif process.poll() is not None:
+                print(f"{name}: done")
+            if process.poll() is not None:
+                del running[name]
+        if late and waiting:
+            print(f"not started before the deadline: {', '.join(name for name, _ in waiting)}")
+            waiting.clear()
+        time.sleep(0.5)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.side_by_side > 1 and not args.report:
+        if not args.only:
+            raise SystemExit("--side-by-side runs --only's phases: name them")
+        raise SystemExit(1 if side_by_side(args, argv) else 0)
     if not args.report:
         planned = phases(args)
         path = model_path(args) if any(phase != "prepare" for phase, _ in planned) else None

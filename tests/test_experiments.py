@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,6 +92,33 @@ def test_humaneval_experiment_smoke(tmp_path):
     assert diversity["weight"] == 0.1 and diversity["layer"] == 1 and math.isfinite(diversity["term_mean"])
     assert diversity["term_mean"] > 0 and [step for step, _ in diversity["term_curve"]] == [1, 2]
     assert json.loads((out / "P2+div0.1" / "val.json").read_text())["pairs"] > 0
+
+
+def test_humaneval_experiment_runs_models_side_by_side(tmp_path):
+    script = [sys.executable, str(ROOT / "experiments" / "humaneval_experiment.py"), "--smoke", "--output-dir", "out"]
+    phases = ["prepare", "train:P1", "val:P1", "train:lora@1e-3", "val:lora@1e-3", "val:P3"]  # P3 has no adapter
+    result = subprocess.run(
+        [*script, "--side-by-side", "2", "--only", *phases],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = tmp_path / "out"
+    for arm in ("P1", "lora@1e-3"):
+        assert json.loads((out / arm / "train.json").read_text())["gpu_shared_by"] == 2
+        assert (out / arm / "val.json").is_file() and f"{arm}: done" in result.stdout
+    # a group that fails makes the run fail, and says where its log is
+    assert result.returncode == 1 and "P3: failed" in result.stdout
+    assert "has no adapter" in (out / "logs" / "P3.log").read_text()
+    # past the deadline nothing is started, and what would have run is named
+    late = subprocess.run(
+        [*script, "--side-by-side", "2", "--deadline", "0", "--only", "train:P2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert late.returncode == 0 and "not started before the deadline: P2" in late.stdout
+    assert not (out / "P2").exists()
 
 
 def test_humaneval_experiment_phases():
