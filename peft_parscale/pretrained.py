@@ -164,10 +164,10 @@ def align_special_tokens(checkpoint: str | os.PathLike, eos_token_ids: Sequence[
     checkpoint = Path(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    wanted = {
+    wanted = {  # a GGUF file names one id for each; a list (several EOS ids) is not a tokenizer's single token
         name: tokenizer.convert_ids_to_tokens(token_id)
         for name, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id))
-        if token_id is not None
+        if isinstance(token_id, int)
     }
     changed = False
     if any(getattr(tokenizer, name) != token for name, token in wanted.items()):
@@ -176,7 +176,8 @@ def align_special_tokens(checkpoint: str | os.PathLike, eos_token_ids: Sequence[
         tokenizer.save_pretrained(checkpoint)
         changed = True
     generation = GenerationConfig.from_pretrained(checkpoint)
-    stops = list(dict.fromkeys([i for i in (config.eos_token_id, *eos_token_ids) if i is not None]))
+    model_eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    stops = list(dict.fromkeys([i for i in (*model_eos, *eos_token_ids) if i is not None]))
     if stops and generation.eos_token_id != (stops[0] if len(stops) == 1 else stops):
         generation.eos_token_id = stops[0] if len(stops) == 1 else stops
         generation.save_pretrained(checkpoint)
