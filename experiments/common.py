@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig
 
 from peft_parscale.data import packed_windows, python_packages_corpus, python_stdlib_corpus
+from peft_parscale.prefix_init import document_boundary
 from peft_parscale.pretrained import (
     QWEN2_5_CODER_0_5B_INSTRUCT,
     align_special_tokens,
@@ -98,10 +99,13 @@ def leading_files(split: Dataset, tokenizer: PreTrainedTokenizerBase, tokens: in
 
 def leading_packed_windows(split: Dataset, tokenizer: PreTrainedTokenizerBase, length: int, tokens: int) -> Dataset:
     """``tokens`` tokens of the `leading_files` (rounded up to whole windows) as `packed_windows` of ``length``: files
-    joined by end-of-text tokens, as in pre-training."""
+    joined by the document boundary (`document_boundary`: Qwen2.5's ``<|endoftext|>``), as in pre-training. Not the
+    tokenizer's EOS token, which for an Instruct model ends a chat turn. (The EOS token was ``<|endoftext|>`` where
+    transformers 5.17 converted the GGUF tokenizer before `align_special_tokens` existed: the stream sweep's and the
+    recycling ablation's device runs, which this keeps.)"""
     needed = math.ceil(tokens / length) * length
-    _, token_ids = leading_files(split, tokenizer, needed)  # the end-of-text tokens make up for the last file's tail
-    windows = packed_windows(token_ids, tokenizer.eos_token_id, length)
+    _, token_ids = leading_files(split, tokenizer, needed)  # the boundary tokens make up for the last file's tail
+    windows = packed_windows(token_ids, document_boundary(tokenizer), length)
     return Dataset.from_dict({"input_ids": windows[: needed // length]})
 
 

@@ -500,6 +500,22 @@ def test_window_losses_are_each_window_s_own_loss(tmp_path):
         window_losses.paired_differences({"a": [1.0, 2.0], "b": [1.0, 2.0, 3.0]}, [("a", "b")])
 
 
+def test_packed_windows_join_files_by_the_document_boundary_not_the_chat_eos_token():
+    from datasets import Dataset
+
+    from peft_parscale.testing import tiny_tokenizer
+
+    common = import_experiment("common")
+    tokenizer = tiny_tokenizer()  # EOS <|im_end|> (a chat turn's end), as Qwen2.5-Instruct's
+    tokenizer.bos_token = "<|endoftext|>"  # the pre-training document boundary, as the aligned Qwen2.5 copy has
+    files = Dataset.from_dict({"path": ["a.py", "b.py", "c.py"], "text": ["ab", "cde", "fgh"]})
+    boundary = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ordered = sorted(zip(files["path"], files["text"]), key=lambda row: hashlib.sha256(row[0].encode()).hexdigest())
+    stream = [t for _, text in ordered for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [boundary]]
+    windows = common.leading_packed_windows(files, tokenizer, length=4, tokens=8)["input_ids"]
+    assert windows == [stream[:4], stream[4:8]]
+
+
 def test_stream_sweep_prepare_adds_validation_windows_from_files_in_neither_split(tmp_path):
     sweep = import_experiment("stream_sweep")
     args = sweep.parse_args(["--smoke", "--output-dir", str(tmp_path)])
