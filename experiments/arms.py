@@ -36,12 +36,14 @@ class Arm:
     prefix_length: int | None = None  # None: --prefix-length
     learning_rate: float | None = None  # None: --learning-rate or --lora-learning-rate
     diversity_weight: float | None = None  # λ of the stream-diversity term; None: no term
-    seed: int = 0  # the training seed (data order, LoRA's initialisation)
+    seed: int = (
+        0  # the training seed (data order, LoRA's initialisation); 0 is written without #, so no run has two names
+    )
 
 
 NUMBER = r"\d+(?:\.\d*)?(?:e-?\d+)?"
 ARM_NAME = re.compile(
-    rf"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?(?:\+div(?P<div>{NUMBER}))?)(?:@(?P<rate>{NUMBER}|best))?(?:#(?P<seed>\d+))?"
+    rf"(?:base|lora|P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?(?:\+div(?P<div>{NUMBER}))?)(?:@(?P<rate>{NUMBER}|best))?(?:#(?P<seed>[1-9]\d*))?"
 )
 
 

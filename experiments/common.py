@@ -61,7 +61,8 @@ def model_path(args: argparse.Namespace) -> Path | str:
         return path if (path / "config.json").is_file() else save_tiny_checkpoint(path)
     if args.gguf:
         cache = Path(args.model_cache) if args.model_cache else default_cache_dir() / Path(args.gguf).stem
-        packaged = packaged_model_of(args.gguf)  # a packaged model's file stops where its released checkpoint does
+        # a packaged model's file stops where its released checkpoint does; a cached copy needs no file
+        packaged = packaged_model_of(args.gguf) if Path(args.gguf).is_file() else None
         eos_token_ids = packaged.eos_token_ids if packaged is not None else ()
         if (cache / "config.json").is_file():
             align_special_tokens(cache, eos_token_ids)

@@ -203,6 +203,14 @@ def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
     return chosen + hash_sign + seed
 
 
+def write_json(path: Path, result: dict) -> None:
+    """Write ``result`` whole or not at all: a rerun skips a phase whose file exists, and a process stopped at the
+    deadline (`side_by_side`) must not leave half a file behind."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1))
+    os.replace(partial, path)
+
+
 def environment() -> dict:
     import transformers
     import trl
@@ -323,7 +331,7 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
             "term_mean": sum(terms) / len(terms),
             "term_curve": [(log["step"], log["diversity"]) for log in trainer.state.log_history if "diversity" in log],
         }
-    (out / "train.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "train.json", result)
     print(f"train:{name}: {result['train_tokens']:,} tokens in {seconds:.0f} s")
 
 
@@ -368,7 +376,7 @@ def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded
         result = completion_loss(model, tokenizer, rows, batch_size=max(1, args.stream_sequences // P))
         result["train_format"] = args.train_format
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{phase}.json").write_text(json.dumps({**result, "seconds": time.time() - started, **environment()}))
+    write_json(out / f"{phase}.json", {**result, "seconds": time.time() - started, **environment()})
     scores = {key: value for mode in result.values() if isinstance(mode, dict) for key, value in mode.items()}
     headline = {key: value for key, value in {**result, **scores}.items() if key.startswith("pass@") or key == "loss"}
     print(f"{phase}:{name}: {headline} in {time.time() - started:.0f} s")
@@ -376,21 +384,24 @@ def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded
 
 def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
     """Run `--only`'s phases grouped by model, up to ``--side-by-side`` models at once, each group a process of this
-    script with the same arguments; returns the number of groups that failed.
+    script with the same arguments. Returns the exit status: 1 if a group failed, else 2 if the deadline left work
+    undone (a rerun does it), else 0.
 
     A 0.5B model's training step leaves most of an H200 idle, so several trainings side by side finish sooner than one
-    after another; they then share the GPU, which their train.json records (``gpu_shared_by``). The model is converted
-    and `prepare` runs here first, so that no two processes write them. A group's output goes to OUTPUT/logs/. Past
-    ``--deadline`` the running groups are stopped (their finished phases stay; a rerun does the rest) and no group is
-    started, so that a device call ends in time to bring its results back.
+    after another; they then share the GPU, which their train.json records (``gpu_shared_by``: at most this many at
+    once). The model is converted, `prepare` runs and ``@best`` is resolved here first, so that no two processes
+    write the same files. A group's output goes to OUTPUT/logs/. Past ``--deadline`` the running groups are stopped
+    (their finished phases stay; every result file is written whole or not at all) and no group is started, so that a
+    device call ends in time to bring its results back. If this process is stopped, it stops its groups too.
     """
     started = time.time()
     groups: dict[str, list[str]] = {}
     for phase, name in phases(args):
         if phase == "prepare":
             prepare(args)
-        else:
-            groups.setdefault(name, []).append(f"{phase}:{name}")
+            continue
+        name = chosen_on_validation(args, name) if "@best" in name else name
+        groups.setdefault(name, []).append(f"{phase}:{name}")
     if groups:
         model_path(args)
     logs = Path(args.output_dir) / "logs"
@@ -398,33 +409,52 @@ def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
     script = [sys.executable, str(Path(__file__).resolve()), *argv]
     # argparse keeps an option's last occurrence: each group's process runs its own phases, alone
     extra = ["--side-by-side", "1", "--gpu-shared-by", str(min(args.side_by_side, len(groups)))]
-    waiting, running, failed = list(groups.items()), {}, 0
-    while waiting or running:
-        late = args.deadline is not None and time.time() - started > args.deadline
-        while waiting and len(running) < args.side_by_side and not late:
-            name, items = waiting.pop(0)
-            with open(logs / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
-                # a session of its own, so that the deadline stops the group's HumanEval checkers too
-                process = subprocess.Popen([*script, *extra, "--only", *items], stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)  # fmt: skip
-            running[name] = process
-        for name, process in list(running.items()):
-            if late and process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                print(f"{name}: stopped at the deadline; its finished phases stay")
-            elif process.poll() is not None and process.returncode != 0:
-                failed += 1
-                print(f"{name}: failed (exit status {process.returncode}); see {logs / f'{name}.log'}")
-            elif process.poll() is not None:
-                print(f"{name}: done")
-            if process.poll() is not None:
-                del running[name]
-        if late and waiting:
-            print(f"not started before the deadline: {', '.join(name for name, _ in waiting)}")
-            waiting.clear()
-        time.sleep(0.5)
-    return failed
+    waiting, running = list(groups.items()), {}
+    failed = unfinished = False
+    # a device call's time limit ends this process with SIGTERM: stop the groups first (the `finally` below)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        while waiting or running:
+            late = args.deadline is not None and time.time() - started > args.deadline
+            while waiting and len(running) < args.side_by_side and not late:
+                name, items = waiting.pop(0)
+                with open(logs / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+                    # a session of its own, so that stopping the group stops its HumanEval checkers too
+                    running[name] = subprocess.Popen(
+                        [*script, *extra, "--only", *items],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+            for name, process in list(running.items()):
+                status = process.poll()
+                if status is None and late:
+                    stop(process)
+                    unfinished = True
+                    print(f"{name}: stopped at the deadline; its finished phases stay")
+                elif status is not None and status != 0:
+                    failed = True
+                    print(f"{name}: failed (exit status {status}); see {logs / f'{name}.log'}")
+                elif status == 0:
+                    print(f"{name}: done")
+                if status is not None or late:
+                    del running[name]
+            if late and waiting:
+                unfinished = True
+                print(f"not started before the deadline: {', '.join(name for name, _ in waiting)}")
+                waiting.clear()
+            time.sleep(0.5)
+    finally:
+        for process in running.values():
+            stop(process)
+    return 1 if failed else 2 if unfinished else 0
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a group's process and everything it started (its session)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -434,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.side_by_side > 1 and not args.report:
         if not args.only:
             raise SystemExit("--side-by-side runs --only's phases: name them")
-        raise SystemExit(1 if side_by_side(args, argv) else 0)
+        raise SystemExit(side_by_side(args, argv))
     if not args.report:
         planned = phases(args)
         path = model_path(args) if any(phase != "prepare" for phase, _ in planned) else None

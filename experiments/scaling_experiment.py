@@ -40,6 +40,7 @@ from peft_parscale import ParScaleConfig
 from peft_parscale.data import packed_windows, python_stdlib_corpus
 from peft_parscale.eval import heldout_loss, load_model
 from peft_parscale.humaneval import evaluate_humaneval, load_problems
+from peft_parscale.prefix_init import document_boundary
 from peft_parscale.scaling_law import fit_log_linear
 
 
@@ -233,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(path)
         corpus = load_corpus(args)
         token_ids = tokenizer(list(corpus["train"]["text"]), add_special_tokens=False)["input_ids"]
-        windows = Dataset.from_dict({"input_ids": packed_windows(token_ids, tokenizer.eos_token_id, args.seq_len)})
+        # files joined by the document boundary, which was the tokenizer's EOS token when these runs were made
+        # (`common.leading_packed_windows` says why it no longer is)
+        boundary = document_boundary(tokenizer)
+        windows = Dataset.from_dict({"input_ids": packed_windows(token_ids, boundary, args.seq_len)})
         args.train_tokens = args.train_tokens or len(windows) * args.seq_len
         print(f"{len(windows)} training windows of {args.seq_len} tokens; {args.train_tokens:,} tokens per adapter")
         for name in args.models:

@@ -150,7 +150,7 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, eos_t
 
 def align_special_tokens(checkpoint: str | os.PathLike, eos_token_ids: Sequence[int] = ()) -> bool:
     """Make a converted checkpoint's tokenizer agree with its model config on the BOS and EOS tokens, and its
-    generation config stop at the model's EOS id and ``eos_token_ids``; returns whether anything had to change.
+    generation config stop at the model's EOS id and ``eos_token_ids`` too; returns whether anything had to change.
 
     Transformers reads the model config's BOS and EOS ids from the GGUF file's metadata, but its tokenizer conversion
     does not on every version: from Qwen2.5-Coder-0.5B-Instruct's file, 5.17 makes a tokenizer whose EOS token is
@@ -176,8 +176,11 @@ def align_special_tokens(checkpoint: str | os.PathLike, eos_token_ids: Sequence[
         tokenizer.save_pretrained(checkpoint)
         changed = True
     generation = GenerationConfig.from_pretrained(checkpoint)
+    # added to what the generation config stops at, never taken away: a copy aligned with the released ids stays so
+    # when aligned again without them
+    listed = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
     model_eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    stops = list(dict.fromkeys([i for i in (*model_eos, *eos_token_ids) if i is not None]))
+    stops = list(dict.fromkeys([i for i in (*model_eos, *eos_token_ids, *listed) if i is not None]))
     if stops and generation.eos_token_id != (stops[0] if len(stops) == 1 else stops):
         generation.eos_token_id = stops[0] if len(stops) == 1 else stops
         generation.save_pretrained(checkpoint)

@@ -146,7 +146,9 @@ def seed_and_problem_bootstrap(
     """The difference first − second of two models' scores averaged over their runs (one row of per-problem scores
     per training seed, the same problems in every row), with its percentile bootstrap interval and two-sided p-value
     (as in `paired_bootstrap_pvalue`). Each resample draws, with replacement, each model's runs and, once for both,
-    the problems; with ``weights`` (one per problem) each mean is ``sum(w·v) / sum(w)``.
+    the problems; with ``weights`` (one per problem) each mean is ``sum(w·v) / sum(w)``. A model with one run adds
+    no spread between runs (right for an untrained model); with n runs the resampled spread between runs is
+    (n − 1)/n of theirs in variance, the plug-in bootstrap's, so few runs give a slightly narrow interval.
 
     Example::
 
