@@ -2,8 +2,9 @@
 ``P<n>T<t>`` (ParScale with prefix length t), ``lora`` (PEFT's LoRA on every linear layer of the decoder), each but
 ``base`` with an optional ``@<learning rate>`` and then an optional ``#<seed>`` (the training seed, 0 when left out:
 the same arm trained again with another seed, to measure how much training alone moves a result), and ParScale arms
-with P >= 2 with ``+div<λ>`` (a stream-diversity term, `stream_diversity.py`) before the rate. The HumanEval experiment and the stream sweep name their output folders after
-them, and build each arm's adapter and learning rate here, so that an arm is the same thing in both.
+with P >= 2 with ``+div<λ>`` (a stream-diversity term, `stream_diversity.py`) before the rate. The HumanEval
+experiment and the stream sweep name their output folders after them, and build each arm's adapter and learning rate
+here, so that an arm is the same thing in both.
 
 Example::
 
@@ -36,9 +37,8 @@ class Arm:
     prefix_length: int | None = None  # None: --prefix-length
     learning_rate: float | None = None  # None: --learning-rate or --lora-learning-rate
     diversity_weight: float | None = None  # λ of the stream-diversity term; None: no term
-    seed: int = (
-        0  # the training seed (data order, LoRA's initialisation); 0 is written without #, so no run has two names
-    )
+    # the training seed (data order, LoRA's initialisation); 0 is written without #, so no run has two names
+    seed: int = 0
 
 
 NUMBER = r"\d+(?:\.\d*)?(?:e-?\d+)?"

@@ -270,6 +270,11 @@ def resolve_generation_config(
     return config
 
 
+def token_id_list(token_ids: int | Sequence[int] | None) -> list[int]:
+    """A config's token id setting (``eos_token_id``: None, one id or several) as a list of ids."""
+    return [] if token_ids is None else [token_ids] if isinstance(token_ids, int) else list(token_ids)
+
+
 @torch.no_grad()
 def fast_generate(
     model: nn.Module,
@@ -374,8 +379,7 @@ def fast_generate(
         if tokenizer is None:
             raise ValueError("Stop strings need the model's tokenizer: pass `tokenizer`.")
         stop_strings = StopStringCriteria(tokenizer, config.stop_strings)
-    eos = config.eos_token_id
-    eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos_token_ids = token_id_list(config.eos_token_id)
     pad_token_id = config.pad_token_id
     if pad_token_id is None and eos_token_ids:
         pad_token_id = eos_token_ids[0]  # what generate does

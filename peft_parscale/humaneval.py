@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import Self
 
-from .decode import DEFAULT_COMPILE_OPTIONS, fast_generate
+from .decode import DEFAULT_COMPILE_OPTIONS, fast_generate, token_id_list
 
 PromptMode = Literal["completion", "chat"]
 PROMPT_MODES: tuple[str, ...] = ("completion", "chat")
@@ -240,8 +240,7 @@ def generation_config(
     would not stop generation (decoding then drops the special token and joins whatever follows to the answer).
     """
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    eos_ids = list(dict.fromkeys([*eos_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
+    eos_ids = list(dict.fromkeys(token_id_list(eos) + token_id_list(tokenizer.eos_token_id)))
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature else {}
     return GenerationConfig(
         max_new_tokens=max_new_tokens,

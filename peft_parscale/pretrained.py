@@ -161,6 +161,8 @@ def align_special_tokens(checkpoint: str | os.PathLike, eos_token_ids: Sequence[
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from .decode import token_id_list
+
     checkpoint = Path(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -178,9 +180,8 @@ def align_special_tokens(checkpoint: str | os.PathLike, eos_token_ids: Sequence[
     generation = GenerationConfig.from_pretrained(checkpoint)
     # added to what the generation config stops at, never taken away: a copy aligned with the released ids stays so
     # when aligned again without them
-    listed = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-    model_eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    stops = list(dict.fromkeys([i for i in (*model_eos, *eos_token_ids, *listed) if i is not None]))
+    stops = token_id_list(config.eos_token_id) + list(eos_token_ids) + token_id_list(generation.eos_token_id)
+    stops = list(dict.fromkeys(stops))
     if stops and generation.eos_token_id != (stops[0] if len(stops) == 1 else stops):
         generation.eos_token_id = stops[0] if len(stops) == 1 else stops
         generation.save_pretrained(checkpoint)
