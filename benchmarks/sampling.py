@@ -4,9 +4,10 @@ One batch of `problems` random prompts of `prompt` tokens, `samples` completions
 each prompt's completions are consecutive rows), up to `new_tokens` new tokens, with the nucleus sampling that
 `peft_parscale.humaneval` uses for pass@k (temperature 0.8, top-p 0.95, no top-k). Modes:
 - `generate`: `model.generate` (dynamic cache, eager, `torch.multinomial`);
-- `fast`: `peft_parscale.decode.fast_generate` (static cache; on CUDA the step compiled for static shapes, CUDA graphs);
-- `fast_dynamic`: the same, the step compiled for dynamic shapes, as `evaluate_humaneval` compiles it (one compilation
-  for every batch shape of a run);
+- `fast`: `peft_parscale.decode.fast_generate` (static cache; on CUDA the step compiled for static shapes, CUDA graphs),
+  as `evaluate_humaneval` compiles it (one shape for every batch of a run);
+- `fast_dynamic`: the same, the step compiled for dynamic shapes, as `evaluate_humaneval` compiled it until 2026-12-05
+  (one compilation for batches of every shape): the side-by-side baseline of that change, for its compilation time;
 - `fast_uncompiled`: the same loop with the step run eagerly (what `fast_generate(..., compile=False)` does);
 - `fast_heads_copied`: `fast` with transformers' own sdpa attention in the decode step, which copies every key/value
   head once per query head of its group (`repeat_kv`), instead of `peft_parscale.decode_attention`'s packing: the

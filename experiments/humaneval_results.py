@@ -114,6 +114,23 @@ def compare_over_seeds(first_runs: list[dict], second_runs: list[dict]) -> dict:
     return {**result, "run_means": means}
 
 
+def mcnemar_by_seed(first_runs: dict[str, dict], second_runs: dict[str, dict]) -> list[dict]:
+    """McNemar's test of greedy pass/fail, one per seed, for arms trained with several seeds (`runs_of`'s names to
+    their scores). Runs of the two sides with the same seed are paired: they saw the training data in the same order.
+    A side with a single run (the base model, or a run named with its seed) is paired with every run of the other.
+    Seeds only one side has are left out."""
+    seeds = [{parse_arm(name).seed: scores for name, scores in runs.items()} for runs in (first_runs, second_runs)]
+    if len(seeds[0]) == 1 or len(seeds[1]) == 1:
+        single = 0 if len(seeds[0]) == 1 else 1
+        (only,) = seeds[single].values()
+        seeds[single] = dict.fromkeys(seeds[1 - single], only)
+    return [
+        {"seed": seed, **mcnemar_exact(np.asarray(a["values"]) > 0.5, np.asarray(seeds[1][seed]["values"]) > 0.5)}
+        for seed, a in sorted(seeds[0].items())
+        if seed in seeds[1]
+    ]
+
+
 def decode_costs(results: Path) -> dict[tuple[str, int], float]:
     """ms/token of the fast path per (benchmark variant, batch size) in a benchmarks ``results.jsonl``; where a case was
     measured at several lengths, the longest generation's."""
@@ -178,6 +195,10 @@ def report(
                 result = compare(scores[runs[0][0]][metric], scores[runs[1][0]][metric], test)
             else:
                 result = compare_over_seeds([scores[n][metric] for n in runs[0]], [scores[n][metric] for n in runs[1]])
+                if test == "mcnemar":
+                    result["mcnemar_by_seed"] = mcnemar_by_seed(
+                        *({n: scores[n][metric] for n in side_runs} for side_runs in runs)
+                    )
             counts = {"runs": [len(runs[0]), len(runs[1])]}
             comparisons.append({"first": first, "second": second, "metric": metric, **counts, **result})
     summary = {"rows": rows, "comparisons": comparisons}
@@ -224,7 +245,11 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for c in comparisons:
-        mcnemar = f"{c['mcnemar']['b']}, {c['mcnemar']['c']}, {c['mcnemar']['pvalue']:.4f}" if "mcnemar" in c else "-"
+        mcnemar = "-"
+        if "mcnemar" in c:
+            mcnemar = mcnemar_cell(c["mcnemar"])
+        elif c.get("mcnemar_by_seed"):  # one test per seed: "#0: b, c, p; #1: ..."
+            mcnemar = "; ".join(f"#{test['seed']}: {mcnemar_cell(test)}" for test in c["mcnemar_by_seed"])
         # a bootstrap p-value of 0 means below the resolution of its resamples
         pvalue = f"{c['bootstrap_pvalue']:.4f}" if c["bootstrap_pvalue"] > 0 else f"< {1 / NUM_RESAMPLES:g}"
         lines.append(
@@ -233,6 +258,10 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
             f"[{c['low']:+.4f}, {c['high']:+.4f}] | {pvalue} | {mcnemar} |"
         )
     return "\n".join(lines)
+
+
+def mcnemar_cell(test: dict) -> str:
+    return f"{test['b']}, {test['c']}, {test['pvalue']:.4f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:

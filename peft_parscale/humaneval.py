@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import re
 import socket
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -52,7 +53,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import Self
 
-from .decode import DEFAULT_COMPILE_OPTIONS, fast_generate, token_id_list
+from .decode import fast_generate, token_id_list
 
 PromptMode = Literal["completion", "chat"]
 PROMPT_MODES: tuple[str, ...] = ("completion", "chat")
@@ -65,8 +66,10 @@ CHAT_INSTRUCTION = (
 )
 CODE_BLOCK = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
 CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
-FAST_PATH_PROMPT_MULTIPLE = 64
-FAST_PATH_COMPILE_OPTIONS = {**DEFAULT_COMPILE_OPTIONS, "dynamic": True}
+# On the fast path every prompt of a run is left-padded to the run's longest, rounded up to this many tokens: HumanEval's
+# completion and chat prompts (up to 391 and 449 tokens with Qwen2.5's tokenizer) then share one length, so that one
+# decode step, compiled for static shapes, serves both modes.
+FAST_PATH_PROMPT_MULTIPLE = 256
 
 
 def load_problems(task_ids: Iterable[str] | None = None) -> list[dict]:
@@ -274,13 +277,18 @@ def evaluate_humaneval(
 
     ``num_samples=1`` decodes greedily; more samples use nucleus sampling at ``temperature``/``top_p``. Prompts are
     generated ``batch_size`` sequences at a time, left-padded and grouped by length; each batch's checks start while
-    the next batch is generated. Returns the pass@k values, the settings and every sample with its check result.
+    the next batch is generated. Returns the pass@k values, the settings, every sample with its check result, and
+    each batch's generation time (``batch_seconds``: the first includes compiling the decode step, where it is
+    compiled).
 
     ``fast_path=True`` generates with ``peft_parscale.decode.fast_generate`` instead of ``model.generate``, with the
     same settings; ``None`` (the default) does so when the model is on a CUDA device (``fast_path_by_default``). The
     fast path's samples come from a ``torch.Generator`` seeded with ``seed`` rather than from the global generator,
     so sampled completions differ from ``generate``'s (greedy ones do not). The result's ``generation`` says which
-    was used.
+    was used. There every batch has one shape, so that the decode step is compiled once, for static shapes, and
+    serves the whole run (and the next run of the same shape, on the same model): the last batch is filled up to
+    ``batch_size`` rows with copies of its first sequence, whose completions are dropped, and every prompt is
+    left-padded to the run's longest, rounded up to ``FAST_PATH_PROMPT_MULTIPLE`` tokens.
     """
     if mode not in PROMPT_MODES:
         raise ValueError(f"unknown prompt mode {mode!r}; expected one of {PROMPT_MODES}")
@@ -299,20 +307,27 @@ def evaluate_humaneval(
     futures: list[list[Future | None]] = [[None] * num_samples for _ in problems]
     torch.manual_seed(seed)
     generator = torch.Generator(model.device).manual_seed(seed)
-    # The fast path compiles its step for each number of sequences and total length: prompt lengths rounded up to a
-    # multiple of FAST_PATH_PROMPT_MULTIPLE and a step compiled for dynamic shapes keep that to one compilation and
-    # a few CUDA graphs for the whole run.
-    pad_to = FAST_PATH_PROMPT_MULTIPLE if fast_path else None
+    # The fast path compiles its step for each number of sequences and total length. One shape for every batch (rows
+    # filled up to `rows`, one prompt length) makes that one compilation for static shapes. A step compiled for
+    # dynamic shapes instead took most of a greedy run's time on an H200 (BENCHMARKS.md, "Code changed after the GPU
+    # runs"); generate's eager step needs neither.
+    rows = min(batch_size, len(order))
+    shape = {}
+    if fast_path:
+        longest = max(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)
+        length = -(-longest // FAST_PATH_PROMPT_MULTIPLE) * FAST_PATH_PROMPT_MULTIPLE
+        shape = {"padding": "max_length", "max_length": length}
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    batch_seconds = []
     try:
         with CorrectnessChecker(workers, timeout) as checker:
             bar = tqdm(total=len(order), desc=f"HumanEval {mode}", unit="sample", disable=not progress)
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                inputs = tokenizer(
-                    [prompts[i] for i, _ in batch], return_tensors="pt", padding=True, pad_to_multiple_of=pad_to
-                ).to(model.device)
+                started = time.perf_counter()
                 if fast_path:
+                    filled = batch + batch[:1] * (rows - len(batch))
+                    inputs = tokenizer([prompts[i] for i, _ in filled], return_tensors="pt", **shape).to(model.device)
                     output = fast_generate(
                         model,
                         inputs["input_ids"],
@@ -320,11 +335,12 @@ def evaluate_humaneval(
                         config,
                         generator=generator,
                         tokenizer=tokenizer,
-                        compile_options=FAST_PATH_COMPILE_OPTIONS,
-                    )
+                    )[: len(batch)]
                 else:
-                    output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
+                    inputs = tokenizer([prompts[i] for i, _ in batch], return_tensors="pt", padding=True)
+                    output = model.generate(**inputs.to(model.device), generation_config=config, tokenizer=tokenizer)
                 texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                batch_seconds.append(time.perf_counter() - started)
                 for (i, s), text in zip(batch, texts):
                     generated[i][s] = text
                     futures[i][s] = checker.submit(problems[i], extract_completion(text, mode), s)
@@ -335,4 +351,11 @@ def evaluate_humaneval(
         tokenizer.padding_side = padding_side
     settings = {"temperature": temperature, "top_p": top_p} if num_samples > 1 else {"decoding": "greedy"}
     generation = "fast_generate" if fast_path else "generate"
-    return {**result, "max_new_tokens": max_new_tokens, **settings, "seed": seed, "generation": generation}
+    return {
+        **result,
+        "max_new_tokens": max_new_tokens,
+        **settings,
+        "seed": seed,
+        "generation": generation,
+        "batch_seconds": batch_seconds,
+    }

@@ -246,6 +246,38 @@ def test_batched_left_padded_generation_matches_reference_greedy(parscale_model,
         assert sample["generated"] == reference_text
 
 
+def test_the_fast_path_gives_every_batch_of_both_modes_one_shape(parscale_model, monkeypatch):
+    """One decode-step shape, so one compilation on CUDA: batches of 2 and 1 prompts of 10 to 203 tokens, in both
+    prompt modes, reach the fast path as one (rows, length) and are decoded by one `FastDecoder`. The completions
+    themselves are checked against the reference above, where the last batch is filled up in the same way."""
+    from peft_parscale import decode
+
+    model, tokenizer, _ = parscale_model
+    shapes, decoders = [], []
+    fast_generate = humaneval.fast_generate
+
+    def recorded_fast_generate(model, input_ids, *args, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return fast_generate(model, input_ids, *args, **kwargs)
+
+    class RecordedFastDecoder(decode.FastDecoder):
+        def __init__(self, *args, **kwargs):
+            decoders.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(humaneval, "fast_generate", recorded_fast_generate)
+    monkeypatch.setattr(decode, "FastDecoder", RecordedFastDecoder)
+    monkeypatch.setattr(decode.causal_lm_of(model), "_parscale_fast_decoder", None)  # none left by earlier tests
+    for mode in ("completion", "chat"):
+        result = evaluate_humaneval(
+            model, tokenizer, mode, max_new_tokens=3, batch_size=2, problems=TOY_PROBLEMS, workers=1,
+            progress=False, fast_path=True,
+        )  # fmt: skip
+        assert len(result["samples"]) == 3 and len(result["batch_seconds"]) == 2
+    assert shapes == [(2, humaneval.FAST_PATH_PROMPT_MULTIPLE)] * 4  # the tiny tokenizer's prompts: 10 to 203 tokens
+    assert len(decoders) == 1
+
+
 @pytest.mark.parametrize("fast_path", [False, True], ids=["generate", "fast_path"])
 def test_sampling_gives_num_samples_per_problem(parscale_model, fast_path):
     model, tokenizer, _ = parscale_model

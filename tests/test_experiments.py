@@ -237,6 +237,34 @@ def test_humaneval_report_compares_arms_over_their_seeds(tmp_path):
     assert speeds == {"P1": 25.0, "P8": 25.0, "P8#1": 25.0, "lora@1e-4": None}  # shared GPU: no speed of its own
 
 
+def test_humaneval_report_tests_greedy_pass_fail_seed_by_seed(tmp_path):
+    results = import_experiment("humaneval_results")
+    passed = {  # greedy pass (1) or fail (0) on six problems, the same in both prompt modes
+        "base": [0, 0, 1, 1, 0, 0],
+        "P8": [1, 1, 1, 0, 0, 0],
+        "P8#1": [1, 0, 1, 1, 1, 1],
+        "P1": [0, 0, 1, 1, 0, 0],
+        "P1#1": [1, 0, 1, 1, 0, 0],
+        "P1#2": [0, 0, 0, 0, 0, 0],
+    }
+    for arm, outcomes in passed.items():
+        (tmp_path / arm).mkdir()
+        mode = {"samples": [{"passed": bool(outcome)} for outcome in outcomes]}
+        (tmp_path / arm / "greedy.json").write_text(json.dumps({"completion": mode, "chat": mode}))
+    summary = results.report(tmp_path, ["P8:P1", "P8:base"], tmp_path / "data")
+    tests = {
+        (c["first"], c["second"]): [(t["seed"], t["b"], t["c"], t["pvalue"]) for t in c["mcnemar_by_seed"]]
+        for c in summary["comparisons"]
+        if c["metric"] == "completion_pass@1"
+    }
+    # (seed, problems passed by P8 only, by the other only, exact two-sided binomial p of b in b + c at 1/2)
+    # seed 0: P8 alone passes problems 0 and 1, P1 alone problem 3; seed 1: P8#1 alone passes 4 and 5; P1#2 has no
+    # P8 run with its seed. The base model, trained never, is paired with every P8 run.
+    assert tests["P8", "P1"] == [(0, 2, 1, 1.0), (1, 2, 0, 0.5)]
+    assert tests["P8", "base"] == [(0, 2, 1, 1.0), (1, 3, 0, 0.25)]
+    assert "| #0: 2, 1, 1.0000; #1: 2, 0, 0.5000 |" in summary["table"]
+
+
 def lora_parameters(config: dict, rank: int) -> int:
     """LoRA's trainable parameters on every linear layer of a Qwen2 decoder: rank · (inputs + outputs) for the query,
     key, value and output projections and the MLP's gate, up and down projections of each layer (not the head)."""
