@@ -2,8 +2,9 @@
 
 Every arm has a folder named after it (`arms.parse_arm`: ``base``, ``P<n>``, ``P<n>T<t>``, ``lora``, with ``+div<λ>``
 and ``@<rate>``) holding ``train.json`` and one JSON per evaluation phase, every sample with its verdict. `report` reads
-them all and writes ``results.json`` (per-metric values, 95% bootstrap intervals and the paired comparisons),
-``results.md`` (the tables RESULTS.md shows) and ``pass_at_k.png``. Decode cost comes from a run of the benchmarks'
+them all and writes ``results.json`` (per-metric values, 95% bootstrap intervals and the paired comparisons; for an
+arm trained with several seeds, ``#<seed>``, also its mean over them), ``results.md`` (the tables RESULTS.md shows)
+and ``pass_at_k.png``. Decode cost comes from a run of the benchmarks'
 decode sweep at the model's shape (``python -m benchmarks.run --suites sweep ...``, its ``results.jsonl``): it depends
 on the number of streams and the prefix length only, not on trained weights, and a merged LoRA decodes as the base
 model does.
@@ -114,6 +115,16 @@ def compare_over_seeds(first_runs: list[dict], second_runs: list[dict]) -> dict:
     return {**result, "run_means": means}
 
 
+def summarise_over_seeds(runs: list[dict]) -> dict:
+    """One arm's metric averaged over its runs (one per seed), with the 95% interval that resamples runs and problems:
+    `seed_and_problem_bootstrap` against a model scoring 0 everywhere, whose difference is the arm's own mean."""
+    weights = runs[0].get("weights")
+    zeros = [0.0] * len(runs[0]["values"])
+    result = seed_and_problem_bootstrap([run["values"] for run in runs], [zeros], weights)
+    run_values = [float(np.average(run["values"], weights=weights)) for run in runs]
+    return {"value": result["difference"], "low": result["low"], "high": result["high"], "run_values": run_values}
+
+
 def mcnemar_by_seed(first_runs: dict[str, dict], second_runs: dict[str, dict]) -> list[dict]:
     """McNemar's test of greedy pass/fail, one per seed, for arms trained with several seeds (`runs_of`'s names to
     their scores). Runs of the two sides with the same seed are paired: they saw the training data in the same order.
@@ -184,6 +195,16 @@ def report(
         rows.append(
             {"name": name, **vars(parse_arm(name)), "train_tokens": training.get("train_tokens"), **cost, **metrics}
         )
+    over_seeds = []  # one row per arm trained with several seeds, each metric averaged over the runs that have it
+    for arm in dict.fromkeys(seedless(name) for name in names):
+        runs = [name for name in names if seedless(name) == arm]
+        metrics = {
+            metric: summarise_over_seeds([scores[n][metric] for n in runs if metric in scores[n]])
+            for metric, _, _ in METRICS
+            if sum(metric in scores[n] for n in runs) >= 2
+        }
+        if metrics:
+            over_seeds.append({"name": arm, **vars(parse_arm(arm)), "runs": len(runs), **metrics})
     comparisons = []
     for pair in compare_pairs:
         first, _, second = pair.partition(":")
@@ -201,17 +222,22 @@ def report(
                     )
             counts = {"runs": [len(runs[0]), len(runs[1])]}
             comparisons.append({"first": first, "second": second, "metric": metric, **counts, **result})
-    summary = {"rows": rows, "comparisons": comparisons}
+    summary = {"rows": rows, "over_seeds": over_seeds, "comparisons": comparisons}
     if (data / "stats.json").is_file():
         summary["data"] = json.loads((data / "stats.json").read_text())["stats"]
-    summary["table"] = markdown(rows, comparisons)
+    summary["table"] = markdown(rows, over_seeds, comparisons)
     (output / "results.json").write_text(json.dumps(summary, indent=1))
     (output / "results.md").write_text(summary["table"] + "\n")
-    plot(rows, output / "pass_at_k.png")
+    plot(rows, over_seeds, output / "pass_at_k.png")
     return summary
 
 
-def markdown(rows: list[dict], comparisons: list[dict]) -> str:
+def interval_cell(summary: dict) -> str:
+    return f"{summary['value']:.3f} [{summary['low']:.3f}, {summary['high']:.3f}]"
+
+
+def markdown(rows: list[dict], over_seeds: list[dict], comparisons: list[dict]) -> str:
+    """The table of every run, of every arm over its seeds (where one has several), and of the comparisons."""
     labels = {metric: label for metric, label, _ in METRICS}
     lines = [
         "| model | learning rate | trainable parameters | adapter MB | training tokens | tokens/s | "
@@ -221,12 +247,7 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |",
     ]
     for row in rows:
-        cells = [
-            f"{row[metric]['value']:.3f} [{row[metric]['low']:.3f}, {row[metric]['high']:.3f}]"
-            if metric in row
-            else "-"
-            for metric in labels
-        ]
+        cells = [interval_cell(row[metric]) if metric in row else "-" for metric in labels]
         cost = [
             f"{row['learning_rate']:g}" if row.get("learning_rate") else "-",
             f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-",
@@ -239,6 +260,15 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
             ),
         ]
         lines.append(f"| {row['name']} | " + " | ".join(cost + cells) + " |")
+    if over_seeds:  # the mean over runs; the interval resamples runs and problems
+        lines += [
+            "",
+            "| arm, over its seeds | runs | " + " | ".join(labels.values()) + " |",
+            "| --- | ---: | " + " | ".join("---:" for _ in METRICS) + " |",
+        ]
+        for row in over_seeds:
+            cells = [interval_cell(row[metric]) if metric in row else "-" for metric in labels]
+            lines.append(f"| {row['name']} | {row['runs']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| comparison | metric | runs (seeds) | difference [95% interval] | paired bootstrap p | McNemar (b, c, exact p) |",
@@ -264,13 +294,14 @@ def mcnemar_cell(test: dict) -> str:
     return f"{test['b']}, {test['c']}, {test['pvalue']:.4f}"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], over_seeds: list[dict], path: Path) -> None:
     """pass@k and the held-out loss against P, with 95% intervals; the base model as a line and band, the other arms
-    (longer prefix, LoRA, grid points) left out."""
+    (longer prefix, LoRA, grid points) left out. An arm trained with several seeds is drawn as its mean over them."""
     plt = pyplot()
     if plt is None:
         return
-    adapters = [row for row in rows if re.fullmatch(r"P\d+", row["name"])]
+    seeded = {row["name"]: row for row in over_seeds}
+    adapters = [{**row, **seeded.get(row["name"], {})} for row in rows if re.fullmatch(r"P\d+", row["name"])]
     base = next((row for row in rows if row["name"] == "base"), None)
     if not any(metric in row for row in adapters for metric, _, _ in METRICS):
         return

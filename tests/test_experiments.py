@@ -235,6 +235,16 @@ def test_humaneval_report_compares_arms_over_their_seeds(tmp_path):
     assert comparisons["P8#1", "P1"]["runs"] == [1, 1] and comparisons["P8#1", "P1"]["difference"] == 2.0
     speeds = {row["name"]: row.get("train_tokens_per_s") for row in summary["rows"]}
     assert speeds == {"P1": 25.0, "P8": 25.0, "P8#1": 25.0, "lora@1e-4": None}  # shared GPU: no speed of its own
+    # P8 over its seeds: the mean of its runs' 2 and 3, and the interval that resamples runs and pairs. A resample is
+    # run 0 (losses 1, 2, 3), run 1 (2, 3, 4) or their mean (1.5, 2.5, 3.5), with probabilities 1/4, 1/4, 1/2, and
+    # then 3 of its pairs. P(mean <= 1) = 1/4 · 1/27 = 0.009 and P(mean <= 4/3) = 1/4 · 4/27 = 0.037, so the 2.5%
+    # quantile is 4/3, and the 97.5% one 11/3 by symmetry. Resampling only the pairs of the runs' mean would give 1.5
+    # and 3.5.
+    (over_seeds,) = summary["over_seeds"]
+    loss = over_seeds["validation_loss"]
+    assert (over_seeds["name"], over_seeds["runs"], loss["value"], loss["run_values"]) == ("P8", 2, 2.5, [2.0, 3.0])
+    assert (loss["low"], loss["high"]) == (pytest.approx(4 / 3), pytest.approx(11 / 3))
+    assert f"| P8 | 2 | - | - | - | - | - | 2.500 [{loss['low']:.3f}, {loss['high']:.3f}] |" in summary["table"]
 
 
 def test_humaneval_report_tests_greedy_pass_fail_seed_by_seed(tmp_path):
