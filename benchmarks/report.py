@@ -284,14 +284,23 @@ def comparison_table(comparisons: list[Record]) -> str:
     return table(header, body)
 
 
+def training_variant(record: Record) -> str:
+    """A training record's variant; records made before the training suite took variants are P<n>."""
+    return record.get("variant", f"P{record['P']}")
+
+
 def training_table(records: list[Record]) -> str:
     rows = {}
     for r in records:
         if r.get("suite") in ("train", "train_masks"):
-            key = (r["shape"], r["P"], r["mask"], r["gradient_checkpointing"], r.get("compile", "none"), r["length"])
-            rows[key] = r
-    header = ["shape", "P", "seq", "batch", "mask", "grad. ckpt", "compile", "step ms", "tokens/s", "MFU", "peak GiB"]
-    columns = ["shape", "P", "length", "batch", "mask", "gradient_checkpointing", "compile", "step_ms", "tokens_per_s"]
+            key = (r["shape"], r["P"], training_variant(r), r["mask"], r["gradient_checkpointing"])
+            rows[(*key, r.get("compile", "none"), r["length"])] = {**r, "variant": training_variant(r)}
+    header = [
+        "shape", "variant", "seq", "batch", "mask", "grad. ckpt", "compile", "step ms", "tokens/s", "MFU", "peak GiB"
+    ]  # fmt: skip
+    columns = [
+        "shape", "variant", "length", "batch", "mask", "gradient_checkpointing", "compile", "step_ms", "tokens_per_s"
+    ]  # fmt: skip
     body = [[r.get(c, "none") for c in columns] + [r["mfu"], r["peak_mem_gib"]] for _, r in sorted(rows.items())]
     return table(header, body)
 
@@ -378,7 +387,11 @@ def write_plots(records: list[Record], comparisons: list[Record], out: str) -> l
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7)
         save(figure, "decode_latency.png")
-    training = [r for r in records if r.get("suite") == "train" and not r["gradient_checkpointing"]]
+    training = [  # the streams' cost: ParScale at its default prefix length
+        r
+        for r in records
+        if r.get("suite") == "train" and not r["gradient_checkpointing"] and training_variant(r) == f"P{r['P']}"
+    ]
     if training:
         figure, axis = plt.subplots(figsize=(5.5, 3.6))
         for color, shape in enumerate(sorted({r["shape"] for r in training})):

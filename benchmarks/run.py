@@ -26,8 +26,9 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
 - profile: torch.profiler tables of one P=8 training step (eager at the target shape, and at the sampling shape
   with decoder layers compiled, as the experiments train), of P=8 fast-path decoding at batch 1, and of 32 P=8
   fast-path steps of the sampling workload (OUT/profile_*.txt).
-- train / train_masks: adapter training throughput (see benchmarks/training.py); train_masks compares the training
-  attention mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
+- train / train_masks: adapter training throughput (see benchmarks/training.py) for P = 1, 2, 4, 8 (`--train-P`), or
+  for any training variants (`--train-variants`: P<n>, P<n>T<t>, lora); train_masks compares the training attention
+  mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
 Results are appended to OUT/results.jsonl; OUT/report.md and the plots are rebuilt from everything in it.
 """
 
@@ -111,7 +112,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--static-sweep", action="store_true", help="compile the sweep's step for each case's static shapes"
     )
     parser.add_argument("--train-shapes")
-    parser.add_argument("--train-P")
+    parser.add_argument("--train-P", help="comma-separated numbers of streams: the variants P<n>")
+    parser.add_argument(
+        "--train-variants", help="comma-separated training variants instead (P<n>, P<n>T<t>, lora; --train-P's P<n>)"
+    )
     parser.add_argument("--train-length", type=int)
     parser.add_argument("--train-batch", type=int)
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -257,15 +261,16 @@ def main(argv: list[str] | None = None) -> int:
         elif suite in ("train", "train_masks"):
             train_shapes = args.train_shapes.split(",") if args.train_shapes else defaults["train_shapes"]
             train_P = [int(p) for p in args.train_P.split(",")] if args.train_P else defaults["train_P"]
+            variants = args.train_variants.split(",") if args.train_variants else [f"P{p}" for p in train_P]
             masks = ["materialised", "lower_right"] if suite == "train_masks" else ["lower_right"]
             settings = [(mask, compile_mode) for mask in masks for compile_mode in args.train_compile.split(",")]
             for shape in train_shapes:
-                for num_streams in train_P:
+                for variant in variants:
                     for mask, compile_mode in settings:
                         emit(
                             train_throughput(
                                 shape,
-                                num_streams,
+                                variant,
                                 args.train_length or defaults["train_length"],
                                 args.train_batch or defaults["train_batch"],
                                 device,
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                             )
                             | {"suite": suite}
                         )
-                        torch._dynamo.reset()  # the next P compiles afresh, for static shapes
+                        torch._dynamo.reset()  # the next variant compiles afresh, for static shapes
                         free_memory(device)
         else:
             raise SystemExit(f"Unknown suite {suite!r}.")

@@ -1,7 +1,10 @@
-"""Adapter training throughput: frozen backbone, only the ParScale prefixes and aggregator trained.
+"""Adapter training throughput: frozen backbone, only the adapter trained.
 
-One step = forward and backward of a batch of random token sequences with next-token labels, then AdamW on the
-trainable weights. tokens/s counts input tokens (batch × sequence length), not stream-tokens.
+The adapter is a variant: ``P<n>`` (ParScale, the default prefix length), ``P<n>T<t>`` (prefix length t), or
+``lora`` (PEFT's LoRA, rank 16, on every linear layer of the decoder: the HumanEval experiment's LoRA arm), so that the
+experiment's arms can be timed alone on one GPU under the same conditions. One step = forward and backward of a batch
+of random token sequences with next-token labels, then AdamW on the trainable weights. tokens/s counts input tokens
+(batch × sequence length), not stream-tokens.
 
 Model FLOPs per step (`training_flops`), the numerator of MFU; recomputation under gradient checkpointing is not
 counted, and neither are the frozen weights' gradients, which are never computed:
@@ -9,19 +12,21 @@ counted, and neither are the frozen weights' gradients, which are never computed
 - attention scores and weighted sums: forward 4·layers·heads·head_dim per visible key, causal with the T prefix keys
   visible to every query (T + (S + 1)/2 keys on average), backward twice the forward;
 - LM head on the aggregated tokens (not × P): forward 2·H·V, backward (input gradients) 2·H·V;
-- aggregator (trainable, P > 1): forward 2·(P·H·H + H·P), backward twice that.
+- aggregator (trainable, P > 1): forward 2·(P·H·H + H·P), backward twice that;
+- LoRA: forward 2·r·(inputs + outputs) per adapted linear layer, backward twice that (input and weight gradients).
 MFU = model FLOPs / (step time × peak); the peak is the H100 SXM dense bf16 figure, 989 TFLOP/s, unless given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import PretrainedConfig
 
 import peft_parscale.layer as parscale_layer
@@ -31,21 +36,32 @@ from .measure import Clock, median, peak_memory_gib, random_causal_lm, reset_pea
 from .shapes import shape_config
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
+LORA_RANK = 16  # the HumanEval experiment's LoRA arm (experiments/arms.py): rank 16, alpha 32, every linear layer
+VARIANT = re.compile(r"P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?|lora")
+
+
+def linear_shapes(config: PretrainedConfig) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each matrix product of one decoder layer: query, key, value, output, gate, up, down."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    query, key_value = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    intermediate = config.intermediate_size
+    return [(hidden, query), (hidden, key_value), (hidden, key_value), (query, hidden)] + [
+        (hidden, intermediate),
+        (hidden, intermediate),
+        (intermediate, hidden),
+    ]
 
 
 def linear_parameters(config: PretrainedConfig) -> int:
     """Weights of the backbone's matrix products per stream-token (biases and norms left out)."""
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    query, key_value = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    per_layer = 2 * hidden * query + 2 * hidden * key_value + 3 * hidden * config.intermediate_size
-    return config.num_hidden_layers * per_layer
+    return config.num_hidden_layers * sum(inputs * outputs for inputs, outputs in linear_shapes(config))
 
 
 def training_flops(
-    config: PretrainedConfig, num_streams: int, prefix_length: int, batch_size: int, length: int
+    config: PretrainedConfig, num_streams: int, prefix_length: int, batch_size: int, length: int, lora_rank: int = 0
 ) -> float:
-    """Model FLOPs of one adapter-training step (see the module docstring)."""
+    """Model FLOPs of one adapter-training step (see the module docstring); `lora_rank` > 0 for LoRA."""
     hidden, vocab = config.hidden_size, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     tokens = batch_size * length
@@ -56,7 +72,19 @@ def training_flops(
     attention = 3 * attention_forward * stream_tokens
     lm_head = 4 * hidden * vocab * tokens
     aggregator = 6 * (num_streams * hidden * hidden + hidden * num_streams) * tokens if num_streams > 1 else 0
-    return float(linear + attention + lm_head + aggregator)
+    lora_sizes = sum(inputs + outputs for inputs, outputs in linear_shapes(config)) * config.num_hidden_layers
+    lora = 6 * lora_rank * lora_sizes * tokens
+    return float(linear + attention + lm_head + aggregator + lora)
+
+
+def variant_adapter(variant: str) -> ParScaleConfig | LoraConfig:
+    """The adapter a training variant trains (see the module docstring)."""
+    match = VARIANT.fullmatch(variant)
+    if match is None:
+        raise ValueError(f"Unknown training variant {variant!r}: use 'P<n>', 'P<n>T<t>' or 'lora'.")
+    if variant == "lora":
+        return LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM")
+    return ParScaleConfig(P=int(match["P"]), **({"prefix_length": int(match["T"])} if match["T"] else {}))
 
 
 @contextlib.contextmanager
@@ -72,7 +100,7 @@ def materialised_prefix_mask(device: torch.device) -> Iterator[None]:
 
 def train_throughput(
     shape: str,
-    num_streams: int,
+    variant: str,
     length: int,
     batch_size: int,
     device: torch.device,
@@ -92,7 +120,9 @@ def train_throughput(
     materialises the attention mask: sdpa's memory-efficient kernel instead of flash).
     """
     config = shape_config(shape)
-    adapter_config = ParScaleConfig(P=num_streams)
+    adapter_config = variant_adapter(variant)
+    lora = isinstance(adapter_config, LoraConfig)
+    num_streams, prefix_length = (1, 0) if lora else (adapter_config.P, adapter_config.prefix_length)
     model = get_peft_model(random_causal_lm(config, device, dtype), adapter_config)
     if gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -134,11 +164,14 @@ def train_throughput(
         reset_peak_memory(device)
         times = [clock.time_ms(lambda index=index: step(warmup + index))[1] for index in range(steps)]
     step_ms = median(times)
-    flops = training_flops(config, num_streams, adapter_config.prefix_length, batch_size, length)
+    flops = training_flops(config, num_streams, prefix_length, batch_size, length, LORA_RANK if lora else 0)
     record = {
         "suite": "train",
         "shape": shape,
+        "variant": variant,
         "P": num_streams,
+        "prefix_length": prefix_length,
+        "trainable_parameters": sum(parameter.numel() for parameter in trainable),
         "length": length,
         "batch": batch_size,
         "gradient_checkpointing": gradient_checkpointing,

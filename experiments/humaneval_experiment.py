@@ -46,15 +46,17 @@ and then an optional ``#<seed>`` (the arm trained again with another seed; ParSc
     python experiments/humaneval_experiment.py ... --side-by-side 5 --deadline 480 \\
         --only train:P8#1 val:P8#1 train:P1#1 val:P1#1                      # models side by side, stopping in time
     python experiments/humaneval_experiment.py --output-dir /tmp/he --report \\
-        --decode-results /tmp/he/decode/results.jsonl                                   # results.json/.md, plot
+        --benchmark-results /tmp/he/bench/results.jsonl                                 # results.json/.md, plot
     python experiments/humaneval_experiment.py --smoke                                 # tiny random model, CPU
 
 Without ``--only`` every phase of every ``--models`` runs, then the report (`humaneval_results.py`). Its decode-cost
-columns come from the benchmarks' decode sweep at the model's shape, the arms' benchmark variants at batch 1 and 8
-(`--decode-results`):
+columns come from the benchmarks' decode sweep at the model's shape, the arms' benchmark variants at batch 1 and 8,
+and its training speeds from the benchmarks' training suite, each arm alone on the GPU (`--benchmark-results`):
 
     python -m benchmarks.run --suites sweep --shapes 0.5b --variants stock,P1,P2,P4,P8,P1T192,P1T384 \\
-        --batches 1,8 --lengths 128:512 --out /tmp/he/decode
+        --batches 1,8 --lengths 128:512 --out /tmp/he/bench
+    python -m benchmarks.run --suites train --train-shapes 0.5b \\
+        --train-variants P1,P2,P4,P8,P1T192,P1T384,lora --out /tmp/he/bench
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", metavar="PHASE[:MODEL]", help="run only these phases (see above)")
     parser.add_argument("--report", action="store_true", help="only gather the results")
     parser.add_argument(
-        "--decode-results", type=Path, help="report: decode cost from a benchmarks results.jsonl (humaneval_results.py)"
+        "--benchmark-results",
+        type=Path,
+        help="report: decode and training cost from a benchmarks results.jsonl (humaneval_results.py)",
     )
     parser.add_argument(
         "--compare", nargs="+", default=["P8:P1", "P8:base", "P8:P1T384", "P8:lora"], help="paired comparisons A:B"
@@ -480,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.only:
             return
     summary = report(
-        Path(args.output_dir), args.compare, args.data, args.decode_results, default_prefix_length=args.prefix_length
+        Path(args.output_dir), args.compare, args.data, args.benchmark_results, default_prefix_length=args.prefix_length
     )
     print(summary["table"])
 

@@ -4,12 +4,13 @@ Every arm has a folder named after it (`arms.parse_arm`: ``base``, ``P<n>``, ``P
 and ``@<rate>``) holding ``train.json`` and one JSON per evaluation phase, every sample with its verdict. `report` reads
 them all and writes ``results.json`` (per-metric values, 95% bootstrap intervals and the paired comparisons; for an
 arm trained with several seeds, ``#<seed>``, also its mean over them), ``results.md`` (the tables RESULTS.md shows)
-and ``pass_at_k.png``. Decode cost comes from a run of the benchmarks'
-decode sweep at the model's shape (``python -m benchmarks.run --suites sweep ...``, its ``results.jsonl``): it depends
-on the number of streams and the prefix length only, not on trained weights, and a merged LoRA decodes as the base
-model does.
+and ``pass_at_k.png``. Decode and training cost come from the benchmarks' records at the model's shape
+(``python -m benchmarks.run --suites sweep,train ...``, its ``results.jsonl``): they depend on the kind of adapter,
+the number of streams and the prefix length, not on trained weights. A merged LoRA decodes as the base model does.
+An arm's training speed is the training suite's (the arm alone on the GPU, random tokens, eager) where the records
+have its variant, marked "(b)"; else its own training's, where it trained alone on the GPU.
 
-    report(Path("he"), ["P8:P1", "P8:base"], data=Path(".he-data"), decode_results=Path("he/decode/results.jsonl"))
+    report(Path("he"), ["P8:P1", "P8:base"], data=Path(".he-data"), benchmark_results=Path("he/bench/results.jsonl"))
 """
 
 from __future__ import annotations
@@ -156,6 +157,28 @@ def decode_costs(results: Path) -> dict[tuple[str, int], float]:
     return costs
 
 
+def training_speeds(results: Path) -> dict[str, float]:
+    """tokens/s of eager adapter training per benchmark training variant in a benchmarks ``results.jsonl`` (the
+    latest record of each)."""
+    speeds = {}
+    for line in results.read_text().splitlines():
+        record = json.loads(line)
+        plain = not record.get("gradient_checkpointing") and record.get("mask") == "lower_right"
+        if record.get("suite") == "train" and record.get("compile") == "none" and plain:
+            speeds[record.get("variant", f"P{record['P']}")] = record["tokens_per_s"]
+    return speeds
+
+
+def training_variant(arm: Arm, default_prefix_length: int) -> str | None:
+    """The benchmark training variant that trains as an arm does; None for the base model and for an arm with a
+    stream-diversity term, whose extra loss the benchmark does not compute."""
+    if arm.kind == "lora":
+        return "lora"
+    if arm.kind == "base" or arm.diversity_weight is not None:
+        return None
+    return decode_variant(arm, default_prefix_length)
+
+
 def decode_variant(arm: Arm, default_prefix_length: int) -> str:
     """The benchmark variant that decodes as an arm does: ``stock`` for the base model and a merged LoRA."""
     if arm.kind != "parscale":
@@ -168,18 +191,20 @@ def report(
     output: Path,
     compare_pairs: list[str],
     data: Path,
-    decode_results: Path | None = None,
+    benchmark_results: Path | None = None,
     default_prefix_length: int = 48,
 ) -> dict:
     """Gather every arm's results under `output` into results.json and results.md (tables) and pass_at_k.png (where
-    matplotlib is installed); `compare_pairs` are ``A:B`` arm names; `decode_results` is a benchmarks results.jsonl
-    (see the module docstring) whose benchmark variants use `default_prefix_length` as ``P<n>``'s prefix length."""
+    matplotlib is installed); `compare_pairs` are ``A:B`` arm names; `benchmark_results` is a benchmarks
+    results.jsonl (see the module docstring) whose variants use `default_prefix_length` as ``P<n>``'s prefix
+    length."""
     names = sorted(
         (path.name for path in output.iterdir() if path.is_dir() and ARM_NAME.fullmatch(path.name)),
         key=lambda name: (["base", "parscale", "lora"].index(parse_arm(name).kind), parse_arm(name).P or 0, name),
     )
     scores = {name: per_problem_scores(output / name) for name in names}
-    decode = decode_costs(decode_results) if decode_results is not None else {}
+    decode = decode_costs(benchmark_results) if benchmark_results is not None else {}
+    speeds = training_speeds(benchmark_results) if benchmark_results is not None else {}
     rows = []
     for name in names:
         train_file = output / name / "train.json"
@@ -187,8 +212,12 @@ def report(
         metrics = {metric: summarise(values) for metric, values in scores[name].items()}
         cost = {key: training.get(key) for key in ("learning_rate", "trainable_parameters", "adapter_bytes")}
         # a grid point trained side by side with others on one GPU has no speed of its own to report
-        if training and training.get("gpu_shared_by", 1) == 1:
+        benchmarked = training_variant(parse_arm(name), default_prefix_length) in speeds
+        if benchmarked:
+            cost["train_tokens_per_s"] = speeds[training_variant(parse_arm(name), default_prefix_length)]
+        elif training and training.get("gpu_shared_by", 1) == 1:
             cost["train_tokens_per_s"] = training["train_tokens"] / training["train_seconds"]
+        cost["train_tokens_per_s_benchmarked"] = benchmarked
         variant = decode_variant(parse_arm(name), default_prefix_length)
         for batch in (1, 8):
             cost[f"decode_ms_per_token_b{batch}"] = decode.get((variant, batch))
@@ -253,7 +282,9 @@ def markdown(rows: list[dict], over_seeds: list[dict], comparisons: list[dict]) 
             f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-",
             f"{row['adapter_bytes'] / 1e6:.1f}" if row.get("adapter_bytes") else "-",
             f"{row['train_tokens']:,}" if row.get("train_tokens") else "-",
-            f"{row['train_tokens_per_s']:,.0f}" if row.get("train_tokens_per_s") else "-",
+            f"{row['train_tokens_per_s']:,.0f}" + (" (b)" if row.get("train_tokens_per_s_benchmarked") else "")
+            if row.get("train_tokens_per_s")
+            else "-",
             *(
                 f"{row[key]:.2f}" if row.get(key) is not None else "-"
                 for key in ("decode_ms_per_token_b1", "decode_ms_per_token_b8")

@@ -591,10 +591,12 @@ def benchmark_sampling(device: str) -> str:
 
 
 def training_records(device: str) -> dict[tuple, dict]:
-    """(shape, P, compile) -> the latest plain training record (sequence 2048, no gradient checkpointing)."""
+    """(shape, P, compile) -> the latest plain training record (sequence 2048, no gradient checkpointing) of ParScale
+    at its default prefix length."""
     found = {}
     for r in benchmark_records(device):
-        if r.get("suite") == "train" and not r["gradient_checkpointing"] and r["length"] == 2048:
+        plain = r.get("suite") == "train" and not r["gradient_checkpointing"] and r["length"] == 2048
+        if plain and r.get("variant", f"P{r['P']}") == f"P{r['P']}":
             found[r["shape"], r["P"], r.get("compile", "none")] = r
     return found
 

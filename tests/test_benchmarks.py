@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from peft_parscale import ParScaleConfig
-
 from benchmarks import decoding, report, run, sampling
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
+from peft_parscale import ParScaleConfig
 
 
 def test_tiny_run_writes_results_report_and_comparison(tmp_path):
@@ -61,6 +60,30 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
         assert section in report
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     assert {(c["shape"], c["P"]) for c in comparison["scaling_comparison"]} == {("tiny", 2)}
+
+
+def test_training_variants_are_the_experiment_s_arms(tmp_path):
+    """A longer prefix and LoRA train in the training suite as the HumanEval experiment's arms do, with their own
+    trainable parameters and model FLOPs. Tiny shape: hidden 64, MLP 128, 2 layers, 4 heads of 16, 2 key/value
+    heads (32 wide); 32 tokens per step."""
+    argv = ["--tiny", "--suites", "train", "--train-variants", "P1,P1T8,lora", "--no-report", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    records = {r["variant"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    assert [(records[v]["P"], records[v]["prefix_length"]) for v in ("P1", "P1T8", "lora")] == [(1, 48), (1, 8), (1, 0)]
+    # a prefix: keys and values, 2 heads of 16, T positions, in each of 2 layers
+    assert records["P1T8"]["trainable_parameters"] == 2 * 2 * (2 * 16) * 8
+    # LoRA, rank 16, on q (64 -> 64), k and v (64 -> 32), o (64 -> 64), gate and up (64 -> 128), down (128 -> 64)
+    lora_sizes = (64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64)
+    assert records["lora"]["trainable_parameters"] == 2 * 16 * lora_sizes
+    # its FLOPs against P1T8's: no prefix keys (8 fewer visible per query: 4 FLOPs each per head dimension, forward
+    # and backward twice), plus the low-rank products (forward 2·r·(in + out), backward twice that)
+    attention = 3 * 4 * 2 * 4 * 16 * 8 * 32
+    low_rank = 6 * 16 * 2 * lora_sizes * 32
+    difference = records["lora"]["model_tflop_per_step"] - records["P1T8"]["model_tflop_per_step"]
+    assert difference * 1e12 == pytest.approx(low_rank - attention, rel=1e-9)
+    assert all(r["tokens_per_s"] > 0 and r["trainable_gradient_norm"] > 0 for r in records.values())
+    with pytest.raises(ValueError, match="Unknown training variant"):
+        run.main(["--tiny", "--suites", "train", "--train-variants", "P1x", "--no-report", "--out", str(tmp_path)])
 
 
 def test_a_sampling_mode_that_fails_is_recorded_and_the_others_still_run(monkeypatch):

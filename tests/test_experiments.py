@@ -182,7 +182,7 @@ def test_humaneval_experiment_chooses_learning_rate_on_validation(tmp_path):
     assert experiment.chosen_on_validation(args, "lora@best#2") == "lora@3e-4#2"
 
 
-def test_humaneval_report_takes_each_arm_s_decode_cost_from_its_benchmark_variant(tmp_path):
+def test_humaneval_report_takes_each_arm_s_decode_and_training_cost_from_its_benchmark_variant(tmp_path):
     results = import_experiment("humaneval_results")
     records = [  # (suite, variant, mode, batch, new tokens, ms/token)
         ("decode", "stock", "fast", 1, 64, 9.0),
@@ -197,6 +197,19 @@ def test_humaneval_report_takes_each_arm_s_decode_cost_from_its_benchmark_varian
     lines = [
         json.dumps({"suite": s, "variant": v, "mode": m, "batch": b, "new_tokens": n, "decode_ms_per_token": ms})
         for s, v, m, b, n, ms in records
+    ]
+    training = [  # (variant, compile, gradient checkpointing, tokens/s)
+        ("P8", "none", False, 100.0),
+        ("P8", "layers", False, 999.0),  # compiled: the experiment trains eagerly
+        ("lora", "none", False, 300.0),
+        ("P1T384", "none", True, 999.0),  # with gradient checkpointing
+    ]
+    lines += [
+        json.dumps(
+            {"suite": "train", "variant": v, "P": int(v[1]) if v != "lora" else 1, "compile": c, "mask": "lower_right"}
+            | {"gradient_checkpointing": g, "tokens_per_s": speed}
+        )
+        for v, c, g, speed in training
     ]
     (tmp_path / "decode.jsonl").write_text("\n".join(lines) + "\n")
     arms = ["base", "lora@2e-4", "P8", "P8+div0.1", "P1T384", "P1T48", "P4"]
@@ -215,7 +228,12 @@ def test_humaneval_report_takes_each_arm_s_decode_cost_from_its_benchmark_varian
         "P1T48": (2.75, None),  # T = 48 is the benchmark's default prefix length: variant P1
         "P4": (None, None),  # not measured
     }
-    assert "| P8 | - | - | - | - | - | 3.00 | 3.50 |" in summary["table"]
+    speeds = {row["name"]: row.get("train_tokens_per_s") for row in summary["rows"]}
+    # the base model trains nothing; a stream-diversity arm adds a loss term the benchmark does not compute
+    assert speeds == {
+        "base": None, "lora@2e-4": 300.0, "P8": 100.0, "P8+div0.1": None, "P1T384": None, "P1T48": None, "P4": None
+    }  # fmt: skip
+    assert "| P8 | - | - | - | - | 100 (b) | 3.00 | 3.50 |" in summary["table"]
 
 
 def test_humaneval_report_compares_arms_over_their_seeds(tmp_path):
