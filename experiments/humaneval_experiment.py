@@ -350,6 +350,9 @@ def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter} has no adapter: run train:{name} first")
         loaded.clear()  # the previous model is freed before the next is loaded
+        # and its compiled decode steps: each model compiles its own, and torch.compile stops compiling a function
+        # after `recompile_limit` (8) variants in one process, running it eagerly from then on
+        torch._dynamo.reset()
         loaded["model"], loaded["tokenizer"] = load_model(path, adapter, DTYPE)
         if parse_arm(name).kind == "lora":  # merged, LoRA costs what the base model costs, and decodes the same way
             loaded["model"] = loaded["model"].merge_and_unload()

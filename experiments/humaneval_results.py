@@ -33,6 +33,9 @@ from peft_parscale.stats import (
 )
 
 EVAL_PHASES = ("greedy", "sampled", "loss")
+# The benchmarks' shape of the experiment's model, Qwen2.5-Coder-0.5B-Instruct (benchmarks/shapes.py), and its training
+# windows: the records of other shapes and lengths in a results.jsonl are not this experiment's costs
+BENCHMARK_SHAPE, TRAINING_LENGTH = "0.5b", 2048
 # (metric, label, paired test): every metric is a mean over problems (the loss: over held-out pairs, per token)
 METRICS = (
     ("completion_pass@1", "pass@1, completion (greedy)", "mcnemar"),
@@ -120,6 +123,8 @@ def summarise_over_seeds(runs: list[dict]) -> dict:
     """One arm's metric averaged over its runs (one per seed), with the 95% interval that resamples runs and problems:
     `seed_and_problem_bootstrap` against a model scoring 0 everywhere, whose difference is the arm's own mean."""
     weights = runs[0].get("weights")
+    if any(run.get("weights") != weights for run in runs):
+        raise ValueError("an arm's runs need the same held-out pairs and tokenizer to be averaged")
     zeros = [0.0] * len(runs[0]["values"])
     result = seed_and_problem_bootstrap([run["values"] for run in runs], [zeros], weights)
     run_values = [float(np.average(run["values"], weights=weights)) for run in runs]
@@ -129,13 +134,13 @@ def summarise_over_seeds(runs: list[dict]) -> dict:
 def mcnemar_by_seed(first_runs: dict[str, dict], second_runs: dict[str, dict]) -> list[dict]:
     """McNemar's test of greedy pass/fail, one per seed, for arms trained with several seeds (`runs_of`'s names to
     their scores). Runs of the two sides with the same seed are paired: they saw the training data in the same order.
-    A side with a single run (the base model, or a run named with its seed) is paired with every run of the other.
-    Seeds only one side has are left out."""
+    The base model, which is not trained, is paired with every run of the other side. Seeds only one side has are
+    left out. The combined test over the seeds is the bootstrap's p-value beside it, which resamples seeds as well."""
     seeds = [{parse_arm(name).seed: scores for name, scores in runs.items()} for runs in (first_runs, second_runs)]
-    if len(seeds[0]) == 1 or len(seeds[1]) == 1:
-        single = 0 if len(seeds[0]) == 1 else 1
-        (only,) = seeds[single].values()
-        seeds[single] = dict.fromkeys(seeds[1 - single], only)
+    for side, runs in enumerate((first_runs, second_runs)):
+        if all(parse_arm(name).kind == "base" for name in runs):
+            (only,) = seeds[side].values()
+            seeds[side] = dict.fromkeys(seeds[1 - side], only)
     return [
         {"seed": seed, **mcnemar_exact(np.asarray(a["values"]) > 0.5, np.asarray(seeds[1][seed]["values"]) > 0.5)}
         for seed, a in sorted(seeds[0].items())
@@ -151,6 +156,8 @@ def decode_costs(results: Path) -> dict[tuple[str, int], float]:
         record = json.loads(line)
         if record.get("suite") != "decode" or record.get("mode") != "fast" or "decode_ms_per_token" not in record:
             continue
+        if record.get("shape") != BENCHMARK_SHAPE:
+            continue
         case = (record["variant"], record["batch"])
         if record["new_tokens"] >= lengths.get(case, 0):
             costs[case], lengths[case] = record["decode_ms_per_token"], record["new_tokens"]
@@ -158,14 +165,16 @@ def decode_costs(results: Path) -> dict[tuple[str, int], float]:
 
 
 def training_speeds(results: Path) -> dict[str, float]:
-    """tokens/s of eager adapter training per benchmark training variant in a benchmarks ``results.jsonl`` (the
-    latest record of each)."""
+    """tokens/s of eager adapter training per benchmark training variant in a benchmarks ``results.jsonl``, at the
+    experiment's shape and window length (the latest record of each)."""
     speeds = {}
     for line in results.read_text().splitlines():
         record = json.loads(line)
+        case = (record.get("suite"), record.get("shape"), record.get("length"), record.get("compile", "none"))
         plain = not record.get("gradient_checkpointing") and record.get("mask") == "lower_right"
-        if record.get("suite") == "train" and record.get("compile") == "none" and plain:
-            speeds[record.get("variant", f"P{record['P']}")] = record["tokens_per_s"]
+        if case == ("train", BENCHMARK_SHAPE, TRAINING_LENGTH, "none") and plain:
+            # records made before the training suite took variants are P<n>
+            speeds[record["variant"] if "variant" in record else f"P{record['P']}"] = record["tokens_per_s"]
     return speeds
 
 
@@ -233,7 +242,7 @@ def report(
             if sum(metric in scores[n] for n in runs) >= 2
         }
         if metrics:
-            over_seeds.append({"name": arm, **vars(parse_arm(arm)), "runs": len(runs), **metrics})
+            over_seeds.append({"name": arm, **vars(parse_arm(arm)), **metrics})
     comparisons = []
     for pair in compare_pairs:
         first, _, second = pair.partition(":")
@@ -299,7 +308,9 @@ def markdown(rows: list[dict], over_seeds: list[dict], comparisons: list[dict]) 
         ]
         for row in over_seeds:
             cells = [interval_cell(row[metric]) if metric in row else "-" for metric in labels]
-            lines.append(f"| {row['name']} | {row['runs']} | " + " | ".join(cells) + " |")
+            counts = sorted({len(row[metric]["run_values"]) for metric in labels if metric in row})
+            runs = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"  # where metrics had fewer runs
+            lines.append(f"| {row['name']} | {runs} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| comparison | metric | runs (seeds) | difference [95% interval] | paired bootstrap p | McNemar (b, c, exact p) |",
@@ -355,5 +366,9 @@ def plot(rows: list[dict], over_seeds: list[dict], path: Path) -> None:
                 axis.axhline(base[metric]["value"], color=color, linestyle=":")
                 axis.axhspan(base[metric]["low"], base[metric]["high"], color=color, alpha=0.1)
     plot_against_streams(
-        figure, axes, [row["P"] for row in adapters], "P (streams); dotted: base model, band: its 95% interval", path
+        figure,
+        axes,
+        [row["P"] for row in adapters],
+        "P (streams), an arm trained with several seeds at its mean; dotted: base model, band: its 95% interval",
+        path,
     )

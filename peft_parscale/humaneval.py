@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import Self
 
-from .decode import fast_generate, token_id_list
+from .decode import DEFAULT_COMPILE_OPTIONS, fast_generate, token_id_list
 
 PromptMode = Literal["completion", "chat"]
 PROMPT_MODES: tuple[str, ...] = ("completion", "chat")
@@ -70,6 +70,9 @@ CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
 # completion and chat prompts (up to 391 and 449 tokens with Qwen2.5's tokenizer) then share one length, so that one
 # decode step, compiled for static shapes, serves both modes.
 FAST_PATH_PROMPT_MULTIPLE = 256
+# Static shapes said explicitly: left to torch.compile's automatic dynamic shapes, a process that has compiled the step
+# for another shape (another model's rows, in an experiment evaluating several) compiles it for dynamic shapes.
+FAST_PATH_COMPILE_OPTIONS = {**DEFAULT_COMPILE_OPTIONS, "dynamic": False}
 
 
 def load_problems(task_ids: Iterable[str] | None = None) -> list[dict]:
@@ -276,8 +279,8 @@ def evaluate_humaneval(
     """HumanEval pass@k of ``model`` (a ``PeftModel`` evaluates its active adapter).
 
     ``num_samples=1`` decodes greedily; more samples use nucleus sampling at ``temperature``/``top_p``. Prompts are
-    generated ``batch_size`` sequences at a time, left-padded and grouped by length; each batch's checks start while
-    the next batch is generated. Returns the pass@k values, the settings, every sample with its check result, and
+    generated in batches of equal size, at most ``batch_size`` sequences each, left-padded and grouped by length; each
+    batch's checks start while the next batch is generated. Returns the pass@k values, the settings, every sample with its check result, and
     each batch's generation time (``batch_seconds``: the first includes compiling the decode step, where it is
     compiled).
 
@@ -286,9 +289,10 @@ def evaluate_humaneval(
     fast path's samples come from a ``torch.Generator`` seeded with ``seed`` rather than from the global generator,
     so sampled completions differ from ``generate``'s (greedy ones do not). The result's ``generation`` says which
     was used. There every batch has one shape, so that the decode step is compiled once, for static shapes, and
-    serves the whole run (and the next run of the same shape, on the same model): the last batch is filled up to
-    ``batch_size`` rows with copies of its first sequence, whose completions are dropped, and every prompt is
-    left-padded to the run's longest, rounded up to ``FAST_PATH_PROMPT_MULTIPLE`` tokens.
+    serves the whole run (and the next run of the same shape, on the same model): the last batch is filled up to the
+    others' rows with copies of its first sequence, whose completions are dropped, and every prompt is left-padded to
+    the run's longest, rounded up to ``FAST_PATH_PROMPT_MULTIPLE`` tokens (``rows`` and ``prompt_length`` in the
+    result).
     """
     if mode not in PROMPT_MODES:
         raise ValueError(f"unknown prompt mode {mode!r}; expected one of {PROMPT_MODES}")
@@ -311,19 +315,20 @@ def evaluate_humaneval(
     # filled up to `rows`, one prompt length) makes that one compilation for static shapes. A step compiled for
     # dynamic shapes instead took most of a greedy run's time on an H200 (BENCHMARKS.md, "Code changed after the GPU
     # runs"); generate's eager step needs neither.
-    rows = min(batch_size, len(order))
-    shape = {}
+    # Batches of equal size, so that the last one needs at most one filler row per batch.
+    rows = -(-len(order) // -(-len(order) // batch_size))
+    shape, layout = {}, {}
     if fast_path:
         longest = max(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)
         length = -(-longest // FAST_PATH_PROMPT_MULTIPLE) * FAST_PATH_PROMPT_MULTIPLE
-        shape = {"padding": "max_length", "max_length": length}
+        shape, layout = {"padding": "max_length", "max_length": length}, {"rows": rows, "prompt_length": length}
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     batch_seconds = []
     try:
         with CorrectnessChecker(workers, timeout) as checker:
             bar = tqdm(total=len(order), desc=f"HumanEval {mode}", unit="sample", disable=not progress)
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
+            for start in range(0, len(order), rows):
+                batch = order[start : start + rows]
                 started = time.perf_counter()
                 if fast_path:
                     filled = batch + batch[:1] * (rows - len(batch))
@@ -335,6 +340,7 @@ def evaluate_humaneval(
                         config,
                         generator=generator,
                         tokenizer=tokenizer,
+                        compile_options=FAST_PATH_COMPILE_OPTIONS,
                     )[: len(batch)]
                 else:
                     inputs = tokenizer([prompts[i] for i, _ in batch], return_tensors="pt", padding=True)
@@ -357,5 +363,6 @@ def evaluate_humaneval(
         **settings,
         "seed": seed,
         "generation": generation,
+        **layout,
         "batch_seconds": batch_seconds,
     }

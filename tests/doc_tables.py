@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ (a package at the root)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # support_table, architectures
 import support_table
 
-from benchmarks.report import AUTHORS_TRAINING, TARGETS, load_records, scaling_comparison
+from benchmarks.report import AUTHORS_TRAINING, TARGETS, load_records, scaling_comparison, training_variant
 from benchmarks.shapes import shape_config
 from benchmarks.training import training_flops
 
@@ -420,7 +420,12 @@ def benchmark_records(device: str) -> list[dict]:
     """The records of one device, in the order they were written (a later record of the same case replaces an
     earlier one, as in `benchmarks.report`)."""
     records = load_records([str(ROOT / "benchmarks" / "results" / "results.jsonl")])
-    return [record for record in records if record.get("device_name") == device]
+    # training records name their variant since the suite took the experiment's arms; the earlier ones are P<n>
+    return [
+        {**record, "variant": training_variant(record)} if record.get("suite") in ("train", "train_masks") else record
+        for record in records
+        if record.get("device_name") == device
+    ]
 
 
 def last(records: list[dict], **where) -> dict:
@@ -494,8 +499,8 @@ def benchmark_targets(device: str) -> str:
                 met(p8 / p1 <= memory_goal),
             ]
         )
-    compiled = last(records, suite="train", shape="1.5b", P=8, compile="layers", gradient_checkpointing=False)
-    eager = last(records, suite="train", shape="1.5b", P=8, compile="none", gradient_checkpointing=False)
+    compiled = last(records, suite="train", shape="1.5b", variant="P8", compile="layers", gradient_checkpointing=False)
+    eager = last(records, suite="train", shape="1.5b", variant="P8", compile="none", gradient_checkpointing=False)
     goal, authors = TARGETS["train_tokens_per_s"], AUTHORS_TRAINING[8]
     rows.append(
         [
@@ -596,7 +601,7 @@ def training_records(device: str) -> dict[tuple, dict]:
     found = {}
     for r in benchmark_records(device):
         plain = r.get("suite") == "train" and not r["gradient_checkpointing"] and r["length"] == 2048
-        if plain and r.get("variant", f"P{r['P']}") == f"P{r['P']}":
+        if plain and r["variant"] == f"P{r['P']}":
             found[r["shape"], r["P"], r.get("compile", "none")] = r
     return found
 
@@ -630,7 +635,7 @@ def benchmark_training(device: str) -> str:
 def benchmark_training_changes(device: str) -> str:
     """The changes to adapter training at P=8 (1.5B shape), each against the measurement before it in its run."""
     records = benchmark_records(device)
-    common = {"shape": "1.5b", "P": 8, "length": 2048}
+    common = {"shape": "1.5b", "variant": "P8", "length": 2048}
     before = last(records, suite="train_masks", mask="materialised", **common)
     bias = last(records, suite="train_masks", mask="lower_right", **common)
     checkpointed = last(records, suite="train", gradient_checkpointing=True, **common)

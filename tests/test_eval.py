@@ -209,7 +209,15 @@ def test_generated_code_has_no_network():
 CODEX_STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 TOY_PROBLEMS = [
     {"task_id": f"toy/{i}", "prompt": prompt, "entry_point": "f", "test": "def check(f):\n    assert f(1) == 2\n"}
-    for i, prompt in enumerate(["def f(x):\n", "def f(x):\n    '''Add one.'''\n", "def f(value):\n    return"])
+    for i, prompt in enumerate(
+        [
+            "def f(x):\n",
+            "def f(x):\n    '''Add one.'''\n",
+            "def f(value):\n    return",
+            "def f(n):\n    if n:\n",
+            "def f(a, b=2):\n    '''Sum.'''\n    return a +",
+        ]
+    )
 ]
 
 
@@ -225,13 +233,14 @@ def test_batched_left_padded_generation_matches_reference_greedy(parscale_model,
         tokenizer,
         mode,
         max_new_tokens=new_tokens,
-        batch_size=2,
+        batch_size=3,  # batches of 3 and 2 prompts; on the fast path the second is filled up with a third row
         problems=TOY_PROBLEMS,
         workers=1,
         progress=False,
         fast_path=fast_path,
     )
-    assert result["num_problems"] == 3 and result["num_samples"] == 1 and "pass@1" in result
+    assert result["num_problems"] == 5 and result["num_samples"] == 1 and "pass@1" in result
+    assert len(result["batch_seconds"]) == 2
     assert set(STOP_SEQUENCES) == set(CODEX_STOP_SEQUENCES)
     for problem, sample in zip(TOY_PROBLEMS, result["samples"]):
         prompt = torch.tensor(tokenizer(build_prompt(problem, mode, tokenizer))["input_ids"])
@@ -247,7 +256,7 @@ def test_batched_left_padded_generation_matches_reference_greedy(parscale_model,
 
 
 def test_the_fast_path_gives_every_batch_of_both_modes_one_shape(parscale_model, monkeypatch):
-    """One decode-step shape, so one compilation on CUDA: batches of 2 and 1 prompts of 10 to 203 tokens, in both
+    """One decode-step shape, so one compilation on CUDA: batches of 2, 2 and 1 prompts of 10 to 203 tokens, in both
     prompt modes, reach the fast path as one (rows, length) and are decoded by one `FastDecoder`. The completions
     themselves are checked against the reference above, where the last batch is filled up in the same way."""
     from peft_parscale import decode
@@ -258,6 +267,7 @@ def test_the_fast_path_gives_every_batch_of_both_modes_one_shape(parscale_model,
 
     def recorded_fast_generate(model, input_ids, *args, **kwargs):
         shapes.append(tuple(input_ids.shape))
+        assert kwargs["compile_options"]["dynamic"] is False  # not torch.compile's automatic dynamic shapes
         return fast_generate(model, input_ids, *args, **kwargs)
 
     class RecordedFastDecoder(decode.FastDecoder):
@@ -273,9 +283,30 @@ def test_the_fast_path_gives_every_batch_of_both_modes_one_shape(parscale_model,
             model, tokenizer, mode, max_new_tokens=3, batch_size=2, problems=TOY_PROBLEMS, workers=1,
             progress=False, fast_path=True,
         )  # fmt: skip
-        assert len(result["samples"]) == 3 and len(result["batch_seconds"]) == 2
-    assert shapes == [(2, humaneval.FAST_PATH_PROMPT_MULTIPLE)] * 4  # the tiny tokenizer's prompts: 10 to 203 tokens
+        assert len(result["samples"]) == 5 and len(result["batch_seconds"]) == 3
+        assert (result["rows"], result["prompt_length"]) == (2, humaneval.FAST_PATH_PROMPT_MULTIPLE)
+    assert shapes == [(2, humaneval.FAST_PATH_PROMPT_MULTIPLE)] * 6  # the tiny tokenizer's prompts: 10 to 203 tokens
     assert len(decoders) == 1
+
+
+def test_batches_are_of_equal_size_so_that_little_is_filled_up(parscale_model, monkeypatch):
+    """7 samples, at most 5 per batch: two batches of 4 (one filler row), not 5 and 2 + 3 fillers."""
+    model, tokenizer, _ = parscale_model
+    rows = []
+    fast_generate = humaneval.fast_generate
+
+    def recorded_fast_generate(model, input_ids, *args, **kwargs):
+        rows.append(input_ids.shape[0])
+        return fast_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(humaneval, "fast_generate", recorded_fast_generate)
+    for batch_size, expected in ((5, [4, 4]), (3, [3, 3, 3]), (7, [7]), (100, [7])):
+        rows.clear()
+        result = evaluate_humaneval(
+            model, tokenizer, num_samples=7, k=(1,), max_new_tokens=2, batch_size=batch_size,
+            problems=TOY_PROBLEMS[:1], workers=1, progress=False, fast_path=True,
+        )  # fmt: skip
+        assert rows == expected and len(result["samples"]) == 7
 
 
 @pytest.mark.parametrize("fast_path", [False, True], ids=["generate", "fast_path"])

@@ -184,35 +184,36 @@ def test_humaneval_experiment_chooses_learning_rate_on_validation(tmp_path):
 
 def test_humaneval_report_takes_each_arm_s_decode_and_training_cost_from_its_benchmark_variant(tmp_path):
     results = import_experiment("humaneval_results")
-    records = [  # (suite, variant, mode, batch, new tokens, ms/token)
-        ("decode", "stock", "fast", 1, 64, 9.0),
-        ("decode", "stock", "fast", 1, 512, 2.5),  # the longest generation of a case is the one reported
-        ("decode", "stock", "eager", 1, 1024, 7.0),  # not the fast path
-        ("targets", "P8", "fast", 1, 1024, 7.0),  # another suite
-        ("decode", "P8", "fast", 1, 512, 3.0),
-        ("decode", "P8", "fast", 8, 512, 3.5),
-        ("decode", "P1T384", "fast", 8, 512, 4.0),
-        ("decode", "P1", "fast", 1, 512, 2.75),
+    records = [  # (suite, shape, variant, mode, batch, new tokens, ms/token)
+        ("decode", "0.5b", "stock", "fast", 1, 64, 9.0),
+        ("decode", "0.5b", "stock", "fast", 1, 512, 2.5),  # the longest generation of a case is the one reported
+        ("decode", "0.5b", "stock", "eager", 1, 1024, 7.0),  # not the fast path
+        ("targets", "0.5b", "P8", "fast", 1, 1024, 7.0),  # another suite
+        ("decode", "0.5b", "P8", "fast", 1, 512, 3.0),
+        ("decode", "0.5b", "P8", "fast", 8, 512, 3.5),
+        ("decode", "0.5b", "P1T384", "fast", 8, 512, 4.0),
+        ("decode", "0.5b", "P1", "fast", 1, 512, 2.75),
+        ("decode", "1.5b", "P4", "fast", 1, 512, 9.0),  # another model's shape
     ]
-    lines = [
-        json.dumps({"suite": s, "variant": v, "mode": m, "batch": b, "new_tokens": n, "decode_ms_per_token": ms})
-        for s, v, m, b, n, ms in records
-    ]
-    training = [  # (variant, compile, gradient checkpointing, tokens/s)
-        ("P8", "none", False, 100.0),
-        ("P8", "layers", False, 999.0),  # compiled: the experiment trains eagerly
-        ("lora", "none", False, 300.0),
-        ("P1T384", "none", True, 999.0),  # with gradient checkpointing
+    keys = ("suite", "shape", "variant", "mode", "batch", "new_tokens", "decode_ms_per_token")
+    lines = [json.dumps(dict(zip(keys, record))) for record in records]
+    training = [  # (shape, length, variant, compile, gradient checkpointing, tokens/s)
+        ("0.5b", 2048, "P8", "none", False, 100.0),
+        ("0.5b", 2048, "P8", "layers", False, 999.0),  # compiled: the experiment trains eagerly
+        ("0.5b", 2048, "lora", "none", False, 300.0),
+        ("0.5b", 2048, "P1T384", "none", True, 999.0),  # with gradient checkpointing
+        ("1.5b", 2048, "P1T192", "none", False, 999.0),  # another model's shape
+        ("0.5b", 512, "P4", "none", False, 999.0),  # shorter windows than the experiment's
     ]
     lines += [
         json.dumps(
-            {"suite": "train", "variant": v, "P": int(v[1]) if v != "lora" else 1, "compile": c, "mask": "lower_right"}
+            {"suite": "train", "shape": shape, "length": length, "variant": v, "compile": c, "mask": "lower_right"}
             | {"gradient_checkpointing": g, "tokens_per_s": speed}
         )
-        for v, c, g, speed in training
+        for shape, length, v, c, g, speed in training
     ]
     (tmp_path / "decode.jsonl").write_text("\n".join(lines) + "\n")
-    arms = ["base", "lora@2e-4", "P8", "P8+div0.1", "P1T384", "P1T48", "P4"]
+    arms = ["base", "lora@2e-4", "P8", "P8+div0.1", "P1T384", "P1T48", "P4", "P1T192"]
     for arm in arms:
         (tmp_path / "he" / arm).mkdir(parents=True)
     summary = results.report(
@@ -226,12 +227,14 @@ def test_humaneval_report_takes_each_arm_s_decode_and_training_cost_from_its_ben
         "P8+div0.1": (3.0, 3.5),  # a training variant decodes as its arm does
         "P1T384": (None, 4.0),
         "P1T48": (2.75, None),  # T = 48 is the benchmark's default prefix length: variant P1
-        "P4": (None, None),  # not measured
+        "P4": (None, None),  # not measured at this shape
+        "P1T192": (None, None),
     }
     speeds = {row["name"]: row.get("train_tokens_per_s") for row in summary["rows"]}
     # the base model trains nothing; a stream-diversity arm adds a loss term the benchmark does not compute
     assert speeds == {
-        "base": None, "lora@2e-4": 300.0, "P8": 100.0, "P8+div0.1": None, "P1T384": None, "P1T48": None, "P4": None
+        "base": None, "lora@2e-4": 300.0, "P8": 100.0, "P8+div0.1": None, "P1T384": None, "P1T48": None, "P4": None,
+        "P1T192": None,
     }  # fmt: skip
     assert "| P8 | - | - | - | - | 100 (b) | 3.00 | 3.50 |" in summary["table"]
 
@@ -260,7 +263,7 @@ def test_humaneval_report_compares_arms_over_their_seeds(tmp_path):
     # and 3.5.
     (over_seeds,) = summary["over_seeds"]
     loss = over_seeds["validation_loss"]
-    assert (over_seeds["name"], over_seeds["runs"], loss["value"], loss["run_values"]) == ("P8", 2, 2.5, [2.0, 3.0])
+    assert (over_seeds["name"], loss["value"], loss["run_values"]) == ("P8", 2.5, [2.0, 3.0])
     assert (loss["low"], loss["high"]) == (pytest.approx(4 / 3), pytest.approx(11 / 3))
     assert f"| P8 | 2 | - | - | - | - | - | 2.500 [{loss['low']:.3f}, {loss['high']:.3f}] |" in summary["table"]
 
@@ -274,12 +277,13 @@ def test_humaneval_report_tests_greedy_pass_fail_seed_by_seed(tmp_path):
         "P1": [0, 0, 1, 1, 0, 0],
         "P1#1": [1, 0, 1, 1, 0, 0],
         "P1#2": [0, 0, 0, 0, 0, 0],
+        "lora": [1, 1, 1, 1, 1, 1],
     }
     for arm, outcomes in passed.items():
         (tmp_path / arm).mkdir()
         mode = {"samples": [{"passed": bool(outcome)} for outcome in outcomes]}
         (tmp_path / arm / "greedy.json").write_text(json.dumps({"completion": mode, "chat": mode}))
-    summary = results.report(tmp_path, ["P8:P1", "P8:base"], tmp_path / "data")
+    summary = results.report(tmp_path, ["P8:P1", "P8:base", "P8:lora"], tmp_path / "data")
     tests = {
         (c["first"], c["second"]): [(t["seed"], t["b"], t["c"], t["pvalue"]) for t in c["mcnemar_by_seed"]]
         for c in summary["comparisons"]
@@ -287,9 +291,11 @@ def test_humaneval_report_tests_greedy_pass_fail_seed_by_seed(tmp_path):
     }
     # (seed, problems passed by P8 only, by the other only, exact two-sided binomial p of b in b + c at 1/2)
     # seed 0: P8 alone passes problems 0 and 1, P1 alone problem 3; seed 1: P8#1 alone passes 4 and 5; P1#2 has no
-    # P8 run with its seed. The base model, trained never, is paired with every P8 run.
+    # P8 run with its seed. The base model, trained never, is paired with every P8 run; LoRA, trained with seed 0
+    # only, with P8's seed 0 alone (LoRA alone passes problems 3, 4 and 5).
     assert tests["P8", "P1"] == [(0, 2, 1, 1.0), (1, 2, 0, 0.5)]
     assert tests["P8", "base"] == [(0, 2, 1, 1.0), (1, 3, 0, 0.25)]
+    assert tests["P8", "lora"] == [(0, 0, 3, 0.25)]
     assert "| #0: 2, 1, 1.0000; #1: 2, 0, 0.5000 |" in summary["table"]
 
 
