@@ -24,6 +24,10 @@ is the one the full run is named with:
         --eval-every 0 --tag grid                                                      # then --report
     python experiments/stream_sweep.py ... --runs lora@6e-4                            # the lowest, at 20 M tokens
 
+``--side-by-side N`` trains up to N runs at once on one GPU, each in its own process: a single stream of the 0.5B
+model leaves most of an H200 idle. Their result.json records ``gpu_shared_by``, and the report gives no speed for
+them. A run trained side by side computes what it would compute alone: the same windows, order, batch and schedule.
+
 A run whose time runs out (``--time-limit``, for machines lent for a few minutes at a time) saves a checkpoint
 (adapter, optimizer, scheduler, random states) and the next invocation resumes it; a finished run writes
 ``OUTPUT/<run>/result.json`` and is skipped afterwards. ``--tag`` names variants of a run (a grid, another number of
@@ -33,6 +37,7 @@ the default prefix length and rate; every other arm is a row and a learning curv
 
     python experiments/stream_sweep.py --gguf qwen.gguf --prepare                      # the windows, once
     python experiments/stream_sweep.py --gguf qwen.gguf --runs base P1 P8 P2 P4 --num-processes 2 --time-limit 540
+    python experiments/stream_sweep.py --gguf qwen.gguf --runs lora@2e-4 lora@6e-4 lora@2e-3 --side-by-side 3 ...
     python experiments/stream_sweep.py --report                                        # table, fits, curves
     python experiments/stream_sweep.py --smoke                                         # tiny model, CPU, a minute
 """
@@ -81,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tag", type=run_suffix, default="", help="a variant's name: --tag fp32 names its runs P8-fp32, ..."
     )
     parser.add_argument("--num-processes", type=int, default=max(1, torch.cuda.device_count()))
+    parser.add_argument(
+        "--side-by-side", type=int, default=1, metavar="N", help="train up to N runs at once on the one GPU (or CPU)"
+    )
+    parser.add_argument("--gpu-shared-by", type=int, default=1, help=argparse.SUPPRESS)  # recorded by the workers
     parser.add_argument("--accelerate-config", help="an accelerate config file or TRL's name for one (fsdp2)")
     parser.add_argument("--train-tokens", type=int, default=616 * 16 * 2048, help="training tokens per adapter")
     parser.add_argument("--heldout-tokens", type=int, default=256 * 2048, help="held-out tokens (whole windows)")
@@ -134,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.runs = args.runs if "--runs" in argv else ["base", "P1", "P2", "P4", "P1T8", "lora@1e-3"]
     for name in args.runs:
         check_run(parser, args, name)
+    if args.side_by_side < 1 or (args.side_by_side > 1 and args.num_processes > 1):
+        parser.error("--side-by-side N (N >= 1) trains runs side by side on one device: use it with --num-processes 1")
     if not torch.cuda.is_available():
         args.compile = False
     return args
@@ -379,7 +390,10 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
         "gradients_averaged": gradients_averaged(trainer),
         "dtype": "float32" if args.float32 else ("bfloat16" if trainer.args.bf16 else "float32"),
         "compiled_layers": args.compile,
+        "gpu_shared_by": args.gpu_shared_by,  # runs trained at once on the device: their speed is not their own
         "steps": trainer.state.global_step,
+        # sequences per forward pass and process (--stream-sequences): the same gradients whatever it is, up to rounding
+        "micro_batch": trainer.args.per_device_train_batch_size,
         "train_tokens": trainer.state.global_step * tokens_per_step,
         "train_seconds": train_seconds,  # the segments' steps, evaluations and checkpoints included
         "steady_tokens_per_s": tokens_per_step / min(steady) if steady else None,  # the best segment's median step
@@ -434,8 +448,9 @@ def base_loss(args: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
-def launch(args: argparse.Namespace, name: str, argv: list[str]) -> None:
-    """Train one run under ``accelerate launch`` (torchrun for several processes, also on the CPU: gloo)."""
+def launch(args: argparse.Namespace, name: str, argv: list[str], wait: bool = True) -> subprocess.Popen:
+    """Train one run under ``accelerate launch`` (torchrun for several processes, also on the CPU: gloo); return its
+    process, finished unless `wait` is False."""
     if args.accelerate_config:
         from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
@@ -453,13 +468,42 @@ def launch(args: argparse.Namespace, name: str, argv: list[str]) -> None:
             "--worker",
             name,
             *(["--deadline", str(args.deadline)] if args.deadline else []),
+            *["--gpu-shared-by", str(args.gpu_shared_by)],
         ],
     ]
     environment = dict(os.environ)
     if 0 < torch.cuda.device_count() != args.num_processes and "CUDA_VISIBLE_DEVICES" not in environment:
         # One process seeing several GPUs would get `nn.DataParallel` from the Trainer, which ParScale refuses.
         environment["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in range(args.num_processes))
-    subprocess.run(command, check=True, env=environment)
+    process = subprocess.Popen(command, env=environment)
+    if wait and process.wait() != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return process
+
+
+def launch_side_by_side(args: argparse.Namespace, names: list[str], argv: list[str]) -> None:
+    """Train `names` up to ``--side-by-side`` at a time, each under its own ``accelerate launch``; none is started
+    with less than ``--launch-margin`` seconds left. Raises after all have ended if one failed."""
+    args.gpu_shared_by = max(1, min(args.side_by_side, len(names)))
+    waiting, running, failed = list(names), {}, []
+    while waiting or running:
+        while waiting and len(running) < args.side_by_side:
+            if args.deadline and time.time() > args.deadline - args.launch_margin:
+                print(
+                    f"not starting {', '.join(name + args.tag for name in waiting)}: too little time left", flush=True
+                )
+                waiting.clear()
+                break
+            name = waiting.pop(0)
+            running[name] = launch(args, name, argv, wait=False)
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                if process.returncode != 0:
+                    failed.append(f"{name}{args.tag} (exit status {process.returncode})")
+        time.sleep(0.5)
+    if failed:
+        raise RuntimeError(f"runs failed: {', '.join(failed)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -484,13 +528,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(prepare(args, tokenizer)), flush=True)
         if args.prepare:
             return
-        for name in args.runs:
-            if (run_dir(args, name) / "result.json").is_file():
-                continue
+        to_train = [name for name in args.runs if not (run_dir(args, name) / "result.json").is_file()]
+        if "base" in to_train:  # no training: scored first, alone on the device
+            to_train.remove("base")
             if args.deadline and time.time() > args.deadline - args.launch_margin:
-                print(f"not starting {name}{args.tag}: too little time left", flush=True)
-                break
-            base_loss(args) if name == "base" else launch(args, name, argv)
+                print(f"not starting base{args.tag}: too little time left", flush=True)
+            else:
+                base_loss(args)
+        launch_side_by_side(args, to_train, argv)
     report(output, args.prefix_length, args.learning_rate)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_examples import ROOT, run_example
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -417,6 +418,34 @@ def test_device_transfer_checks_every_chunk_before_writing_anything(tmp_path):
         transfer.pack(tmp_path / "pack", tmp_path / "pack-of-pack")
 
 
+def test_stream_sweep_trains_runs_side_by_side_as_it_trains_them_alone(tmp_path):
+    """Two runs at once on one device train what each trains alone: the same adapter, in float32 on the CPU, up to
+    the rounding of a reduction split differently (the same single process, threads and order: equal in practice;
+    bound 1e-6 against weights of order 0.01 to 1). They record that they shared it, and the report shows no speed."""
+    common = ("--smoke", "--num-processes", "1", "--eval-every", "0", "--runs", "P2", "lora@1e-3")
+    run_experiment("stream_sweep.py", *common, "--output-dir", "alone", cwd=tmp_path)
+    stdout = run_experiment("stream_sweep.py", *common, "--side-by-side", "2", "--output-dir", "together", cwd=tmp_path)
+    for name in ("P2", "lora@1e-3"):
+        alone, together = (
+            load_file(tmp_path / folder / name / "adapter" / "adapter_model.safetensors")
+            for folder in ("alone", "together")
+        )
+        assert alone.keys() == together.keys() and alone
+        for key in alone:
+            assert torch.allclose(alone[key], together[key], rtol=0, atol=1e-6), (name, key)
+        results = [
+            json.loads((tmp_path / folder / name / "result.json").read_text()) for folder in ("alone", "together")
+        ]
+        assert [result["gpu_shared_by"] for result in results] == [1, 2]
+        assert results[0]["steady_tokens_per_s"] is not None
+        row = next(
+            line for line in stdout.splitlines() if line.startswith(f"| {name} | {results[1]['learning_rate']:g} |")
+        )
+        assert row.endswith("| - |")  # the arms table's last column: steady tokens/s
+    with pytest.raises(SystemExit):  # one device, so one process per run
+        import_experiment("stream_sweep").parse_args(["--side-by-side", "2", "--num-processes", "2"])
+
+
 def test_stream_sweep_tags_name_variants_after_a_dash(capsys):
     sweep = import_experiment("stream_sweep")
     # --tag fp32 names the runs as --tag=-fp32 did (the results already in results/stream-sweep/ keep their names)
@@ -591,7 +620,7 @@ def test_stream_sweep_prepare_adds_validation_windows_from_files_in_neither_spli
     ordered = sorted(corpus["validation"], key=lambda row: hashlib.sha256(row["path"].encode()).hexdigest())
     stream = [token for row in ordered for token in tokenizer(row["text"])["input_ids"] + [tokenizer.eos_token_id]]
     windows = sweep.load_windows(args, "validation")["input_ids"]
-    assert sum(windows, []) == stream[: 8 * 32]
+    assert [token for window in windows for token in window] == stream[: 8 * 32]
 
     # data prepared before the validation windows existed: they are added, the rest is left as it is
     data = tmp_path / "data"
