@@ -106,7 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="report: decode and training cost from a benchmarks results.jsonl (humaneval_results.py)",
     )
     parser.add_argument(
-        "--compare", nargs="+", default=["P8:P1", "P8:base", "P8:P1T384", "P8:lora"], help="paired comparisons A:B"
+        "--compare",
+        nargs="+",
+        default=["P8:P1", "P8:base", "P8:P1T384@best", "P8:lora@best", "P4:P1T192@best"],
+        help="paired comparisons A:B; <arm>@best is the arm's rate chosen on validation (left out if it has no grid)",
     )
     parser.add_argument("--heldout-percent", type=int, default=5, help="files (by path hash) whose pairs are held out")
     parser.add_argument(
@@ -205,6 +208,20 @@ def chosen_on_validation(args: argparse.Namespace, name: str) -> str:
     chosen = min(losses, key=losses.get)
     print(f"{name}: {chosen} (validation losses {losses})")
     return chosen + hash_sign + seed
+
+
+def resolved_comparisons(args: argparse.Namespace) -> list[str]:
+    """``--compare``'s pairs with each ``<arm>@best`` replaced by the rate chosen on validation; a pair whose arm has
+    no grid point in OUTPUT yet is left out, and said so."""
+    pairs = []
+    for pair in args.compare:
+        try:
+            sides = [chosen_on_validation(args, side) if "@best" in side else side for side in pair.split(":")]
+        except FileNotFoundError as missing:
+            print(f"--compare {pair} left out: {missing}")
+            continue
+        pairs.append(":".join(sides))
+    return pairs
 
 
 def write_json(path: Path, result: dict) -> None:
@@ -487,7 +504,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.only:
             return
     summary = report(
-        Path(args.output_dir), args.compare, args.data, args.benchmark_results, default_prefix_length=args.prefix_length
+        Path(args.output_dir),
+        resolved_comparisons(args),
+        args.data,
+        args.benchmark_results,
+        default_prefix_length=args.prefix_length,
     )
     print(summary["table"])
 

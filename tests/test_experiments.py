@@ -181,6 +181,9 @@ def test_humaneval_experiment_chooses_learning_rate_on_validation(tmp_path):
     (tmp_path / "lora@1e-4#1").mkdir()
     (tmp_path / "lora@1e-4#1" / "val.json").write_text(json.dumps({"nll": [0.0], "scored_tokens": [1]}))
     assert experiment.chosen_on_validation(args, "lora@best#2") == "lora@3e-4#2"
+    # the report's comparisons: @best resolved; a pair whose arm has no grid point yet is left out
+    args = experiment.parse_args(["--output-dir", str(tmp_path), "--compare", "P8:lora@best", "P4:P1T192@best"])
+    assert experiment.resolved_comparisons(args) == ["P8:lora@3e-4"]
 
 
 def test_humaneval_report_takes_each_arm_s_decode_and_training_cost_from_its_benchmark_variant(tmp_path):
