@@ -24,9 +24,11 @@ is the one the full run is named with:
         --eval-every 0 --tag grid                                                      # then --report
     python experiments/stream_sweep.py ... --runs lora@6e-4                            # the lowest, at 20 M tokens
 
-``--side-by-side N`` trains up to N runs at once on one GPU, each in its own process: a single stream of the 0.5B
-model leaves most of an H200 idle. Their result.json records ``gpu_shared_by``, and the report gives no speed for
-them. A run trained side by side computes what it would compute alone: the same windows, order, batch and schedule.
+``--side-by-side N`` trains up to N runs at once on one GPU, each in its own process (its output in
+OUTPUT/logs/<run>.log), so that one run's loading and compiling overlap the others' training. Each segment records
+how many runs shared the GPU (``gpu_shared_by``), and the report gives speeds only from segments that ran alone. A run
+trained side by side computes what it would compute alone: the same windows, order, batch and schedule. After a
+failed run no new one starts; the call fails once the others have ended.
 
 A run whose time runs out (``--time-limit``, for machines lent for a few minutes at a time) saves a checkpoint
 (adapter, optimizer, scheduler, random states) and the next invocation resumes it; a finished run writes
@@ -48,6 +50,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -137,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"write the tag without its dash: --tag {value[1:]} names the runs P8{value}, ...")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seq_len, args.batch_size, args.stream_sequences, args.prefix_length = 32, 4, 8, 4
+        args.seq_len, args.batch_size, args.prefix_length = 32, 4, 4
+        args.stream_sequences = args.stream_sequences if "--stream-sequences" in argv else 8
         args.train_tokens, args.heldout_tokens, args.validation_tokens = 6 * 4 * 32, 8 * 32, 8 * 32
         args.eval_every = 2 * 4 * 32 if args.eval_every else 0
         args.runs = args.runs if "--runs" in argv else ["base", "P1", "P2", "P4", "P1T8", "lora@1e-3"]
@@ -345,7 +349,7 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
     trainer.args.eval_on_start = checkpoint is None and args.max_steps is None and bool(args.eval_every)
     trainer.train(resume_from_checkpoint=checkpoint)
     if main:
-        segment = {**clock.segment(), "resumed_from": checkpoint}
+        segment = {**clock.segment(), "resumed_from": checkpoint, "gpu_shared_by": args.gpu_shared_by}
         (out / f"segment-{segment['first_step']}.json").write_text(json.dumps(segment))
     state = trainer.state
     if state.global_step < state.max_steps:
@@ -377,7 +381,9 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
         (log["step"] * tokens_per_step, log["eval_loss"]) for log in trainer.state.log_history if "eval_loss" in log
     ]
     train_seconds = sum(segment["seconds"] for segment in segments)
-    steady = [segment["steady_step_s"] for segment in segments if segment["steady_step_s"] is not None]
+    # a segment trained side by side with other runs has no speed of its own
+    alone = [segment for segment in segments if segment.get("gpu_shared_by", 1) == 1]
+    steady = [segment["steady_step_s"] for segment in alone if segment["steady_step_s"] is not None]
     result = {
         "name": name + args.tag,
         "arm": name,
@@ -390,13 +396,14 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
         "gradients_averaged": gradients_averaged(trainer),
         "dtype": "float32" if args.float32 else ("bfloat16" if trainer.args.bf16 else "float32"),
         "compiled_layers": args.compile,
-        "gpu_shared_by": args.gpu_shared_by,  # runs trained at once on the device: their speed is not their own
+        "gpu_shared_by": max(segment.get("gpu_shared_by", 1) for segment in segments),  # the most, over segments
         "steps": trainer.state.global_step,
         # sequences per forward pass and process (--stream-sequences): the same gradients whatever it is, up to rounding
         "micro_batch": trainer.args.per_device_train_batch_size,
         "train_tokens": trainer.state.global_step * tokens_per_step,
         "train_seconds": train_seconds,  # the segments' steps, evaluations and checkpoints included
-        "steady_tokens_per_s": tokens_per_step / min(steady) if steady else None,  # the best segment's median step
+        # the best median step of the segments that ran alone
+        "steady_tokens_per_s": tokens_per_step / min(steady) if steady else None,
         "segments": segments,
         "learning_rate": rate,
         "optim": args.optim,
@@ -448,9 +455,9 @@ def base_loss(args: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
-def launch(args: argparse.Namespace, name: str, argv: list[str], wait: bool = True) -> subprocess.Popen:
-    """Train one run under ``accelerate launch`` (torchrun for several processes, also on the CPU: gloo); return its
-    process, finished unless `wait` is False."""
+def launch(args: argparse.Namespace, name: str, argv: list[str], log: Path | None) -> subprocess.Popen:
+    """Start training one run under ``accelerate launch`` (torchrun for several processes, also on the CPU: gloo), its
+    output to `log` (None: this process's), in a session of its own; return its process."""
     if args.accelerate_config:
         from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
@@ -475,35 +482,50 @@ def launch(args: argparse.Namespace, name: str, argv: list[str], wait: bool = Tr
     if 0 < torch.cuda.device_count() != args.num_processes and "CUDA_VISIBLE_DEVICES" not in environment:
         # One process seeing several GPUs would get `nn.DataParallel` from the Trainer, which ParScale refuses.
         environment["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in range(args.num_processes))
-    process = subprocess.Popen(command, env=environment)
-    if wait and process.wait() != 0:
-        raise subprocess.CalledProcessError(process.returncode, command)
-    return process
+    if log is None:
+        return subprocess.Popen(command, env=environment, start_new_session=True)
+    with open(log, "w") as output:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            command, env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def launch_side_by_side(args: argparse.Namespace, names: list[str], argv: list[str]) -> None:
     """Train `names` up to ``--side-by-side`` at a time, each under its own ``accelerate launch``; none is started
-    with less than ``--launch-margin`` seconds left. Raises after all have ended if one failed."""
+    with less than ``--launch-margin`` seconds left, nor after a run has failed. Raises once all have ended if one
+    failed. If this process is stopped, it stops the runs it started (each checkpoints at its own deadline)."""
     args.gpu_shared_by = max(1, min(args.side_by_side, len(names)))
+    logs = Path(args.output_dir) / "logs"
+    if args.side_by_side > 1:
+        logs.mkdir(parents=True, exist_ok=True)
     waiting, running, failed = list(names), {}, []
-    while waiting or running:
-        while waiting and len(running) < args.side_by_side:
-            if args.deadline and time.time() > args.deadline - args.launch_margin:
-                print(
-                    f"not starting {', '.join(name + args.tag for name in waiting)}: too little time left", flush=True
-                )
+    # a device call's time limit ends this process with SIGTERM: stop the runs first (the `finally` below)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        while waiting or running:
+            while waiting and len(running) < args.side_by_side and not failed:
+                if args.deadline and time.time() > args.deadline - args.launch_margin:
+                    print(f"not starting {', '.join(n + args.tag for n in waiting)}: too little time left", flush=True)
+                    waiting.clear()
+                    break
+                name = waiting.pop(0)
+                log = logs / f"{name}{args.tag}.log" if args.side_by_side > 1 else None
+                running[name] = launch(args, name, argv, log)
+            for name, process in list(running.items()):
+                if process.poll() is not None:
+                    del running[name]
+                    if process.returncode != 0:
+                        failed.append(f"{name}{args.tag} (exit status {process.returncode})")
+            if failed and waiting:
+                print(f"not starting {', '.join(n + args.tag for n in waiting)}: a run failed", flush=True)
                 waiting.clear()
-                break
-            name = waiting.pop(0)
-            running[name] = launch(args, name, argv, wait=False)
-        for name, process in list(running.items()):
-            if process.poll() is not None:
-                del running[name]
-                if process.returncode != 0:
-                    failed.append(f"{name}{args.tag} (exit status {process.returncode})")
-        time.sleep(0.5)
+            time.sleep(0.5)
+    finally:
+        for process in running.values():
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     if failed:
-        raise RuntimeError(f"runs failed: {', '.join(failed)}")
+        raise RuntimeError(f"runs failed: {', '.join(failed)}" + (f"; see {logs}" if args.side_by_side > 1 else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -528,7 +550,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(prepare(args, tokenizer)), flush=True)
         if args.prepare:
             return
-        to_train = [name for name in args.runs if not (run_dir(args, name) / "result.json").is_file()]
+        # each run once (a name given twice would train twice, over its own files)
+        to_train = [name for name in dict.fromkeys(args.runs) if not (run_dir(args, name) / "result.json").is_file()]
         if "base" in to_train:  # no training: scored first, alone on the device
             to_train.remove("base")
             if args.deadline and time.time() > args.deadline - args.launch_margin:

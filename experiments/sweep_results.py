@@ -112,8 +112,7 @@ def arms_table(arms: list[dict], base: dict | None) -> str:
             number(final, ".4f"),
             number(versus, "+.4f"),
             number(r.get("validation_loss"), ".4f"),
-            # a run trained side by side with others (--side-by-side) has no speed of its own
-            number(r["steady_tokens_per_s"] if r.get("gpu_shared_by", 1) == 1 else None, ",.0f"),
+            number(r["steady_tokens_per_s"], ",.0f"),  # None where every segment shared the GPU
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -83,8 +83,9 @@ def sweep_runs(directory: pathlib.Path) -> list[dict]:
         if arm == "base" or result["name"] != arm:
             continue  # the base model is a row of its own; P8-1gpu, P8-fp32-*: the same run's speed and parity
         tokens_per_step = result["train_tokens"] // result["steps"]
-        alone = result.get("gpu_shared_by", 1) == 1  # runs trained side by side have no speed of their own
-        result["segment_tokens_per_s"] = [tokens_per_step / s["steady_step_s"] for s in result["segments"] if alone]
+        result["segment_tokens_per_s"] = [  # a segment trained side by side with other runs has no speed of its own
+            tokens_per_step / s["steady_step_s"] for s in result["segments"] if s.get("gpu_shared_by", 1) == 1
+        ]
         runs.append({**result, "label": f"P={result['P']}" if arm == f"P{result['P']}" else arm})
     for path in sorted(directory.glob("P*-partial/trainer_state.json")):
         state = read_json(path)
