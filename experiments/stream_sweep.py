@@ -282,9 +282,11 @@ class StopAtDeadline(TrainerCallback):
 
 
 class StepClock(TrainerCallback):
-    """The wall time of every optimizer step (process 0), and the steps that also evaluated or saved."""
+    """The wall time of every optimizer step (process 0), the steps that also evaluated or saved, and what came
+    before the steps: loading the model and data, from the clock's creation."""
 
     def __init__(self) -> None:
+        self.created = time.perf_counter()
         self.step_ends: list[tuple[int, float]] = []
         self.busy_steps: set[int] = set()
 
@@ -299,19 +301,30 @@ class StepClock(TrainerCallback):
 
     def segment(self) -> dict:
         """Steps and seconds of this process's share of the run, and its steady step time: the median step,
-        leaving out the first three (compilation) and those that evaluated or saved."""
+        leaving out the first three (compilation) and those that evaluated or saved. Also the seconds before training
+        (``setup_s``) and of the first three steps (``first_steps_s``: compiling, and an evaluation at the start),
+        which running several runs side by side overlaps with the others' training."""
         (first_step, started), (last_step, ended) = self.step_ends[0], self.step_ends[-1]
+        third = self.step_ends[min(3, len(self.step_ends) - 1)][1]
         durations = [
             end - start
             for (_, start), (step, end) in zip(self.step_ends[3:], self.step_ends[4:])
             if step not in self.busy_steps and step - 1 not in self.busy_steps
         ]
         steady = sorted(durations)[len(durations) // 2] if durations else None
-        return {"first_step": first_step, "last_step": last_step, "seconds": ended - started, "steady_step_s": steady}
+        return {
+            "first_step": first_step,
+            "last_step": last_step,
+            "seconds": ended - started,
+            "steady_step_s": steady,
+            "setup_s": started - self.created,
+            "first_steps_s": third - started,
+        }
 
 
 def train_worker(args: argparse.Namespace, name: str) -> None:
     """One process of a run under ``accelerate launch``; process 0 writes the results."""
+    clock = StepClock()
     arm = parse_arm(name)
     rate = arm_learning_rate(arm, args.learning_rate, args.lora_learning_rate)
     out = run_dir(args, name)
@@ -323,7 +336,6 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
     if args.max_steps:
         training_args.max_steps = args.max_steps
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    clock = StepClock()
     # one trainer for every arm: with a LoraConfig, ParScaleSFTTrainer is TRL's SFTTrainer unchanged, which seeds
     # PEFT's initialisation of A (B starts at zero) with the run's seed, the same in every process and run
     trainer = ParScaleSFTTrainer(
