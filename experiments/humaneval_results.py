@@ -122,13 +122,14 @@ def compare_over_seeds(first_runs: list[dict], second_runs: list[dict]) -> dict:
 def summarise_over_seeds(runs: list[dict]) -> dict:
     """One arm's metric averaged over its runs (one per seed), with the 95% interval that resamples runs and problems:
     `seed_and_problem_bootstrap` against a model scoring 0 everywhere, whose difference is the arm's own mean."""
-    weights = runs[0].get("weights")
-    if any(run.get("weights") != weights for run in runs):
-        raise ValueError("an arm's runs need the same held-out pairs and tokenizer to be averaged")
-    zeros = [0.0] * len(runs[0]["values"])
-    result = seed_and_problem_bootstrap([run["values"] for run in runs], [zeros], weights)
-    run_values = [float(np.average(run["values"], weights=weights)) for run in runs]
-    return {"value": result["difference"], "low": result["low"], "high": result["high"], "run_values": run_values}
+    zeros = {"values": [0.0] * len(runs[0]["values"]), "weights": runs[0].get("weights")}
+    result = compare_over_seeds(runs, [zeros])
+    return {
+        "value": result["difference"],
+        "low": result["low"],
+        "high": result["high"],
+        "run_values": result["run_means"][0],
+    }
 
 
 def mcnemar_by_seed(first_runs: dict[str, dict], second_runs: dict[str, dict]) -> list[dict]:
@@ -220,29 +221,28 @@ def report(
         training = json.loads(train_file.read_text()) if train_file.is_file() else {}
         metrics = {metric: summarise(values) for metric, values in scores[name].items()}
         cost = {key: training.get(key) for key in ("learning_rate", "trainable_parameters", "adapter_bytes")}
-        # a grid point trained side by side with others on one GPU has no speed of its own to report
-        benchmarked = training_variant(parse_arm(name), default_prefix_length) in speeds
-        if benchmarked:
-            cost["train_tokens_per_s"] = speeds[training_variant(parse_arm(name), default_prefix_length)]
+        arm = parse_arm(name)
+        trained_as = training_variant(arm, default_prefix_length)
+        cost["train_tokens_per_s_benchmarked"] = trained_as in speeds
+        if trained_as in speeds:
+            cost["train_tokens_per_s"] = speeds[trained_as]
+        # a training side by side with others on one GPU has no speed of its own to report
         elif training and training.get("gpu_shared_by", 1) == 1:
             cost["train_tokens_per_s"] = training["train_tokens"] / training["train_seconds"]
-        cost["train_tokens_per_s_benchmarked"] = benchmarked
-        variant = decode_variant(parse_arm(name), default_prefix_length)
+        decoded_as = decode_variant(arm, default_prefix_length)
         for batch in (1, 8):
-            cost[f"decode_ms_per_token_b{batch}"] = decode.get((variant, batch))
-        rows.append(
-            {"name": name, **vars(parse_arm(name)), "train_tokens": training.get("train_tokens"), **cost, **metrics}
-        )
+            cost[f"decode_ms_per_token_b{batch}"] = decode.get((decoded_as, batch))
+        rows.append({"name": name, **vars(arm), "train_tokens": training.get("train_tokens"), **cost, **metrics})
     over_seeds = []  # one row per arm trained with several seeds, each metric averaged over the runs that have it
-    for arm in dict.fromkeys(seedless(name) for name in names):
-        runs = [name for name in names if seedless(name) == arm]
+    for arm_name in dict.fromkeys(seedless(name) for name in names):
+        runs = [name for name in names if seedless(name) == arm_name]
         metrics = {
             metric: summarise_over_seeds([scores[n][metric] for n in runs if metric in scores[n]])
             for metric, _, _ in METRICS
             if sum(metric in scores[n] for n in runs) >= 2
         }
         if metrics:
-            over_seeds.append({"name": arm, **vars(parse_arm(arm)), **metrics})
+            over_seeds.append({"name": arm_name, **vars(parse_arm(arm_name)), **metrics})
     comparisons = []
     for pair in compare_pairs:
         first, _, second = pair.partition(":")

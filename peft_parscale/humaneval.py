@@ -280,9 +280,9 @@ def evaluate_humaneval(
 
     ``num_samples=1`` decodes greedily; more samples use nucleus sampling at ``temperature``/``top_p``. Prompts are
     generated in batches of equal size, at most ``batch_size`` sequences each, left-padded and grouped by length; each
-    batch's checks start while the next batch is generated. Returns the pass@k values, the settings, every sample with its check result, and
-    each batch's generation time (``batch_seconds``: the first includes compiling the decode step, where it is
-    compiled).
+    batch's checks start while the next batch is generated. Returns the pass@k values, the settings, every sample
+    with its check result, and each batch's generation time (``batch_seconds``: the first includes compiling the
+    decode step, where it is compiled).
 
     ``fast_path=True`` generates with ``peft_parscale.decode.fast_generate`` instead of ``model.generate``, with the
     same settings; ``None`` (the default) does so when the model is on a CUDA device (``fast_path_by_default``). The
@@ -311,12 +311,12 @@ def evaluate_humaneval(
     futures: list[list[Future | None]] = [[None] * num_samples for _ in problems]
     torch.manual_seed(seed)
     generator = torch.Generator(model.device).manual_seed(seed)
+    # Batches of equal size, so that the last one needs at most one filler row per batch.
+    rows = -(-len(order) // -(-len(order) // batch_size))
     # The fast path compiles its step for each number of sequences and total length. One shape for every batch (rows
     # filled up to `rows`, one prompt length) makes that one compilation for static shapes. A step compiled for
     # dynamic shapes instead took most of a greedy run's time on an H200 (BENCHMARKS.md, "Code changed after the GPU
     # runs"); generate's eager step needs neither.
-    # Batches of equal size, so that the last one needs at most one filler row per batch.
-    rows = -(-len(order) // -(-len(order) // batch_size))
     shape, layout = {}, {}
     if fast_path:
         longest = max(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)
