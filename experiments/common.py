@@ -1,5 +1,5 @@
 """What the experiments share: the model they start from, the code corpus and its training windows, equal token
-budgets, and plotting.
+budgets, processes run side by side, and plotting.
 
 The experiments are scripts (``python experiments/NAME.py``), so this folder is on the import path when one runs and
 each imports from here (``from common import ...``), never from another experiment. They import the package; the
@@ -20,6 +20,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -139,6 +143,30 @@ def equal_budget_config(
         use_cpu=not torch.cuda.is_available(),
         **overrides,
     )
+
+
+def start_in_own_session(
+    command: list[str], log: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start `command` in a session of its own, so that `stop_session` stops it with everything it starts; its output
+    goes to `log` (None: this process's)."""
+    if log is None:
+        return subprocess.Popen(command, env=env, start_new_session=True)
+    with open(log, "w") as output:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_session(process: subprocess.Popen) -> None:
+    """Stop a process started by `start_in_own_session` and everything it started (its session)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def exit_on_sigterm() -> None:
+    """Exit on SIGTERM, as a device call's time limit ends a process, so that `finally` blocks run: a process that ran
+    others side by side stops them there."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def pyplot():

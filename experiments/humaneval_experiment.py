@@ -64,8 +64,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -74,7 +72,15 @@ from pathlib import Path
 
 import torch
 from arms import arm_learning_rate, arm_peft_config, parse_arm
-from common import DTYPE, add_model_arguments, equal_budget_config, model_path
+from common import (
+    DTYPE,
+    add_model_arguments,
+    equal_budget_config,
+    exit_on_sigterm,
+    model_path,
+    start_in_own_session,
+    stop_session,
+)
 from datasets import Dataset
 from humaneval_results import EVAL_PHASES, report
 from stream_diversity import StreamDiversityTrainer
@@ -435,25 +441,18 @@ def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
     extra = ["--side-by-side", "1", "--gpu-shared-by", str(min(args.side_by_side, len(groups)))]
     waiting, running = list(groups.items()), {}
     failed = unfinished = False
-    # a device call's time limit ends this process with SIGTERM: stop the groups first (the `finally` below)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()  # and stop the groups first (the `finally` below)
     try:
         while waiting or running:
             late = args.deadline is not None and time.time() - started > args.deadline
             while waiting and len(running) < args.side_by_side and not late:
                 name, items = waiting.pop(0)
-                with open(logs / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
-                    # a session of its own, so that stopping the group stops its HumanEval checkers too
-                    running[name] = subprocess.Popen(
-                        [*script, *extra, "--only", *items],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
+                # a session of its own, so that stopping the group stops its HumanEval checkers too
+                running[name] = start_in_own_session([*script, *extra, "--only", *items], logs / f"{name}.log")
             for name, process in list(running.items()):
                 status = process.poll()
                 if status is None and late:
-                    stop(process)
+                    stop_session(process)
                     unfinished = True
                     print(f"{name}: stopped at the deadline; its finished phases stay")
                 elif status is not None and status != 0:
@@ -470,15 +469,8 @@ def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
             time.sleep(0.5)
     finally:
         for process in running.values():
-            stop(process)
+            stop_session(process)
     return 1 if failed else 2 if unfinished else 0
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a group's process and everything it started (its session)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,7 +50,6 @@ import argparse
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -58,7 +57,15 @@ from pathlib import Path
 
 import torch
 from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
-from common import add_model_arguments, leading_packed_windows, model_path, packages_corpus
+from common import (
+    add_model_arguments,
+    exit_on_sigterm,
+    leading_packed_windows,
+    model_path,
+    packages_corpus,
+    start_in_own_session,
+    stop_session,
+)
 from datasets import Dataset
 from sweep_results import WINDOW_LOSSES, compare_adapters, report
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -494,12 +501,7 @@ def launch(args: argparse.Namespace, name: str, argv: list[str], log: Path | Non
     if 0 < torch.cuda.device_count() != args.num_processes and "CUDA_VISIBLE_DEVICES" not in environment:
         # One process seeing several GPUs would get `nn.DataParallel` from the Trainer, which ParScale refuses.
         environment["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in range(args.num_processes))
-    if log is None:
-        return subprocess.Popen(command, env=environment, start_new_session=True)
-    with open(log, "w") as output:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            command, env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    return start_in_own_session(command, log, environment)
 
 
 def launch_side_by_side(args: argparse.Namespace, names: list[str], argv: list[str]) -> None:
@@ -511,8 +513,7 @@ def launch_side_by_side(args: argparse.Namespace, names: list[str], argv: list[s
     if args.side_by_side > 1:
         logs.mkdir(parents=True, exist_ok=True)
     waiting, running, failed = list(names), {}, []
-    # a device call's time limit ends this process with SIGTERM: stop the runs first (the `finally` below)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()  # and stop the runs first (the `finally` below)
     try:
         while waiting or running:
             while waiting and len(running) < args.side_by_side and not failed:
@@ -534,8 +535,7 @@ def launch_side_by_side(args: argparse.Namespace, names: list[str], argv: list[s
             time.sleep(0.5)
     finally:
         for process in running.values():
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            stop_session(process)
     if failed:
         raise RuntimeError(f"runs failed: {', '.join(failed)}" + (f"; see {logs}" if args.side_by_side > 1 else ""))
 
