@@ -24,6 +24,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -167,6 +170,63 @@ def exit_on_sigterm() -> None:
     """Exit on SIGTERM, as a device call's time limit ends a process, so that `finally` blocks run: a process that ran
     others side by side stops them there."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+@dataclass
+class SideBySide:
+    """What `run_side_by_side` left: jobs that failed (with their exit status), and jobs stopped or never started."""
+
+    failed: list[str] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)
+
+
+def run_side_by_side(
+    jobs: list[str],
+    start: Callable[[str], subprocess.Popen],
+    at_once: int,
+    too_late_to_start: Callable[[], bool] = lambda: False,
+    too_late_to_run: Callable[[], bool] = lambda: False,
+    stop_after_failure: bool = False,
+) -> SideBySide:
+    """Run `jobs` in order, up to `at_once` at a time, each a process from `start` (`start_in_own_session`), and say
+    what became of each. None is started once `too_late_to_start()` (the rest are unfinished) nor, with
+    `stop_after_failure`, after one has failed; running ones are stopped once `too_late_to_run()` (unfinished).
+    If this process is stopped, it stops its jobs first."""
+    waiting, running, outcome = list(jobs), {}, SideBySide()
+    exit_on_sigterm()  # so that the `finally` below runs
+    try:
+        while waiting or running:
+            while waiting and len(running) < at_once:
+                reason = "too little time left" if too_late_to_start() else None
+                if stop_after_failure and outcome.failed:
+                    reason = "a job failed"
+                if reason:
+                    print(f"not starting {', '.join(waiting)}: {reason}", flush=True)
+                    outcome.unfinished += waiting
+                    waiting.clear()
+                    break
+                job = waiting.pop(0)
+                running[job] = start(job)
+            late = too_late_to_run()
+            for job, process in list(running.items()):
+                status = process.poll()
+                if status is None and not late:
+                    continue
+                del running[job]
+                if status is None:
+                    stop_session(process)
+                    outcome.unfinished.append(job)
+                    print(f"{job}: stopped, out of time", flush=True)
+                elif status != 0:
+                    outcome.failed.append(f"{job} (exit status {status})")
+                    print(f"{job}: failed (exit status {status})", flush=True)
+                else:
+                    print(f"{job}: done", flush=True)
+            time.sleep(0.5)
+    finally:
+        for process in running.values():
+            stop_session(process)
+    return outcome
 
 
 def pyplot():

@@ -76,10 +76,9 @@ from common import (
     DTYPE,
     add_model_arguments,
     equal_budget_config,
-    exit_on_sigterm,
     model_path,
+    run_side_by_side,
     start_in_own_session,
-    stop_session,
 )
 from datasets import Dataset
 from humaneval_results import EVAL_PHASES, report
@@ -439,38 +438,21 @@ def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
     script = [sys.executable, str(Path(__file__).resolve()), *argv]
     # argparse keeps an option's last occurrence: each group's process runs its own phases, alone
     extra = ["--side-by-side", "1", "--gpu-shared-by", str(min(args.side_by_side, len(groups)))]
-    waiting, running = list(groups.items()), {}
-    failed = unfinished = False
-    exit_on_sigterm()  # and stop the groups first (the `finally` below)
-    try:
-        while waiting or running:
-            late = args.deadline is not None and time.time() - started > args.deadline
-            while waiting and len(running) < args.side_by_side and not late:
-                name, items = waiting.pop(0)
-                # a session of its own, so that stopping the group stops its HumanEval checkers too
-                running[name] = start_in_own_session([*script, *extra, "--only", *items], logs / f"{name}.log")
-            for name, process in list(running.items()):
-                status = process.poll()
-                if status is None and late:
-                    stop_session(process)
-                    unfinished = True
-                    print(f"{name}: stopped at the deadline; its finished phases stay")
-                elif status is not None and status != 0:
-                    failed = True
-                    print(f"{name}: failed (exit status {status}); see {logs / f'{name}.log'}")
-                elif status == 0:
-                    print(f"{name}: done")
-                if status is not None or late:
-                    del running[name]
-            if late and waiting:
-                unfinished = True
-                print(f"not started before the deadline: {', '.join(name for name, _ in waiting)}")
-                waiting.clear()
-            time.sleep(0.5)
-    finally:
-        for process in running.values():
-            stop_session(process)
-    return 1 if failed else 2 if unfinished else 0
+
+    def late() -> bool:
+        return args.deadline is not None and time.time() - started > args.deadline
+
+    # each group in a session of its own, so that stopping it stops its HumanEval checkers too
+    outcome = run_side_by_side(
+        list(groups),
+        lambda name: start_in_own_session([*script, *extra, "--only", *groups[name]], logs / f"{name}.log"),
+        args.side_by_side,
+        too_late_to_start=late,
+        too_late_to_run=late,
+    )
+    if outcome.failed:
+        print(f"see the failed groups' logs in {logs}")
+    return 1 if outcome.failed else 2 if outcome.unfinished else 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,16 +59,16 @@ import torch
 from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
 from common import (
     add_model_arguments,
-    exit_on_sigterm,
     leading_packed_windows,
     model_path,
     packages_corpus,
+    run_side_by_side,
     start_in_own_session,
-    stop_session,
 )
 from datasets import Dataset
 from sweep_results import WINDOW_LOSSES, compare_adapters, report
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trainer_clock import StepClock, StopAtDeadline
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 from window_losses import window_losses
@@ -271,64 +271,6 @@ def sweep_config(args: argparse.Namespace, out: Path, num_streams: int, learning
     )
 
 
-class StopAtDeadline(TrainerCallback):
-    """Save a checkpoint and stop when the time is up, in every process at the same step (a process that went on
-    alone would wait forever in the next gradient all-reduce): process 0's clock decides, broadcast each step."""
-
-    def __init__(self, deadline: float | None) -> None:
-        self.deadline = deadline
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.deadline is None or state.global_step >= state.max_steps:
-            return
-        late = torch.tensor([float(time.time() > self.deadline)], device=args.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.broadcast(late, src=0)
-        if late.item():
-            control.should_save = control.should_training_stop = True
-
-
-class StepClock(TrainerCallback):
-    """The wall time of every optimizer step (process 0), the steps that also evaluated or saved, and what came
-    before the steps: loading the model and data, from the clock's creation."""
-
-    def __init__(self) -> None:
-        self.created = time.perf_counter()
-        self.step_ends: list[tuple[int, float]] = []
-        self.busy_steps: set[int] = set()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.step_ends.append((state.global_step, time.perf_counter()))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.step_ends.append((state.global_step, time.perf_counter()))
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.busy_steps.add(state.global_step)
-
-    def segment(self) -> dict:
-        """Steps and seconds of this process's share of the run, and its steady step time: the median step,
-        leaving out the first three (compilation) and those that evaluated or saved. Also the seconds before training
-        (``setup_s``) and of the first three steps (``first_steps_s``: compiling, and an evaluation at the start),
-        which running several runs side by side overlaps with the others' training."""
-        (first_step, started), (last_step, ended) = self.step_ends[0], self.step_ends[-1]
-        third = self.step_ends[min(3, len(self.step_ends) - 1)][1]
-        durations = [
-            end - start
-            for (_, start), (step, end) in zip(self.step_ends[3:], self.step_ends[4:])
-            if step not in self.busy_steps and step - 1 not in self.busy_steps
-        ]
-        steady = sorted(durations)[len(durations) // 2] if durations else None
-        return {
-            "first_step": first_step,
-            "last_step": last_step,
-            "seconds": ended - started,
-            "steady_step_s": steady,
-            "setup_s": started - self.created,
-            "first_steps_s": third - started,
-        }
-
-
 def train_worker(args: argparse.Namespace, name: str) -> None:
     """One process of a run under ``accelerate launch``; process 0 writes the results."""
     clock = StepClock()
@@ -505,39 +447,24 @@ def launch(args: argparse.Namespace, name: str, argv: list[str], log: Path | Non
 
 
 def launch_side_by_side(args: argparse.Namespace, names: list[str], argv: list[str]) -> None:
-    """Train `names` up to ``--side-by-side`` at a time, each under its own ``accelerate launch``; none is started
-    with less than ``--launch-margin`` seconds left, nor after a run has failed. Raises once all have ended if one
-    failed. If this process is stopped, it stops the runs it started (each checkpoints at its own deadline)."""
+    """Train `names` up to ``--side-by-side`` at a time, each under its own ``accelerate launch`` (`run_side_by_side`);
+    none is started with less than ``--launch-margin`` seconds left, nor after a run has failed. Raises once all
+    have ended if one failed. A run that is still going at the deadline checkpoints at its own."""
     args.gpu_shared_by = max(1, min(args.side_by_side, len(names)))
     logs = Path(args.output_dir) / "logs"
     if args.side_by_side > 1:
         logs.mkdir(parents=True, exist_ok=True)
-    waiting, running, failed = list(names), {}, []
-    exit_on_sigterm()  # and stop the runs first (the `finally` below)
-    try:
-        while waiting or running:
-            while waiting and len(running) < args.side_by_side and not failed:
-                if args.deadline and time.time() > args.deadline - args.launch_margin:
-                    print(f"not starting {', '.join(n + args.tag for n in waiting)}: too little time left", flush=True)
-                    waiting.clear()
-                    break
-                name = waiting.pop(0)
-                log = logs / f"{name}{args.tag}.log" if args.side_by_side > 1 else None
-                running[name] = launch(args, name, argv, log)
-            for name, process in list(running.items()):
-                if process.poll() is not None:
-                    del running[name]
-                    if process.returncode != 0:
-                        failed.append(f"{name}{args.tag} (exit status {process.returncode})")
-            if failed and waiting:
-                print(f"not starting {', '.join(n + args.tag for n in waiting)}: a run failed", flush=True)
-                waiting.clear()
-            time.sleep(0.5)
-    finally:
-        for process in running.values():
-            stop_session(process)
-    if failed:
-        raise RuntimeError(f"runs failed: {', '.join(failed)}" + (f"; see {logs}" if args.side_by_side > 1 else ""))
+    tagged = {f"{name}{args.tag}": name for name in names}  # the jobs are named as their output folders are
+    outcome = run_side_by_side(
+        list(tagged),
+        lambda job: launch(args, tagged[job], argv, logs / f"{job}.log" if args.side_by_side > 1 else None),
+        args.side_by_side,
+        too_late_to_start=lambda: bool(args.deadline) and time.time() > args.deadline - args.launch_margin,
+        stop_after_failure=True,
+    )
+    if outcome.failed:
+        where = f"; see {logs}" if args.side_by_side > 1 else ""
+        raise RuntimeError(f"runs failed: {', '.join(outcome.failed)}{where}")
 
 
 def main(argv: list[str] | None = None) -> None:

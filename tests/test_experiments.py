@@ -118,8 +118,55 @@ def test_humaneval_experiment_runs_models_side_by_side(tmp_path):
         [*script, "--side-by-side", "2", "--deadline", "0", "--only", "train:P2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
-    assert late.returncode == 2 and "not started before the deadline: P2" in late.stdout  # 2: rerun to go on
+    assert late.returncode == 2 and "not starting P2: too little time left" in late.stdout  # 2: rerun to go on
     assert not (out / "P2").exists()
+
+
+def sleeper(seconds: float, status: int = 0) -> list[str]:
+    return [sys.executable, "-c", f"import sys, time; time.sleep({seconds}); sys.exit({status})"]
+
+
+def test_side_by_side_runs_at_most_n_jobs_at_once_and_says_what_became_of_each(capsys):
+    """The scheduler both side-by-side experiments use (`common.run_side_by_side`). Each start counts the jobs
+    running at that moment: with ``at_once=2`` at most one. A scheduler that started a third would be caught, since
+    every job sleeps 1 s, far longer than starting the next one takes."""
+    common = import_experiment("common")
+    commands = {"a": sleeper(1), "b": sleeper(1, status=3), "c": sleeper(1), "d": sleeper(1)}
+    running_at_start = []
+
+    def start_counting(job):
+        running_at_start.append(sum(process.poll() is None for _, process in started))
+        process = common.start_in_own_session(commands[job])
+        started.append((job, process))
+        return process
+
+    started: list = []
+    outcome = common.run_side_by_side(list(commands), start_counting, 2)
+    assert [job for job, _ in started] == ["a", "b", "c", "d"] and max(running_at_start) <= 1
+    assert outcome.failed == ["b (exit status 3)"] and outcome.unfinished == []
+    # after a failure, with stop_after_failure, nothing more starts; the rest are named unfinished
+    started.clear()
+    outcome = common.run_side_by_side(["b", "a", "c"], start_counting, 1, stop_after_failure=True)
+    assert [job for job, _ in started] == ["b"] and outcome.unfinished == ["a", "c"]
+    assert "not starting a, c: a job failed" in capsys.readouterr().out
+    # out of time: the running job is stopped (killed, not left to finish) and the waiting one never starts
+    started.clear()
+    commands["long"] = sleeper(600)
+    clock = {"late": False}
+
+    def start_then_late(job):
+        clock["late"] = True
+        return start_counting(job)
+
+    outcome = common.run_side_by_side(
+        ["long", "a"],
+        start_then_late,
+        1,
+        too_late_to_start=lambda: clock["late"],
+        too_late_to_run=lambda: clock["late"],
+    )
+    assert [job for job, _ in started] == ["long"] and started[0][1].returncode == -9
+    assert outcome.unfinished == ["long", "a"]
 
 
 def test_humaneval_experiment_phases():
