@@ -305,8 +305,9 @@ def training_table(records: list[Record]) -> str:
     return table(header, body)
 
 
-def write_plots(records: list[Record], comparisons: list[Record], out: str) -> list[str]:
-    """PNG plots, if matplotlib is installed; returns the files written."""
+def write_plots(records: list[Record], comparisons: list[Record], out: str, file_prefix: str = "") -> list[str]:
+    """PNG plots of one device's records, each file name starting with `file_prefix`, if matplotlib is installed; returns
+    the files written."""
     try:
         import matplotlib
 
@@ -318,7 +319,7 @@ def write_plots(records: list[Record], comparisons: list[Record], out: str) -> l
 
     def save(figure: Any, name: str) -> None:
         figure.tight_layout()
-        written.append(os.path.join(out, name))
+        written.append(os.path.join(out, file_prefix + name))
         figure.savefig(written[-1], dpi=100)
         plt.close(figure)
 
@@ -406,7 +407,7 @@ def write_plots(records: list[Record], comparisons: list[Record], out: str) -> l
                     axis.plot(
                         sorted(points), [points[p] for p in sorted(points)], style, color=f"C{color}", label=label
                     )
-        axis.plot(list(AUTHORS_TRAINING), list(AUTHORS_TRAINING.values()), "k^", label="authors' code 1.5b (issue 5)")
+        axis.plot(list(AUTHORS_TRAINING), list(AUTHORS_TRAINING.values()), "k^", label="authors' code 1.5b, H100 (issue 5)")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("P")
@@ -417,36 +418,65 @@ def write_plots(records: list[Record], comparisons: list[Record], out: str) -> l
     return written
 
 
-def write_report(records: list[Record], out: str) -> str:
-    """Write OUT/report.md (and the plots); return the Markdown."""
+def by_device(records: list[Record]) -> dict[str, list[Record]]:
+    """The records of each device, in the order the devices first appear: every table, ratio and plot is computed
+    within one device, so that a later run on another GPU never replaces or pairs with an earlier one's case."""
+    devices: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        devices[record.get("device_name", "unknown device")].append(record)
+    return dict(devices)
+
+
+def device_slug(device: str) -> str:
+    """A device's name as a file-name prefix: ``NVIDIA H200`` -> ``nvidia-h200``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in device.lower()).split())
+
+
+def device_sections(records: list[Record], out: str, slug: str) -> list[str]:
+    """One device's part of the report: its environment (every run's), tables and plots."""
     sections = []
-    env = latest(records, suite="env")
-    if env:
-        sections.append("## Environment\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items() if k != "suite"))
+    for env in (r for r in records if r.get("suite") == "env"):
+        lines = "\n".join(f"- {k}: {v}" for k, v in env.items() if k != "suite")
+        sections.append(f"### Environment, run {env.get('run', '?')}\n\n{lines}")
     targets, _ = target_checks(records)
     if targets:
-        sections.append("## Targets\n\n" + decode_table(decode_rows(records, "targets")) + "\n\n" + targets)
+        sections.append("### Targets\n\n" + decode_table(decode_rows(records, "targets")) + "\n\n" + targets)
     comparisons = scaling_comparison(records)
     if comparisons:
-        sections.append("## Parallel vs parameter scaling (fast path)\n\n" + comparison_table(comparisons))
+        sections.append("### Parallel vs parameter scaling (fast path)\n\n" + comparison_table(comparisons))
     for suite, title in (("decode", "Decode sweep"), ("sweep_eager", "Eager generate")):
         rows = decode_rows(records, suite)
         if rows:
-            sections.append(f"## {title}\n\n" + decode_table(rows))
+            sections.append(f"### {title}\n\n" + decode_table(rows))
     if any(r.get("suite") == "selector" for r in records):
-        sections.append("## Token choice compilation (sampling step)\n\n" + selector_table(records))
+        sections.append("### Token choice compilation (sampling step)\n\n" + selector_table(records))
     if any(r.get("suite") == "sampling" for r in records):
-        sections.append("## Sampling throughput (HumanEval workload)\n\n" + sampling_table(records))
+        sections.append("### Sampling throughput (HumanEval workload)\n\n" + sampling_table(records))
     if any(r.get("suite") in ("train", "train_masks") for r in records):
-        sections.append("## Training throughput\n\n" + training_table(records))
-    plots = write_plots(records, comparisons, out)
+        sections.append("### Training throughput\n\n" + training_table(records))
+    plots = write_plots(records, comparisons, out, file_prefix=f"{slug}-")
     if plots:
-        sections.append("## Plots\n\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots))
-    markdown = "# Benchmark report\n\n" + "\n\n".join(sections) + "\n"
+        sections.append("### Plots\n\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots))
+    return sections
+
+
+def write_report(records: list[Record], out: str) -> str:
+    """Write OUT/report.md (and each device's plots, named after it); return the Markdown. OUT/comparison.json holds
+    each device's target checks and scaling comparison."""
+    parts, comparison = [], {}
+    for device, device_records in by_device(records).items():
+        sections = device_sections(device_records, out, device_slug(device))
+        parts.append(f"## {device}\n\n" + "\n\n".join(sections))
+        comparison[device] = {
+            "targets": target_checks(device_records)[1],
+            "scaling_comparison": scaling_comparison(device_records),
+        }
+    markdown = "# Benchmark report\n\nEach device's records apart, the latest record of each case.\n\n"
+    markdown += "\n\n".join(parts) + "\n"
     with open(os.path.join(out, "report.md"), "w") as file:
         file.write(markdown)
     with open(os.path.join(out, "comparison.json"), "w") as file:
-        json.dump({"targets": target_checks(records)[1], "scaling_comparison": comparisons}, file, indent=1)
+        json.dump({"devices": comparison}, file, indent=1)
     return markdown
 
 

@@ -58,8 +58,33 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
     )
     for section in sections:
         assert section in report
-    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    comparison = json.loads((tmp_path / "comparison.json").read_text())["devices"]["cpu"]
     assert {(c["shape"], c["P"]) for c in comparison["scaling_comparison"]} == {("tiny", 2)}
+
+
+def decode_record(device: str, variant: str, ms_per_token: float) -> dict:
+    case = {"suite": "targets", "shape": "1.5b", "mode": "fast", "batch": 1, "prompt": 64, "new_tokens": 128}
+    times = {"prefill_ms": 1.0, "total_ms": 1.0, "peak_mem_gib": 1.0}
+    return {**case, **times, "device_name": device, "variant": variant, "decode_ms_per_token": ms_per_token}
+
+
+def test_report_keeps_each_device_apart(tmp_path):
+    """A later run on another GPU neither replaces an earlier device's case nor is paired with it: the H200 has no
+    P=1 record, so no ratio may be formed for it (pairing its P=8 with the H100's P=1 would give 2.0 / 1.0)."""
+    records = [
+        decode_record("NVIDIA H100", "P1", 1.0),
+        decode_record("NVIDIA H100", "P8", 1.1),
+        decode_record("NVIDIA H200", "P8", 2.0),
+    ]
+    markdown = report.write_report(records, str(tmp_path))
+    h100, h200 = markdown.split("## NVIDIA H100")[1].split("## NVIDIA H200")
+    assert "| 1.5b | P8 | fast | 1 | 64+128 | 1.00 | 1.10 |" in h100 and "2.00" not in h100
+    assert "| 1.5b | P8 | fast | 1 | 64+128 | 1.00 | 2.00 |" in h200 and "P1" not in h200
+    checks = json.loads((tmp_path / "comparison.json").read_text())["devices"]
+    (h100_ratio,) = [c for c in checks["NVIDIA H100"]["targets"] if c["target"].startswith("decode ms/token")]
+    assert h100_ratio["value"] == pytest.approx(1.1)
+    assert not [c for c in checks["NVIDIA H200"]["targets"] if c["target"].startswith("decode ms/token")]
+    assert report.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
 def test_training_variants_are_the_experiment_s_arms(tmp_path):
