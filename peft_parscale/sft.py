@@ -146,9 +146,12 @@ class SFTParser(CommandParser):
         namespace.bf16, namespace.use_cpu = training_precision(
             device, bf16_is_native(device), namespace.bf16, namespace.use_cpu, namespace.fp16
         )
-        if RENAMED_CHECKPOINTING and namespace.gradient_checkpointing is None:
-            if namespace.activation_checkpointing is None:
-                namespace.activation_checkpointing = SFTConfig.gradient_checkpointing  # TRL's default
+        if (
+            RENAMED_CHECKPOINTING
+            and namespace.gradient_checkpointing is None
+            and namespace.activation_checkpointing is None
+        ):
+            namespace.activation_checkpointing = SFTConfig.gradient_checkpointing  # TRL's default
         return namespace, remaining
 
 

@@ -78,6 +78,14 @@ def _weights(base_model, prefix: str):
     return {name[len(prefix) :]: p.detach() for name, p in base_model.named_parameters() if name.startswith(prefix)}
 
 
+def _project(h: torch.Tensor, w: dict, name: str, count: int, head_dim: int) -> torch.Tensor:
+    """One attention projection of a layer's normed input `h` (n, H), split into heads: (count, n, head_dim)."""
+    out = h @ w[f"self_attn.{name}.weight"].T
+    if f"self_attn.{name}.bias" in w:
+        out = out + w[f"self_attn.{name}.bias"]
+    return out.view(h.shape[0], count, head_dim).transpose(0, 1)
+
+
 def reference_hidden(model, tokens: torch.Tensor, prefix_k=None, prefix_v=None) -> torch.Tensor:
     """Final-norm hidden states (n, H) of one sequence of real tokens (positions 0..n-1) for one stream.
 
@@ -95,14 +103,10 @@ def reference_hidden(model, tokens: torch.Tensor, prefix_k=None, prefix_v=None) 
     for layer in range(config.num_hidden_layers):
         w = {k[len(f"layers.{layer}.") :]: v for k, v in weights.items() if k.startswith(f"layers.{layer}.")}
         h = _rms_norm(x, w["input_layernorm.weight"], eps)
-
-        def project(name, count):
-            out = h @ w[f"self_attn.{name}.weight"].T
-            if f"self_attn.{name}.bias" in w:
-                out = out + w[f"self_attn.{name}.bias"]
-            return out.view(n, count, head_dim).transpose(0, 1)  # (count, n, d)
-
-        q, k, v = project("q_proj", heads), project("k_proj", kv_heads), project("v_proj", kv_heads)
+        q, k, v = (
+            _project(h, w, name, count, head_dim)
+            for name, count in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads))
+        )
         if "self_attn.q_norm.weight" in w:  # Qwen3 normalises q and k per head before the rotary embedding
             q = _rms_norm(q, w["self_attn.q_norm.weight"], eps)
             k = _rms_norm(k, w["self_attn.k_norm.weight"], eps)

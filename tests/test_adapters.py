@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def test_nonsense_config_raises_value_error(kwargs):
 def test_trainable_parameters_are_the_prefixes_and_the_aggregator():
     P, T, layers, kv_heads, head_dim, hidden = 4, 6, 2, 2, 8, 48
     model = get_peft_model(tiny_model("qwen2"), ParScaleConfig(P=P, prefix_length=T))
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, _ = model.get_nb_trainable_parameters()
     expected = layers * 2 * P * kv_heads * T * head_dim + (P * hidden * hidden + hidden) + (hidden * P + P)
     assert trainable == expected
     assert all(("parscale_" in name) == p.requires_grad for name, p in model.named_parameters())
@@ -94,7 +95,7 @@ def test_bfloat16_model_keeps_float32_adapter_weights():
 def test_save_load_gives_identical_logits(tmp_path):
     directory, expected = trained_adapter(tmp_path, P=3)
     assert sorted(os.listdir(directory)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert json.load(open(os.path.join(directory, "adapter_config.json")))["peft_type"] == "PARSCALE"
+    assert json.loads(Path(directory, "adapter_config.json").read_text())["peft_type"] == "PARSCALE"
     config = PeftConfig.from_pretrained(directory)
     assert isinstance(config, ParScaleConfig) and config.P == 3 and config.prefix_length == 4
     loaded = PeftModel.from_pretrained(tiny_model("qwen2"), directory)
@@ -216,17 +217,17 @@ def _write(tensors, path):
 
 
 def _truncate(path):
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
 
 
 def _garbage(path):
-    open(path, "wb").write(b"\x00not an adapter file" * 10)
+    Path(path).write_bytes(b"\x00not an adapter file" * 10)
 
 
 def _nan(path):
     tensors = _read(path)
-    name = sorted(tensors)[0]
+    name = min(tensors)
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     _write(tensors, path)
 
@@ -240,7 +241,7 @@ def _reshaped(path):
 
 def _missing(path):
     tensors = _read(path)
-    del tensors[sorted(tensors)[-1]]
+    del tensors[max(tensors)]
     _write(tensors, path)
 
 

@@ -139,6 +139,7 @@ def test_a_failed_training_process_ends_with_its_own_error_and_status(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "peft_parscale.cli", "sft", "--model_name_or_path", str(tmp_path / "empty-model")]
         + ["--dataset_name", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--report_to", "none"],
+        check=False,
         capture_output=True,
         text=True,
         timeout=600,
@@ -240,7 +241,7 @@ def test_a_smoke_run_s_tiny_checkpoint_is_removed_when_the_process_exits(tmp_pat
     (tmp_path / "tmp").mkdir()
     code = "from peft_parscale.testing import temporary_tiny_checkpoint; print(temporary_tiny_checkpoint())"
     environment = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
     checkpoint = Path(result.stdout.strip().splitlines()[-1])
     assert checkpoint.parent.parent == tmp_path / "tmp" and checkpoint.name == "tiny-qwen2"
@@ -259,5 +260,5 @@ def test_get_peft_model_raises_no_future_warning(tmp_path):
         "get_peft_model(model, peft_parscale.ParScaleConfig(P=2, prefix_length=4))\n"
     )
     command = [sys.executable, "-W", "error::FutureWarning", "-c", code, str(tmp_path / "tiny")]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -79,7 +79,7 @@ def test_static_cache_equals_dynamic_cache(setup):
 def test_beam_search_with_cache_equals_without(setup):
     model, _ = setup
     input_ids, attention_mask = left_padded_batch([5, 3])
-    options = dict(num_beams=3, num_return_sequences=2)
+    options = {"num_beams": 3, "num_return_sequences": 2}
     with_cache = generate(model, input_ids, attention_mask, **options)
     without_cache = generate(model, input_ids, attention_mask, use_cache=False, **options)
     assert with_cache.shape == (4, input_ids.shape[1] + NEW_TOKENS)
@@ -89,7 +89,7 @@ def test_beam_search_with_cache_equals_without(setup):
 def test_sampling_with_cache_equals_without(setup):
     model, _ = setup
     input_ids, attention_mask = left_padded_batch([5, 3])
-    options = dict(do_sample=True, top_k=0, num_return_sequences=3)
+    options = {"do_sample": True, "top_k": 0, "num_return_sequences": 3}
     torch.manual_seed(0)
     with_cache = generate(model, input_ids, attention_mask, **options)
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def test_prefix_stays_resident_in_the_cache(setup):
 
 def test_a_cache_filled_without_the_prefix_is_refused(setup):
     model, reference = setup
-    input_ids, attention_mask = left_padded_batch([4])
+    input_ids, _ = left_padded_batch([4])
     with torch.no_grad():
         cache = reference(input_ids=input_ids, use_cache=True).past_key_values
         with pytest.raises(ValueError, match="without the ParScale prefix"):

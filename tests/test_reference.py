@@ -110,7 +110,7 @@ def test_single_stream_is_prefix_only():
 
 def test_reference_detects_a_wrong_stream_order():
     # Guard on the reference itself: swapping two streams' prefixes must change its output.
-    model, reference, adapter = build("qwen2", "sdpa")
+    _, reference, adapter = build("qwen2", "sdpa")
     tokens = torch.randint(1, VOCAB, (5,))
     swapped = {**adapter, "prefix_k": [k[[1, 0, 2]] for k in adapter["prefix_k"]]}
     assert (

@@ -19,7 +19,7 @@ def make(P=3, **kwargs):
 def batch():
     input_ids, attention_mask = left_padded_batch([8, 5, 7])
     labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from peft_parscale.testing import tiny_tokenizer  # noqa: F401  (the tests take it from here, with the models)
+from peft_parscale.testing import tiny_tokenizer  # the tests take it from here, with the models
 
 VOCAB = 97  # the reference architectures' vocabulary
 TOKENIZER_VOCAB = len(tiny_tokenizer())  # the support table's: the tiny tokenizer's ids
