@@ -407,7 +407,9 @@ def write_plots(records: list[Record], comparisons: list[Record], out: str, file
                     axis.plot(
                         sorted(points), [points[p] for p in sorted(points)], style, color=f"C{color}", label=label
                     )
-        axis.plot(list(AUTHORS_TRAINING), list(AUTHORS_TRAINING.values()), "k^", label="authors' code 1.5b, H100 (issue 5)")
+        axis.plot(
+            list(AUTHORS_TRAINING), list(AUTHORS_TRAINING.values()), "k^", label="authors' code 1.5b, H100 (issue 5)"
+        )
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("P")

@@ -119,7 +119,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--train-length", type=int)
     parser.add_argument("--train-batch", type=int)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--train-compile", default="none", help="comma-separated: none, blocks, model")
+    parser.add_argument("--train-compile", default="none", help="comma-separated: none, blocks, layers, regions, model")
     parser.add_argument(
         "--target-modes",
         default="eager,generate_static,fast",

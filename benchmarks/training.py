@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import compile_regions
 from peft import LoraConfig, get_peft_model
 from transformers import PretrainedConfig
 
@@ -116,7 +117,9 @@ def train_throughput(
 
     `compile`: "none"; "blocks", every block of each decoder layer but the attention (norms, MLP) compiled on its
     own; "layers", each decoder layer compiled whole (regional compilation: one compiled graph serves all layers;
-    attention keeps sdpa's flash kernel); "model", `torch.compile` of the whole model (transformers then
+    attention keeps sdpa's flash kernel); "regions", accelerate's regional compilation (`compile_regions`: the
+    layers as "layers" does, and the embedding, final norm and LM head each compiled on their own), which
+    ``parscale sft --torch_compile true`` uses; "model", `torch.compile` of the whole model (transformers then
     materialises the attention mask: sdpa's memory-efficient kernel instead of flash).
     """
     config = shape_config(shape)
@@ -135,7 +138,7 @@ def train_throughput(
     elif compile == "layers":
         for layer in layers:
             layer.compile()
-    forward = torch.compile(model) if compile == "model" else model
+    forward = torch.compile(model) if compile == "model" else compile_regions(model) if compile == "regions" else model
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     generator = torch.Generator().manual_seed(0)

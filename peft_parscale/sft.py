@@ -407,10 +407,15 @@ def check_arguments(script_args, training_args, model_args, dataset_args, parsca
     peft_config_from_args(parscale_args, model_args)  # ParScaleConfig checks its fields
 
 
-def launch_arguments(leftovers: list[str], script_args: list[str]) -> argparse.Namespace:
+def launch_arguments(leftovers: list[str], script_args: list[str], torch_compile: bool = False) -> argparse.Namespace:
     """``accelerate launch``'s arguments for running this module on ``script_args``: the strings the training
     script's parser did not take (with ``--accelerate_config`` resolved as ``trl sft`` does), checked by accelerate's
-    own parser. Raises `ValueError` for a flag neither parser knows, or a bad value."""
+    own parser. Raises `ValueError` for a flag neither parser knows, or a bad value.
+
+    With ``torch_compile`` (``--torch_compile true``), accelerate's regional compilation is turned on
+    (``--dynamo_use_regional_compilation``): each decoder layer is compiled, one graph for all, and the rest of the
+    model around them. Compiling the whole model instead makes transformers materialise the attention mask, which
+    keeps sdpa from its flash kernel and was slower than compiling the layers (BENCHMARKS.md, training throughput)."""
     launch_args = resolve_accelerate_config_argument(leftovers)
     parser = launch_command_parser()
     parser.exit_on_error = False  # raise argparse.ArgumentError for a bad value rather than exit with its usage
@@ -422,7 +427,9 @@ def launch_arguments(leftovers: list[str], script_args: list[str]) -> argparse.N
     if unknown:
         unknown = " ".join(unknown)
         raise ValueError(f"unrecognized arguments: {unknown} (not a flag of trl sft, ParScale or accelerate launch)")
-    return parser.parse_args([*launch_args, "--module", __name__, *script_args])
+    launch = parser.parse_args([*launch_args, "--module", __name__, *script_args])
+    launch.dynamo_use_regional_compilation = launch.dynamo_use_regional_compilation or torch_compile
+    return launch
 
 
 def main(argv: list[str]) -> int:
@@ -445,7 +452,7 @@ def main(argv: list[str]) -> int:
     script_args += ["--bf16", str(training_args.bf16), "--use_cpu", str(training_args.use_cpu)]
     try:
         check_arguments(*arguments)
-        launch = launch_arguments(config_leftovers + cli_leftovers, script_args)
+        launch = launch_arguments(config_leftovers + cli_leftovers, script_args, training_args.torch_compile)
     except ValueError as error:
         parser.error(str(error))
     precision = "bfloat16 autocast" if training_args.bf16 else "fp16" if training_args.fp16 else "float32"

@@ -131,6 +131,17 @@ def test_checked_flags_are_launched_with_the_precision_chosen(capsys, monkeypatc
     assert "training on the CPU in float32" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("compile_flags, regional", [([], False), (["--torch_compile", "true"], True)])
+def test_torch_compile_is_launched_as_accelerate_s_regional_compilation(
+    capsys, monkeypatch, local_run, compile_flags, regional
+):
+    launched = []
+    monkeypatch.setattr("peft_parscale.sft.launch_command", launched.append)
+    assert parscale_main(["sft", *local_run, *compile_flags]) == 0
+    (launch,) = launched
+    assert launch.dynamo_use_regional_compilation is regional
+
+
 def test_a_failed_training_process_ends_with_its_own_error_and_status(tmp_path):
     # The checks pass (the model directory exists), and the launched process fails loading it.
     (tmp_path / "empty-model").mkdir()
