@@ -199,3 +199,35 @@ def test_variants_name_the_streams_and_the_prefix_length(variant, streams, prefi
     assert (info["P"], info["prefix_length"], info["adapter_params"]) == (streams, prefix_length, prefixes + aggregator)
     assert report.variant_order("stock") < report.variant_order("P1") < report.variant_order("P1T12")
     assert report.variant_order("P1T384") < report.variant_order("P2") < report.variant_order("dense_P2")
+
+
+def test_laptop_measurement_runs_the_readme_block_and_the_same_eval_without_the_adapter():
+    from benchmarks import laptop
+
+    block = laptop.laptop_block()
+    assert "parscale sft" in block and "--adapter laptop-p2" in block
+    eval_words = " ".join(block.split("parscale eval", 1)[1].replace("\\\n", " ").split())
+    expected = "parscale eval " + eval_words.replace("--adapter laptop-p2 ", "")
+    assert laptop.base_model_line(block) == expected and "--adapter" not in expected
+
+
+def test_cpu_precision_times_both_precisions_on_the_given_model(tmp_path):
+    from benchmarks import cpu_precision
+    from peft_parscale.testing import save_tiny_checkpoint
+
+    timings = cpu_precision.time_forward(str(save_tiny_checkpoint(tmp_path / "tiny")), 2, 8, repeats=2)
+    assert timings["model"] == str(tmp_path / "tiny") and isinstance(timings["native_bf16"], bool)
+    for precision in ("bfloat16_autocast", "float32"):
+        assert len(timings[precision]) == 2 and all(seconds > 0 for seconds in timings[precision])
+
+
+def test_training_under_regional_compilation_computes_what_eager_computes(tmp_path):
+    """The training suite's "regions" mode (accelerate's `compile_regions`, as ``parscale sft --torch_compile true``
+    trains): the first step's loss and adapter gradient norm are eager's. float32 on the CPU, where inductor's
+    reordered sums differ by about 1e-7 relative, far below the 1e-5 bound."""
+    argv = ["--tiny", "--suites", "train", "--train-P", "2", "--train-compile", "none,regions", "--no-report"]
+    assert run.main([*argv, "--out", str(tmp_path)]) == 0
+    eager, regions = map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    assert (eager["compile"], regions["compile"]) == ("none", "regions")
+    for key in ("loss", "trainable_gradient_norm"):
+        assert regions[key] == pytest.approx(eager[key], rel=1e-5), key
