@@ -387,6 +387,49 @@ def report(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# README.md: the decision table (experiments/humaneval_experiment.py's results.json and its benchmark records)
+
+
+def interval(score: dict, digits: int = 3) -> str:
+    return f"{score['value']:.{digits}f} [{score['low']:.{digits}f}, {score['high']:.{digits}f}]"
+
+
+def humaneval_decision(path: str, bench: str) -> str:
+    """Per arm, over its seeds: streams per token (the inference compute, in forward passes of the backbone),
+    trainable parameters, training speed alone on the GPU (the benchmark's eager record), held-out completion loss
+    and greedy HumanEval pass@1 in both modes; the base model first. Arms without a HumanEval score are left out."""
+    results = read_json(ROOT / path)
+    records = [json.loads(line) for line in (ROOT / bench).read_text().splitlines()]
+    device = next(r["device_name"] for r in records if r.get("suite") == "env")
+    rows_of = {row["name"]: row for row in results["rows"]}
+
+    def cells(name: str, score_row: dict, streams: str) -> list[str]:
+        run = rows_of.get(name) or next(row for key, row in rows_of.items() if key.split("#")[0] == name)
+        speed = run.get("train_tokens_per_s")
+        return [
+            name,
+            streams,
+            "–" if run["trainable_parameters"] is None else f"{run['trainable_parameters']:,}",
+            "–" if speed is None else f"{speed:,.0f}",
+            interval(score_row["heldout_loss"]),
+            interval(score_row["completion_pass@1"]),
+            interval(score_row["chat_pass@1"]),
+            str(len(score_row["completion_pass@1"].get("run_values", [None]))),
+        ]
+
+    body = [cells("base", rows_of["base"], "1")]
+    arms = [arm for arm in results["over_seeds"] if arm.get("completion_pass@1") and arm["kind"] != "base"]
+    for arm in sorted(arms, key=lambda arm: (arm["kind"] == "lora", arm["P"] or 1, arm["name"])):
+        streams = "1 (merged)" if arm["kind"] == "lora" else str(arm["P"])
+        body.append(cells(arm["name"], arm, streams))
+    header = (
+        f"adapter | streams per token | trainable parameters | training tokens/s ({device}, alone) | "
+        "held-out loss | HumanEval pass@1, completion | pass@1, chat | runs"
+    )
+    return markdown(header, ["---"] + ["---:"] * 7, body)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # RESULTS.md: where a fresh text-initialised adapter starts (examples/initial_loss.py, results/initial-loss/)
 
 
@@ -706,6 +749,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "scaling-learning-rates": scaling_learning_rates,
     "initial-loss": initial_loss,
     "report": report,
+    "humaneval-decision": humaneval_decision,
     "quickstart": quickstart,
     "benchmark-targets": benchmark_targets,
     "benchmark-scaling": benchmark_scaling,

@@ -104,3 +104,37 @@ def test_the_sweep_tables_show_every_arm_with_gains_for_the_sweep_s_p_only(tmp_p
     ]
     # the gain of P=4 over P=1 at 20.19 M tokens: 1.3389 − 1.30
     assert curves[-2].endswith("| 0.0389 |")
+
+
+def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_first(tmp_path):
+    def score(value, runs=None):
+        return {"value": value, "low": value - 0.01, "high": value + 0.01, **({"run_values": runs} if runs else {})}
+
+    def run(name, kind, parameters, speed):
+        return {"name": name, "kind": kind, "trainable_parameters": parameters, "train_tokens_per_s": speed}
+
+    results = {
+        "rows": [
+            {**run("base", "base", None, None), "heldout_loss": score(1.5), "completion_pass@1": score(0.4),
+             "chat_pass@1": score(0.5)},
+            run("lora@1e-3", "lora", 1000, 900.0), run("lora@1e-3#1", "lora", 1000, 900.0),
+            run("P8#1", "parscale", 2000, 500.0), run("P2", "parscale", 300, 1500.0),
+        ],
+        "over_seeds": [
+            {"name": name, "kind": kind, "P": P, "heldout_loss": score(loss, [loss, loss]),
+             "completion_pass@1": score(0.3, [0.3, 0.3]), "chat_pass@1": score(0.35, [0.3, 0.4])}
+            for name, kind, P, loss in [("lora@1e-3", "lora", None, 1.1), ("P8", "parscale", 8, 1.2),
+                                        ("P2", "parscale", 2, 1.25)]
+        ] + [{"name": "P1T8@1e-2", "kind": "parscale", "P": 1, "completion_pass@1": None}],  # validation only
+    }  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "bench.jsonl").write_text(json.dumps({"suite": "env", "device_name": "GPU X"}) + "\n")
+    table = doc_tables.humaneval_decision(str(tmp_path / "results.json"), str(tmp_path / "bench.jsonl"))
+    lines = table.splitlines()
+    assert "training tokens/s (GPU X, alone)" in lines[0]
+    assert lines[2:] == [
+        "| base | 1 | – | – | 1.500 [1.490, 1.510] | 0.400 [0.390, 0.410] | 0.500 [0.490, 0.510] | 1 |",
+        "| P2 | 2 | 300 | 1,500 | 1.250 [1.240, 1.260] | 0.300 [0.290, 0.310] | 0.350 [0.340, 0.360] | 2 |",
+        "| P8 | 8 | 2,000 | 500 | 1.200 [1.190, 1.210] | 0.300 [0.290, 0.310] | 0.350 [0.340, 0.360] | 2 |",
+        "| lora@1e-3 | 1 (merged) | 1,000 | 900 | 1.100 [1.090, 1.110] | 0.300 [0.290, 0.310] | 0.350 [0.340, 0.360] | 2 |",
+    ]
