@@ -1,7 +1,7 @@
 """Time the README's laptop block ("One minute on a laptop, offline") as a new user runs it, and keep the record.
 
 The block runs as written, with bash, in an empty folder and with an empty ``HOME`` (so no pip cache and no converted
-model: the 98 MB download and the one-time conversion are counted), in a new virtual environment where the README's
+model: the 93 MB download and the one-time conversion are counted), in a new virtual environment where the README's
 install lines (not timed) have installed this repository: the block says "after the install above". Then the block's ``parscale eval`` line runs again without ``--adapter``,
 for the base model's loss on the same windows. The record (JSON, with the output of both) gives the wall and CPU
 seconds of the block, the load average before and after (other work on the machine slows it), the CPU, the versions,

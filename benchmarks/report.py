@@ -57,12 +57,6 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def latest(records: list[Record], **where: Any) -> Record | None:
-    """The last record matching every key=value (later runs replace earlier ones)."""
-    matches = [r for r in records if all(r.get(key) == value for key, value in where.items())]
-    return matches[-1] if matches else None
-
-
 def decode_rows(records: list[Record], suite: str) -> list[Record]:
     """One record per case, the latest run of each."""
     by_case = {}

@@ -38,6 +38,7 @@ from .shapes import shape_config
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 LORA_RANK = 16  # the HumanEval experiment's LoRA arm (experiments/arms.py): rank 16, alpha 32, every linear layer
+TRAIN_COMPILE_MODES = ("none", "blocks", "layers", "regions", "model")  # see `train_throughput`
 VARIANT = re.compile(r"P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?|lora")
 
 

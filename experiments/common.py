@@ -192,7 +192,10 @@ def run_side_by_side(
     what became of each. None is started once `too_late_to_start()` (the rest are unfinished) nor, with
     `stop_after_failure`, after one has failed; running ones are stopped once `too_late_to_run()` (unfinished).
     If this process is stopped, it stops its jobs first."""
+    if at_once < 1:
+        raise ValueError(f"at_once must be at least 1, got {at_once}")
     waiting, running, outcome = list(jobs), {}, SideBySide()
+    handler = signal.getsignal(signal.SIGTERM)
     exit_on_sigterm()  # so that the `finally` below runs
     try:
         while waiting or running:
@@ -226,6 +229,7 @@ def run_side_by_side(
     finally:
         for process in running.values():
             stop_session(process)
+        signal.signal(signal.SIGTERM, handler)
     return outcome
 
 

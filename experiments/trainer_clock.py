@@ -12,9 +12,10 @@ Example::
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
 class StopAtDeadline(TrainerCallback):
@@ -24,7 +25,7 @@ class StopAtDeadline(TrainerCallback):
     def __init__(self, deadline: float | None) -> None:
         self.deadline = deadline
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.deadline is None or state.global_step >= state.max_steps:
             return
         late = torch.tensor([float(time.time() > self.deadline)], device=args.device)
@@ -43,16 +44,18 @@ class StepClock(TrainerCallback):
         self.step_ends: list[tuple[int, float]] = []
         self.busy_steps: set[int] = set()
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.step_ends.append((state.global_step, time.perf_counter()))
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.step_ends.append((state.global_step, time.perf_counter()))
 
-    def on_evaluate(self, args, state, control, **kwargs):
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.busy_steps.add(state.global_step)
 
-    def segment(self) -> dict:
+    def segment(self) -> dict[str, int | float | None]:
         """Steps and seconds of this process's share of the run, and its steady step time: the median step,
         leaving out the first three (compilation) and those that evaluated or saved. Also the seconds before training
         (``setup_s``) and of the first three steps (``first_steps_s``: compiling, and an evaluation at the start),

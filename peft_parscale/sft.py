@@ -427,9 +427,9 @@ def launch_arguments(leftovers: list[str], script_args: list[str], torch_compile
     if unknown:
         unknown = " ".join(unknown)
         raise ValueError(f"unrecognized arguments: {unknown} (not a flag of trl sft, ParScale or accelerate launch)")
-    launch = parser.parse_args([*launch_args, "--module", __name__, *script_args])
-    launch.dynamo_use_regional_compilation = launch.dynamo_use_regional_compilation or torch_compile
-    return launch
+    # given as a flag, so that accelerate counts it as set on the command line, which a config file does not override
+    regional = ["--dynamo_use_regional_compilation"] if torch_compile else []
+    return parser.parse_args([*launch_args, *regional, "--module", __name__, *script_args])
 
 
 def main(argv: list[str]) -> int:

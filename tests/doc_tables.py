@@ -400,7 +400,9 @@ def humaneval_decision(path: str, bench: str) -> str:
     and greedy HumanEval pass@1 in both modes; the base model first. Arms without a HumanEval score are left out."""
     results = read_json(ROOT / path)
     records = [json.loads(line) for line in (ROOT / bench).read_text().splitlines()]
-    device = next(r["device_name"] for r in records if r.get("suite") == "env")
+    device = next((r["device_name"] for r in records if r.get("suite") == "env"), None)
+    if device is None:
+        raise ValueError(f"{bench} has no environment record to name the device its training speeds come from")
     rows_of = {row["name"]: row for row in results["rows"]}
 
     def cells(name: str, score_row: dict, streams: str) -> list[str]:

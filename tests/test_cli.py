@@ -133,13 +133,24 @@ def test_checked_flags_are_launched_with_the_precision_chosen(capsys, monkeypatc
 
 @pytest.mark.parametrize("compile_flags, regional", [([], False), (["--torch_compile", "true"], True)])
 def test_torch_compile_is_launched_as_accelerate_s_regional_compilation(
-    capsys, monkeypatch, local_run, compile_flags, regional
+    capsys, monkeypatch, local_run, tmp_path, compile_flags, regional
 ):
+    """Also over an accelerate config file that turns regional compilation off, as `accelerate config` writes one:
+    accelerate applies the file's values to every flag not given on the command line (`_validate_launch_command`,
+    which its `launch_command` runs first; called here directly, since launching would start training)."""
+    from accelerate.commands.launch import _validate_launch_command
+
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: 'no'\nnum_processes: 1\n"
+        "dynamo_config:\n  dynamo_backend: INDUCTOR\n  dynamo_use_regional_compilation: false\n"
+    )
     launched = []
     monkeypatch.setattr("peft_parscale.sft.launch_command", launched.append)
-    assert parscale_main(["sft", *local_run, *compile_flags]) == 0
+    assert parscale_main(["sft", *local_run, *compile_flags, "--config_file", str(config)]) == 0
     (launch,) = launched
-    assert launch.dynamo_use_regional_compilation is regional
+    validated, _, _ = _validate_launch_command(launch)
+    assert validated.dynamo_use_regional_compilation is regional
 
 
 def test_a_failed_training_process_ends_with_its_own_error_and_status(tmp_path):

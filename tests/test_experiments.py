@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,7 @@ def test_side_by_side_runs_at_most_n_jobs_at_once_and_says_what_became_of_each(c
     running at that moment: with ``at_once=2`` at most one. A scheduler that started a third would be caught, since
     every job sleeps 1 s, far longer than starting the next one takes."""
     common = import_experiment("common")
+    handler = signal.getsignal(signal.SIGTERM)
     commands = {"a": sleeper(1), "b": sleeper(1, status=3), "c": sleeper(1), "d": sleeper(1)}
     running_at_start = []
 
@@ -167,6 +169,7 @@ def test_side_by_side_runs_at_most_n_jobs_at_once_and_says_what_became_of_each(c
     )
     assert [job for job, _ in started] == ["long"] and started[0][1].returncode == -9
     assert outcome.unfinished == ["long", "a"]
+    assert signal.getsignal(signal.SIGTERM) == handler  # the caller's own handler is back
 
 
 def test_humaneval_experiment_phases():
