@@ -29,20 +29,14 @@ from pathlib import Path
 from peft_parscale.precision import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## One minute on a laptop, offline"
+LAPTOP_SECTION, INSTALL_SECTION = "One minute on a laptop, offline", "Install"
 LOSS = re.compile(r"held-out loss (\d+\.\d+)")
 
 
-def laptop_block(readme: Path = ROOT / "README.md") -> str:
-    """The laptop section's first bash block, as written."""
-    section = readme.read_text().split(SECTION, 1)[1]
-    return re.search(r"```bash\n(.+?)\n```", section, re.DOTALL).group(1)
-
-
-def install_lines(readme: Path = ROOT / "README.md") -> str:
-    """The README's install block ("## Install"), run from the repository root."""
-    section = readme.read_text().split("## Install\n", 1)[1]
-    return re.search(r"```bash\n(.+?)\n```", section, re.DOTALL).group(1)
+def readme_block(section: str, readme: Path = ROOT / "README.md") -> str:
+    """The first bash block of the README's section ``## <section>``, as written."""
+    text = readme.read_text().split(f"## {section}\n", 1)[1]
+    return re.search(r"```bash\n(.+?)\n```", text, re.DOTALL).group(1)
 
 
 def base_model_line(block: str) -> str:
@@ -83,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.laptop", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for laptop-<date>.json")
     args = parser.parse_args(argv)
-    block = laptop_block()
+    block = readme_block(LAPTOP_SECTION)
     with tempfile.TemporaryDirectory() as scratch:
         home, work = Path(scratch) / "home", Path(scratch) / "work"
         home.mkdir()
@@ -95,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         environment["PATH"] = f"{venv / 'bin'}{os.pathsep}{environment.get('PATH', '')}"
         environment.pop("VIRTUAL_ENV", None)
-        install = run_timed(install_lines(), ROOT, environment)
+        install = run_timed(readme_block(INSTALL_SECTION), ROOT, environment)
         if install["returncode"] != 0:
             raise SystemExit(f"the README's install lines failed:\n{install['output'][-3000:]}")
         load_before = os.getloadavg()

@@ -287,8 +287,9 @@ def training_table(records: list[Record]) -> str:
     rows = {}
     for r in records:
         if r.get("suite") in ("train", "train_masks"):
-            key = (r["shape"], r["P"], training_variant(r), r["mask"], r["gradient_checkpointing"])
-            rows[(*key, r.get("compile", "none"), r["length"])] = {**r, "variant": training_variant(r)}
+            variant = training_variant(r)
+            case = (r["shape"], r["P"], variant, r["mask"], r["gradient_checkpointing"], r.get("compile", "none"))
+            rows[(*case, r["length"])] = {**r, "variant": variant}
     header = [
         "shape", "variant", "seq", "batch", "mask", "grad. ckpt", "compile", "step ms", "tokens/s", "MFU", "peak GiB"
     ]  # fmt: skip

@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             settings = [(mask, compile_mode) for mask in masks for compile_mode in args.train_compile.split(",")]
             # One untimed measurement first: a process's first one can also pay for warming the device and its
             # libraries (run I timed P=1 first at 21,246 tokens/s; the same P=1 later that day, 23,616).
+            length, batch = args.train_length or defaults["train_length"], args.train_batch or defaults["train_batch"]
             train_throughput(
-                train_shapes[0], variants[0], args.train_length or defaults["train_length"],
-                args.train_batch or defaults["train_batch"], device, dtype, steps=1, warmup=1,
+                train_shapes[0], variants[0], length, batch, device, dtype, steps=1, warmup=1,
                 gradient_checkpointing=args.gradient_checkpointing,
             )  # fmt: skip
             free_memory(device)
@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                             train_throughput(
                                 shape,
                                 variant,
-                                args.train_length or defaults["train_length"],
-                                args.train_batch or defaults["train_batch"],
+                                length,
+                                batch,
                                 device,
                                 dtype,
                                 steps=defaults["train_steps"],

@@ -204,7 +204,7 @@ def test_variants_name_the_streams_and_the_prefix_length(variant, streams, prefi
 def test_laptop_measurement_runs_the_readme_block_and_the_same_eval_without_the_adapter():
     from benchmarks import laptop
 
-    block = laptop.laptop_block()
+    block = laptop.readme_block(laptop.LAPTOP_SECTION)
     assert "parscale sft" in block and "--adapter laptop-p2" in block
     assert laptop.base_model_line(block) == (
         "parscale eval --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --tasks loss --dataset_name "
