@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import benchmark_tables
 import doc_tables
 import pytest
+import results_tables
+from table_format import RESULTS, ROOT
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -28,7 +31,7 @@ def test_every_table_is_used_and_every_marker_names_a_table():
 
 def test_a_figure_typed_over_its_rendering_is_caught(tmp_path):
     # The check can fail: one digit of one figure changed in a rendered table makes that table, and only that, stale.
-    results = doc_tables.ROOT / "RESULTS.md"
+    results = ROOT / "RESULTS.md"
     text = results.read_text()
     start = text.index("<!-- table:stream-sweep -->")
     figure = text.index("| 1.3389 |", start)  # P=1's final held-out loss
@@ -41,18 +44,18 @@ def test_records_of_another_device_leave_a_device_s_tables_as_they_are(monkeypat
     # The benchmark tables take one device's records (named in their marker): a new run elsewhere changes none of them.
     tables = ("benchmark-targets", "benchmark-scaling", "benchmark-training", "benchmark-training-changes")
     before = {name: doc_tables.TABLES[name](device=H100) for name in tables}
-    records = doc_tables.load_records([str(doc_tables.ROOT / "benchmarks" / "results" / "results.jsonl")])
+    records = benchmark_tables.load_records([str(ROOT / "benchmarks" / "results" / "results.jsonl")])
     elsewhere = [
         {**record, "device_name": "another GPU", "tokens_per_s": 1.0, "decode_ms_per_token": 1.0}
         for record in records
         if record.get("device_name") == H100
     ]
-    monkeypatch.setattr(doc_tables, "load_records", lambda paths: records + elsewhere)
+    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records + elsewhere)
     assert {name: doc_tables.TABLES[name](device=H100) for name in tables} == before
     # ... while a later record of the same device replaces the earlier one of its case
     compiled = [r for r in records if r.get("suite") == "train" and r.get("compile") == "layers"]
     later = {**next(r for r in compiled if (r["shape"], r["P"]) == ("1.5b", 8)), "tokens_per_s": 12345.0}
-    monkeypatch.setattr(doc_tables, "load_records", lambda paths: records + [later])
+    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records + [later])
     assert "**12,345**" in doc_tables.TABLES["benchmark-training"](device=H100)
 
 
@@ -67,7 +70,7 @@ def test_marker_arguments_reach_the_table(monkeypatch):
 def test_the_sweep_tables_show_every_arm_with_gains_for_the_sweep_s_p_only(tmp_path):
     # The runs of the first sweep (2 GPUs) and new arms as stream_sweep.py writes them now, on 1 GPU
     for name in ("base", "P1", "P8", "P8-1gpu"):
-        shutil.copytree(doc_tables.RESULTS / "stream-sweep" / name, tmp_path / name)
+        shutil.copytree(RESULTS / "stream-sweep" / name, tmp_path / name)
     for name, kind, P, T, final in (
         ("P4", "parscale", 4, 48, 1.30),
         ("P1T192", "parscale", 1, 192, 1.31),
@@ -78,7 +81,7 @@ def test_the_sweep_tables_show_every_arm_with_gains_for_the_sweep_s_p_only(tmp_p
         result |= {"steps": 616, "train_tokens": 616 * 32768, "segments": [{"steady_step_s": 0.5}]}
         result["heldout_curve"] = [(0, 1.49), (616 * 32768, final)]
         (tmp_path / name / "result.json").write_text(json.dumps(result))
-    table = doc_tables.stream_sweep(path=str(tmp_path))
+    table = results_tables.stream_sweep(path=str(tmp_path))
     lines = table.splitlines()
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == [
         "base (no adapter)",
@@ -92,7 +95,7 @@ def test_the_sweep_tables_show_every_arm_with_gains_for_the_sweep_s_p_only(tmp_p
     # 32,768 tokens per step in 0.5 s; 1.2 against the base model's 1.4792
     assert "| lora@6e-4 | 20,185,088 | 1.4900 | 1.2000 | −0.2792 | 65,536, 1 GPU |" in lines
     assert "| P=1 | 20,185,088 | 1.4937 | 1.3389 | −0.1403 | 195,642, 2 GPUs |" in lines
-    curves = doc_tables.stream_sweep_curves(path=str(tmp_path)).splitlines()
+    curves = results_tables.stream_sweep_curves(path=str(tmp_path)).splitlines()
     assert [line.split(" | ")[0].removeprefix("| ") for line in curves[2:]] == [
         "P=1",
         "P1T192",
@@ -129,7 +132,7 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
     }  # fmt: skip
     (tmp_path / "results.json").write_text(json.dumps(results))
     (tmp_path / "bench.jsonl").write_text(json.dumps({"suite": "env", "device_name": "GPU X"}) + "\n")
-    table = doc_tables.humaneval_decision(str(tmp_path / "results.json"), str(tmp_path / "bench.jsonl"))
+    table = results_tables.humaneval_decision(str(tmp_path / "results.json"), str(tmp_path / "bench.jsonl"))
     lines = table.splitlines()
     assert "training tokens/s (GPU X, alone)" in lines[0]
     assert lines[2:] == [
