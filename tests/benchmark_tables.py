@@ -187,6 +187,30 @@ def benchmark_sampling(device: str) -> str:
     return markdown(header, ["---", "---:", "---:", "---:", "---:"], rows)
 
 
+def benchmark_sampling_attention(device: str) -> str:
+    """The fast path's sampling with its own decode attention (`fast`) against transformers' sdpa attention, which
+    copies each key/value head once per query head (`fast_heads_copied`), by P: each pair from one run."""
+    found = {(r["P"], r["mode"], r["run"]): r for r in benchmark_records(device) if r.get("suite") == "sampling"}
+    rows = []
+    for P, _, run in sorted(key for key in found if key[1] == "fast_heads_copied"):
+        copied, packed = found[P, "fast_heads_copied", run], found[P, "fast", run]
+        rows.append(
+            [
+                str(P),
+                run,
+                f"{copied['completions_per_s']:.3g}",
+                f"**{packed['completions_per_s']:.3g}**",
+                f"{packed['completions_per_s'] / copied['completions_per_s']:.2f}×",
+                f"{copied['warmup_s']:.0f} s / {packed['warmup_s']:.0f} s",
+            ]
+        )
+    header = (
+        "P | run | heads copied (transformers' attention) | packed heads (`peft_parscale.decode_attention`) "
+        "| speed-up | compilation, copied / packed"
+    )
+    return markdown(header, ["---", "---", "---:", "---:", "---:", "---:"], rows)
+
+
 def training_records(device: str) -> dict[tuple, dict]:
     """(shape, P, compile) -> the latest plain training record (sequence 2048, no gradient checkpointing) of ParScale
     at its default prefix length."""

@@ -33,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the table mo
 import support_table
 from benchmark_tables import (
     benchmark_sampling,
+    benchmark_sampling_attention,
     benchmark_scaling,
     benchmark_targets,
     benchmark_training,
@@ -76,6 +77,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "benchmark-targets": benchmark_targets,
     "benchmark-scaling": benchmark_scaling,
     "benchmark-sampling": benchmark_sampling,
+    "benchmark-sampling-attention": benchmark_sampling_attention,
     "benchmark-training": benchmark_training,
     "benchmark-training-changes": benchmark_training_changes,
 }

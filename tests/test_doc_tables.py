@@ -42,7 +42,13 @@ def test_a_figure_typed_over_its_rendering_is_caught(tmp_path):
 
 def test_records_of_another_device_leave_a_device_s_tables_as_they_are(monkeypatch):
     # The benchmark tables take one device's records (named in their marker): a new run elsewhere changes none of them.
-    tables = ("benchmark-targets", "benchmark-scaling", "benchmark-training", "benchmark-training-changes")
+    tables = (
+        "benchmark-targets",
+        "benchmark-scaling",
+        "benchmark-training",
+        "benchmark-training-changes",
+        "benchmark-sampling-attention",
+    )
     before = {name: doc_tables.TABLES[name](device=H100) for name in tables}
     records = benchmark_tables.load_records([str(ROOT / "benchmarks" / "results" / "results.jsonl")])
     elsewhere = [
