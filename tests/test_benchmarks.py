@@ -41,8 +41,8 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
             assert record["ttft_ms"] < record["total_ms"]
         # the fast modes time their prefills in calls of their own, which a busy CPU can slow more than the runs
     selector = {r["variant"]: r for r in records if r["suite"] == "selector"}
-    assert set(selector) == {"selector_eager", "long_scan", "selector", "selector_dynamic"}
-    for name in ("long_scan", "selector", "selector_dynamic"):  # inductor on CPU compiles every case
+    assert set(selector) == {"selector_eager", "long_scan", "selector", "selector_dynamic", "selector_top_k"}
+    for name in ("long_scan", "selector", "selector_dynamic", "selector_top_k"):  # inductor on CPU compiles every case
         assert selector[name]["compiled"] and selector[name]["ms_per_call"] > 0, selector[name]
     train = [r for r in records if r["suite"] == "train"]
     assert [r["P"] for r in train] == [1, 2]
