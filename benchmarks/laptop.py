@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for laptop-<date>.json")
     args = parser.parse_args(argv)
     block = readme_block(LAPTOP_SECTION)
+    base_line = base_model_line(block)
     with tempfile.TemporaryDirectory() as scratch:
         home, work = Path(scratch) / "home", Path(scratch) / "work"
         home.mkdir()
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()
         block_run = run_timed(block, work, environment)
         load_after = os.getloadavg()
-        base_run = run_timed(f"export HF_HUB_OFFLINE=1\n{base_model_line(block)}", work, environment)
+        base_run = run_timed(f"export HF_HUB_OFFLINE=1\n{base_line}", work, environment)
         installed = installed_versions(venv)
     losses = [LOSS.findall(run["output"]) for run in (block_run, base_run)]
     record = {
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "block_cpu_s": block_run["cpu_s"],
         "block_returncode": block_run["returncode"],
         "adapter_loss": float(losses[0][-1]) if losses[0] else None,
-        "base_model_line": base_model_line(block),
+        "base_model_line": base_line,
         "base_loss": float(losses[1][-1]) if losses[1] else None,
         "base_returncode": base_run["returncode"],
         "block_output": block_run["output"],
