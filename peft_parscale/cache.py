@@ -16,6 +16,9 @@ Their `get_mask_sizes` describes the real-token slots to transformers' mask code
 transformers has no hook to choose the layer class of a cache it creates, so the default `DynamicLayer`,
 `DynamicSlidingWindowLayer`, `StaticLayer` and `StaticSlidingWindowLayer` of an unused cache are swapped for the
 subclasses below (`make_prefix_resident`).
+
+`copy_prompt_rows` fills a static cache from a dynamic one that ran each prompt once, for the fast path's several
+sequences per prompt (`decode.py`).
 """
 
 from __future__ import annotations
@@ -293,3 +296,37 @@ def make_prefix_resident(cache: Cache, prefixes: list[tuple[torch.Tensor, torch.
     cache.layers = new_layers
     if hasattr(cache, "layer_class_to_replicate"):
         cache.layer_class_to_replicate = None
+
+
+def takes_prompt_rows(cache: Cache) -> bool:
+    """Whether `copy_prompt_rows` can fill `cache`: every layer a full-attention static one. A sliding-window layer
+    keeps only its window, and the slots it rolls would have to be reproduced."""
+    return bool(cache.layers) and all(type(layer) in (StaticLayer, ParScaleStaticLayer) for layer in cache.layers)
+
+
+def copy_prompt_rows(
+    cache: Cache,
+    prompt_cache: Cache,
+    rows: torch.Tensor,
+    prompts: torch.Tensor,
+    num_sequences: int,
+    prompt_length: int,
+) -> None:
+    """Write the prompt tokens' keys/values that `prompt_cache` holds into the sequences `rows` of `cache` (a cache
+    for `num_sequences`), sequence `rows[i]` getting those of prompt `prompts[i]` of `prompt_cache`, after the prefix
+    slots; set every layer's length to the prefix and the prompt, so that the next token is written after them.
+
+    `cache`'s layers (see `takes_prompt_rows`; prepared with `make_prefix_resident` when an adapter is active) and
+    `prompt_cache`'s hold P rows per sequence and per prompt, stream-major.
+    """
+    for layer, prompt_layer in zip(cache.layers, prompt_cache.layers, strict=True):
+        new_keys, new_values = (cached[:, :, -prompt_length:] for cached in (prompt_layer.keys, prompt_layer.values))
+        num_streams = layer.prefix_k.shape[0] if isinstance(layer, _PrefixResident) else 1
+        if not layer.is_initialized:  # allocates the rows (and writes the prefix) from the shapes of an expanded view
+            like = [new[:1, :, :1].expand(num_streams * num_sequences, -1, -1, -1) for new in (new_keys, new_values)]
+            layer.lazy_initialization(*like)
+        start = layer.prefix_k.shape[2] if isinstance(layer, _PrefixResident) else 0
+        for slots, new in ((layer.keys, new_keys), (layer.values, new_values)):
+            target = slots.view(num_streams, -1, *slots.shape[1:])
+            target[:, rows, :, start : start + prompt_length] = new.view(num_streams, -1, *new.shape[1:])[:, prompts]
+        layer.cumulative_length.fill_(start + prompt_length)

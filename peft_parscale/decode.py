@@ -7,12 +7,12 @@ step to check whether all sequences have finished, so host and device time add u
 path", compares the two).
 Sampling in `generate` also calls `torch.multinomial`, which keeps its step out of CUDA graphs.
 
-`fast_generate` keeps only what greedy search and sampling need. The prompt is run once (uncompiled, like
-`generate`'s prefill); then every decode step is the same compiled function of (previous token, positions, one
-uniform number per sequence): the model's forward pass over a static cache, with an attention mask that covers the
-whole generation from the start (the prompt's padding, then ones; causality hides the slots not written yet), so it
-never changes, followed by the choice of the next token on the device (`sampling.TokenSelector`). The host only queues
-replays. Every `check_every` steps (and only if there is an end-of-sequence id or a stop string) it reads the new
+`fast_generate` keeps only what greedy search and sampling need. Each distinct prompt is run once (uncompiled, like
+`generate`'s prefill, but once however many sequences continue it: their cache rows are copies); then every decode
+step is the same compiled function of (previous token, positions, one uniform number per sequence): the model's
+forward pass over a static cache, with an attention mask that covers the whole generation from the start (the
+prompt's padding, then ones; causality hides the slots not written yet), so it never changes, followed by the choice
+of the next token on the device (`sampling.TokenSelector`). The host only queues replays. Every `check_every` steps (and only if there is an end-of-sequence id or a stop string) it reads the new
 tokens once, to stop early when every sequence has ended; the end-of-sequence handling itself is applied afterwards
 (`EndOfSequences`), giving what `generate` returns.
 
@@ -28,14 +28,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase, StaticCache, StopStringCriteria
+from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase, StaticCache, StopStringCriteria
 from transformers.generation import GenerationMode
 
+from .cache import copy_prompt_rows, make_prefix_resident, takes_prompt_rows
 from .decode_attention import grouped_query_decoding
 from .layer import ParScaleStreams
 from .sampling import GREEDY, TokenSelector, draw_uniforms
 
 DEFAULT_COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": True}
+# Tokens (streams counted) in one forward pass of the prefill: enough to keep a GPU's matrix units busy, few enough
+# that the activations stay small beside the cache (0.6 GB per MLP activation at Qwen2.5-0.5B's width, bfloat16).
+PREFILL_TOKENS = 65_536
 
 # Settings that `generate` turns into logits processors or stopping criteria and the fast path does not implement,
 # with the values that leave each of them off. Encoder-only settings are absent: causal LMs have no encoder input.
@@ -71,6 +75,14 @@ UNSUPPORTED_SAMPLING_SETTINGS: dict[str, tuple[Any, ...]] = {
 def causal_lm_of(model: nn.Module) -> nn.Module:
     """The transformers model under a `PeftModel` (the model itself otherwise)."""
     return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
+def active_streams(model: nn.Module) -> tuple[ParScaleStreams, str] | None:
+    """The streams module of `model` whose adapter is active, and that adapter's name; None without one."""
+    for module in model.modules():
+        if isinstance(module, ParScaleStreams) and module.active_adapter_name() is not None:
+            return module, module.active_adapter_name()
+    return None
 
 
 def active_adapters_key(model: nn.Module) -> tuple[str | None, ...]:
@@ -121,7 +133,8 @@ class FastDecoder:
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the prompt; return the first new token (B, 1) and the positions of the next step (B, 1)."""
+        """Run the prompts (each distinct one once); return the first new token (B, 1) and the positions of the next
+        step (B, 1)."""
         if self.used:
             self.cache.reset()  # ParScale's cache layers write the prefix back into the first T slots
         self.used = True
@@ -129,7 +142,54 @@ class FastDecoder:
         self.attention_mask[:, :prompt_length].copy_(attention_mask)
         self.attention_mask[:, prompt_length:].fill_(1)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.next_tokens(input_ids, positions, uniforms), positions[:, -1:] + 1
+        if not takes_prompt_rows(self.cache):  # sliding-window layers: every row runs through the static cache
+            return self.next_tokens(input_ids, positions, uniforms), positions[:, -1:] + 1
+        prompts, prompt_of_row = torch.unique(
+            torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1), dim=0, return_inverse=True
+        )
+        prompt_ids, prompt_mask = prompts.split(prompt_length, dim=1)
+        logits = self.run_prompts_once(prompt_ids, prompt_mask, prompt_of_row)
+        return self.selector(logits[prompt_of_row], uniforms)[:, None], positions[:, -1:] + 1
+
+    def run_prompts_once(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompt_of_row: torch.Tensor
+    ) -> torch.Tensor:
+        """Each distinct prompt's last logits (N, vocab); its keys/values are written into the static cache's rows
+        of the sequences that continue it (`prompt_of_row`: for each row, the index of its prompt).
+
+        `generate` runs a prompt once per sequence; HumanEval's 20 samples per problem would run each prompt 20·P
+        times, and at P=8 the activations of those rows (2,048 rows of 512 tokens) exhausted an 80 GB GPU. Here each
+        distinct prompt runs once, in chunks of about `PREFILL_TOKENS` stream tokens, each chunk through a dynamic
+        cache whose rows are then copied into the static one (`cache.copy_prompt_rows`).
+        """
+        streams = active_streams(self.causal_lm)
+        num_streams = 1
+        if streams is not None:
+            module, adapter_name = streams
+            make_prefix_resident(self.cache, module.attention_prefixes(adapter_name))
+            num_streams = module.num_streams[adapter_name]
+        num_prompts, prompt_length = prompt_ids.shape
+        per_chunk = max(1, PREFILL_TOKENS // (num_streams * prompt_length))
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = []
+        for first in range(0, num_prompts, per_chunk):
+            chunk = slice(first, first + per_chunk)
+            prompt_cache = DynamicCache()
+            output = self.causal_lm(
+                input_ids=prompt_ids[chunk],
+                attention_mask=prompt_mask[chunk],
+                position_ids=positions[chunk],
+                past_key_values=prompt_cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            in_chunk = (prompt_of_row >= first) & (prompt_of_row < first + per_chunk)
+            rows = in_chunk.nonzero().squeeze(1)
+            copy_prompt_rows(
+                self.cache, prompt_cache, rows, prompt_of_row[rows] - first, self.batch_size, prompt_length
+            )
+            logits.append(output.logits[:, -1])
+        return torch.cat(logits)
 
     @torch.no_grad()
     def run(

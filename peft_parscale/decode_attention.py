@@ -77,10 +77,17 @@ AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)  # the masks sdpa ge
 
 @contextmanager
 def grouped_query_decoding(causal_lm: nn.Module) -> Iterator[None]:
-    """Run `causal_lm`'s attention as `packed_gqa_sdpa` inside the block if every config in it says "sdpa"; leave it
-    as it is otherwise. Restored on exit."""
+    """Run `causal_lm`'s attention as `packed_gqa_sdpa` inside the block if its attention layers call transformers'
+    attention functions and every config in it says "sdpa"; leave it as it is otherwise. Restored on exit."""
     configs = {id(config): config for config in _configs(causal_lm)}.values()
-    switch = bool(configs) and all(config._attn_implementation == "sdpa" for config in configs)
+    # Models that branch on the string "sdpa" in their own attention code (Falcon, Bloom, GPT-J, ...) would take their
+    # eager branch and add sdpa's boolean mask to the scores; transformers marks the models that dispatch through
+    # `AttentionInterface` with `_supports_attention_backend`.
+    switch = (
+        getattr(causal_lm, "_supports_attention_backend", False)
+        and bool(configs)
+        and all(config._attn_implementation == "sdpa" for config in configs)
+    )
     if switch:
         for config in configs:
             config._attn_implementation = PACKED_GQA_SDPA

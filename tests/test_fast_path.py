@@ -7,15 +7,17 @@ C++ compiler. Inductor and CUDA graphs themselves were checked on an H100 (BENCH
 """
 
 import pytest
+import test_architectures
 import test_generate
 import torch
 from reference import adapter_tensors, left_padded_batch, reference_greedy
 from test_generate import generate, greedy_without_cache
+from tiny_models import ARCHITECTURES, SLIDING
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import peft_parscale  # noqa: F401
-from peft_parscale.decode import fast_decoder, greedy_generate
+from peft_parscale.decode import fast_decoder, fast_generate, greedy_generate
 
 TRACE_ONLY = {"backend": "eager", "fullgraph": True}
 NEW_TOKENS = 7
@@ -117,4 +119,44 @@ def test_generate_compiles_the_static_cache_step_into_one_graph(setup):
         compile_config=compile_config,
     )
     assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(tokens, greedy_without_cache(model, input_ids, attention_mask, NEW_TOKENS))
+
+
+@pytest.mark.parametrize("name", [name for name in ARCHITECTURES if name not in SLIDING])
+def test_every_architecture_s_prompts_run_once_for_several_sequences(tokenizer_dir, name):
+    # The prefill runs each prompt once through a dynamic cache and copies its rows into the static cache, one copy
+    # per returned sequence (`cache.copy_prompt_rows`): top-k 1 sampling is greedy search, so every copy must continue
+    # as greedy recomputation does. (Sliding-window layers take the plain prefill: test_architectures.py.)
+    model, _ = test_architectures.build(tokenizer_dir, name, "sdpa", "static cache")
+    input_ids, attention_mask = left_padded_batch([6, 3, 5])
+    expected, _ = test_architectures.recompute_greedy(model, input_ids, attention_mask, NEW_TOKENS)
+    tokens = fast_generate(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=True,
+        top_k=1,
+        num_return_sequences=2,
+        eos_token_id=[],
+        compile=False,
+    )
+    assert torch.equal(tokens, expected.repeat_interleave(2, dim=0))
+
+
+def test_a_prompt_repeated_anywhere_in_the_batch_runs_once(setup):
+    # HumanEval's evaluation puts a problem's samples, and the rows that fill its last batch, in rows of their own:
+    # the prefill finds the distinct prompts wherever they are.
+    model, _ = setup
+    input_ids, attention_mask = left_padded_batch([6, 3])
+    input_ids, attention_mask = input_ids[[0, 1, 0]], attention_mask[[0, 1, 0]]
+    shapes = []
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        tokens = greedy_generate(model, input_ids, attention_mask, NEW_TOKENS, compile=False)
+    finally:
+        hook.remove()
+    assert shapes[0] == (2, input_ids.shape[1])
     assert torch.equal(tokens, greedy_without_cache(model, input_ids, attention_mask, NEW_TOKENS))

@@ -27,7 +27,7 @@ from torch._dynamo.utils import counters
 from transformers import GenerationConfig
 
 import peft_parscale  # noqa: F401
-from peft_parscale import ParScaleConfig, sampling
+from peft_parscale import ParScaleConfig, decode, sampling
 from peft_parscale.decode import causal_lm_of, fast_generate
 from peft_parscale.sampling import TokenSelector, cumulative_sum
 
@@ -129,6 +129,40 @@ def test_sampling_matches_the_plain_loop(setup, which, settings, scan_chunk):
         unpadded = input_ids[prompt][attention_mask[prompt].bool()]
         expected = plain_sampling_loop(model, unpadded, uniforms[row], **settings)
         assert torch.equal(tokens[row, input_ids.shape[1] :], expected), row
+
+
+def test_each_prompt_runs_once_in_chunks_however_many_sequences_continue_it(setup, monkeypatch):
+    # `generate` runs a prompt once per returned sequence; the fast path runs it once, in chunks of about
+    # PREFILL_TOKENS stream tokens (here one prompt per chunk), and copies its cache rows to each of its sequences.
+    model, _ = setup
+    monkeypatch.setattr(decode, "PREFILL_TOKENS", 1)
+    input_ids, attention_mask = left_padded_batch([6, 3])
+    shapes = []
+    hook = causal_lm_of(model).register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        tokens = fast_generate(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=True,
+            num_return_sequences=3,
+            generator=torch.Generator().manual_seed(SEED),
+            compile=False,
+            **SAMPLING["temperature"],
+        )
+    finally:
+        hook.remove()
+    prompt_length = input_ids.shape[1]
+    assert shapes == [(1, prompt_length), (1, prompt_length)] + [(6, 1)] * (NEW_TOKENS - 1)
+    uniforms = torch.rand(6, NEW_TOKENS, generator=torch.Generator().manual_seed(SEED))
+    for row in range(6):
+        prompt = row // 3
+        unpadded = input_ids[prompt][attention_mask[prompt].bool()]
+        expected = plain_sampling_loop(model, unpadded, uniforms[row], **SAMPLING["temperature"])
+        assert torch.equal(tokens[row, prompt_length:], expected), row
 
 
 def test_a_generator_per_sequence_makes_each_independent_of_its_batch(setup, scan_chunk):
