@@ -163,8 +163,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--deadline",
         type=float,
         metavar="SECONDS",
-        help="with --side-by-side: stop what still runs after SECONDS and start nothing new (a stopped phase reruns)",
+        help="stop what still runs after SECONDS and start nothing new (a stopped phase reruns); each model's phases "
+        "then run in a process of their own, as with --side-by-side",
     )
+    # Set for the processes `side_by_side` starts: they run their phases themselves.
+    parser.add_argument("--group", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="a tiny random model, 2 problems, on the CPU (CI)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -436,8 +439,8 @@ def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
     logs = Path(args.output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     script = [sys.executable, str(Path(__file__).resolve()), *argv]
-    # argparse keeps an option's last occurrence: each group's process runs its own phases, alone
-    extra = ["--side-by-side", "1", "--gpu-shared-by", str(min(args.side_by_side, len(groups)))]
+    # argparse keeps an option's last occurrence: each group's process runs its own phases (--only), itself (--group)
+    extra = ["--group", "--gpu-shared-by", str(min(args.side_by_side, len(groups)))]
 
     def late() -> bool:
         return args.deadline is not None and time.time() - started > args.deadline
@@ -459,9 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    if args.side_by_side > 1 and not args.report:
+    if (args.side_by_side > 1 or args.deadline is not None) and not args.group and not args.report:
         if not args.only:
-            raise SystemExit("--side-by-side runs --only's phases: name them")
+            raise SystemExit("--side-by-side and --deadline run --only's phases: name them")
         raise SystemExit(side_by_side(args, argv))
     if not args.report:
         planned = phases(args)
