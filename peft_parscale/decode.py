@@ -189,6 +189,7 @@ class FastDecoder:
                 self.cache, prompt_cache, rows, prompt_of_row[rows] - first, self.batch_size, prompt_length
             )
             logits.append(output.logits[:, -1])
+            del output, prompt_cache  # before the next chunk's forward pass: one chunk's cache at a time
         return torch.cat(logits)
 
     @torch.no_grad()

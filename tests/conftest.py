@@ -19,6 +19,9 @@ import pytest
 from peft_parscale.testing import tiny_tokenizer
 
 SUPPORT_RESULTS = pytest.StashKey[dict]()
+# How long a subprocess a test starts may run before it is stopped: a guard against a hang, not a time limit. The
+# scaling experiment's smoke run took over 300 s on CI's 2 cores while other jobs loaded them (2026-12-05).
+SUBPROCESS_TIMEOUT = 1800
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SUBPROCESS_TIMEOUT
 from datasets import Dataset
 from peft import PeftConfig, get_peft_model
 
@@ -131,7 +132,7 @@ def test_hub_example_names_the_base_model_given(packaged_cache, tmp_path):
         capture_output=True,
         text=True,
         env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "fixed" / "adapter_config.json").read_text())["base_model_name_or_path"] == SMOLLM2
@@ -152,7 +153,7 @@ def test_quickstart_adapters_name_qwen2_5_coder_as_their_base(packaged_cache, tm
         check=False,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((tmp_path / "out" / "P1" / "adapter_config.json").read_text())

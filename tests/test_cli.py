@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SUBPROCESS_TIMEOUT
 from datasets import Dataset, DatasetDict
 
 from peft_parscale.cli import main as parscale_main
@@ -164,7 +165,7 @@ def test_a_failed_training_process_ends_with_its_own_error_and_status(tmp_path):
         check=False,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "CalledProcessError" not in result.stderr and "Traceback" in result.stderr  # the training process's own

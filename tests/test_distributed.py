@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -61,7 +62,9 @@ def parscale_sft(workspace, output_dir: str, processes: int, *extra: str) -> Non
         *["--per_device_train_batch_size", str(GLOBAL_BATCH // processes), "--learning_rate", str(LEARNING_RATE)],
         *["--use_cpu", "--bf16", "false", "--report_to", "none", "--seed", "0", *extra, *launch],
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=600, check=False)
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=workspace, timeout=SUBPROCESS_TIMEOUT, check=False
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
@@ -117,7 +120,9 @@ def launch_fsdp2_worker(workspace, output: Path, *resume_from: str) -> None:
     worker = [str(Path(__file__).parent / "fsdp2_worker.py"), str(workspace / "tiny"), str(workspace / "data")]
     training = [str(STEPS), str(LEARNING_RATE), str(GLOBAL_BATCH // 2)]
     command = [*launch, *worker, str(output), *training, *resume_from]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=600, check=False)
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=workspace, timeout=SUBPROCESS_TIMEOUT, check=False
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
@@ -238,7 +243,9 @@ def test_training_after_evaluate_on_two_processes_is_refused_and_eval_on_start_k
     same steps from the same start)."""
     script = Path(__file__).parents[1] / "experiments" / "ddp_sync_check.py"
     command = [sys.executable, str(script), "--output", str(tmp_path / "check.json")]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, timeout=SUBPROCESS_TIMEOUT, check=False
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     modes = json.loads((tmp_path / "check.json").read_text())["modes"]
     for mode in ("refused", "refused-compiled"):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SUBPROCESS_TIMEOUT
 from datasets import Dataset
 from tiny_models import tiny_model, tiny_tokenizer
 from trl import SFTConfig, SFTTrainer
@@ -29,7 +30,7 @@ def run_example(name: str, *args: str, cwd: Path, folder: str = "examples") -> s
         check=False,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

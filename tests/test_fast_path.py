@@ -10,14 +10,15 @@ import pytest
 import test_architectures
 import test_generate
 import torch
-from reference import adapter_tensors, left_padded_batch, reference_greedy
+from reference import adapter_tensors, left_padded_batch, reference_greedy, relative_error
 from test_generate import generate, greedy_without_cache
 from tiny_models import ARCHITECTURES, SLIDING
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import peft_parscale  # noqa: F401
-from peft_parscale.decode import fast_decoder, fast_generate, greedy_generate
+from peft_parscale import decode
+from peft_parscale.decode import causal_lm_of, fast_decoder, fast_generate, greedy_generate
 
 TRACE_ONLY = {"backend": "eager", "fullgraph": True}
 NEW_TOKENS = 7
@@ -123,25 +124,43 @@ def test_generate_compiles_the_static_cache_step_into_one_graph(setup):
 
 
 @pytest.mark.parametrize("name", [name for name in ARCHITECTURES if name not in SLIDING])
-def test_every_architecture_s_prompts_run_once_for_several_sequences(tokenizer_dir, name):
-    # The prefill runs each prompt once through a dynamic cache and copies its rows into the static cache, one copy
-    # per returned sequence (`cache.copy_prompt_rows`): top-k 1 sampling is greedy search, so every copy must continue
-    # as greedy recomputation does. (Sliding-window layers take the plain prefill: test_architectures.py.)
+def test_every_architecture_s_prompts_run_once_for_several_sequences(tokenizer_dir, name, monkeypatch):
+    # The prefill runs each distinct prompt once through a dynamic cache, two prompts per chunk here (so the last chunk
+    # is partial), and copies its rows into the static cache once per returned sequence (`cache.copy_prompt_rows`);
+    # every later step reads those rows. Top-k 1 sampling is greedy search, so each copy must continue as greedy
+    # recomputation does, with every decode step's logits within test_architectures.TOLERANCE of recomputation's (a
+    # wrong or missing cache row moves them by 1e-2 to 1, even where the argmax hides it). Sliding-window layers keep
+    # the plain prefill (test_architectures.py).
     model, _ = test_architectures.build(tokenizer_dir, name, "sdpa", "static cache")
-    input_ids, attention_mask = left_padded_batch([6, 3, 5])
-    expected, _ = test_architectures.recompute_greedy(model, input_ids, attention_mask, NEW_TOKENS)
-    tokens = fast_generate(
-        model,
-        input_ids,
-        attention_mask,
-        max_new_tokens=NEW_TOKENS,
-        do_sample=True,
-        top_k=1,
-        num_return_sequences=2,
-        eos_token_id=[],
-        compile=False,
-    )
+    input_ids, attention_mask = test_architectures.left_padded_batch([6, 3, 5])
+    num_streams = model.peft_config["default"].P
+    monkeypatch.setattr(decode, "PREFILL_TOKENS", 2 * num_streams * input_ids.shape[1])
+    expected, expected_logits = test_architectures.recompute_greedy(model, input_ids, attention_mask, NEW_TOKENS)
+    step_logits = []
+
+    def keep_step_logits(module, args, kwargs, output):
+        if kwargs["input_ids"].shape[1] == 1:  # a decode step, not the prefill
+            step_logits.append(output.logits[:, -1])
+
+    hook = causal_lm_of(model).register_forward_hook(keep_step_logits, with_kwargs=True)
+    try:
+        tokens = fast_generate(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=True,
+            top_k=1,
+            num_return_sequences=2,
+            eos_token_id=[],
+            compile=False,
+        )
+    finally:
+        hook.remove()
     assert torch.equal(tokens, expected.repeat_interleave(2, dim=0))
+    logits = torch.stack(step_logits, dim=1)  # (rows, NEW_TOKENS - 1, vocabulary): every step after the prefill
+    error = relative_error(logits, expected_logits[:, 1:].repeat_interleave(2, dim=0))
+    assert error <= test_architectures.TOLERANCE
 
 
 def test_a_prompt_repeated_anywhere_in_the_batch_runs_once(setup):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT
 from test_examples import ROOT
 from test_experiments import import_experiment, run_experiment
 
@@ -70,7 +71,7 @@ def test_humaneval_experiment_runs_models_side_by_side(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
         check=False,
     )
     out = tmp_path / "out"
@@ -83,7 +84,7 @@ def test_humaneval_experiment_runs_models_side_by_side(tmp_path):
     # past the deadline nothing is started, and what would have run is named (one model at a time too)
     late = subprocess.run(
         [*script, "--deadline", "0", "--only", "train:P2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
     )  # fmt: skip
     assert late.returncode == 2 and "not starting P2: too little time left" in late.stdout  # 2: rerun to go on
     assert not (out / "P2").exists()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import SUBPROCESS_TIMEOUT
 from safetensors.torch import load_file
 
 from peft_parscale.testing import save_tiny_checkpoint
@@ -44,7 +45,13 @@ def test_usage_snippets_run_in_order_in_a_fresh_interpreter(tmp_path):
     (tmp_path / "script.py").write_text("\n".join(snippets))
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "script.py"], cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=600
+        [sys.executable, "script.py"],
+        cwd=tmp_path,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # the first snippet's adapters, with the P each was made with, loaded by the second
