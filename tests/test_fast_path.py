@@ -9,6 +9,7 @@ C++ compiler. Inductor and CUDA graphs themselves were checked on an H100 (BENCH
 import pytest
 import test_architectures
 import test_generate
+import test_sampling
 import torch
 from reference import adapter_tensors, left_padded_batch, reference_greedy, relative_error
 from test_generate import generate, greedy_without_cache
@@ -169,13 +170,7 @@ def test_a_prompt_repeated_anywhere_in_the_batch_runs_once(setup):
     model, _ = setup
     input_ids, attention_mask = left_padded_batch([6, 3])
     input_ids, attention_mask = input_ids[[0, 1, 0]], attention_mask[[0, 1, 0]]
-    shapes = []
-    hook = model.get_base_model().register_forward_pre_hook(
-        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
-    )
-    try:
+    with test_sampling.forward_input_shapes(model) as shapes:
         tokens = greedy_generate(model, input_ids, attention_mask, NEW_TOKENS, compile=False)
-    finally:
-        hook.remove()
     assert shapes[0] == (2, input_ids.shape[1])
     assert torch.equal(tokens, greedy_without_cache(model, input_ids, attention_mask, NEW_TOKENS))

@@ -107,62 +107,36 @@ SAMPLING = {
 
 @pytest.mark.parametrize("which", ["parscale", "base"])
 @pytest.mark.parametrize("settings", SAMPLING.values(), ids=SAMPLING.keys())
-def test_sampling_matches_the_plain_loop(setup, which, settings, scan_chunk):
+@pytest.mark.parametrize("prompts_per_chunk", [2, 1])
+def test_sampling_matches_the_plain_loop(setup, which, settings, scan_chunk, prompts_per_chunk, monkeypatch):
     model = models(setup)[which]
     input_ids, attention_mask = left_padded_batch([6, 3])
-    tokens = fast_generate(
-        model,
-        input_ids,
-        attention_mask,
-        max_new_tokens=NEW_TOKENS,
-        do_sample=True,
-        num_return_sequences=2,
-        generator=torch.Generator().manual_seed(SEED),
-        **settings,
-    )
-    # The convention: one generator draws every sequence's numbers, sequence r taking row r of a (rows, steps) draw.
-    uniforms = torch.rand(4, NEW_TOKENS, generator=torch.Generator().manual_seed(SEED))
-    assert tokens.shape == (4, input_ids.shape[1] + NEW_TOKENS)
-    for row in range(4):
-        prompt = row // 2  # each prompt's sequences are consecutive rows, as in generate
-        assert torch.equal(tokens[row, : input_ids.shape[1]], input_ids[prompt])
-        unpadded = input_ids[prompt][attention_mask[prompt].bool()]
-        expected = plain_sampling_loop(model, unpadded, uniforms[row], **settings)
-        assert torch.equal(tokens[row, input_ids.shape[1] :], expected), row
-
-
-def test_each_prompt_runs_once_in_chunks_however_many_sequences_continue_it(setup, monkeypatch):
-    # `generate` runs a prompt once per returned sequence; the fast path runs it once, in chunks of about
-    # PREFILL_TOKENS stream tokens (here one prompt per chunk), and copies its cache rows to each of its sequences.
-    model, _ = setup
-    monkeypatch.setattr(decode, "PREFILL_TOKENS", 1)
-    input_ids, attention_mask = left_padded_batch([6, 3])
-    shapes = []
-    hook = causal_lm_of(model).register_forward_pre_hook(
-        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
-    )
-    try:
+    prompt_length = input_ids.shape[1]
+    # The prefill runs each prompt once however many sequences continue it, in chunks of PREFILL_TOKENS stream tokens
+    num_streams = model.peft_config["default"].P if which == "parscale" else 1
+    monkeypatch.setattr(decode, "PREFILL_TOKENS", prompts_per_chunk * num_streams * prompt_length)
+    with forward_input_shapes(model) as shapes:
         tokens = fast_generate(
             model,
             input_ids,
             attention_mask,
             max_new_tokens=NEW_TOKENS,
             do_sample=True,
-            num_return_sequences=3,
+            num_return_sequences=2,
             generator=torch.Generator().manual_seed(SEED),
-            compile=False,
-            **SAMPLING["temperature"],
+            **settings,
         )
-    finally:
-        hook.remove()
-    prompt_length = input_ids.shape[1]
-    assert shapes == [(1, prompt_length), (1, prompt_length)] + [(6, 1)] * (NEW_TOKENS - 1)
-    uniforms = torch.rand(6, NEW_TOKENS, generator=torch.Generator().manual_seed(SEED))
-    for row in range(6):
-        prompt = row // 3
+    assert shapes[: 2 // prompts_per_chunk] == [(prompts_per_chunk, prompt_length)] * (2 // prompts_per_chunk)
+    assert shapes[2 // prompts_per_chunk :] == [(4, 1)] * (NEW_TOKENS - 1)  # then one token per sequence
+    # The convention: one generator draws every sequence's numbers, sequence r taking row r of a (rows, steps) draw.
+    uniforms = torch.rand(4, NEW_TOKENS, generator=torch.Generator().manual_seed(SEED))
+    assert tokens.shape == (4, prompt_length + NEW_TOKENS)
+    for row in range(4):
+        prompt = row // 2  # each prompt's sequences are consecutive rows, as in generate
+        assert torch.equal(tokens[row, : input_ids.shape[1]], input_ids[prompt])
         unpadded = input_ids[prompt][attention_mask[prompt].bool()]
-        expected = plain_sampling_loop(model, unpadded, uniforms[row], **SAMPLING["temperature"])
-        assert torch.equal(tokens[row, prompt_length:], expected), row
+        expected = plain_sampling_loop(model, unpadded, uniforms[row], **settings)
+        assert torch.equal(tokens[row, input_ids.shape[1] :], expected), row
 
 
 def test_a_generator_per_sequence_makes_each_independent_of_its_batch(setup, scan_chunk):
@@ -309,11 +283,14 @@ def text_model():
 
 
 @contextlib.contextmanager
-def counting_forward_passes(model):
-    calls = []
-    handle = causal_lm_of(model).register_forward_pre_hook(lambda *_: calls.append(None))
+def forward_input_shapes(model):
+    """The shape of `input_ids` in each forward pass of `model`'s causal LM inside the block."""
+    shapes = []
+    handle = causal_lm_of(model).register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
     try:
-        yield calls
+        yield shapes
     finally:
         handle.remove()
 
@@ -342,7 +319,7 @@ def test_end_of_sequence_and_stop_strings_like_generate(text_model, with_eos, ch
     else:
         settings, stop_strings = {}, [*stop_strings, texts[2][8:10]]
     expected = generate(stop_strings=stop_strings, **settings)
-    with counting_forward_passes(model) as calls:
+    with forward_input_shapes(model) as calls:
         tokens = fast_generate(
             model,
             **inputs,
@@ -378,7 +355,7 @@ BAD_SETTINGS = {
 def test_bad_settings_raise_before_running(setup, settings, message):
     model, _ = setup
     input_ids, attention_mask = left_padded_batch([6, 3])
-    with counting_forward_passes(model) as calls, pytest.raises(ValueError, match=message):
+    with forward_input_shapes(model) as calls, pytest.raises(ValueError, match=message):
         fast_generate(model, input_ids, attention_mask, **{"max_new_tokens": 4, **settings})
     assert not calls
 
