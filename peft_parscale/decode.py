@@ -368,6 +368,9 @@ def fast_generate(
     `epsilon_cutoff`, `eta_cutoff`. Settings that cannot change the tokens (`use_cache`, `cache_implementation`,
     `compile_config`, sampling settings when greedy, ...) are ignored.
 
+    Each distinct prompt runs once in the prefill, however many rows hold it (`num_return_sequences`, or the same
+    prompt passed several times), in chunks of about `PREFILL_TOKENS` stream tokens; its cache rows are then copied.
+
     Greedy tokens equal `generate`'s up to the rounding differences of compiled kernels: identical in float32, and
     they can differ where two logits are within rounding of each other in bfloat16. Sampling draws from the
     distribution `generate` samples from, with its own randomness: before the first step, each returned sequence r
