@@ -12,9 +12,10 @@ Sampling in `generate` also calls `torch.multinomial`, which keeps its step out 
 step is the same compiled function of (previous token, positions, one uniform number per sequence): the model's
 forward pass over a static cache, with an attention mask that covers the whole generation from the start (the
 prompt's padding, then ones; causality hides the slots not written yet), so it never changes, followed by the choice
-of the next token on the device (`sampling.TokenSelector`). The host only queues replays. Every `check_every` steps (and only if there is an end-of-sequence id or a stop string) it reads the new
-tokens once, to stop early when every sequence has ended; the end-of-sequence handling itself is applied afterwards
-(`EndOfSequences`), giving what `generate` returns.
+of the next token on the device (`sampling.TokenSelector`). The host only queues replays. Every `check_every` steps
+(and only if there is an end-of-sequence id or a stop string) it reads the new tokens once, to stop early when every
+sequence has ended; the end-of-sequence handling itself is applied afterwards (`EndOfSequences`), giving what
+`generate` returns.
 
 With a ParScale adapter active, the prefix is written once into the cache's first T slots (`cache.py`) and no step
 copies it. The cache, mask buffer and compiled step are kept on the model for the next call with the same number of
@@ -75,6 +76,11 @@ UNSUPPORTED_SAMPLING_SETTINGS: dict[str, tuple[Any, ...]] = {
 def causal_lm_of(model: nn.Module) -> nn.Module:
     """The transformers model under a `PeftModel` (the model itself otherwise)."""
     return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position, counting from the first unpadded token of its left-padded row (padding: 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def active_streams(model: nn.Module) -> tuple[ParScaleStreams, str] | None:
@@ -141,18 +147,23 @@ class FastDecoder:
         prompt_length = input_ids.shape[1]
         self.attention_mask[:, :prompt_length].copy_(attention_mask)
         self.attention_mask[:, prompt_length:].fill_(1)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if not takes_prompt_rows(self.cache):  # sliding-window layers: every row runs through the static cache
+            positions = positions_from_mask(attention_mask)
             return self.next_tokens(input_ids, positions, uniforms), positions[:, -1:] + 1
         prompts, prompt_of_row = torch.unique(
             torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1), dim=0, return_inverse=True
         )
         prompt_ids, prompt_mask = prompts.split(prompt_length, dim=1)
-        logits = self.run_prompts_once(prompt_ids, prompt_mask, prompt_of_row)
-        return self.selector(logits[prompt_of_row], uniforms)[:, None], positions[:, -1:] + 1
+        positions = positions_from_mask(prompt_mask)
+        logits = self.run_prompts_once(prompt_ids, prompt_mask, positions, prompt_of_row)
+        return self.selector(logits[prompt_of_row], uniforms)[:, None], positions[prompt_of_row, -1:] + 1
 
     def run_prompts_once(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompt_of_row: torch.Tensor
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        positions: torch.Tensor,
+        prompt_of_row: torch.Tensor,
     ) -> torch.Tensor:
         """Each distinct prompt's last logits (N, vocab); its keys/values are written into the static cache's rows
         of the sequences that continue it (`prompt_of_row`: for each row, the index of its prompt).
@@ -170,7 +181,6 @@ class FastDecoder:
             num_streams = module.num_streams[adapter_name]
         num_prompts, prompt_length = prompt_ids.shape
         per_chunk = max(1, PREFILL_TOKENS // (num_streams * prompt_length))
-        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = []
         for first in range(0, num_prompts, per_chunk):
             chunk = slice(first, first + per_chunk)
