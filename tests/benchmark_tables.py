@@ -211,6 +211,27 @@ def benchmark_sampling_attention(device: str) -> str:
     return markdown(header, ["---", "---", "---:", "---:", "---:", "---:"], rows)
 
 
+def benchmark_sampling_prefill(device: str, before: str, after: str) -> str:
+    """The fast path's sampling (`fast` mode) in run `before`, where every sequence ran its own copy of its prompt, and
+    in run `after`, where each distinct prompt runs once and its cache rows are copied: time to first token (the
+    prefill), completions per second and peak memory, by P."""
+    records = benchmark_records(device)
+    found = {(r["run"], r["P"]): r for r in records if r.get("suite") == "sampling" and r["mode"] == "fast"}
+    rows = []
+    for P in sorted({P for run, P in found if run == after and (before, P) in found}):
+        old, new = found[before, P], found[after, P]
+        rows.append(
+            [
+                str(P),
+                f"{old['ttft_ms']:.0f} / **{new['ttft_ms']:.0f}**",
+                f"{old['completions_per_s']:.3g} / **{new['completions_per_s']:.3g}**",
+                f"{old['peak_mem_gib']:.1f} / **{new['peak_mem_gib']:.1f}**",
+            ]
+        )
+    header = f"P | time to first token, ms (run {before} / {after}) | completions/s | peak memory, GiB"
+    return markdown(header, ["---", "---:", "---:", "---:"], rows)
+
+
 def training_records(device: str) -> dict[tuple, dict]:
     """(shape, P, compile) -> the latest plain training record (sequence 2048, no gradient checkpointing) of ParScale
     at its default prefix length."""

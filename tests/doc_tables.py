@@ -34,6 +34,7 @@ import support_table
 from benchmark_tables import (
     benchmark_sampling,
     benchmark_sampling_attention,
+    benchmark_sampling_prefill,
     benchmark_scaling,
     benchmark_targets,
     benchmark_training,
@@ -78,6 +79,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "benchmark-scaling": benchmark_scaling,
     "benchmark-sampling": benchmark_sampling,
     "benchmark-sampling-attention": benchmark_sampling_attention,
+    "benchmark-sampling-prefill": benchmark_sampling_prefill,
     "benchmark-training": benchmark_training,
     "benchmark-training-changes": benchmark_training_changes,
 }

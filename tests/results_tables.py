@@ -346,14 +346,25 @@ def interval(score: dict, digits: int = 3) -> str:
 
 def humaneval_decision(path: str, bench: str) -> str:
     """Per arm, over its seeds: streams per token (the inference compute, in forward passes of the backbone),
-    trainable parameters, training speed alone on the GPU (the benchmark's eager record), held-out completion loss
-    and greedy HumanEval pass@1 in both modes; the base model first. Arms without a HumanEval score are left out."""
+    trainable parameters, training speed alone on the GPU (the benchmark's eager record), held-out completion loss,
+    greedy HumanEval pass@1 in both modes and sampled pass@1 and pass@10; the base model first. Arms without a
+    HumanEval score are left out. Where only one of an arm's trainings was sampled, the sampled cells are that
+    training's, marked with its seed (``#4``): their intervals cover the problems, not the seeds."""
     results = read_json(ROOT / path)
     records = [json.loads(line) for line in (ROOT / bench).read_text().splitlines()]
     device = next((r["device_name"] for r in records if r.get("suite") == "env"), None)
     if device is None:
         raise ValueError(f"{bench} has no environment record to name the device its training speeds come from")
     rows_of = {row["name"]: row for row in results["rows"]}
+
+    def sampled(name: str, score_row: dict, metric: str) -> str:
+        if score_row.get(metric):
+            return interval(score_row[metric])
+        sampled_runs = [key for key, row in rows_of.items() if key.split("#")[0] == name and row.get(metric)]
+        if len(sampled_runs) != 1:
+            return "–"
+        seed = sampled_runs[0].partition("#")[2] or "0"
+        return f"{interval(rows_of[sampled_runs[0]][metric])} (#{seed})"
 
     def cells(name: str, score_row: dict, streams: str) -> list[str]:
         run = rows_of.get(name) or next(row for key, row in rows_of.items() if key.split("#")[0] == name)
@@ -366,6 +377,8 @@ def humaneval_decision(path: str, bench: str) -> str:
             interval(score_row["heldout_loss"]),
             interval(score_row["completion_pass@1"]),
             interval(score_row["chat_pass@1"]),
+            sampled(name, score_row, "sampled_pass@1"),
+            sampled(name, score_row, "sampled_pass@10"),
             str(len(score_row["completion_pass@1"].get("run_values", [None]))),
         ]
 
@@ -376,9 +389,9 @@ def humaneval_decision(path: str, bench: str) -> str:
         body.append(cells(arm["name"], arm, streams))
     header = (
         f"adapter | streams per token | trainable parameters | training tokens/s ({device}, alone) | "
-        "held-out loss | HumanEval pass@1, completion | pass@1, chat | runs"
+        "held-out loss | HumanEval pass@1, completion | pass@1, chat | pass@1, sampled | pass@10, sampled | runs"
     )
-    return markdown(header, ["---"] + ["---:"] * 7, body)
+    return markdown(header, ["---"] + ["---:"] * 9, body)
 
 
 # ---------------------------------------------------------------------------------------------------------------

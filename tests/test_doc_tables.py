@@ -65,6 +65,23 @@ def test_records_of_another_device_leave_a_device_s_tables_as_they_are(monkeypat
     assert "**12,345**" in doc_tables.TABLES["benchmark-training"](device=H100)
 
 
+def test_the_prefill_table_pairs_each_P_of_the_two_runs_in_fast_mode(monkeypatch):
+    def sampling(run, P, mode, ttft, rate, memory):
+        return {"suite": "sampling", "device_name": "GPU X", "run": run, "P": P, "mode": mode, "ttft_ms": ttft,
+                "completions_per_s": rate, "peak_mem_gib": memory}
+
+    records = [
+        sampling("K", 8, "fast", 581.2, 22.29, 16.75),
+        sampling("K", 8, "fast_heads_copied", 1.0, 1.0, 1.0),  # another mode: not in the table
+        sampling("K", 1, "fast", 98.5, 51.23, 3.08),  # P=1 not measured in the later run: no row
+        sampling("N", 8, "fast", 52.4, 24.24, 11.96),
+        {**sampling("N", 8, "fast", 0.0, 0.0, 0.0), "device_name": "GPU Y"},  # another device
+    ]  # fmt: skip
+    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records)
+    table = doc_tables.TABLES["benchmark-sampling-prefill"](device="GPU X", before="K", after="N")
+    assert table.splitlines()[2:] == ["| 8 | 581 / **52** | 22.3 / **24.2** | 16.8 / **12.0** |"]
+
+
 def test_marker_arguments_reach_the_table(monkeypatch):
     seen = {}
     monkeypatch.setitem(doc_tables.TABLES, "probe", lambda **kwargs: seen.update(kwargs) or "| rendered |\n")
@@ -125,9 +142,11 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
     results = {
         "rows": [
             {**run("base", "base", None, None), "heldout_loss": score(1.5), "completion_pass@1": score(0.4),
-             "chat_pass@1": score(0.5)},
+             "chat_pass@1": score(0.5), "sampled_pass@1": score(0.2), "sampled_pass@10": score(0.6)},
             run("lora@1e-3", "lora", 1000, 900.0), run("lora@1e-3#1", "lora", 1000, 900.0),
-            run("P8#1", "parscale", 2000, 500.0), run("P2", "parscale", 300, 1500.0),
+            # one of P8's trainings sampled: its cells carry its seed
+            {**run("P8#1", "parscale", 2000, 500.0), "sampled_pass@1": score(0.15), "sampled_pass@10": score(0.55)},
+            run("P2", "parscale", 300, 1500.0),
         ],
         "over_seeds": [
             {"name": name, "kind": kind, "P": P, "heldout_loss": score(loss, [loss, loss]),
@@ -141,9 +160,12 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
     table = results_tables.humaneval_decision(str(tmp_path / "results.json"), str(tmp_path / "bench.jsonl"))
     lines = table.splitlines()
     assert "training tokens/s (GPU X, alone)" in lines[0]
+    same_for_arms = "0.300 [0.290, 0.310] | 0.350 [0.340, 0.360]"
     assert lines[2:] == [
-        "| base | 1 | – | – | 1.500 [1.490, 1.510] | 0.400 [0.390, 0.410] | 0.500 [0.490, 0.510] | 1 |",
-        "| P2 | 2 | 300 | 1,500 | 1.250 [1.240, 1.260] | 0.300 [0.290, 0.310] | 0.350 [0.340, 0.360] | 2 |",
-        "| P8 | 8 | 2,000 | 500 | 1.200 [1.190, 1.210] | 0.300 [0.290, 0.310] | 0.350 [0.340, 0.360] | 2 |",
-        "| lora@1e-3 | 1 (merged) | 1,000 | 900 | 1.100 [1.090, 1.110] | 0.300 [0.290, 0.310] | 0.350 [0.340, 0.360] | 2 |",
+        "| base | 1 | – | – | 1.500 [1.490, 1.510] | 0.400 [0.390, 0.410] | 0.500 [0.490, 0.510] "
+        "| 0.200 [0.190, 0.210] | 0.600 [0.590, 0.610] | 1 |",
+        f"| P2 | 2 | 300 | 1,500 | 1.250 [1.240, 1.260] | {same_for_arms} | – | – | 2 |",
+        f"| P8 | 8 | 2,000 | 500 | 1.200 [1.190, 1.210] | {same_for_arms} "
+        "| 0.150 [0.140, 0.160] (#1) | 0.550 [0.540, 0.560] (#1) | 2 |",
+        f"| lora@1e-3 | 1 (merged) | 1,000 | 900 | 1.100 [1.090, 1.110] | {same_for_arms} | – | – | 2 |",
     ]
