@@ -33,8 +33,8 @@ and then an optional ``#<seed>`` (the arm trained again with another seed; ParSc
 
     prepare           the pairs, from this interpreter's standard library and site-packages -> DATA (--data)
     train:MODEL       an adapter -> OUTPUT/MODEL/adapter, train.json
-    greedy:MODEL      greedy pass@1, completion and chat mode -> OUTPUT/MODEL/greedy.json (every sample, with verdict)
-    sampled:MODEL     pass@1 and pass@10 from --samples samples -> OUTPUT/MODEL/sampled.json (every sample)
+    greedy:MODEL      greedy pass@1, completion and chat mode -> OUTPUT/MODEL/greedy.json.gz (every sample and verdict)
+    sampled:MODEL     pass@1 and pass@10 from --samples samples -> OUTPUT/MODEL/sampled.json.gz (every sample)
     loss:MODEL        completion loss on the held-out pairs -> OUTPUT/MODEL/loss.json (per pair)
     val:MODEL         completion loss on the validation pairs -> OUTPUT/MODEL/val.json (to choose learning rates)
     eval:MODEL        greedy, sampled and loss
@@ -81,7 +81,7 @@ from common import (
     start_in_own_session,
 )
 from datasets import Dataset
-from humaneval_results import EVAL_PHASES, report
+from humaneval_results import EVAL_PHASES, report, result_path, write_result
 from stream_diversity import StreamDiversityTrainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -232,14 +232,6 @@ def resolved_comparisons(args: argparse.Namespace) -> list[str]:
     return pairs
 
 
-def write_json(path: Path, result: dict) -> None:
-    """Write ``result`` whole or not at all: a rerun skips a phase whose file exists, and a process stopped at the
-    deadline (`side_by_side`) must not leave half a file behind."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=1))
-    os.replace(partial, path)
-
-
 def environment() -> dict:
     import transformers
     import trl
@@ -360,14 +352,14 @@ def train(args: argparse.Namespace, path: Path, name: str) -> None:
             "term_mean": sum(terms) / len(terms),
             "term_curve": [(log["step"], log["diversity"]) for log in trainer.state.log_history if "diversity" in log],
         }
-    write_json(out / "train.json", result)
+    write_result(out / "train.json", result)
     print(f"train:{name}: {result['train_tokens']:,} tokens in {seconds:.0f} s")
 
 
 def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded: dict) -> None:
     """One evaluation phase of one model; ``loaded`` keeps the last model loaded, for the next phase."""
     out = Path(args.output_dir) / name
-    if (out / f"{phase}.json").is_file():
+    if result_path(out, phase).is_file():
         print(f"{phase}:{name}: done already")
         return
     if loaded.get("name") != name:
@@ -408,7 +400,7 @@ def evaluate(args: argparse.Namespace, path: Path, name: str, phase: str, loaded
         result = completion_loss(model, tokenizer, rows, batch_size=max(1, args.stream_sequences // P))
         result["train_format"] = args.train_format
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{phase}.json", {**result, "seconds": time.time() - started, **environment()})
+    write_result(result_path(out, phase), {**result, "seconds": time.time() - started, **environment()})
     scores = {key: value for mode in result.values() if isinstance(mode, dict) for key, value in mode.items()}
     headline = {key: value for key, value in {**result, **scores}.items() if key.startswith("pass@") or key == "loss"}
     print(f"{phase}:{name}: {headline} in {time.time() - started:.0f} s")

@@ -1,7 +1,8 @@
 """What the HumanEval experiment's output folder holds, and the tables made from it.
 
 Every arm has a folder named after it (`arms.parse_arm`: ``base``, ``P<n>``, ``P<n>T<t>``, ``lora``, with ``+div<λ>``
-and ``@<rate>``) holding ``train.json`` and one JSON per evaluation phase, every sample with its verdict. `report` reads
+and ``@<rate>``) holding ``train.json`` and one JSON file per evaluation phase (`result_path`: the phases that keep every sample with
+its verdict, ``greedy`` and ``sampled``, gzip-compressed). `report` reads
 them all and writes ``results.json`` (per-metric values, 95% bootstrap intervals and the paired comparisons; for an
 arm trained with several seeds, ``#<seed>``, also its mean over them), ``results.md`` (the tables RESULTS.md shows)
 and ``pass_at_k.png``. Decode and training cost come from the benchmarks' records at the model's shape
@@ -15,6 +16,7 @@ have its variant, marked "(b)"; else its own training's, where it trained alone 
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -33,6 +35,30 @@ from peft_parscale.stats import (
 )
 
 EVAL_PHASES = ("greedy", "sampled", "loss")
+# Their files hold every generated sample (a megabyte per sampled run as plain JSON): stored compressed, about ten
+# times smaller, so that the results of many runs stay small in the repository and in each call to the GPU machine.
+SAMPLE_PHASES = ("greedy", "sampled")
+
+
+def result_path(model_dir: Path, phase: str) -> Path:
+    """The file of one phase's result: ``<phase>.json.gz`` for the phases that keep every sample, else
+    ``<phase>.json``."""
+    return model_dir / (f"{phase}.json.gz" if phase in SAMPLE_PHASES else f"{phase}.json")
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write ``result`` whole or not at all (gzip-compressed where the name ends in .gz): a rerun skips a phase whose
+    file exists, and a process stopped at the deadline (`side_by_side`) must not leave half a file behind."""
+    text = json.dumps(result, indent=1).encode()
+    partial = path.with_name(path.name + ".partial")
+    # mtime=0: the same result gives the same bytes, so rewriting a file does not change it in git
+    partial.write_bytes(gzip.compress(text, mtime=0) if path.suffix == ".gz" else text)
+    partial.replace(path)
+
+
+def read_result(path: Path) -> dict:
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
 # The benchmarks' shape of the experiment's model, Qwen2.5-Coder-0.5B-Instruct (benchmarks/shapes.py), and its training
 # windows: the records of other shapes and lengths in a results.jsonl are not this experiment's costs
 BENCHMARK_SHAPE, TRAINING_LENGTH = "0.5b", 2048
@@ -50,14 +76,14 @@ METRICS = (
 def per_problem_scores(model_dir: Path) -> dict[str, dict]:
     """Each metric's per-problem values (and weights, for the loss) from a model's result files, where they exist."""
     scores = {}
-    greedy_file, sampled_file, _ = (model_dir / f"{phase}.json" for phase in EVAL_PHASES)
+    greedy_file, sampled_file = (result_path(model_dir, phase) for phase in SAMPLE_PHASES)
     if greedy_file.is_file():
-        greedy = json.loads(greedy_file.read_text())
+        greedy = read_result(greedy_file)
         for mode in ("completion", "chat"):
             passed = [float(sample["passed"]) for sample in greedy[mode]["samples"]]  # one greedy sample per problem
             scores[f"{mode}_pass@1"] = {"values": passed}
     if sampled_file.is_file():
-        sampled = json.loads(sampled_file.read_text())["completion"]
+        sampled = read_result(sampled_file)["completion"]
         n = sampled["num_samples"]
         correct = [
             sum(s["passed"] for s in sampled["samples"][i : i + n]) for i in range(0, len(sampled["samples"]), n)
@@ -66,8 +92,8 @@ def per_problem_scores(model_dir: Path) -> dict[str, dict]:
             if k <= n:
                 scores[f"sampled_pass@{k}"] = {"values": problem_pass_at_k(correct, n, k).tolist(), "samples": n}
     for phase, metric in (("loss", "heldout_loss"), ("val", "validation_loss")):
-        if (model_dir / f"{phase}.json").is_file():
-            loss = json.loads((model_dir / f"{phase}.json").read_text())
+        if result_path(model_dir, phase).is_file():
+            loss = read_result(result_path(model_dir, phase))
             per_token = [nll / tokens for nll, tokens in zip(loss["nll"], loss["scored_tokens"])]
             scores[metric] = {"values": per_token, "weights": loss["scored_tokens"]}
     return scores

@@ -1,6 +1,7 @@
 """The HumanEval experiment (experiments/humaneval_experiment.py) runs end to end in its smoke mode (a tiny random
 model), plans its phases and learning rates as its docstring says, and its report compares arms as stated."""
 
+import gzip
 import json
 import math
 import subprocess
@@ -30,8 +31,8 @@ def test_humaneval_experiment_smoke(tmp_path):
     metrics = ["completion_pass@1", "chat_pass@1", "sampled_pass@1", "sampled_pass@10", "heldout_loss"]
     for row in rows.values():
         assert all(row[metric]["low"] <= row[metric]["value"] <= row[metric]["high"] for metric in metrics)
-    # raw samples: every generated text with its checker's verdict, 10 per problem when sampling
-    sampled = json.loads((out / "P2" / "sampled.json").read_text())["completion"]
+    # raw samples: every generated text with its checker's verdict, 10 per problem when sampling, gzip-compressed
+    sampled = json.loads(gzip.decompress((out / "P2" / "sampled.json.gz").read_bytes()))["completion"]
     assert [sample["task_id"] for sample in sampled["samples"]] == ["HumanEval/0"] * 10 + ["HumanEval/53"] * 10
     assert all(
         isinstance(sample["generated"], str) and isinstance(sample["passed"], bool) for sample in sampled["samples"]
@@ -39,7 +40,7 @@ def test_humaneval_experiment_smoke(tmp_path):
     # with n samples, pass@1 is the mean pass rate (c/n per problem, averaged)
     passed = [sample["passed"] for sample in sampled["samples"]]
     assert rows["P2"]["sampled_pass@1"]["value"] == pytest.approx(sum(passed) / len(passed))
-    greedy = json.loads((out / "P2" / "greedy.json").read_text())
+    greedy = json.loads(gzip.decompress((out / "P2" / "greedy.json.gz").read_bytes()))
     assert [len(greedy[mode]["samples"]) for mode in ("completion", "chat")] == [2, 2]
     loss = json.loads((out / "P2" / "loss.json").read_text())
     assert loss["pairs"] == 4 and rows["P2"]["heldout_loss"]["value"] == pytest.approx(loss["loss"])
@@ -254,7 +255,8 @@ def test_humaneval_report_tests_greedy_pass_fail_seed_by_seed(tmp_path):
     for arm, outcomes in passed.items():
         (tmp_path / arm).mkdir()
         mode = {"samples": [{"passed": bool(outcome)} for outcome in outcomes]}
-        (tmp_path / arm / "greedy.json").write_text(json.dumps({"completion": mode, "chat": mode}))
+        greedy = json.dumps({"completion": mode, "chat": mode}).encode()
+        (tmp_path / arm / "greedy.json.gz").write_bytes(gzip.compress(greedy))
     summary = results.report(tmp_path, ["P8:P1", "P8:base", "P8:lora"], tmp_path / "data")
     tests = {
         (c["first"], c["second"]): [(t["seed"], t["b"], t["c"], t["pvalue"]) for t in c["mcnemar_by_seed"]]
