@@ -53,7 +53,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import Self
 
-from .decode import DEFAULT_COMPILE_OPTIONS, fast_generate, token_id_list
+from .decode import DEFAULT_COMPILE_OPTIONS, fast_generate
+from .end_of_sequence import token_id_list
 
 PromptMode = Literal["completion", "chat"]
 PROMPT_MODES: tuple[str, ...] = ("completion", "chat")

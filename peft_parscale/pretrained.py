@@ -161,7 +161,7 @@ def align_special_tokens(checkpoint: str | os.PathLike, eos_token_ids: Sequence[
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from .decode import token_id_list
+    from .end_of_sequence import token_id_list
 
     checkpoint = Path(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint)

@@ -28,6 +28,7 @@ WORKFLOWS = {
     "data",
     "decode",
     "decode_attention",
+    "end_of_sequence",
     "eval",
     "function_pairs",
     "humaneval",
