@@ -1,8 +1,8 @@
 """What the HumanEval experiment's output folder holds, and the tables made from it.
 
 Every arm has a folder named after it (`arms.parse_arm`: ``base``, ``P<n>``, ``P<n>T<t>``, ``lora``, with ``+div<λ>``
-and ``@<rate>``) holding ``train.json`` and one JSON file per evaluation phase (`result_path`: the phases that keep every sample with
-its verdict, ``greedy`` and ``sampled``, gzip-compressed). `report` reads
+and ``@<rate>``) holding ``train.json`` and one JSON file per evaluation phase (`result_path`; ``greedy`` and
+``sampled``, which keep every sample with its verdict, gzip-compressed). `report` reads
 them all and writes ``results.json`` (per-metric values, 95% bootstrap intervals and the paired comparisons; for an
 arm trained with several seeds, ``#<seed>``, also its mean over them), ``results.md`` (the tables RESULTS.md shows)
 and ``pass_at_k.png``. Decode and training cost come from the benchmarks' records at the model's shape
@@ -57,6 +57,7 @@ def write_result(path: Path, result: dict) -> None:
 
 
 def read_result(path: Path) -> dict:
+    """A result written by `write_result`."""
     data = path.read_bytes()
     return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
 # The benchmarks' shape of the experiment's model, Qwen2.5-Coder-0.5B-Instruct (benchmarks/shapes.py), and its training
