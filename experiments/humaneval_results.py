@@ -93,8 +93,9 @@ def per_problem_scores(model_dir: Path) -> dict[str, dict]:
             if k <= n:
                 scores[f"sampled_pass@{k}"] = {"values": problem_pass_at_k(correct, n, k).tolist(), "samples": n}
     for phase, metric in (("loss", "heldout_loss"), ("val", "validation_loss")):
-        if result_path(model_dir, phase).is_file():
-            loss = read_result(result_path(model_dir, phase))
+        loss_file = result_path(model_dir, phase)
+        if loss_file.is_file():
+            loss = read_result(loss_file)
             per_token = [nll / tokens for nll, tokens in zip(loss["nll"], loss["scored_tokens"])]
             scores[metric] = {"values": per_token, "weights": loss["scored_tokens"]}
     return scores

@@ -357,17 +357,20 @@ def humaneval_decision(path: str, bench: str) -> str:
         raise ValueError(f"{bench} has no environment record to name the device its training speeds come from")
     rows_of = {row["name"]: row for row in results["rows"]}
 
+    def runs_of(name: str) -> list[str]:  # an arm's trainings: its name, then ``#<seed>``
+        return [key for key in rows_of if key.split("#")[0] == name]
+
     def sampled(name: str, score_row: dict, metric: str) -> str:
         if score_row.get(metric):
             return interval(score_row[metric])
-        sampled_runs = [key for key, row in rows_of.items() if key.split("#")[0] == name and row.get(metric)]
+        sampled_runs = [key for key in runs_of(name) if rows_of[key].get(metric)]
         if len(sampled_runs) != 1:
             return "–"
         seed = sampled_runs[0].partition("#")[2] or "0"
         return f"{interval(rows_of[sampled_runs[0]][metric])} (#{seed})"
 
     def cells(name: str, score_row: dict, streams: str) -> list[str]:
-        run = rows_of.get(name) or next(row for key, row in rows_of.items() if key.split("#")[0] == name)
+        run = rows_of.get(name) or rows_of[runs_of(name)[0]]
         speed = run.get("train_tokens_per_s")
         return [
             name,
