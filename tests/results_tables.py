@@ -346,7 +346,8 @@ def interval(score: dict, digits: int = 3) -> str:
 
 def humaneval_decision(path: str, bench: str) -> str:
     """Per arm, over its seeds: streams per token (the inference compute, in forward passes of the backbone),
-    trainable parameters, training speed alone on the GPU (the benchmark's eager record), held-out completion loss,
+    trainable parameters, training speed alone on the GPU (the benchmark's eager record), decode latency at batch 1
+    and 8 (the benchmarks' decode sweep, as the report's cost columns take it), held-out completion loss,
     greedy HumanEval pass@1 in both modes and sampled pass@1 and pass@10; the base model first. Arms without a
     HumanEval score are left out. Where only one of an arm's trainings was sampled, the sampled cells are that
     training's, marked with its seed (``#4``): their intervals cover the problems, not the seeds."""
@@ -369,6 +370,12 @@ def humaneval_decision(path: str, bench: str) -> str:
         seed = sampled_runs[0].partition("#")[2] or "0"
         return f"{interval(rows_of[sampled_runs[0]][metric])} (#{seed})"
 
+    def decode(run: dict) -> str:
+        latencies = [run.get(f"decode_ms_per_token_b{batch}") for batch in (1, 8)]
+        if latencies == [None, None]:
+            return "–"
+        return " / ".join("–" if latency is None else f"{latency:.2f}" for latency in latencies)
+
     def cells(name: str, score_row: dict, streams: str) -> list[str]:
         run = rows_of.get(name) or rows_of[runs_of(name)[0]]
         speed = run.get("train_tokens_per_s")
@@ -377,6 +384,7 @@ def humaneval_decision(path: str, bench: str) -> str:
             streams,
             "–" if run["trainable_parameters"] is None else f"{run['trainable_parameters']:,}",
             "–" if speed is None else f"{speed:,.0f}",
+            decode(run),
             interval(score_row["heldout_loss"]),
             interval(score_row["completion_pass@1"]),
             interval(score_row["chat_pass@1"]),
@@ -392,9 +400,10 @@ def humaneval_decision(path: str, bench: str) -> str:
         body.append(cells(arm["name"], arm, streams))
     header = (
         f"adapter | streams per token | trainable parameters | training tokens/s ({device}, alone) | "
-        "held-out loss | HumanEval pass@1, completion | pass@1, chat | pass@1, sampled | pass@10, sampled | runs"
+        "decode ms/token, batch 1 / 8 | held-out loss | HumanEval pass@1, completion | pass@1, chat | "
+        "pass@1, sampled | pass@10, sampled | runs"
     )
-    return markdown(header, ["---"] + ["---:"] * 9, body)
+    return markdown(header, ["---"] + ["---:"] * 10, body)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -136,16 +136,17 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
     def score(value, runs=None):
         return {"value": value, "low": value - 0.01, "high": value + 0.01, **({"run_values": runs} if runs else {})}
 
-    def run(name, kind, parameters, speed):
-        return {"name": name, "kind": kind, "trainable_parameters": parameters, "train_tokens_per_s": speed}
+    def run(name, kind, parameters, speed, decode=(None, None)):
+        return {"name": name, "kind": kind, "trainable_parameters": parameters, "train_tokens_per_s": speed,
+                "decode_ms_per_token_b1": decode[0], "decode_ms_per_token_b8": decode[1]}
 
     results = {
         "rows": [
-            {**run("base", "base", None, None), "heldout_loss": score(1.5), "completion_pass@1": score(0.4),
+            {**run("base", "base", None, None, (1.234, 1.5)), "heldout_loss": score(1.5), "completion_pass@1": score(0.4),
              "chat_pass@1": score(0.5), "sampled_pass@1": score(0.2), "sampled_pass@10": score(0.6)},
             run("lora@1e-3", "lora", 1000, 900.0), run("lora@1e-3#1", "lora", 1000, 900.0),
             # one of P8's trainings sampled: its cells carry its seed
-            {**run("P8#1", "parscale", 2000, 500.0), "sampled_pass@1": score(0.15), "sampled_pass@10": score(0.55)},
+            {**run("P8#1", "parscale", 2000, 500.0, (1.8, None)), "sampled_pass@1": score(0.15), "sampled_pass@10": score(0.55)},
             run("P2", "parscale", 300, 1500.0),
         ],
         "over_seeds": [
@@ -162,10 +163,10 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
     assert "training tokens/s (GPU X, alone)" in lines[0]
     same_for_arms = "0.300 [0.290, 0.310] | 0.350 [0.340, 0.360]"
     assert lines[2:] == [
-        "| base | 1 | – | – | 1.500 [1.490, 1.510] | 0.400 [0.390, 0.410] | 0.500 [0.490, 0.510] "
+        "| base | 1 | – | – | 1.23 / 1.50 | 1.500 [1.490, 1.510] | 0.400 [0.390, 0.410] | 0.500 [0.490, 0.510] "
         "| 0.200 [0.190, 0.210] | 0.600 [0.590, 0.610] | 1 |",
-        f"| P2 | 2 | 300 | 1,500 | 1.250 [1.240, 1.260] | {same_for_arms} | – | – | 2 |",
-        f"| P8 | 8 | 2,000 | 500 | 1.200 [1.190, 1.210] | {same_for_arms} "
+        f"| P2 | 2 | 300 | 1,500 | – | 1.250 [1.240, 1.260] | {same_for_arms} | – | – | 2 |",
+        f"| P8 | 8 | 2,000 | 500 | 1.80 / – | 1.200 [1.190, 1.210] | {same_for_arms} "
         "| 0.150 [0.140, 0.160] (#1) | 0.550 [0.540, 0.560] (#1) | 2 |",
-        f"| lora@1e-3 | 1 (merged) | 1,000 | 900 | 1.100 [1.090, 1.110] | {same_for_arms} | – | – | 2 |",
+        f"| lora@1e-3 | 1 (merged) | 1,000 | 900 | – | 1.100 [1.090, 1.110] | {same_for_arms} | – | – | 2 |",
     ]
