@@ -172,6 +172,11 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+# The exit status of a job that ran out of GPU memory (sysexits' EX_TEMPFAIL, "try again later"): `run_side_by_side`
+# starts it again alone, where the memory the others held is free.
+OUT_OF_GPU_MEMORY = 75
+
+
 @dataclass
 class SideBySide:
     """What `run_side_by_side` left: jobs that failed (with their exit status), and jobs stopped or never started."""
@@ -187,29 +192,50 @@ def run_side_by_side(
     too_late_to_start: Callable[[], bool] = lambda: False,
     too_late_to_run: Callable[[], bool] = lambda: False,
     stop_after_failure: bool = False,
+    start_alone: Callable[[str], subprocess.Popen] | None = None,
 ) -> SideBySide:
     """Run `jobs` in order, up to `at_once` at a time, each a process from `start` (`start_in_own_session`), and say
     what became of each. None is started once `too_late_to_start()` (the rest are unfinished) nor, with
     `stop_after_failure`, after one has failed; running ones are stopped once `too_late_to_run()` (unfinished).
-    If this process is stopped, it stops its jobs first."""
+    If this process is stopped, it stops its jobs first.
+
+    With `start_alone`, a job that exits with `OUT_OF_GPU_MEMORY` after sharing the GPU with another job is not a
+    failure yet: once every other job has ended, it is started again by `start_alone`, with nothing beside it (a
+    rerun of the experiments skips the phases the first attempt finished). Failing so alone is a failure."""
     if at_once < 1:
         raise ValueError(f"at_once must be at least 1, got {at_once}")
     waiting, running, outcome = list(jobs), {}, SideBySide()
+    shared: set[str] = set()  # jobs that have had another job beside them
+    again_alone: list[str] = []  # out of memory beside others: to start again, alone, at the end
     handler = signal.getsignal(signal.SIGTERM)
     exit_on_sigterm()  # so that the `finally` below runs
+
+    def stop_starting(reason: str, jobs: list[str]) -> None:
+        print(f"not starting {', '.join(jobs)}: {reason}", flush=True)
+        outcome.unfinished.extend(jobs)
+        jobs.clear()
+
     try:
-        while waiting or running:
+        while waiting or running or again_alone:
             while waiting and len(running) < at_once:
                 reason = "too little time left" if too_late_to_start() else None
                 if stop_after_failure and outcome.failed:
                     reason = "a job failed"
                 if reason:
-                    print(f"not starting {', '.join(waiting)}: {reason}", flush=True)
-                    outcome.unfinished += waiting
-                    waiting.clear()
+                    stop_starting(reason, waiting)
                     break
                 job = waiting.pop(0)
                 running[job] = start(job)
+            if again_alone and not waiting and not running:
+                if too_late_to_start():
+                    stop_starting("too little time left", again_alone)
+                    continue
+                job = again_alone.pop(0)
+                print(f"{job}: starting again, alone", flush=True)
+                running[job] = start_alone(job)
+            alive = [job for job, process in running.items() if process.poll() is None]
+            if len(alive) > 1:
+                shared.update(alive)
             late = too_late_to_run()
             for job, process in list(running.items()):
                 status = process.poll()
@@ -220,6 +246,10 @@ def run_side_by_side(
                     stop_session(process)
                     outcome.unfinished.append(job)
                     print(f"{job}: stopped, out of time", flush=True)
+                elif status == OUT_OF_GPU_MEMORY and start_alone is not None and job in shared:
+                    shared.discard(job)
+                    again_alone.append(job)
+                    print(f"{job}: out of GPU memory beside other jobs; it will run again alone", flush=True)
                 elif status != 0:
                     outcome.failed.append(f"{job} (exit status {status})")
                     print(f"{job}: failed (exit status {status})", flush=True)

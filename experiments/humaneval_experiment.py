@@ -64,8 +64,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from itertools import chain
 from pathlib import Path
@@ -74,6 +76,7 @@ import torch
 from arms import arm_learning_rate, arm_peft_config, parse_arm
 from common import (
     DTYPE,
+    OUT_OF_GPU_MEMORY,
     add_model_arguments,
     equal_budget_config,
     model_path,
@@ -416,7 +419,10 @@ def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
     once). The model is converted, `prepare` runs and ``@best`` is resolved here first, so that no two processes
     write the same files. A group's output goes to OUTPUT/logs/. Past ``--deadline`` the running groups are stopped
     (their finished phases stay; every result file is written whole or not at all) and no group is started, so that a
-    device call ends in time to bring its results back. If this process is stopped, it stops its groups too.
+    device call ends in time to bring its results back. If this process is stopped, it stops its groups too. A group
+    that runs out of GPU memory beside others runs again alone once they have ended (its log: OUTPUT/logs/
+    <model>.alone.log), as ``--gpu-shared-by 1``, skipping the phases it finished: two single-stream sampling runs
+    did not fit one H100 together.
     """
     started = time.time()
     groups: dict[str, list[str]] = {}
@@ -431,23 +437,43 @@ def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
     logs = Path(args.output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     script = [sys.executable, str(Path(__file__).resolve()), *argv]
+
     # argparse keeps an option's last occurrence: each group's process runs its own phases (--only), itself (--group)
-    extra = ["--group", "--gpu-shared-by", str(min(args.side_by_side, len(groups)))]
+    def start(name: str, shared_by: int, log: str) -> subprocess.Popen:
+        extra = ["--group", "--gpu-shared-by", str(shared_by), "--only", *groups[name]]
+        return start_in_own_session([*script, *extra], logs / log)
 
     def late() -> bool:
         return args.deadline is not None and time.time() - started > args.deadline
 
-    # each group in a session of its own, so that stopping it stops its HumanEval checkers too
+    # each group in a session of its own, so that stopping it stops its HumanEval checkers too; a group that ran out
+    # of GPU memory beside others runs again alone at the end, skipping the phases it finished
     outcome = run_side_by_side(
         list(groups),
-        lambda name: start_in_own_session([*script, *extra, "--only", *groups[name]], logs / f"{name}.log"),
+        lambda name: start(name, min(args.side_by_side, len(groups)), f"{name}.log"),
         args.side_by_side,
         too_late_to_start=late,
         too_late_to_run=late,
+        start_alone=lambda name: start(name, 1, f"{name}.alone.log"),
     )
     if outcome.failed:
         print(f"see the failed groups' logs in {logs}")
     return 1 if outcome.failed else 2 if outcome.unfinished else 0
+
+
+def run_phases(args: argparse.Namespace) -> None:
+    """Run the planned phases (`phases`) in this process, one after the other."""
+    planned = phases(args)
+    path = model_path(args) if any(phase != "prepare" for phase, _ in planned) else None
+    loaded: dict = {}
+    for phase, name in planned:
+        name = chosen_on_validation(args, name) if name and "@best" in name else name
+        if phase == "prepare":
+            prepare(args)
+        elif phase == "train":
+            train(args, path, name)
+        else:
+            evaluate(args, path, name, phase, loaded)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -459,17 +485,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--side-by-side and --deadline run --only's phases: name them")
         raise SystemExit(side_by_side(args, argv))
     if not args.report:
-        planned = phases(args)
-        path = model_path(args) if any(phase != "prepare" for phase, _ in planned) else None
-        loaded: dict = {}
-        for phase, name in planned:
-            name = chosen_on_validation(args, name) if name and "@best" in name else name
-            if phase == "prepare":
-                prepare(args)
-            elif phase == "train":
-                train(args, path, name)
-            else:
-                evaluate(args, path, name, phase, loaded)
+        try:
+            run_phases(args)
+        except torch.OutOfMemoryError:
+            if not args.group:
+                raise
+            # the scheduler (`side_by_side`) runs this group again alone when other groups shared the GPU
+            traceback.print_exc()
+            raise SystemExit(OUT_OF_GPU_MEMORY) from None
         if args.only:
             return
     summary = report(

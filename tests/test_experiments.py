@@ -86,6 +86,53 @@ def test_side_by_side_runs_at_most_n_jobs_at_once_and_says_what_became_of_each(c
     assert signal.getsignal(signal.SIGTERM) == handler  # the caller's own handler is back
 
 
+def test_a_job_out_of_gpu_memory_beside_others_runs_again_alone_once_they_have_ended(capsys):
+    """`common.run_side_by_side` with `start_alone`: a job exiting with `OUT_OF_GPU_MEMORY` after sharing the GPU is
+    started again with nothing beside it; one that ran alone, or fails again alone, has failed. Every job sleeps far
+    longer than a start takes, so a retry started while another job still runs would be caught."""
+    common = import_experiment("common")
+    out_of_memory = common.OUT_OF_GPU_MEMORY
+    commands = {"big": sleeper(1, status=out_of_memory), "small": sleeper(2)}
+    alone_commands = {"big": sleeper(1)}
+    started: list = []
+    running_at_start: dict = {}
+
+    def starter(table, label):
+        def start(job):
+            running_at_start[(job, label)] = sum(process.poll() is None for _, _, process in started)
+            process = common.start_in_own_session(table[job])
+            started.append((job, label, process))
+            return process
+
+        return start
+
+    outcome = common.run_side_by_side(
+        ["big", "small"], starter(commands, "beside"), 2, start_alone=starter(alone_commands, "alone")
+    )
+    assert [(job, label) for job, label, _ in started] == [("big", "beside"), ("small", "beside"), ("big", "alone")]
+    assert running_at_start[("big", "alone")] == 0  # "small" (2 s) had ended before the retry started
+    assert outcome.failed == [] and outcome.unfinished == []
+    assert "big: out of GPU memory beside other jobs; it will run again alone" in capsys.readouterr().out
+    # out of memory alone: a failure, not retried
+    started.clear()
+    outcome = common.run_side_by_side(
+        ["big"], starter(commands, "beside"), 2, start_alone=starter(alone_commands, "alone")
+    )
+    assert [(job, label) for job, label, _ in started] == [("big", "beside")]
+    assert outcome.failed == [f"big (exit status {out_of_memory})"]
+    # out of memory beside others, then again alone: a failure; without start_alone, a failure at once
+    started.clear()
+    alone_commands["big"] = sleeper(0.1, status=out_of_memory)
+    outcome = common.run_side_by_side(
+        ["big", "small"], starter(commands, "beside"), 2, start_alone=starter(alone_commands, "alone")
+    )
+    assert [label for _, label, _ in started] == ["beside", "beside", "alone"]
+    assert outcome.failed == [f"big (exit status {out_of_memory})"]
+    started.clear()
+    outcome = common.run_side_by_side(["big", "small"], starter(commands, "beside"), 2)
+    assert len(started) == 2 and outcome.failed == [f"big (exit status {out_of_memory})"]
+
+
 def test_initial_loss_smoke(tmp_path):
     run_experiment("initial_loss.py", "--smoke", "--output", str(tmp_path / "initial.json"), cwd=tmp_path)
     results = json.loads((tmp_path / "initial.json").read_text())

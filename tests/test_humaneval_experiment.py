@@ -91,6 +91,41 @@ def test_humaneval_experiment_runs_models_side_by_side(tmp_path):
     assert not (out / "P2").exists()
 
 
+def test_a_group_out_of_gpu_memory_asks_to_run_again_alone(tmp_path, monkeypatch):
+    """A group's process that runs out of GPU memory exits with `OUT_OF_GPU_MEMORY` (outside a group it raises), and
+    the scheduler is given a way to start that group again alone: as ``--gpu-shared-by 1``, into a log of its own.
+    (The scheduler's side, starting it once the others have ended: tests/test_experiments.py.)"""
+    import torch
+
+    experiment = import_experiment("humaneval_experiment")
+
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(experiment, "run_phases", out_of_memory)
+    argv = ["--smoke", "--output-dir", str(tmp_path), "--only", "val:P1", "val:P2"]
+    with pytest.raises(SystemExit) as exit_status:
+        experiment.main([*argv, "--group"])
+    assert exit_status.value.code == experiment.OUT_OF_GPU_MEMORY == 75
+    with pytest.raises(torch.OutOfMemoryError):
+        experiment.main(argv)
+    scheduled = {}
+
+    def schedule(jobs, start, at_once, **options):
+        scheduled.update(options, jobs=jobs, start=start)
+        return import_experiment("common").SideBySide()
+
+    monkeypatch.setattr(experiment, "run_side_by_side", schedule)
+    monkeypatch.setattr(experiment, "start_in_own_session", lambda command, log: (command, log))
+    monkeypatch.setattr(experiment, "model_path", lambda args: None)
+    argv += ["--side-by-side", "2"]
+    assert experiment.side_by_side(experiment.parse_args(argv), argv) == 0 and scheduled["jobs"] == ["P1", "P2"]
+    command, log = scheduled["start"]("P2")
+    assert command[-5:] == ["--group", "--gpu-shared-by", "2", "--only", "val:P2"] and log.name == "P2.log"
+    command, log = scheduled["start_alone"]("P2")
+    assert command[-5:] == ["--group", "--gpu-shared-by", "1", "--only", "val:P2"] and log.name == "P2.alone.log"
+
+
 def test_humaneval_experiment_phases():
     experiment = import_experiment("humaneval_experiment")
     plan = experiment.phases(experiment.parse_args(["--only", "prepare", "train:P8", "eval:base", "loss:P8"]))
