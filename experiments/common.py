@@ -210,26 +210,23 @@ def run_side_by_side(
     handler = signal.getsignal(signal.SIGTERM)
     exit_on_sigterm()  # so that the `finally` below runs
 
-    def stop_starting(reason: str, jobs: list[str]) -> None:
-        print(f"not starting {', '.join(jobs)}: {reason}", flush=True)
-        outcome.unfinished.extend(jobs)
-        jobs.clear()
+    def may_start(jobs: list[str]) -> bool:
+        """False, with `jobs` named unfinished, where no job is to start any more."""
+        reason = "too little time left" if too_late_to_start() else None
+        if stop_after_failure and outcome.failed:
+            reason = "a job failed"
+        if reason:
+            print(f"not starting {', '.join(jobs)}: {reason}", flush=True)
+            outcome.unfinished.extend(jobs)
+            jobs.clear()
+        return reason is None
 
     try:
         while waiting or running or again_alone:
-            while waiting and len(running) < at_once:
-                reason = "too little time left" if too_late_to_start() else None
-                if stop_after_failure and outcome.failed:
-                    reason = "a job failed"
-                if reason:
-                    stop_starting(reason, waiting)
-                    break
+            while waiting and len(running) < at_once and may_start(waiting):
                 job = waiting.pop(0)
                 running[job] = start(job)
-            if again_alone and not waiting and not running:
-                if too_late_to_start():
-                    stop_starting("too little time left", again_alone)
-                    continue
+            if again_alone and not waiting and not running and may_start(again_alone):
                 job = again_alone.pop(0)
                 print(f"{job}: starting again, alone", flush=True)
                 running[job] = start_alone(job)

@@ -142,11 +142,13 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
 
     results = {
         "rows": [
-            {**run("base", "base", None, None, (1.234, 1.5)), "heldout_loss": score(1.5), "completion_pass@1": score(0.4),
-             "chat_pass@1": score(0.5), "sampled_pass@1": score(0.2), "sampled_pass@10": score(0.6)},
+            {**run("base", "base", None, None, (1.234, 1.5)), "heldout_loss": score(1.5),
+             "completion_pass@1": score(0.4), "chat_pass@1": score(0.5), "sampled_pass@1": score(0.2),
+             "sampled_pass@10": score(0.6)},
             run("lora@1e-3", "lora", 1000, 900.0), run("lora@1e-3#1", "lora", 1000, 900.0),
             # one of P8's trainings sampled: its cells carry its seed
-            {**run("P8#1", "parscale", 2000, 500.0, (1.8, None)), "sampled_pass@1": score(0.15), "sampled_pass@10": score(0.55)},
+            {**run("P8#1", "parscale", 2000, 500.0, (1.8, None)), "sampled_pass@1": score(0.15),
+             "sampled_pass@10": score(0.55)},
             run("P2", "parscale", 300, 1500.0),
         ],
         "over_seeds": [
