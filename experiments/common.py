@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import signal
+import shlex
 import subprocess
 import sys
 import time
@@ -152,10 +153,16 @@ def start_in_own_session(
     command: list[str], log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
     """Start `command` in a session of its own, so that `stop_session` stops it with everything it starts; its output
-    goes to `log` (None: this process's)."""
+    goes to `log` (None: this process's), after what earlier commands wrote there and a line naming this one.
+
+    Appended, not rewritten: a device call that goes on in the output folder of the call before it (the next phases
+    of a model, a resumed training) would otherwise replace the earlier call's log, which /tmp then no longer has."""
     if log is None:
         return subprocess.Popen(command, env=env, start_new_session=True)
-    with open(log, "w") as output:  # the child keeps its own copy of the descriptor
+    with open(log, "a") as output:  # the child keeps its own copy of the descriptor
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        output.write(f"# {started}: {shlex.join(command)}\n")
+        output.flush()  # before the child writes through its copy of the descriptor
         return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 

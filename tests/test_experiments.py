@@ -3,6 +3,7 @@ one, and their planning logic does what their docstrings say."""
 
 import importlib
 import json
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -148,3 +149,17 @@ def test_initial_loss_smoke(tmp_path):
     boundary = results["settings"]["boundary"]
     assert all(text.endswith(boundary) for kind in ("window+boundary", "file-end+boundary") for text in texts[kind])
     assert not any(text.endswith(boundary) for text in texts["window"])
+
+
+def test_a_log_keeps_what_earlier_commands_wrote_with_a_line_naming_each(tmp_path):
+    """A device call that goes on in the previous call's output folder starts its groups again with the same log
+    files; the earlier call's output must stay in them, in order, each run under a line naming its command."""
+    common = import_experiment("common")
+    log = tmp_path / "P8.log"
+    commands = [[sys.executable, "-c", f"print({word!r})"] for word in ("first", "second")]
+    for command in commands:
+        assert common.start_in_own_session(command, log).wait() == 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4 and lines[1::2] == ["first", "second"]
+    for line, command in zip(lines[::2], commands):
+        assert line.startswith("# ") and line.endswith(f": {shlex.join(command)}")
