@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from peft import get_peft_model
+from torch._dynamo.utils import counters
 from transformers import CompileConfig, LogitsProcessorList
 
 from peft_parscale import ParScaleConfig
@@ -182,9 +183,15 @@ def measure_fast(
     compile_options: dict[str, Any] | None,
 ) -> tuple[Record, torch.Tensor]:
     """`greedy_generate`: a warm-up of four tokens on the same cache (compilation, CUDA-graph recording), `repeats`
-    timed runs, three prefills."""
+    timed runs, three prefills.
+
+    The record keeps every timed run (`total_ms_runs`) and how many times inductor declined to record a CUDA graph
+    in this case (`cudagraph_skips`, torch's own counter): two runs of one case once disagreed by 25% at P=8 while
+    agreeing at P=1 (BENCHMARKS.md, runs P and R), and these tell a noisy timing from a step that ran without its
+    CUDA graph, launching each kernel from the host."""
     clock = Clock(input_ids.device)
     compile = compile_options is not None
+    skips_before = counters["inductor"]["cudagraph_skips"]
     batch_size, prompt_length = input_ids.shape
     decoder = fast_decoder(model, batch_size, prompt_length + new_tokens, GREEDY, compile, compile_options)
     _, warmup_ms = clock.time_ms(lambda: decoder.run(input_ids, attention_mask, min(new_tokens, 4)))
@@ -204,7 +211,9 @@ def measure_fast(
         "prefill_ms": prefill_ms,
         "decode_ms_per_token": (total_ms - prefill_ms) / max(new_tokens - 1, 1),
         "total_ms": total_ms,
+        "total_ms_runs": totals,
         "warmup_s": warmup_ms / 1e3,
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before,
     }
     return record, tokens
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -143,13 +144,17 @@ def test_the_compile_levers_give_eager_greedy_tokens(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     modes = ["eager", *decoding.FAST_MODE_OPTIONS]
-    argv = ["--tiny", "--suites", "targets", "--variants", "P2", "--batches", "1", "--no-report"]
+    argv = ["--tiny", "--suites", "targets", "--variants", "P2", "--batches", "1", "--repeats", "3", "--no-report"]
     assert run.main([*argv, "--target-modes", ",".join(modes), "--out", str(tmp_path)]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in records] == modes
     assert compile_calls == list(decoding.FAST_MODE_OPTIONS.values())  # each lever compiled the step its own way
     for record in records[1:]:
         assert record["tokens_vs_eager"]["equal"], record
+        # every timed run is kept, and the reported total is their median
+        assert len(record["total_ms_runs"]) == 3 and record["total_ms"] == statistics.median(record["total_ms_runs"])
+        # each lever asks for CUDA graphs, which a CPU step cannot have: inductor counts that as a skip
+        assert record["cudagraph_skips"] >= 1, record
     with pytest.raises(SystemExit):  # a misspelt mode would otherwise be measured as `generate`
         run.parse_args(["--out", str(tmp_path), "--target-modes", "eager,fast_frozn"])
 
