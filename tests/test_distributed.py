@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import SUBPROCESS_TIMEOUT
+from packaging.version import Version
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -51,7 +53,9 @@ def workspace(tmp_path_factory):
 FREE_PORT = ["--main_process_port", "0"]
 
 
-def parscale_sft(workspace, output_dir: str, processes: int, *extra: str) -> None:
+def parscale_sft(workspace, output_dir: str, processes: int, *extra: str, succeeds: bool = True) -> str:
+    """Run `parscale sft` on `processes` CPU processes; assert that it succeeds (or fails, with ``succeeds=False``)
+    and return its output."""
     launch = ["--num_processes", str(processes), *(["--multi_gpu"] if processes > 1 else [])]  # torchrun; gloo on CPU
     launch += FREE_PORT
     command = [
@@ -65,7 +69,15 @@ def parscale_sft(workspace, output_dir: str, processes: int, *extra: str) -> Non
     result = subprocess.run(
         command, capture_output=True, text=True, cwd=workspace, timeout=SUBPROCESS_TIMEOUT, check=False
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    output = result.stdout + result.stderr
+    assert (result.returncode == 0) == succeeds, result.stdout[-3000:] + result.stderr[-5000:]
+    return output
+
+
+# transformers 5.17's Trainer loads a several-process run's optimizer state with map_location=args.device, "cpu:0" on
+# CPU processes, which torch cannot restore to; 5.18 maps CPU processes to "cpu" (`Trainer._load_optimizer_and_
+# scheduler`). GPU processes (cuda:N) are not affected. The package supports 5.17, the GPU image's version.
+CPU_RESUME_FAILS_UPSTREAM = Version(transformers.__version__) < Version("5.18")
 
 
 def adapter(directory) -> dict[str, torch.Tensor]:
@@ -97,7 +109,12 @@ def test_two_processes_train_the_adapter_of_one_and_resume(workspace, one_proces
     shutil.rmtree(workspace / "two" / "checkpoint-4")
     (workspace / "two" / "adapter_model.safetensors").unlink()
     resume = ["--save_strategy", "steps", "--save_steps", "2", "--resume_from_checkpoint"]
-    parscale_sft(workspace, "two", 2, *resume, str(workspace / "two" / "checkpoint-2"))
+    checkpoint = str(workspace / "two" / "checkpoint-2")
+    if CPU_RESUME_FAILS_UPSTREAM:  # the known upstream failure, and no other
+        output = parscale_sft(workspace, "two", 2, *resume, checkpoint, succeeds=False)
+        assert "don't know how to restore data location" in output and "tagged with cpu:0" in output, output[-5000:]
+        return
+    parscale_sft(workspace, "two", 2, *resume, checkpoint)
     assert_same_adapter(adapter(workspace / "two"), one)
 
 
