@@ -22,8 +22,9 @@ from peft_parscale.data import document_windows
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_example(name: str, *args: str, cwd: Path, folder: str = "examples") -> str:
-    """Run ``python FOLDER/NAME ARGS`` in `cwd`; its standard output, once it has succeeded."""
+def run_example(name: str, *args: str, cwd: Path, folder: str = "examples", succeeds: bool = True) -> str:
+    """Run ``python FOLDER/NAME ARGS`` in `cwd`; its standard output, once it has succeeded (with ``succeeds=False``:
+    both its streams, once it has failed)."""
     result = subprocess.run(
         [sys.executable, str(ROOT / folder / name), *args],
         cwd=cwd,
@@ -32,8 +33,8 @@ def run_example(name: str, *args: str, cwd: Path, folder: str = "examples") -> s
         text=True,
         timeout=SUBPROCESS_TIMEOUT,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    assert (result.returncode == 0) == succeeds, result.stderr[-3000:]
+    return result.stdout if succeeds else result.stdout + result.stderr
 
 
 def test_quickstart_smoke(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 from test_examples import ROOT, run_example
 
 
-def run_experiment(name: str, *args: str, cwd: Path) -> str:
-    return run_example(name, *args, cwd=cwd, folder="experiments")
+def run_experiment(name: str, *args: str, cwd: Path, succeeds: bool = True) -> str:
+    return run_example(name, *args, cwd=cwd, folder="experiments", succeeds=succeeds)
 
 
 def import_experiment(name: str):
