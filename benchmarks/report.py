@@ -355,13 +355,14 @@ def write_plots(records: list[Record], comparisons: list[Record], out: str, file
                 if axis.get_legend_handles_labels()[0]:
                     axis.legend(fontsize=7)
         save(figure, "scaling_memory_latency.png")
-    if rows:
-        # ms/token against P at the length measured most often for each shape: ParScale against the dense model of
-        # equal predicted loss (both start from the base model at P = 1).
-        shapes = sorted({r["shape"] for r in rows})
+    # ms/token against P at the length measured most often for each shape: ParScale against the dense model of equal
+    # predicted loss (both start from the base model at P = 1, so only lengths with the base model count).
+    based = {(r["shape"], r["prompt"], r["new_tokens"]) for r in rows if r["variant"] == "stock"}
+    if based:
+        shapes = sorted({shape for shape, _, _ in based})
         figure, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.4), squeeze=False)
         for axis, shape in zip(axes[0], shapes):
-            of_shape = [r for r in rows if r["shape"] == shape]
+            of_shape = [r for r in rows if (r["shape"], r["prompt"], r["new_tokens"]) in based and r["shape"] == shape]
             common = statistics.mode((r["prompt"], r["new_tokens"]) for r in of_shape)
             for batch in sorted({r["batch"] for r in of_shape}):
                 cases = {

@@ -88,6 +88,27 @@ def test_report_keeps_each_device_apart(tmp_path):
     assert report.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
+def test_decode_plot_draws_only_lengths_measured_with_the_base_model(tmp_path, monkeypatch):
+    """The decode-latency plot starts each line at the base model (P = 1): a length where only arms were measured
+    (here, more often than the base model's) gives no panel, and a shape without the base model none at all."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    def sweep(shape: str, variant: str, prompt: int, new_tokens: int, ms_per_token: float) -> dict:
+        case = {"suite": "decode", "shape": shape, "mode": "fast", "batch": 1, "prompt": prompt}
+        times = {"prefill_ms": 1.0, "total_ms": 1.0, "peak_mem_gib": 1.0, "decode_ms_per_token": ms_per_token}
+        return {**case, **times, "new_tokens": new_tokens, "variant": variant, "device_name": "NVIDIA H100"}
+
+    records = [sweep("0.5b", "stock", 64, 64, 1.0), sweep("0.5b", "P8", 64, 64, 1.1)]
+    records += [sweep("0.5b", variant, 128, 512, 2.0) for variant in ("P2", "P4", "P1T192")]
+    records += [sweep("1.5b", "P2", 64, 64, 3.0)]
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda axis, title, *a, **k: titles.append(title))
+    written = report.write_plots(records, [], str(tmp_path))
+    assert [path for path in written if path.endswith("decode_latency.png")]
+    assert titles == ["Qwen2.5-0.5b shape, 64+64 tokens"]
+
+
 def test_training_variants_are_the_experiment_s_arms(tmp_path):
     """A longer prefix and LoRA train in the training suite as the HumanEval experiment's arms do, with their own
     trainable parameters and model FLOPs. Tiny shape: hidden 64, MLP 128, 2 layers, 4 heads of 16, 2 key/value
