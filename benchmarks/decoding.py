@@ -35,6 +35,7 @@ from peft_parscale.decode import GREEDY, FastDecoder, causal_lm_of, fast_decoder
 
 from .measure import (
     Clock,
+    DeviceState,
     StepMarks,
     allocated_gib,
     free_memory,
@@ -185,10 +186,11 @@ def measure_fast(
     """`greedy_generate`: a warm-up of four tokens on the same cache (compilation, CUDA-graph recording), `repeats`
     timed runs, three prefills.
 
-    The record keeps every timed run (`total_ms_runs`) and how many times inductor declined to record a CUDA graph
-    in this case (`cudagraph_skips`, torch's own counter): two runs of one case once disagreed by 25% at P=8 while
-    agreeing at P=1 (BENCHMARKS.md, runs P and R), and these tell a noisy timing from a step that ran without its
-    CUDA graph, launching each kernel from the host."""
+    The record keeps every timed run (`total_ms_runs`), how many times inductor declined to record a CUDA graph in
+    this case (`cudagraph_skips`, torch's own counter) and, on a GPU, its clock, load, power and temperature during
+    each timed run (`device_state_runs`, `DeviceState`): two calls have disagreed on P=8 while agreeing on P=1, and
+    two runs of one case by more than the streams cost (BENCHMARKS.md, runs P, R and S); these tell a slowed card or
+    a host that fell behind from a step that ran without its CUDA graph."""
     clock = Clock(input_ids.device)
     compile = compile_options is not None
     skips_before = counters["inductor"]["cudagraph_skips"]
@@ -201,10 +203,12 @@ def measure_fast(
             model, input_ids, attention_mask, new_tokens, compile=compile, compile_options=compile_options
         )
 
-    totals = []
+    totals, states = [], []
     for _ in range(repeats):
-        tokens, total_ms = clock.time_ms(generate)
+        with DeviceState(input_ids.device) as state:
+            tokens, total_ms = clock.time_ms(generate)
         totals.append(total_ms)
+        states.append(state.summary())
     prefill_ms = median([clock.time_ms(lambda: decoder.prefill(input_ids, attention_mask))[1] for _ in range(3)])
     total_ms = median(totals)
     record = {
@@ -215,6 +219,8 @@ def measure_fast(
         "warmup_s": warmup_ms / 1e3,
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before,
     }
+    if any(states):
+        record["device_state_runs"] = states
     return record, tokens
 
 

@@ -11,6 +11,7 @@ import gc
 import platform
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,85 @@ class StepMarks(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.marks.append(self.clock.mark())
         return scores
+
+
+class DeviceState:
+    """The GPU's state while a timed region runs: SM clock, load, power and temperature, read through torch.cuda's
+    NVML functions (`clock_rate`, `utilization`, `power_draw`, `temperature`) at the start, every `interval_s` in a
+    background thread, and at the end.
+
+    Two timed runs of one compiled, graph-replayed decode have differed by more than the streams cost (BENCHMARKS.md,
+    run S): a lower SM clock says the card slowed down, a lower load (the share of time a kernel ran) that the host
+    fell behind, and neither that the step itself varies. `summary()` is empty on a CPU, and names the error where
+    NVML cannot be read (no nvidia-ml-py, a driver or runtime that does not answer).
+
+    ```python
+    with DeviceState(torch.device("cuda")) as state:
+        generate()
+    print(state.summary())  # {"sm_mhz": [min, median, max], "load_percent": [...], "power_w_max": ..., ...}
+    ```
+    """
+
+    def __init__(
+        self, device: torch.device, interval_s: float = 0.05, read: Callable[[], dict[str, float]] | None = None
+    ) -> None:
+        self.interval_s, self.samples, self.read, self.error = interval_s, [], read, None
+        self._stop, self._thread = threading.Event(), None
+        if read is None and device.type == "cuda":
+            self.read = lambda: {
+                "sm_mhz": torch.cuda.clock_rate(device),
+                "load_percent": torch.cuda.utilization(device),
+                "power_w": torch.cuda.power_draw(device) / 1e3,  # NVML reads milliwatts
+                "temperature_c": torch.cuda.temperature(device),
+            }
+
+    def _sample(self) -> None:
+        try:
+            self.samples.append(self.read())
+        # Any failure (no nvidia-ml-py, pynvml's own NVMLError for a query the card or runtime does not support)
+        # stops the readings, never the benchmark that they describe.
+        except Exception as error:  # noqa: BLE001
+            self.read, self.error = None, f"{type(error).__name__}: {error}"
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s) and self.read is not None:
+            self._sample()
+
+    def __enter__(self) -> DeviceState:
+        if self.read is not None:
+            self._sample()
+        if self.read is not None:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.read is not None:
+            self._sample()
+
+    def summary(self) -> dict[str, Any]:
+        """[min, median, max] of the SM clock and load, the highest power and temperature, the number of readings,
+        and the error that stopped them, if any."""
+        summary: dict[str, Any] = {}
+        if self.samples:
+
+            def spread(key: str) -> list[float]:
+                values = [sample[key] for sample in self.samples]
+                return [min(values), statistics.median(values), max(values)]
+
+            summary = {
+                "sm_mhz": spread("sm_mhz"),
+                "load_percent": spread("load_percent"),
+                "power_w_max": max(sample["power_w"] for sample in self.samples),
+                "temperature_c_max": max(sample["temperature_c"] for sample in self.samples),
+                "samples": len(self.samples),
+            }
+        if self.error is not None:
+            summary["error"] = self.error
+        return summary
 
 
 def median(values: list[float]) -> float:

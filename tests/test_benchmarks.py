@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from benchmarks import decoding, report, run, sampling
+from benchmarks.measure import DeviceState
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
 from peft_parscale import ParScaleConfig
 
@@ -32,6 +33,7 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
         assert math.isfinite(record["decode_ms_per_token"]), record
         if "tokens_vs_eager" in record:  # float32 on CPU: every path gives the eager path's greedy tokens
             assert record["tokens_vs_eager"]["equal"], record
+        assert "device_state_runs" not in record  # a CPU has no GPU clock to read
     sampling = [r for r in records if r["suite"] == "sampling"]
     assert {(r["P"], r["mode"]) for r in sampling} == {(p, mode) for p in (1, 8) for mode in modes.split(",")}
     for record in sampling:
@@ -61,6 +63,37 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
         assert section in report
     comparison = json.loads((tmp_path / "comparison.json").read_text())["devices"]["cpu"]
     assert {(c["shape"], c["P"]) for c in comparison["scaling_comparison"]} == {("tiny", 2)}
+
+
+def test_device_state_summarises_its_readings_and_survives_a_failing_one():
+    """Readings at the start and the end (the interval is longer than the region, so the thread reads none); a
+    reading that fails, as pynvml's do for a query the runtime lacks, ends the readings and is named, and the timed
+    region runs on."""
+    readings = [
+        {"sm_mhz": 1980, "load_percent": 100, "power_w": 310.0, "temperature_c": 41},
+        {"sm_mhz": 1755, "load_percent": 62, "power_w": 452.5, "temperature_c": 44},
+    ]
+    state = DeviceState(torch.device("cpu"), interval_s=3600.0, read=iter(readings).__next__)
+    with state:
+        pass
+    assert state.summary() == {
+        "sm_mhz": [1755, (1980 + 1755) / 2, 1980],
+        "load_percent": [62, (100 + 62) / 2, 100],
+        "power_w_max": 452.5,
+        "temperature_c_max": 44,
+        "samples": 2,
+    }
+
+    def unsupported() -> dict:
+        raise OSError("Not Supported")
+
+    ran = []
+    with DeviceState(torch.device("cpu"), interval_s=3600.0, read=unsupported) as failing:
+        ran.append(True)
+    assert ran == [True] and failing.summary() == {"error": "OSError: Not Supported"}
+    with DeviceState(torch.device("cpu")) as cpu:  # no reader on a CPU
+        pass
+    assert cpu.summary() == {}
 
 
 def decode_record(device: str, variant: str, ms_per_token: float) -> dict:
