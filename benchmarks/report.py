@@ -74,8 +74,25 @@ def variant_order(variant: str) -> tuple[int, int, int]:
     return (2 if dense else 1, int(streams), int(prefix_length or 0))
 
 
+def device_state_cells(record: Record) -> list[str]:
+    """The spread of a case's timed runs ((slowest − fastest) / fastest) beside the lowest SM clock and GPU load read
+    during them (`DeviceState`), so that a slow run can be read against a slowed card or an idle one."""
+    runs, states = record.get("total_ms_runs") or [], record.get("device_state_runs") or []
+    spread = f"{(max(runs) - min(runs)) / min(runs):.0%}" if len(runs) > 1 else "-"
+    readings = [state for state in states if "sm_mhz" in state]
+    if not readings:
+        return [spread, next((state["error"] for state in states if "error" in state), "-")]
+    lowest_clock = min(state["sm_mhz"][0] for state in readings)
+    lowest_load = min(state["load_percent"][0] for state in readings)
+    return [spread, f"{lowest_clock:.0f} / {lowest_load:.0f}"]
+
+
 def decode_table(rows: list[Record]) -> str:
     header = ["shape", "variant", "mode", "batch", "prompt+new", "prefill ms", "ms/token", "total ms", "peak GiB"]
+    # records made before the GPU's state was read keep the table as it was
+    with_states = any("device_state_runs" in r for r in rows)
+    if with_states:
+        header += ["timed runs' spread", "lowest SM MHz / load %"]
     body = [
         [
             r["shape"],
@@ -87,6 +104,7 @@ def decode_table(rows: list[Record]) -> str:
             r["decode_ms_per_token"],
             r["total_ms"],
             r.get("peak_mem_gib"),
+            *(device_state_cells(r) if with_states else []),
         ]
         for r in rows
     ]

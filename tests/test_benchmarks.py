@@ -96,6 +96,26 @@ def test_device_state_summarises_its_readings_and_survives_a_failing_one():
     assert cpu.summary() == {}
 
 
+def test_decode_table_shows_the_timed_runs_spread_and_the_gpu_state_when_read():
+    """Records with the GPU's state get two more columns: the spread of their timed runs and the lowest SM clock and
+    load over them; a record whose NVML reading failed names the error; tables of older records keep their columns."""
+    case = {"shape": "0.5b", "mode": "fast", "batch": 1, "prompt": 128, "new_tokens": 512, "prefill_ms": 30.0}
+    case |= {"decode_ms_per_token": 1.8, "total_ms": 950.0, "peak_mem_gib": 1.0}
+    read = [
+        {"sm_mhz": [1980, 1980, 1980], "load_percent": [97, 99, 100], "power_w_max": 300.0, "samples": 21},
+        {"sm_mhz": [1650, 1900, 1980], "load_percent": [88, 99, 100], "power_w_max": 310.0, "samples": 23},
+    ]
+    states = {"total_ms_runs": [1000.0, 1130.0], "device_state_runs": read}
+    failed = {"total_ms_runs": [950.0], "device_state_runs": [{"error": "NVMLError_NotSupported: Not Supported"}]}
+    rows = [{**case, "variant": "P1", **states}, {**case, "variant": "P8", **failed}]
+    lines = report.decode_table(rows).splitlines()
+    assert lines[0].endswith("| timed runs' spread | lowest SM MHz / load % |")
+    assert lines[2].endswith(f"| {130 / 1000:.0%} | 1650 / 88 |")  # (1130 − 1000) / 1000; the lowest of both runs
+    assert lines[3].endswith("| - | NVMLError_NotSupported: Not Supported |")
+    older = report.decode_table([{**case, "variant": "P1", "total_ms_runs": [1000.0, 1130.0]}]).splitlines()
+    assert older[0].endswith("| peak GiB |")
+
+
 def decode_record(device: str, variant: str, ms_per_token: float) -> dict:
     case = {"suite": "targets", "shape": "1.5b", "mode": "fast", "batch": 1, "prompt": 64, "new_tokens": 128}
     times = {"prefill_ms": 1.0, "total_ms": 1.0, "peak_mem_gib": 1.0}
