@@ -319,8 +319,8 @@ def training_table(records: list[Record]) -> str:
 
 
 def write_plots(records: list[Record], comparisons: list[Record], out: str, file_prefix: str = "") -> list[str]:
-    """PNG plots of one device's records, each file name starting with `file_prefix`, if matplotlib is installed; returns
-    the files written."""
+    """PNG plots of one device's records, each file name starting with `file_prefix`, if matplotlib is installed;
+    returns the files written."""
     try:
         import matplotlib
 
