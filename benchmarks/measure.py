@@ -61,8 +61,9 @@ class StepMarks(LogitsProcessor):
 
 class DeviceState:
     """The GPU's state while a timed region runs: SM clock, load, power and temperature, read through torch.cuda's
-    NVML functions (`clock_rate`, `utilization`, `power_draw`, `temperature`) at the start, every `interval_s` in a
-    background thread, and at the end.
+    NVML functions (`clock_rate`, `utilization`, `power_draw`, `temperature`) every `interval_s` in a background
+    thread and at the end. NVML averages some readings over its last sample period (1/6 s to 1 s), so a reading taken
+    as the region starts describes what ran before it: it only checks that NVML answers, and is not kept.
 
     Two timed runs of one compiled, graph-replayed decode have differed by more than the streams cost (BENCHMARKS.md,
     run S): a lower SM clock says the card slowed down, a lower load (the share of time a kernel ran) that the host
@@ -89,9 +90,11 @@ class DeviceState:
                 "temperature_c": torch.cuda.temperature(device),
             }
 
-    def _sample(self) -> None:
+    def _sample(self, keep: bool = True) -> None:
         try:
-            self.samples.append(self.read())
+            reading = self.read()
+            if keep:
+                self.samples.append(reading)
         # Any failure (no nvidia-ml-py, pynvml's own NVMLError for a query the card or runtime does not support)
         # stops the readings, never the benchmark that they describe.
         except Exception as error:  # noqa: BLE001
@@ -103,7 +106,7 @@ class DeviceState:
 
     def __enter__(self) -> DeviceState:
         if self.read is not None:
-            self._sample()
+            self._sample(keep=False)
         if self.read is not None:
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()

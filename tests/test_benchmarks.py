@@ -66,16 +66,18 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
 
 
 def test_device_state_summarises_its_readings_and_survives_a_failing_one():
-    """Readings at the start and the end (the interval is longer than the region, so the thread reads none); a
-    reading that fails, as pynvml's do for a query the runtime lacks, ends the readings and is named, and the timed
-    region runs on."""
+    """A reading at the start, which describes what ran before (it is dropped), one inside the region (taken here by
+    hand, as the thread takes them; the interval is longer than the region, so the thread takes none) and one at the
+    end; a reading that fails, as pynvml's do for a query the runtime lacks, ends the readings and is named, and the
+    timed region runs on."""
+    before = {"sm_mhz": 345, "load_percent": 0, "power_w": 70.0, "temperature_c": 30}
     readings = [
         {"sm_mhz": 1980, "load_percent": 100, "power_w": 310.0, "temperature_c": 41},
         {"sm_mhz": 1755, "load_percent": 62, "power_w": 452.5, "temperature_c": 44},
     ]
-    state = DeviceState(torch.device("cpu"), interval_s=3600.0, read=iter(readings).__next__)
+    state = DeviceState(torch.device("cpu"), interval_s=3600.0, read=iter([before, *readings]).__next__)
     with state:
-        pass
+        state._sample()
     assert state.summary() == {
         "sm_mhz": [1755, (1980 + 1755) / 2, 1980],
         "load_percent": [62, (100 + 62) / 2, 100],
