@@ -61,83 +61,105 @@ class StepMarks(LogitsProcessor):
 
 class DeviceState:
     """The GPU's state while a timed region runs: SM clock, load, power and temperature, read through torch.cuda's
-    NVML functions (`clock_rate`, `utilization`, `power_draw`, `temperature`) every `interval_s` in a background
-    thread and at the end. NVML averages some readings over its last sample period (1/6 s to 1 s), so a reading taken
-    as the region starts describes what ran before it: it only checks that NVML answers, and is not kept.
+    NVML functions (`clock_rate`, `utilization`, `power_draw`, `temperature`) in a background thread, every
+    `interval_s` and once more as the region ends.
 
     Two timed runs of one compiled, graph-replayed decode have differed by more than the streams cost (BENCHMARKS.md,
     run S): a lower SM clock says the card slowed down, a lower load (the share of time a kernel ran) that the host
-    fell behind, and neither that the step itself varies. `summary()` is empty on a CPU, and names the error where
-    NVML cannot be read (no nvidia-ml-py, a driver or runtime that does not answer).
+    fell behind, and neither that the step itself varies. The clock is the card's current one; NVML averages load
+    and power over its last sample period (1/6 s to 1 s, by card), so the first readings of a region also describe
+    what ran before it: read the median load, not the lowest. A reading taken as the region starts only checks
+    which quantities NVML answers for and is not kept. A quantity NVML refuses (load under MIG or vGPU, power in some
+    virtual machines) is left out and named in `summary()["error"]`; the others go on. `summary()` is empty on a CPU.
+    The interval is about NVML's shortest sample period: reading faster repeats the same averages.
 
     ```python
-    with DeviceState(torch.device("cuda")) as state:
+    with DeviceState(torch.device("cuda", 0)) as state:
         generate()
     print(state.summary())  # {"sm_mhz": [min, median, max], "load_percent": [...], "power_w_max": ..., ...}
     ```
     """
 
     def __init__(
-        self, device: torch.device, interval_s: float = 0.05, read: Callable[[], dict[str, float]] | None = None
+        self,
+        device: torch.device,
+        interval_s: float = 0.25,
+        readers: dict[str, Callable[[], float]] | None = None,
+        join_timeout_s: float = 10.0,
     ) -> None:
-        self.interval_s, self.samples, self.read, self.error = interval_s, [], read, None
-        self._stop, self._thread = threading.Event(), None
-        if read is None and device.type == "cuda":
-            self.read = lambda: {
-                "sm_mhz": torch.cuda.clock_rate(device),
-                "load_percent": torch.cuda.utilization(device),
-                "power_w": torch.cuda.power_draw(device) / 1e3,  # NVML reads milliwatts
-                "temperature_c": torch.cuda.temperature(device),
+        self.interval_s, self.join_timeout_s = interval_s, join_timeout_s
+        self.samples: list[dict[str, float]] = []
+        self.errors: dict[str, str] = {}
+        self._stop, self._thread, self._lock, self._closed = threading.Event(), None, threading.Lock(), False
+        if readers is None and device.type == "cuda":
+            readers = {
+                "sm_mhz": lambda: torch.cuda.clock_rate(device),
+                "load_percent": lambda: torch.cuda.utilization(device),
+                "power_w": lambda: torch.cuda.power_draw(device) / 1e3,  # NVML reads milliwatts
+                "temperature_c": lambda: torch.cuda.temperature(device),
             }
+        self.readers = dict(readers or {})
 
     def _sample(self, keep: bool = True) -> None:
-        try:
-            reading = self.read()
-            if keep:
-                self.samples.append(reading)
-        # Any failure (no nvidia-ml-py, pynvml's own NVMLError for a query the card or runtime does not support)
-        # stops the readings, never the benchmark that they describe.
-        except Exception as error:  # noqa: BLE001
-            self.read, self.error = None, f"{type(error).__name__}: {error}"
+        reading, errors = {}, {}
+        for name, read in list(self.readers.items()):
+            try:
+                reading[name] = read()
+            # Any failure (no nvidia-ml-py, pynvml's own NVMLError for a query the card or runtime does not support)
+            # drops that quantity, never the benchmark that the readings describe.
+            except Exception as error:  # noqa: BLE001
+                del self.readers[name]
+                errors[name] = f"{type(error).__name__}: {error}"
+        with self._lock:  # what returns after `__exit__` gave up waiting is not kept
+            if not self._closed:
+                self.errors.update(errors)
+                if keep and reading:
+                    self.samples.append(reading)
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval_s) and self.read is not None:
+    def _read_until_stopped(self) -> None:
+        # Every reading, the first and the last included, is taken here, so that a stalled NVML call can hold up
+        # this thread only, never the timed region or the benchmark (`__exit__` waits `join_timeout_s` at most).
+        self._sample(keep=False)
+        while self.readers and not self._stop.wait(self.interval_s):
+            self._sample()
+        if self.readers:
             self._sample()
 
     def __enter__(self) -> DeviceState:
-        if self.read is not None:
-            self._sample(keep=False)
-        if self.read is not None:
-            self._thread = threading.Thread(target=self._poll, daemon=True)
+        if self.readers:
+            self._thread = threading.Thread(target=self._read_until_stopped, daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-        if self.read is not None:
-            self._sample()
+            self._thread.join(self.join_timeout_s)
+            with self._lock:
+                self._closed = True
+                if self._thread.is_alive():
+                    self.errors["thread"] = f"an NVML reading did not return within {self.join_timeout_s} s"
 
     def summary(self) -> dict[str, Any]:
         """[min, median, max] of the SM clock and load, the highest power and temperature, the number of readings,
-        and the error that stopped them, if any."""
+        and what NVML refused, if anything."""
         summary: dict[str, Any] = {}
-        if self.samples:
+        with self._lock:
+            samples, errors = list(self.samples), dict(self.errors)
 
-            def spread(key: str) -> list[float]:
-                values = [sample[key] for sample in self.samples]
-                return [min(values), statistics.median(values), max(values)]
+        def values(key: str) -> list[float]:
+            return [sample[key] for sample in samples if key in sample]
 
-            summary = {
-                "sm_mhz": spread("sm_mhz"),
-                "load_percent": spread("load_percent"),
-                "power_w_max": max(sample["power_w"] for sample in self.samples),
-                "temperature_c_max": max(sample["temperature_c"] for sample in self.samples),
-                "samples": len(self.samples),
-            }
-        if self.error is not None:
-            summary["error"] = self.error
+        for key in ("sm_mhz", "load_percent"):
+            if values(key):
+                summary[key] = [min(values(key)), statistics.median(values(key)), max(values(key))]
+        for key in ("power_w", "temperature_c"):
+            if values(key):
+                summary[f"{key}_max"] = max(values(key))
+        if samples:
+            summary["samples"] = len(samples)
+        if errors:
+            summary["error"] = "; ".join(f"{name}: {error}" for name, error in errors.items())
         return summary
 
 

@@ -75,16 +75,19 @@ def variant_order(variant: str) -> tuple[int, int, int]:
 
 
 def device_state_cells(record: Record) -> list[str]:
-    """The spread of a case's timed runs ((slowest − fastest) / fastest) beside the lowest SM clock and GPU load read
-    during them (`DeviceState`), so that a slow run can be read against a slowed card or an idle one."""
+    """The spread of a case's timed runs ((slowest − fastest) / fastest) beside the lowest SM clock and the lowest of
+    the runs' median GPU loads read during them (`DeviceState`: a run's first load readings also average what ran
+    before it, so its median, not its lowest), and what NVML refused, so that a slow run can be read against a
+    slowed card or an idle one."""
     runs, states = record.get("total_ms_runs") or [], record.get("device_state_runs") or []
-    spread = f"{(max(runs) - min(runs)) / min(runs):.0%}" if len(runs) > 1 else "-"
-    readings = [state for state in states if "sm_mhz" in state]
-    if not readings:
-        return [spread, next((state["error"] for state in states if "error" in state), "-")]
-    lowest_clock = min(state["sm_mhz"][0] for state in readings)
-    lowest_load = min(state["load_percent"][0] for state in readings)
-    return [spread, f"{lowest_clock:.0f} / {lowest_load:.0f}"]
+    spread = f"{(max(runs) - min(runs)) / min(runs):.1%}" if len(runs) > 1 and min(runs) > 0 else "-"
+    clocks = [state["sm_mhz"][0] for state in states if "sm_mhz" in state]
+    loads = [state["load_percent"][1] for state in states if "load_percent" in state]
+    cell = " / ".join(f"{min(values):.0f}" if values else "-" for values in (clocks, loads))
+    errors = sorted({state["error"] for state in states if "error" in state})
+    if errors:
+        cell = "; ".join(([cell] if clocks or loads else []) + errors)
+    return [spread, cell]
 
 
 def decode_table(rows: list[Record]) -> str:
@@ -92,7 +95,7 @@ def decode_table(rows: list[Record]) -> str:
     # records made before the GPU's state was read keep the table as it was
     with_states = any("device_state_runs" in r for r in rows)
     if with_states:
-        header += ["timed runs' spread", "lowest SM MHz / load %"]
+        header += ["timed runs' spread", "SM MHz (lowest) / load % (lowest run median)"]
     body = [
         [
             r["shape"],

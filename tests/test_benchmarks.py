@@ -3,6 +3,7 @@
 import json
 import math
 import statistics
+import threading
 
 import pytest
 import torch
@@ -65,54 +66,106 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
     assert {(c["shape"], c["P"]) for c in comparison["scaling_comparison"]} == {("tiny", 2)}
 
 
-def test_device_state_summarises_its_readings_and_survives_a_failing_one():
-    """A reading at the start, which describes what ran before (it is dropped), one inside the region (taken here by
-    hand, as the thread takes them; the interval is longer than the region, so the thread takes none) and one at the
-    end; a reading that fails, as pynvml's do for a query the runtime lacks, ends the readings and is named, and the
-    timed region runs on."""
-    before = {"sm_mhz": 345, "load_percent": 0, "power_w": 70.0, "temperature_c": 30}
-    readings = [
-        {"sm_mhz": 1980, "load_percent": 100, "power_w": 310.0, "temperature_c": 41},
-        {"sm_mhz": 1755, "load_percent": 62, "power_w": 452.5, "temperature_c": 44},
-    ]
-    state = DeviceState(torch.device("cpu"), interval_s=3600.0, read=iter([before, *readings]).__next__)
-    with state:
-        state._sample()
-    assert state.summary() == {
-        "sm_mhz": [1755, (1980 + 1755) / 2, 1980],
-        "load_percent": [62, (100 + 62) / 2, 100],
-        "power_w_max": 452.5,
-        "temperature_c_max": 44,
-        "samples": 2,
-    }
+def scripted(values: list[float], after: threading.Event | None = None, calls: int = 0):
+    """A reader returning `values` in turn (the last one from then on), setting `after` once it has been called
+    `calls` times."""
+    remaining, count = list(values), [0]
 
-    def unsupported() -> dict:
+    def read() -> float:
+        count[0] += 1
+        if after is not None and count[0] >= calls:
+            after.set()
+        return remaining.pop(0) if len(remaining) > 1 else remaining[0]
+
+    return read
+
+
+def test_device_state_keeps_readings_taken_in_the_region_by_its_thread_and_at_the_end():
+    """The reading taken as the region starts describes what ran before it and is dropped; the thread's readings and
+    the one at the end are kept. The region waits (up to a minute, never on a busy CPU's timing) until the thread has
+    read twice."""
+    read_twice = threading.Event()
+    readers = {
+        "sm_mhz": scripted([345, 1980, 1755, 1830], read_twice, calls=3),
+        "load_percent": scripted([0, 100, 62, 97]),
+        "power_w": scripted([70.0, 310.0, 452.5, 300.0]),
+        "temperature_c": scripted([30, 41, 44, 43]),
+    }
+    with DeviceState(torch.device("cpu"), interval_s=0.001, readers=readers) as state:
+        assert read_twice.wait(60)
+        state._stop.set()  # no further readings from the thread: the test knows which ones it took
+        state._thread.join(60)
+    # the thread took 1980 and 1755, the end 1830 (the last value repeats for any later call)
+    clocks = [sample["sm_mhz"] for sample in state.samples]
+    assert clocks[:2] == [1980, 1755] and set(clocks[2:]) == {1830} and 345 not in clocks
+    summary = state.summary()
+    assert summary["sm_mhz"] == [min(clocks), statistics.median(clocks), max(clocks)]
+    assert summary["power_w_max"] == 452.5 and summary["temperature_c_max"] == 44
+    assert summary["samples"] == len(clocks) and "error" not in summary
+
+
+def test_device_state_drops_only_what_nvml_refuses_and_reads_torch_cuda(monkeypatch):
+    """The CUDA readers are torch.cuda's NVML functions (power in milliwatts); one that fails, as pynvml's do for a
+    query the runtime lacks, is named and left out, the others go on, and the timed region runs."""
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device: 1980)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda device: 312_500)
+    monkeypatch.setattr(torch.cuda, "temperature", lambda device: 41)
+
+    def unsupported(device: torch.device) -> int:
         raise OSError("Not Supported")
 
+    monkeypatch.setattr(torch.cuda, "utilization", unsupported)
     ran = []
-    with DeviceState(torch.device("cpu"), interval_s=3600.0, read=unsupported) as failing:
+    with DeviceState(torch.device("cuda", 0), interval_s=3600.0) as state:
         ran.append(True)
-    assert ran == [True] and failing.summary() == {"error": "OSError: Not Supported"}
-    with DeviceState(torch.device("cpu")) as cpu:  # no reader on a CPU
+    assert ran == [True]
+    assert state.summary() == {
+        "sm_mhz": [1980, 1980, 1980],
+        "power_w_max": 312.5,
+        "temperature_c_max": 41,
+        "samples": 1,  # the end's: the start's is dropped, the thread's interval is longer than the region
+        "error": "load_percent: OSError: Not Supported",
+    }
+    with DeviceState(torch.device("cpu")) as cpu:  # no readers on a CPU
         pass
     assert cpu.summary() == {}
 
 
+def test_device_state_gives_up_on_a_reading_that_does_not_return():
+    """A stalled NVML call holds up the reading thread only: leaving the region waits `join_timeout_s`, names it, and
+    nothing is added afterwards."""
+    release, calls = threading.Event(), []
+
+    def stalls_after_the_first_call() -> float:  # the start's reading answers; the next one hangs
+        calls.append(None)
+        return 99 if len(calls) == 1 or release.wait(60) else 0
+
+    readers = {"sm_mhz": scripted([1980]), "load_percent": stalls_after_the_first_call}
+    state = DeviceState(torch.device("cpu"), interval_s=0.001, readers=readers, join_timeout_s=0.01)
+    with state:
+        pass
+    release.set()
+    state._thread.join(60)
+    assert state.summary() == {"error": "thread: an NVML reading did not return within 0.01 s"}
+
+
 def test_decode_table_shows_the_timed_runs_spread_and_the_gpu_state_when_read():
-    """Records with the GPU's state get two more columns: the spread of their timed runs and the lowest SM clock and
-    load over them; a record whose NVML reading failed names the error; tables of older records keep their columns."""
+    """Records with the GPU's state get two more columns: the spread of their timed runs, and the lowest SM clock and
+    the lowest of the runs' median loads (not the lowest load: a run's first readings average what ran before it); a
+    record whose NVML reading failed names the error; tables of older records keep their columns."""
     case = {"shape": "0.5b", "mode": "fast", "batch": 1, "prompt": 128, "new_tokens": 512, "prefill_ms": 30.0}
     case |= {"decode_ms_per_token": 1.8, "total_ms": 950.0, "peak_mem_gib": 1.0}
     read = [
         {"sm_mhz": [1980, 1980, 1980], "load_percent": [97, 99, 100], "power_w_max": 300.0, "samples": 21},
-        {"sm_mhz": [1650, 1900, 1980], "load_percent": [88, 99, 100], "power_w_max": 310.0, "samples": 23},
+        {"sm_mhz": [1650, 1900, 1980], "load_percent": [40, 98, 100], "power_w_max": 310.0, "samples": 23},
     ]
     states = {"total_ms_runs": [1000.0, 1130.0], "device_state_runs": read}
     failed = {"total_ms_runs": [950.0], "device_state_runs": [{"error": "NVMLError_NotSupported: Not Supported"}]}
     rows = [{**case, "variant": "P1", **states}, {**case, "variant": "P8", **failed}]
     lines = report.decode_table(rows).splitlines()
-    assert lines[0].endswith("| timed runs' spread | lowest SM MHz / load % |")
-    assert lines[2].endswith(f"| {130 / 1000:.0%} | 1650 / 88 |")  # (1130 − 1000) / 1000; the lowest of both runs
+    assert lines[0].endswith("| timed runs' spread | SM MHz (lowest) / load % (lowest run median) |")
+    # (1130 − 1000) / 1000; the lowest clock of both runs and the lower of their median loads (99, 98)
+    assert lines[2].endswith(f"| {130 / 1000:.1%} | 1650 / 98 |")
     assert lines[3].endswith("| - | NVMLError_NotSupported: Not Supported |")
     older = report.decode_table([{**case, "variant": "P1", "total_ms_runs": [1000.0, 1130.0]}]).splitlines()
     assert older[0].endswith("| peak GiB |")
