@@ -151,11 +151,11 @@ class DeviceState:
             return [sample[key] for sample in samples if key in sample]
 
         for key in ("sm_mhz", "load_percent"):
-            if values(key):
-                summary[key] = [min(values(key)), statistics.median(values(key)), max(values(key))]
+            if read := values(key):
+                summary[key] = [min(read), statistics.median(read), max(read)]
         for key in ("power_w", "temperature_c"):
-            if values(key):
-                summary[f"{key}_max"] = max(values(key))
+            if read := values(key):
+                summary[f"{key}_max"] = max(read)
         if samples:
             summary["samples"] = len(samples)
         if errors:
