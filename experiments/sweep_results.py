@@ -120,12 +120,15 @@ def arms_table(arms: list[dict], base: dict | None) -> str:
 
 def comparisons(names: list[str], default_prefix_length: int) -> list[tuple[str, str]]:
     """The pairs the report compares on the same windows, among the runs `names`: every arm against ``base``; the
-    sweep's ``P<n>`` against ``P1``; each ``P<n>`` (n > 1) against a single stream with its prefix count,
-    ``P1T<n·T>`` at any rate; every LoRA run against the largest ``P<n>`` among `names`."""
+    sweep's ``P<n>`` against ``P1``, and so is every single stream with a longer prefix (``P1T<t>``, what the prefix
+    alone buys); each ``P<n>`` (n > 1) against a single stream with its prefix count, ``P1T<n·T>`` at any rate; every
+    LoRA run against the largest ``P<n>`` among `names`."""
     arms = {name: parse_arm(name) for name in names if name != "base"}
     sweep = sorted((arm.P, name) for name, arm in arms.items() if name == f"P{arm.P}")
     pairs = [(name, "base") for name in arms]
     pairs += [(name, "P1") for P, name in sweep if P > 1]
+    single = {name: arm.prefix_length for name, arm in arms.items() if arm.P == 1}
+    pairs += [(name, "P1") for name, length in single.items() if length not in (None, default_prefix_length)]
     for P, name in sweep:
         matched = P * default_prefix_length
         pairs += [(name, other) for other, arm in arms.items() if P > 1 and (arm.P, arm.prefix_length) == (1, matched)]

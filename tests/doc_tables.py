@@ -51,6 +51,7 @@ from results_tables import (
     scaling_learning_rates,
     stream_sweep,
     stream_sweep_curves,
+    stream_sweep_report,
     two_gpus,
 )
 from table_format import ROOT
@@ -66,6 +67,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "support": lambda: support_table.render(support_table.load_runs()),
     "stream-sweep": stream_sweep,
     "stream-sweep-curves": stream_sweep_curves,
+    "stream-sweep-report": stream_sweep_report,
     "two-gpus": two_gpus,
     "parity-cpu": parity_cpu,
     "recycling-ablation": recycling_ablation,

@@ -73,11 +73,14 @@ def gpus(count: int) -> str:
 
 
 def stream_sweep(path: str = "stream-sweep") -> str:
-    """The sweep's final held-out losses (`sweep_runs` of results/PATH) against the base model's, with throughput."""
+    """The sweep's final held-out losses (`sweep_runs` of results/PATH) against the base model's, with throughput: a
+    run that shared the GPU in every segment has none of its own ("shared by 3"). Until the base model has been
+    scored (a sweep in progress) its row is left out and so is the difference."""
     directory = RESULTS / path
     runs = sweep_runs(directory)
-    base = read_json(directory / "base" / "result.json")["heldout_loss"]
-    rows = [["base (no adapter)", "-", "-", f"{base:.4f}", "-", "-"]]
+    scored = (directory / "base" / "result.json").is_file()
+    base = read_json(directory / "base" / "result.json")["heldout_loss"] if scored else None
+    rows = [["base (no adapter)", "-", "-", f"{base:.4f}", "-", "-"]] if scored else []
     processes = {run["processes"] for run in runs if "processes" in run}
     for run in runs:
         curve = run["heldout_curve"]
@@ -96,14 +99,15 @@ def stream_sweep(path: str = "stream-sweep") -> str:
             )
             continue
         final = curve[-1][1]
-        speed = tokens_per_s(run["segment_tokens_per_s"])
+        shared = max(segment.get("gpu_shared_by", 1) for segment in run["segments"])
+        speed = tokens_per_s(run["segment_tokens_per_s"]) or f"shared by {shared}"
         rows.append(
             [
                 run["label"],
                 f"{run['train_tokens']:,}",
                 f"{curve[0][1]:.4f}",
                 f"{final:.4f}",
-                signed(final - base),
+                signed(final - base) if scored else "-",
                 speed if len(processes) == 1 else f"{speed}, {gpus(run['processes'])}",
             ]
         )
@@ -130,6 +134,15 @@ def stream_sweep_curves(path: str = "stream-sweep") -> str:
             )
     header = " | ".join(["tokens (M)"] + [f"{t / 1e6:.2f}".removesuffix(".00") for t in tokens])
     return markdown(header, ["---"] + ["---:"] * len(tokens), rows)
+
+
+def stream_sweep_report(path: str, table: str) -> str:
+    """A table the sweep's ``--report`` rendered into results/PATH/report.json from the runs' raw results: the
+    learning-rate grids (``grid_table``) or the paired comparisons over held-out windows (``paired_table``), whose
+    bootstrap is the experiment's own (`experiments/window_losses.py`)."""
+    if table not in ("grid_table", "paired_table"):
+        raise ValueError(f"{table!r}: the sweep's report tables are grid_table and paired_table")
+    return read_json(RESULTS / path / "report.json")[table] + "\n"
 
 
 def processes_note(result: dict) -> str:

@@ -132,6 +132,32 @@ def test_the_sweep_tables_show_every_arm_with_gains_for_the_sweep_s_p_only(tmp_p
     assert curves[-2].endswith("| 0.0389 |")
 
 
+def test_a_sweep_in_progress_has_no_base_row_and_says_which_runs_shared_the_gpu(tmp_path):
+    # two finished runs of the one-GPU sweep before its base model is scored: one shared the GPU with two other runs
+    # in both segments, one trained alone in its second segment (32,768 tokens a step in 0.5 s)
+    for name, shared in (("P1", (3, 3)), ("P1T192@5e-2", (3, 1))):
+        (tmp_path / name).mkdir()
+        result = {"name": name, "arm": name, "kind": "parscale", "P": 1, "prefix_length": 48 if name == "P1" else 192}
+        result |= {"processes": 1, "steps": 616, "train_tokens": 616 * 32768}
+        result["segments"] = [{"steady_step_s": 0.5, "gpu_shared_by": count} for count in shared]
+        result["heldout_curve"] = [(0, 1.49), (616 * 32768, 1.33)]
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    lines = results_tables.stream_sweep(path=str(tmp_path)).splitlines()
+    assert lines[2:] == [
+        "| P=1 | 20,185,088 | 1.4900 | 1.3300 | - | shared by 3 |",
+        "| P1T192@5e-2 | 20,185,088 | 1.4900 | 1.3300 | - | 65,536 |",
+    ]
+
+
+def test_the_sweep_report_tables_are_the_ones_its_report_json_holds(tmp_path):
+    report = {"grid_table": "| grid |\n| --- |\n| lora-grid |", "paired_table": "| comparison |", "table": "| x |"}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert results_tables.stream_sweep_report(str(tmp_path), "grid_table") == report["grid_table"] + "\n"
+    assert results_tables.stream_sweep_report(str(tmp_path), "paired_table") == "| comparison |\n"
+    with pytest.raises(ValueError, match="grid_table and paired_table"):
+        results_tables.stream_sweep_report(str(tmp_path), "table")
+
+
 def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_first(tmp_path):
     def score(value, runs=None):
         return {"value": value, "low": value - 0.01, "high": value + 0.01, **({"run_values": runs} if runs else {})}

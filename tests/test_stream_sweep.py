@@ -307,6 +307,7 @@ def test_stream_sweep_report_compares_arms_window_by_window(tmp_path):
         ("lora@6e-4", "base"),
         ("P4", "P1"),
         ("P8", "P1"),
+        ("P1T192@0.02", "P1"),  # what the longer prefix alone buys
         ("P4", "P1T192@0.02"),  # the single stream with P=4's prefix count, 4 · 48
         ("lora@6e-4", "P8"),
     ]
