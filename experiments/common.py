@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -26,7 +27,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,24 @@ def packages_corpus(args: argparse.Namespace) -> DatasetDict:
     return python_packages_corpus()
 
 
+@contextlib.contextmanager
+def tokenizer_threads() -> Iterator[None]:
+    """Let the fast tokenizer use every core inside the block. The experiments set ``TOKENIZERS_PARALLELISM=false``
+    (their training processes' data loaders may fork), which leaves a corpus to one core, in the stream sweep's
+    ``--prepare`` of every device session while the GPU waits. Tokenising a corpus happens before the process forks
+    anything, and the variable (which `tokenizers` reads at every call) is put back as the block ends, so a later
+    fork finds parallelism configured off, as before."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def leading_files(split: Dataset, tokenizer: PreTrainedTokenizerBase, tokens: int) -> tuple[list[str], list[list[int]]]:
     """The first files, in the order of a hash of their path (so that no package dominates), that hold ``tokens``
     tokens: their texts and token ids. Only as much is tokenised as is needed; the same in every run."""
@@ -97,7 +116,9 @@ def leading_files(split: Dataset, tokenizer: PreTrainedTokenizerBase, tokens: in
     texts, token_ids, count = [], [], 0
     for start in range(0, len(order), 256):
         batch = list(split.select(order[start : start + 256])["text"])
-        for text, ids in zip(batch, tokenizer(batch, add_special_tokens=False)["input_ids"]):
+        with tokenizer_threads():
+            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        for text, ids in zip(batch, encoded):
             texts.append(text)
             token_ids.append(ids)
             count += len(ids)

@@ -4,6 +4,7 @@ tiny random model; and the device transfer of its runs (experiments/device_trans
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -350,6 +351,31 @@ def test_packed_windows_join_files_by_the_document_boundary_not_the_chat_eos_tok
     stream = [t for _, text in ordered for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [boundary]]
     windows = common.leading_packed_windows(files, tokenizer, length=4, tokens=8)["input_ids"]
     assert windows == [stream[:4], stream[4:8]]
+
+
+def test_a_corpus_is_tokenised_with_the_tokenizer_s_threads_and_the_setting_put_back(monkeypatch):
+    from datasets import Dataset
+
+    from peft_parscale.testing import tiny_tokenizer
+
+    common = import_experiment("common")
+    tokenizer, seen = tiny_tokenizer(), []
+
+    def tokenize(texts, **kwargs):  # what `tokenizers` would read at this call
+        seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+        return tokenizer(texts, **kwargs)
+
+    files = Dataset.from_dict({"path": [f"{i}.py" for i in range(300)], "text": ["abc"] * 300})
+    needed = 256 * len(tokenizer("abc", add_special_tokens=False)["input_ids"]) + 1  # more than a batch of 256 holds
+    for before in ("false", None):
+        if before is None:
+            monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+        else:
+            monkeypatch.setenv("TOKENIZERS_PARALLELISM", before)
+        seen.clear()
+        _, ids = common.leading_files(files, tokenize, tokens=needed)  # two batches of up to 256 files
+        assert seen == ["true", "true"] and sum(map(len, ids)) >= needed
+        assert os.environ.get("TOKENIZERS_PARALLELISM") == before
 
 
 def test_stream_sweep_prepare_adds_validation_windows_from_files_in_neither_split(tmp_path):
