@@ -78,9 +78,9 @@ def stream_sweep(path: str = "stream-sweep") -> str:
     scored (a sweep in progress) its row is left out and so is the difference."""
     directory = RESULTS / path
     runs = sweep_runs(directory)
-    scored = (directory / "base" / "result.json").is_file()
-    base = read_json(directory / "base" / "result.json")["heldout_loss"] if scored else None
-    rows = [["base (no adapter)", "-", "-", f"{base:.4f}", "-", "-"]] if scored else []
+    base_result = directory / "base" / "result.json"
+    base = read_json(base_result)["heldout_loss"] if base_result.is_file() else None
+    rows = [] if base is None else [["base (no adapter)", "-", "-", f"{base:.4f}", "-", "-"]]
     processes = {run["processes"] for run in runs if "processes" in run}
     for run in runs:
         curve = run["heldout_curve"]
@@ -107,7 +107,7 @@ def stream_sweep(path: str = "stream-sweep") -> str:
                 f"{run['train_tokens']:,}",
                 f"{curve[0][1]:.4f}",
                 f"{final:.4f}",
-                signed(final - base) if scored else "-",
+                "-" if base is None else signed(final - base),
                 speed if len(processes) == 1 else f"{speed}, {gpus(run['processes'])}",
             ]
         )
