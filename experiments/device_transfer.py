@@ -6,13 +6,15 @@ back here at the end of one session and goes up again in the next. A device call
 16 MiB, 64 MiB together, and carries at most 64 MiB up, the repository's own files included, so the run travels as
 an archive in chunks, with a manifest of SHA-256 sums:
 
-    # on the device, after the run's last call of the session (the checkpoint is saved):
-    python3 experiments/device_transfer.py pack sweep/P8 /tmp/P8-pack
-    cp /tmp/P8-pack/manifest.json /tmp/P8-pack/chunk-00 /tmp/P8-pack/chunk-01 /tmp/P8-pack/chunk-02 "$OUT"/
-    cp /tmp/P8-pack/chunk-03 ... "$OUT"/               # the next calls, back to back, while the machine is warm
-    # here: every chunk and the manifest into one git-ignored folder (P8-pack/); next session, calls carrying
-    # a few chunks each into /tmp/P8-pack, then:
-    python3 experiments/device_transfer.py unpack /tmp/P8-pack sweep/P8
+    # on the device, after the runs' last call of the session (the checkpoints are saved):
+    python3 experiments/device_transfer.py pack sweep/P8 /tmp/pack/P8
+    python3 experiments/device_transfer.py pack sweep/P4 /tmp/pack/P4
+    python3 experiments/device_transfer.py send /tmp/pack "$OUT"/pack   # what fits in this call's return
+    python3 experiments/device_transfer.py send /tmp/pack "$OUT"/pack   # the next calls, back to back, while the
+                                                                        # machine is warm, until it sends nothing
+    # here: every chunk and manifest into git-ignored folders (.sweep-pack/P8/, ...); next session, calls carrying
+    # a few chunks each into /tmp/pack/P8, then:
+    python3 experiments/device_transfer.py unpack /tmp/pack/P8 sweep/P8
 
 What travels: the run folder's own files (its segments' timings) and its latest checkpoint, which holds everything the
 Trainer reads to resume (adapter, optimizer, scheduler, random states, trainer state with the learning curve). Left
@@ -27,12 +29,15 @@ import argparse
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
 
 CHUNK_BYTES = 15 * 2**20  # under the 16 MiB a returned file may have; four fill a call's 64 MiB with room to spare
+# what one call may return (`send`): 8 files and 64 MiB, less room for the call's own archive of results
+SEND_FILES, SEND_BYTES = 8, 62 * 2**20
 # what the Trainer writes into a checkpoint for the user and never reads back when resuming
 NOT_FOR_RESUMING = {
     "README.md",
@@ -65,7 +70,10 @@ def sha256(data: bytes) -> str:
 
 
 def pack(run: Path, destination: Path, chunk_bytes: int = CHUNK_BYTES) -> dict:
-    """Write `destination`/chunk-NN and manifest.json for `run`; returns the manifest."""
+    """Write `destination`/chunk-NN and manifest.json for `run`; returns the manifest. `destination` must be empty or
+    new: an older pack's chunks left beside the new ones would travel for nothing."""
+    if destination.is_dir() and any(destination.iterdir()):
+        raise ValueError(f"{destination} is not empty: pack into a new folder (or remove the older pack first).")
     files = files_to_carry(run)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
@@ -107,6 +115,32 @@ def unpack(source: Path, run: Path) -> list[str]:
     return manifest["files"]
 
 
+def send(packs: Path, out: Path, max_files: int = SEND_FILES, max_bytes: int = SEND_BYTES) -> list[str]:
+    """Copy into `out` the next files under `packs` (`pack`'s destinations) that fit in one device call's return,
+    manifests first, each under its path relative to `packs`; returns them, empty once all have gone. What went is
+    listed in ``<packs>.sent`` beside `packs`, so that the next call, on the same warm machine, sends the rest."""
+    sent_list = packs.with_name(packs.name + ".sent")
+    sent = set(sent_list.read_text().splitlines()) if sent_list.exists() else set()
+    waiting = sorted(
+        (path for path in packs.rglob("*") if path.is_file() and str(path.relative_to(packs)) not in sent),
+        key=lambda path: (path.name != "manifest.json", str(path)),
+    )
+    chosen, total = [], 0
+    for path in waiting:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(f"{path} ({size} bytes) is larger than a call may return ({max_bytes}): pack smaller.")
+        if len(chosen) < max_files and total + size <= max_bytes:
+            chosen.append(str(path.relative_to(packs)))
+            total += size
+    for name in chosen:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(packs / name, out / name)
+    with sent_list.open("a") as listing:
+        listing.writelines(f"{name}\n" for name in chosen)
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,8 +151,17 @@ def main(argv: list[str] | None = None) -> None:
     unpack_parser = commands.add_parser("unpack", help="SOURCE RUN_DIR: check the chunks, then extract them")
     unpack_parser.add_argument("source", type=Path)
     unpack_parser.add_argument("run", type=Path)
+    send_parser = commands.add_parser("send", help="PACKS OUT: the next files of PACKS that fit in one call's return")
+    send_parser.add_argument("packs", type=Path)
+    send_parser.add_argument("out", type=Path)
+    send_parser.add_argument("--max-files", type=int, default=SEND_FILES)
+    send_parser.add_argument("--max-mib", type=float, default=SEND_BYTES / 2**20)
     args = parser.parse_args(argv)
-    if args.command == "pack":
+    if args.command == "send":
+        chosen = send(args.packs, args.out, args.max_files, int(args.max_mib * 2**20))
+        in_all = sum(1 for path in args.packs.rglob("*") if path.is_file())
+        print(f"sent {len(chosen)} files: {' '.join(chosen) or 'none'}; {in_all} in {args.packs} in all")
+    elif args.command == "pack":
         manifest = pack(args.run, args.destination, int(args.chunk_mib * 2**20))
         total = sum(chunk["bytes"] for chunk in manifest["chunks"])
         print(

@@ -137,6 +137,8 @@ def test_device_transfer_checks_every_chunk_before_writing_anything(tmp_path):
         transfer.unpack(tmp_path / "pack", tmp_path / "run")
     with pytest.raises(ValueError, match="nothing to resume"):
         transfer.pack(tmp_path / "pack", tmp_path / "pack-of-pack")
+    with pytest.raises(ValueError, match="is not empty"):  # a newer pack never lands beside an older one's chunks
+        transfer.pack(tmp_path / "run", tmp_path / "pack")
 
 
 def stream_sweep_adapter(folder: Path, name: str) -> dict[str, torch.Tensor]:
@@ -428,3 +430,32 @@ def test_stream_sweep_compare_reports_tensors_over_the_parity_bound(tmp_path):
     assert comparison["runs"]["close"]["over_bound"] == []
     assert comparison["runs"]["far"]["over_bound"] == ["moved", "still"]  # 2e-3 of its movement; moved where 0 did not
     assert comparison["runs"]["far"]["per_tensor"]["moved"]["relative"] == pytest.approx(2e-3)
+
+
+def test_device_transfer_sends_every_pack_file_once_within_a_call_s_limits(tmp_path):
+    transfer = import_experiment("device_transfer")
+    for run in ("P4", "P8"):
+        fake_run(tmp_path / run)
+        transfer.pack(tmp_path / run, tmp_path / "packs" / run, chunk_bytes=7_000)
+    on_disk = {}  # the reference: every file under packs/, listed with os.walk
+    for folder, _, names in os.walk(tmp_path / "packs"):
+        for name in names:
+            path = Path(folder) / name
+            on_disk[str(path.relative_to(tmp_path / "packs"))] = path.read_bytes()
+    calls = []
+    while chosen := transfer.send(tmp_path / "packs", tmp_path / f"out-{len(calls)}", max_files=3, max_bytes=16_000):
+        sizes = [len(on_disk[name]) for name in chosen]
+        assert len(chosen) <= 3 and sum(sizes) <= 16_000
+        calls.append(chosen)
+        assert len(calls) < 50, "send keeps sending"
+    assert calls[0][:2] == ["P4/manifest.json", "P8/manifest.json"]  # manifests go first
+    sent = [name for chosen in calls for name in chosen]
+    assert sorted(sent) == sorted(on_disk)  # each file once
+    returned = {
+        name: (tmp_path / f"out-{index}" / name).read_bytes() for index, chosen in enumerate(calls) for name in chosen
+    }
+    assert returned == on_disk
+    with pytest.raises(ValueError, match="larger than a call may return"):
+        (tmp_path / "packs" / "P2").mkdir()
+        (tmp_path / "packs" / "P2" / "chunk-00").write_bytes(bytes(20_000))
+        transfer.send(tmp_path / "packs", tmp_path / "out-last", max_bytes=16_000)
