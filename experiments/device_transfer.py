@@ -36,7 +36,8 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 CHUNK_BYTES = 15 * 2**20  # under the 16 MiB a returned file may have; four fill a call's 64 MiB with room to spare
-# what one call may return (`send`): 8 files and 64 MiB, less room for the call's own archive of results
+# what one call may return (`send`): 8 files and 64 MiB, less 2 MiB for an archive of results the call returns too
+# (which also takes one of the 8 files: pass --max-files 7 beside it)
 SEND_FILES, SEND_BYTES = 8, 62 * 2**20
 # what the Trainer writes into a checkpoint for the user and never reads back when resuming
 NOT_FOR_RESUMING = {
