@@ -81,7 +81,8 @@ def test_stream_sweep_smoke_every_arm_two_processes_interrupted_and_resumed(tmp_
     assert report["log_linear_fit"]["P"] == [1, 2, 4] and report["log_linear_fit"]["r2"] <= 1  # P<n> at T=4 only
     assert ("P2", "P1T8") in [(row["first"], row["second"]) for row in report["paired"]]  # T=4: P=2's prefix count
     assert [tokens for tokens, _ in report["gaps"]["4"]] == [0, 256, 512, 768]
-    assert report["gap_fit"]["P"] == 4 and (tmp_path / "out" / "curves.png").is_file()
+    # three evaluations after the start: too few for the gap's fit once the first is left out (next test)
+    assert "4" in report["gaps"] and "gap_fit" not in report and (tmp_path / "out" / "curves.png").is_file()
     assert list(report["curves"]) == ["P1", "P1T8", "P2", "P4", "lora@1e-3"]
     assert "| base (no adapter) |" in stdout
     for name in names:
@@ -459,3 +460,21 @@ def test_device_transfer_sends_every_pack_file_once_within_a_call_s_limits(tmp_p
         (tmp_path / "packs" / "P2").mkdir()
         (tmp_path / "packs" / "P2" / "chunk-00").write_bytes(bytes(20_000))
         transfer.send(tmp_path / "packs", tmp_path / "out-last", max_bytes=16_000)
+
+
+def test_gap_fit_leaves_out_the_first_evaluation():
+    results = import_experiment("sweep_results")
+    tokens = [0, 1e6, 2e6, 4e6, 8e6, 16e6]
+    p1 = [2.0, 1.9, 1.6, 1.5, 1.45, 1.42]
+    # P=4's gain over P=1: 0.3 at the first evaluation (a warm-up transient), then exactly 0.01 + 0.002·ln(t / 2e6)
+    gains = [0.0, 0.3] + [0.01 + 0.002 * math.log(t / 2e6) for t in tokens[2:]]
+    sweep = [
+        {"P": 1, "heldout_curve": [[t, loss] for t, loss in zip(tokens, p1)]},
+        {"P": 4, "heldout_curve": [[t, loss - gain] for t, loss, gain in zip(tokens, p1, gains)]},
+    ]
+    fit = results.gap_analysis(sweep)["gap_fit"]
+    assert fit["P"] == 4 and fit["from_tokens"] == 2e6
+    # the line through the last four points: gain = (0.01 − 0.002·ln 2e6) + 0.002·ln t, exactly (float64 rounding)
+    assert fit["slope_per_ln_tokens"] == pytest.approx(0.002, abs=1e-9)
+    assert fit["intercept"] == pytest.approx(0.01 - 0.002 * math.log(2e6), abs=1e-8)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-9)
