@@ -3,15 +3,15 @@
 A device machine keeps its files only while it is held, and a session's device time ends before some runs do (the
 20 M-token sweep's P=8 run on one GPU, RESULTS.md). Such a run checkpoints by ``--time-limit``, comes
 back here at the end of one session and goes up again in the next. A device call returns at most 8 files of at most
-16 MiB, 64 MiB together, and carries at most 64 MiB up, the repository's own files included, so the run travels as
-an archive in chunks, with a manifest of SHA-256 sums:
+16 MiB, 64 MiB together, no more than 2 folders below $OUT and named in letters, digits, '.', '_' and '-' alone, and
+carries at most 64 MiB up, the repository's own files included, so the run travels as an archive in chunks, with a
+manifest of SHA-256 sums:
 
     # on the device, after the runs' last call of the session (the checkpoints are saved):
     python3 experiments/device_transfer.py pack sweep/P8 /tmp/pack/P8
     python3 experiments/device_transfer.py pack sweep/P4 /tmp/pack/P4
     python3 experiments/device_transfer.py send /tmp/pack "$OUT"/pack   # what fits in this call's return
-    python3 experiments/device_transfer.py send /tmp/pack "$OUT"/pack   # the next calls, back to back, while the
-                                                                        # machine is warm, until it sends nothing
+    # the same `send` in each next call, back to back while the machine is warm, until it sends nothing
     # here: every chunk and manifest into git-ignored folders (.sweep-pack/P8/, ...); next session, calls carrying
     # a few chunks each into /tmp/pack/P8, then:
     python3 experiments/device_transfer.py unpack /tmp/pack/P8 sweep/P8
@@ -29,13 +29,16 @@ import argparse
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
 
-CHUNK_BYTES = 15 * 2**20  # under the 16 MiB a returned file may have; four fill a call's 64 MiB with room to spare
+RETURNED_FILE_BYTES = 16 * 2**20  # the most a file returned by a device call may have
+CHUNK_BYTES = 15 * 2**20  # under RETURNED_FILE_BYTES; four fill a call's 64 MiB with room to spare
+RETURNED_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what a returned file's or folder's name may hold
 # what one call may return (`send`): 8 files and 64 MiB, less 2 MiB for an archive of results the call returns too
 # (which also takes one of the 8 files: pass --max-files 7 beside it)
 SEND_FILES, SEND_BYTES = 8, 62 * 2**20
@@ -117,29 +120,46 @@ def unpack(source: Path, run: Path) -> list[str]:
 
 
 def send(packs: Path, out: Path, max_files: int = SEND_FILES, max_bytes: int = SEND_BYTES) -> list[str]:
-    """Copy into `out` the next files under `packs` (`pack`'s destinations) that fit in one device call's return,
-    manifests first, each under its path relative to `packs`; returns them, empty once all have gone. What went is
-    listed in ``<packs>.sent`` beside `packs`, so that the next call, on the same warm machine, sends the rest."""
-    sent_list = packs.with_name(packs.name + ".sent")
-    sent = set(sent_list.read_text().splitlines()) if sent_list.exists() else set()
-    waiting = sorted(
-        (path for path in packs.rglob("*") if path.is_file() and str(path.relative_to(packs)) not in sent),
+    """Copy into `out` (new or empty: one `send` a call) the next files under `packs` (`pack`'s destinations, one
+    folder a run) that fit in one device call's return, manifests first, each under its path relative to `packs`;
+    returns them, empty once all have gone. Each file sent is listed with its SHA-256 in ``<packs>.sent`` beside
+    `packs`, so that the next call, on the same warm machine, sends the rest, and a file packed again since is sent
+    again. Every file is checked against a call's limits before anything is copied. A call whose return failed: delete
+    ``<packs>.sent`` and send everything again."""
+    packs = packs.resolve()
+    if not packs.is_dir():
+        raise ValueError(f"{packs} is not a folder of packs (`pack`'s destinations).")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty: one `send` a call, into a new folder.")
+    files = sorted(
+        (path for path in packs.rglob("*") if path.is_file()),
         key=lambda path: (path.name != "manifest.json", str(path)),
     )
+    for path in files:
+        parts = path.relative_to(packs).parts
+        if len(parts) > 2 or not all(RETURNED_NAME.fullmatch(part) for part in parts):
+            raise ValueError(
+                f"{path}: a call returns files at most two folders down, named in letters, digits, '.', '_' and '-' "
+                "alone: pack each run into <packs>/<name>/ with such a name."
+            )
+        if path.stat().st_size > min(max_bytes, RETURNED_FILE_BYTES):
+            raise ValueError(f"{path} is larger than a call may return: pack with smaller chunks.")
+    sent_list = packs.with_name(packs.name + ".sent")
+    sent = set(sent_list.read_text().splitlines()) if sent_list.exists() else set()
     chosen, total = [], 0
-    for path in waiting:
+    for path in files:
+        entry = f"{sha256(path.read_bytes())}  {path.relative_to(packs)}"
         size = path.stat().st_size
-        if size > max_bytes:
-            raise ValueError(f"{path} ({size} bytes) is larger than a call may return ({max_bytes}): pack smaller.")
-        if len(chosen) < max_files and total + size <= max_bytes:
-            chosen.append(str(path.relative_to(packs)))
+        if entry not in sent and len(chosen) < max_files and total + size <= max_bytes:
+            chosen.append(entry)
             total += size
-    for name in chosen:
+    names = [entry.partition("  ")[2] for entry in chosen]
+    for name in names:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(packs / name, out / name)
     with sent_list.open("a") as listing:
-        listing.writelines(f"{name}\n" for name in chosen)
-    return chosen
+        listing.writelines(f"{entry}\n" for entry in chosen)
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:
