@@ -177,19 +177,32 @@ def mcnemar_by_seed(first_runs: dict[str, dict], second_runs: dict[str, dict]) -
     ]
 
 
-def decode_costs(results: Path) -> dict[tuple[str, int], float]:
-    """ms/token of the fast path per (benchmark variant, batch size) in a benchmarks ``results.jsonl``; where a case was
-    measured at several lengths, the longest generation's."""
-    costs, lengths = {}, {}
+def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | None]]:
+    """Per (benchmark variant, batch size) in a benchmarks ``results.jsonl``: the fast path's ms/token, and its ratio to
+    the base model's (variant ``stock``) in the same run at the same batch and lengths, None where that run has no
+    base model or is unlabelled. One call's times move by more than the streams cost (BENCHMARKS.md, run S), so only
+    ratios within a call compare arms measured in different calls. Where a case was measured at several lengths, the
+    longest generation's; among equals, the latest record."""
+    fast = []
     for line in results.read_text().splitlines():
         record = json.loads(line)
-        if record.get("suite") != "decode" or record.get("mode") != "fast" or "decode_ms_per_token" not in record:
-            continue
-        if record.get("shape") != BENCHMARK_SHAPE:
-            continue
+        if record.get("suite") == "decode" and record.get("mode") == "fast" and "decode_ms_per_token" in record:
+            if record.get("shape") == BENCHMARK_SHAPE:
+                fast.append(record)
+
+    def same_call(record: dict) -> tuple:
+        return record.get("run"), record["batch"], record.get("prompt"), record["new_tokens"]
+
+    base = {same_call(record): record["decode_ms_per_token"] for record in fast if record["variant"] == "stock"}
+    latest: dict[tuple[str, int], dict] = {}
+    for record in fast:
         case = (record["variant"], record["batch"])
-        if record["new_tokens"] >= lengths.get(case, 0):
-            costs[case], lengths[case] = record["decode_ms_per_token"], record["new_tokens"]
+        if record["new_tokens"] >= latest.get(case, {"new_tokens": 0})["new_tokens"]:
+            latest[case] = record
+    costs = {}
+    for case, record in latest.items():
+        anchor = base.get(same_call(record)) if record.get("run") and record["variant"] != "stock" else None
+        costs[case] = (record["decode_ms_per_token"], record["decode_ms_per_token"] / anchor if anchor else None)
     return costs
 
 
@@ -259,7 +272,8 @@ def report(
             cost["train_tokens_per_s"] = training["train_tokens"] / training["train_seconds"]
         decoded_as = decode_variant(arm, default_prefix_length)
         for batch in (1, 8):
-            cost[f"decode_ms_per_token_b{batch}"] = decode.get((decoded_as, batch))
+            ms_per_token, vs_base = decode.get((decoded_as, batch), (None, None))
+            cost[f"decode_ms_per_token_b{batch}"], cost[f"decode_vs_base_b{batch}"] = ms_per_token, vs_base
         rows.append({"name": name, **vars(arm), "train_tokens": training.get("train_tokens"), **cost, **metrics})
     over_seeds = []  # one row per arm trained with several seeds, each metric averaged over the runs that have it
     for arm_name in dict.fromkeys(seedless(name) for name in names):
@@ -302,6 +316,14 @@ def interval_cell(summary: dict) -> str:
     return f"{summary['value']:.3f} [{summary['low']:.3f}, {summary['high']:.3f}]"
 
 
+def decode_cell(row: dict, batch: int) -> str:
+    """ms/token at `batch`, with its ratio to the base model measured in the same call where there is one."""
+    ms_per_token, vs_base = row.get(f"decode_ms_per_token_b{batch}"), row.get(f"decode_vs_base_b{batch}")
+    if ms_per_token is None:
+        return "-"
+    return f"{ms_per_token:.2f}" + (f" ({vs_base:.2f}×)" if vs_base is not None else "")
+
+
 def markdown(rows: list[dict], over_seeds: list[dict], comparisons: list[dict]) -> str:
     """The table of every run, of every arm over its seeds (where one has several), and of the comparisons."""
     labels = {metric: label for metric, label, _ in METRICS}
@@ -322,10 +344,7 @@ def markdown(rows: list[dict], over_seeds: list[dict], comparisons: list[dict]) 
             f"{row['train_tokens_per_s']:,.0f}" + (" (b)" if row.get("train_tokens_per_s_benchmarked") else "")
             if row.get("train_tokens_per_s")
             else "-",
-            *(
-                f"{row[key]:.2f}" if row.get(key) is not None else "-"
-                for key in ("decode_ms_per_token_b1", "decode_ms_per_token_b8")
-            ),
+            *(decode_cell(row, batch) for batch in (1, 8)),
         ]
         lines.append(f"| {row['name']} | " + " | ".join(cost + cells) + " |")
     if over_seeds:  # the mean over runs; the interval resamples runs and problems

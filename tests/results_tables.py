@@ -383,11 +383,12 @@ def humaneval_decision(path: str, bench: str) -> str:
         seed = sampled_runs[0].partition("#")[2] or "0"
         return f"{interval(rows_of[sampled_runs[0]][metric])} (#{seed})"
 
-    def decode(run: dict) -> str:
-        latencies = [run.get(f"decode_ms_per_token_b{batch}") for batch in (1, 8)]
-        if latencies == [None, None]:
-            return "–"
-        return " / ".join("–" if latency is None else f"{latency:.2f}" for latency in latencies)
+    def decode(run: dict) -> str:  # ms/token, and × the base model where it was measured in the same call
+        cells = []
+        for batch in (1, 8):
+            latency, vs_base = run.get(f"decode_ms_per_token_b{batch}"), run.get(f"decode_vs_base_b{batch}")
+            cells.append("–" if latency is None else f"{latency:.2f}" + (f" ({vs_base:.2f}×)" if vs_base else ""))
+        return "–" if cells == ["–", "–"] else " / ".join(cells)
 
     def cells(name: str, score_row: dict, streams: str) -> list[str]:
         run = rows_of.get(name) or rows_of[runs_of(name)[0]]
@@ -413,8 +414,8 @@ def humaneval_decision(path: str, bench: str) -> str:
         body.append(cells(arm["name"], arm, streams))
     header = (
         f"adapter | streams per token | trainable parameters | training tokens/s ({device}, alone) | "
-        "decode ms/token, batch 1 / 8 | held-out loss | HumanEval pass@1, completion | pass@1, chat | "
-        "pass@1, sampled | pass@10, sampled | runs"
+        "decode ms/token, batch 1 / 8 (× base model, same call) | held-out loss | HumanEval pass@1, completion | "
+        "pass@1, chat | pass@1, sampled | pass@10, sampled | runs"
     )
     return markdown(header, ["---"] + ["---:"] * 10, body)
 

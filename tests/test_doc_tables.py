@@ -174,7 +174,7 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
             run("lora@1e-3", "lora", 1000, 900.0), run("lora@1e-3#1", "lora", 1000, 900.0),
             # one of P8's trainings sampled: its cells carry its seed
             {**run("P8#1", "parscale", 2000, 500.0, (1.8, None)), "sampled_pass@1": score(0.15),
-             "sampled_pass@10": score(0.55)},
+             "sampled_pass@10": score(0.55), "decode_vs_base_b1": 1.16},  # measured beside the base model
             run("P2", "parscale", 300, 1500.0),
         ],
         "over_seeds": [
@@ -194,7 +194,7 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
         "| base | 1 | – | – | 1.23 / 1.50 | 1.500 [1.490, 1.510] | 0.400 [0.390, 0.410] | 0.500 [0.490, 0.510] "
         "| 0.200 [0.190, 0.210] | 0.600 [0.590, 0.610] | 1 |",
         f"| P2 | 2 | 300 | 1,500 | – | 1.250 [1.240, 1.260] | {same_for_arms} | – | – | 2 |",
-        f"| P8 | 8 | 2,000 | 500 | 1.80 / – | 1.200 [1.190, 1.210] | {same_for_arms} "
+        f"| P8 | 8 | 2,000 | 500 | 1.80 (1.16×) / – | 1.200 [1.190, 1.210] | {same_for_arms} "
         "| 0.150 [0.140, 0.160] (#1) | 0.550 [0.540, 0.560] (#1) | 2 |",
         f"| lora@1e-3 | 1 (merged) | 1,000 | 900 | – | 1.100 [1.090, 1.110] | {same_for_arms} | – | – | 2 |",
     ]

@@ -306,3 +306,32 @@ def test_humaneval_report_tests_greedy_pass_fail_seed_by_seed(tmp_path):
     assert tests["P8", "base"] == [(0, 2, 1, 1.0), (1, 3, 0, 0.25)]
     assert tests["P8", "lora"] == [(0, 0, 3, 0.25)]
     assert "| #0: 2, 1, 1.0000; #1: 2, 0, 0.5000 |" in summary["table"]
+
+
+def test_decode_costs_take_ratios_to_the_base_model_of_the_same_call_only(tmp_path):
+    results = import_experiment("humaneval_results")
+    records = [  # (run, variant, batch, prompt, new tokens, ms/token)
+        ("X", "stock", 1, 128, 512, 2.0),
+        ("X", "P8", 1, 128, 512, 2.5),  # 1.25 × X's base model
+        ("X", "P8", 8, 128, 512, 3.0),  # X's base model was not measured at batch 8
+        ("Y", "stock", 1, 128, 512, 1.0),
+        ("Y", "P1", 1, 128, 512, 2.2),  # 2.2 × Y's base model, never X's
+        ("Z", "P4", 1, 128, 512, 2.1),  # no base model in run Z
+        ("Y", "P2", 1, 64, 512, 1.5),  # another prompt length than Y's base model
+        (None, "P1T192", 1, 128, 512, 1.9),  # an unlabelled record: its call is unknown
+    ]
+    lines = [
+        json.dumps({"suite": "decode", "shape": "0.5b", "mode": "fast", "run": run, "variant": variant, "batch": batch,
+                    "prompt": prompt, "new_tokens": new, "decode_ms_per_token": ms})
+        for run, variant, batch, prompt, new, ms in records
+    ]
+    (tmp_path / "bench.jsonl").write_text("\n".join(lines) + "\n")
+    assert results.decode_costs(tmp_path / "bench.jsonl") == {
+        ("stock", 1): (1.0, None),  # the latest of the base model's records; its own ratio is not given
+        ("P8", 1): (2.5, pytest.approx(1.25)),
+        ("P8", 8): (3.0, None),
+        ("P1", 1): (2.2, pytest.approx(2.2)),
+        ("P4", 1): (2.1, None),
+        ("P2", 1): (1.5, None),
+        ("P1T192", 1): (1.9, None),
+    }
