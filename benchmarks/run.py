@@ -35,6 +35,7 @@ Results are appended to OUT/results.jsonl; OUT/report.md and the plots are rebui
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -166,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.ones(64, 64, device=device, dtype=dtype) @ torch.ones(64, 64, device=device, dtype=dtype)
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.jsonl")
+    # what every record of this invocation shares: times from one call compare as ratios, across calls they drift
+    invocation = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
     def emit(record: dict[str, Any]) -> None:
-        record = {**record, "device_name": torch.cuda.get_device_name() if on_gpu else "cpu"}
+        record = {**record, "device_name": torch.cuda.get_device_name() if on_gpu else "cpu", "invocation": invocation}
         with open(results_path, "a") as results:
             results.write(json.dumps(record) + "\n")
         summary = {

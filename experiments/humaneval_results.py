@@ -179,10 +179,12 @@ def mcnemar_by_seed(first_runs: dict[str, dict], second_runs: dict[str, dict]) -
 
 def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | None]]:
     """Per (benchmark variant, batch size) in a benchmarks ``results.jsonl``: the fast path's ms/token, and its ratio to
-    the base model's (variant ``stock``) in the same run at the same batch and lengths, None where that run has no
-    base model or is unlabelled. One call's times move by more than the streams cost (BENCHMARKS.md, run S), so only
-    ratios within a call compare arms measured in different calls. Where a case was measured at several lengths, the
-    longest generation's; among equals, the latest record."""
+    the base model's (variant ``stock``) in the same call at the same batch and lengths, None where that call has no
+    base model or is not known. A call is the benchmark's invocation (its records carry ``invocation``), or, for
+    records from before they did, their run label (``run``). Times from different calls differ by more than the
+    streams cost (BENCHMARKS.md, run S), so arms measured in different calls compare only as ratios to their own
+    call's base model. Where a case was measured at several lengths, the longest generation's; among equals, the
+    latest record."""
     fast = []
     for line in results.read_text().splitlines():
         record = json.loads(line)
@@ -191,7 +193,8 @@ def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | No
                 fast.append(record)
 
     def same_call(record: dict) -> tuple:
-        return record.get("run"), record["batch"], record.get("prompt"), record["new_tokens"]
+        call = record.get("invocation") or record.get("run")
+        return call, record["batch"], record.get("prompt"), record["new_tokens"]
 
     base = {same_call(record): record["decode_ms_per_token"] for record in fast if record["variant"] == "stock"}
     latest: dict[tuple[str, int], dict] = {}
@@ -201,7 +204,7 @@ def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | No
             latest[case] = record
     costs = {}
     for case, record in latest.items():
-        anchor = base.get(same_call(record)) if record.get("run") and record["variant"] != "stock" else None
+        anchor = base.get(same_call(record)) if same_call(record)[0] and record["variant"] != "stock" else None
         costs[case] = (record["decode_ms_per_token"], record["decode_ms_per_token"] / anchor if anchor else None)
     return costs
 

@@ -22,6 +22,7 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     suites = {record["suite"] for record in records}
     assert suites == {"env", "targets", "decode", "train", "sampling", "selector"}
+    assert len({record["invocation"] for record in records}) == 1  # one call's records say so (ratios within a call)
     decode = [r for r in records if r["suite"] in ("targets", "decode")]
     assert {(r["variant"], r["mode"]) for r in decode if r["suite"] == "targets"} == {
         (variant, mode) for variant in ("stock", "P1", "P8") for mode in ("eager", "generate_static", "fast")

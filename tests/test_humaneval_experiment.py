@@ -319,11 +319,17 @@ def test_decode_costs_take_ratios_to_the_base_model_of_the_same_call_only(tmp_pa
         ("Z", "P4", 1, 128, 512, 2.1),  # no base model in run Z
         ("Y", "P2", 1, 64, 512, 1.5),  # another prompt length than Y's base model
         (None, "P1T192", 1, 128, 512, 1.9),  # an unlabelled record: its call is unknown
+        ("W", "stock", 8, 128, 512, 1.0),  # run W: two invocations, each with its own base model
+        ("W", "P2", 8, 128, 512, 1.5),
+        ("W", "stock", 8, 128, 512, 2.0),
+        ("W", "P4", 8, 128, 512, 3.0),
     ]
+    invocations = [None] * 8 + ["call 1", "call 1", "call 2", "call 2"]  # a record's benchmark invocation, if known
     lines = [
         json.dumps({"suite": "decode", "shape": "0.5b", "mode": "fast", "run": run, "variant": variant, "batch": batch,
-                    "prompt": prompt, "new_tokens": new, "decode_ms_per_token": ms})
-        for run, variant, batch, prompt, new, ms in records
+                    "prompt": prompt, "new_tokens": new, "decode_ms_per_token": ms}
+                   | ({"invocation": invocation} if invocation else {}))
+        for (run, variant, batch, prompt, new, ms), invocation in zip(records, invocations)
     ]
     (tmp_path / "bench.jsonl").write_text("\n".join(lines) + "\n")
     assert results.decode_costs(tmp_path / "bench.jsonl") == {
@@ -334,4 +340,7 @@ def test_decode_costs_take_ratios_to_the_base_model_of_the_same_call_only(tmp_pa
         ("P4", 1): (2.1, None),
         ("P2", 1): (1.5, None),
         ("P1T192", 1): (1.9, None),
+        ("stock", 8): (2.0, None),
+        ("P2", 8): (1.5, pytest.approx(1.5)),  # 1.5 × its own call's base model (1.0), not the other call's
+        ("P4", 8): (3.0, pytest.approx(1.5)),
     }
