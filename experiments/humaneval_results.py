@@ -179,12 +179,13 @@ def mcnemar_by_seed(first_runs: dict[str, dict], second_runs: dict[str, dict]) -
 
 def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | None]]:
     """Per (benchmark variant, batch size) in a benchmarks ``results.jsonl``: the fast path's ms/token, and its ratio to
-    the base model's (variant ``stock``) in the same call at the same batch and lengths, None where that call has no
-    base model or is not known. A call is the benchmark's invocation (its records carry ``invocation``), or, for
-    records from before they did, their run label (``run``). Times from different calls differ by more than the
-    streams cost (BENCHMARKS.md, run S), so arms measured in different calls compare only as ratios to their own
-    call's base model. Where a case was measured at several lengths, the longest generation's; among equals, the
-    latest record."""
+    the base model's (variant ``stock``) measured in the same call at the same batch and lengths, or None. A call is
+    the benchmark's invocation (``invocation``, which its records carry); records from before they did are grouped by
+    their run label (``run``), which may span several calls (the latest base model under the label is taken).
+    Times from different calls differ by more than the streams cost (BENCHMARKS.md, run S), so arms measured in
+    different calls compare only as ratios to their own call's base model. For each case the record given is the
+    latest of those with a base model beside them, the longest generation first; without one, the latest of the
+    longest generation, with no ratio."""
     fast = []
     for line in results.read_text().splitlines():
         record = json.loads(line)
@@ -192,21 +193,22 @@ def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | No
             if record.get("shape") == BENCHMARK_SHAPE:
                 fast.append(record)
 
-    def same_call(record: dict) -> tuple:
+    def same_call(record: dict) -> tuple[str | None, int, int | None, int]:
         call = record.get("invocation") or record.get("run")
         return call, record["batch"], record.get("prompt"), record["new_tokens"]
 
     base = {same_call(record): record["decode_ms_per_token"] for record in fast if record["variant"] == "stock"}
-    latest: dict[tuple[str, int], dict] = {}
-    for record in fast:
-        case = (record["variant"], record["batch"])
-        if record["new_tokens"] >= latest.get(case, {"new_tokens": 0})["new_tokens"]:
-            latest[case] = record
-    costs = {}
-    for case, record in latest.items():
+
+    def vs_base(record: dict) -> float | None:
         anchor = base.get(same_call(record)) if same_call(record)[0] and record["variant"] != "stock" else None
-        costs[case] = (record["decode_ms_per_token"], record["decode_ms_per_token"] / anchor if anchor else None)
-    return costs
+        return record["decode_ms_per_token"] / anchor if anchor else None
+
+    chosen: dict[tuple[str, int], tuple[tuple[bool, int, int], dict]] = {}
+    for index, record in enumerate(fast):
+        case, rank = (record["variant"], record["batch"]), (vs_base(record) is not None, record["new_tokens"], index)
+        if case not in chosen or rank > chosen[case][0]:
+            chosen[case] = (rank, record)
+    return {case: (record["decode_ms_per_token"], vs_base(record)) for case, (_, record) in chosen.items()}
 
 
 def training_speeds(results: Path) -> dict[str, float]:
@@ -332,7 +334,7 @@ def markdown(rows: list[dict], over_seeds: list[dict], comparisons: list[dict]) 
     labels = {metric: label for metric, label, _ in METRICS}
     lines = [
         "| model | learning rate | trainable parameters | adapter MB | training tokens | tokens/s | "
-        + "decode ms/token, batch 1 | decode ms/token, batch 8 | "
+        + "decode ms/token, batch 1 (× base, same call) | decode ms/token, batch 8 (× base, same call) | "
         + " | ".join(labels.values())
         + " |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |",

@@ -360,7 +360,8 @@ def interval(score: dict, digits: int = 3) -> str:
 def humaneval_decision(path: str, bench: str) -> str:
     """Per arm, over its seeds: streams per token (the inference compute, in forward passes of the backbone),
     trainable parameters, training speed alone on the GPU (the benchmark's eager record), decode latency at batch 1
-    and 8 (the benchmarks' decode sweep, as the report's cost columns take it), held-out completion loss,
+    and 8 (the benchmarks' decode sweep, as the report's cost columns take it, with the ratio to the base model where
+    both were measured in one call), held-out completion loss,
     greedy HumanEval pass@1 in both modes and sampled pass@1 and pass@10; the base model first. Arms without a
     HumanEval score are left out. Where only one of an arm's trainings was sampled, the sampled cells are that
     training's, marked with its seed (``#4``): their intervals cover the problems, not the seeds."""
@@ -387,7 +388,8 @@ def humaneval_decision(path: str, bench: str) -> str:
         cells = []
         for batch in (1, 8):
             latency, vs_base = run.get(f"decode_ms_per_token_b{batch}"), run.get(f"decode_vs_base_b{batch}")
-            cells.append("–" if latency is None else f"{latency:.2f}" + (f" ({vs_base:.2f}×)" if vs_base else ""))
+            ratio = f" ({vs_base:.2f}×)" if vs_base is not None else ""
+            cells.append("–" if latency is None else f"{latency:.2f}{ratio}")
         return "–" if cells == ["–", "–"] else " / ".join(cells)
 
     def cells(name: str, score_row: dict, streams: str) -> list[str]:
@@ -414,8 +416,8 @@ def humaneval_decision(path: str, bench: str) -> str:
         body.append(cells(arm["name"], arm, streams))
     header = (
         f"adapter | streams per token | trainable parameters | training tokens/s ({device}, alone) | "
-        "decode ms/token, batch 1 / 8 (× base model, same call) | held-out loss | HumanEval pass@1, completion | "
-        "pass@1, chat | pass@1, sampled | pass@10, sampled | runs"
+        "decode ms/token, batch 1 / 8 (× base model in the same call) | held-out loss | "
+        "HumanEval pass@1, completion | pass@1, chat | pass@1, sampled | pass@10, sampled | runs"
     )
     return markdown(header, ["---"] + ["---:"] * 10, body)
 

@@ -310,37 +310,46 @@ def test_humaneval_report_tests_greedy_pass_fail_seed_by_seed(tmp_path):
 
 def test_decode_costs_take_ratios_to_the_base_model_of_the_same_call_only(tmp_path):
     results = import_experiment("humaneval_results")
-    records = [  # (run, variant, batch, prompt, new tokens, ms/token)
-        ("X", "stock", 1, 128, 512, 2.0),
-        ("X", "P8", 1, 128, 512, 2.5),  # 1.25 × X's base model
-        ("X", "P8", 8, 128, 512, 3.0),  # X's base model was not measured at batch 8
-        ("Y", "stock", 1, 128, 512, 1.0),
-        ("Y", "P1", 1, 128, 512, 2.2),  # 2.2 × Y's base model, never X's
-        ("Z", "P4", 1, 128, 512, 2.1),  # no base model in run Z
-        ("Y", "P2", 1, 64, 512, 1.5),  # another prompt length than Y's base model
-        (None, "P1T192", 1, 128, 512, 1.9),  # an unlabelled record: its call is unknown
-        ("W", "stock", 8, 128, 512, 1.0),  # run W: two invocations, each with its own base model
-        ("W", "P2", 8, 128, 512, 1.5),
-        ("W", "stock", 8, 128, 512, 2.0),
-        ("W", "P4", 8, 128, 512, 3.0),
+    records = [  # (run, benchmark invocation, variant, batch, prompt, new tokens, ms/token)
+        (None, None, "stock", 1, 256, 512, 0.5),
+        (None, None, "P1T192", 1, 256, 512, 1.9),  # unlabelled records: their call is unknown
+        ("X", None, "stock", 1, 128, 512, 2.0),
+        ("X", None, "P8", 1, 128, 512, 2.5),  # 1.25 × X's base model
+        ("X", None, "P8", 8, 128, 512, 3.0),  # X's base model was not measured at batch 8
+        ("Y", None, "stock", 1, 128, 512, 1.0),
+        ("Y", None, "P1", 1, 128, 512, 2.2),  # 2.2 × Y's base model, never X's
+        ("Y", None, "P1", 1, 128, 1024, 4.0),  # a longer generation, but no base model at its length
+        ("Z", None, "P4", 1, 128, 512, 2.1),  # no base model in run Z
+        ("Y", None, "P2", 1, 64, 512, 1.5),  # another prompt length than Y's base model
+        ("W", "call 1", "stock", 8, 128, 512, 1.0),  # run W: two invocations, each with its own base model
+        ("W", "call 1", "P2", 8, 128, 512, 1.5),
+        ("W", "call 2", "stock", 8, 128, 512, 2.0),
+        ("W", "call 2", "P4", 8, 128, 512, 3.0),
+        ("U", "call 3", "P4", 8, 128, 512, 9.0),  # later, but with no base model beside it
     ]
-    invocations = [None] * 8 + ["call 1", "call 1", "call 2", "call 2"]  # a record's benchmark invocation, if known
     lines = [
         json.dumps({"suite": "decode", "shape": "0.5b", "mode": "fast", "run": run, "variant": variant, "batch": batch,
                     "prompt": prompt, "new_tokens": new, "decode_ms_per_token": ms}
                    | ({"invocation": invocation} if invocation else {}))
-        for (run, variant, batch, prompt, new, ms), invocation in zip(records, invocations)
+        for run, invocation, variant, batch, prompt, new, ms in records
     ]
     (tmp_path / "bench.jsonl").write_text("\n".join(lines) + "\n")
     assert results.decode_costs(tmp_path / "bench.jsonl") == {
         ("stock", 1): (1.0, None),  # the latest of the base model's records; its own ratio is not given
+        ("stock", 8): (2.0, None),
+        ("P1T192", 1): (1.9, None),
         ("P8", 1): (2.5, pytest.approx(1.25)),
         ("P8", 8): (3.0, None),
-        ("P1", 1): (2.2, pytest.approx(2.2)),
+        ("P1", 1): (2.2, pytest.approx(2.2)),  # a record with a base model beside it comes first
         ("P4", 1): (2.1, None),
         ("P2", 1): (1.5, None),
-        ("P1T192", 1): (1.9, None),
-        ("stock", 8): (2.0, None),
         ("P2", 8): (1.5, pytest.approx(1.5)),  # 1.5 × its own call's base model (1.0), not the other call's
-        ("P4", 8): (3.0, pytest.approx(1.5)),
+        ("P4", 8): (3.0, pytest.approx(1.5)),  # call 2's, beside its base model, not call 3's
     }
+    # the report's rows and its table carry the ratios
+    for arm in ("base", "P8", "P1T48"):
+        (tmp_path / "he" / arm).mkdir(parents=True)
+    summary = results.report(tmp_path / "he", [], tmp_path / "data", tmp_path / "bench.jsonl", default_prefix_length=48)
+    ratios = {row["name"]: (row["decode_vs_base_b1"], row["decode_vs_base_b8"]) for row in summary["rows"]}
+    assert ratios == {"base": (None, None), "P8": (pytest.approx(1.25), None), "P1T48": (pytest.approx(2.2), None)}
+    assert "| 2.50 (1.25×) | 3.00 |" in summary["table"] and "| 2.20 (2.20×) | - |" in summary["table"]
