@@ -221,34 +221,40 @@ def target_checks(records: list[Record]) -> tuple[str, list[Record]]:
 def scaling_comparison(records: list[Record], mode: str = "fast") -> list[Record]:
     """ParScale's memory/latency increase over the base model against the dense model of equal predicted loss, for
     each measured (shape, batch, prompt + new tokens) and P; plus, where several lengths were measured for the same
-    (shape, batch, P), their mean (the paper's Figure 4 averages over lengths)."""
-    rows = [r for r in decode_rows(records, "decode") if r["mode"] == mode]
-    groups: dict[tuple, dict[str, Record]] = defaultdict(dict)
-    for r in rows:
-        groups[r["shape"], r["batch"], r["prompt"], r["new_tokens"]][r["variant"]] = r
-    comparisons = []
-    for (shape, batch, prompt, new_tokens), by_variant in sorted(groups.items()):
-        lengths = f"{prompt}+{new_tokens}"
-        stock = by_variant.get("stock")
+    (shape, batch, P), their mean (the paper's Figure 4 averages over lengths).
+
+    The base model, P streams and the dense model of a comparison come from one call (records of one benchmark
+    invocation, or for older records one run label), the latest that measured all three: latencies of separate calls
+    differ by more than some of these increases (BENCHMARKS.md, run S)."""
+    calls: dict[tuple, dict[str, Record]] = defaultdict(dict)  # (case, call) -> variant -> the call's latest record
+    for r in records:
+        if r.get("suite") == "decode" and r["mode"] == mode:
+            call = r.get("invocation") or r.get("run")
+            calls[r["shape"], r["batch"], r["prompt"], r["new_tokens"], call][r["variant"]] = r
+    chosen: dict[tuple, tuple[Record, Record, Record]] = {}  # (case, P) -> the latest call's three records
+    for (shape, batch, prompt, new_tokens, _), by_variant in calls.items():  # calls in the order they were recorded
         for num_streams in (2, 4, 8):
-            parallel, dense = by_variant.get(f"P{num_streams}"), by_variant.get(f"dense_P{num_streams}")
-            if not (stock and parallel and dense):
-                continue
-            comparison = {
-                "shape": shape,
-                "batch": batch,
-                "lengths": lengths,
-                "P": num_streams,
-                "base_loss": predicted_loss(stock["non_embedding_params"]),
-                "loss": predicted_loss(stock["non_embedding_params"], num_streams),
-                "dense_params_ratio": dense["non_embedding_params"] / stock["non_embedding_params"],
-            }
-            for key in ("peak_mem_gib", "total_ms", "decode_ms_per_token"):
-                base = stock.get(key)
-                comparison[f"{key}_base"] = base
-                comparison[f"{key}_parscale_increase"] = None if base is None else parallel[key] - base
-                comparison[f"{key}_dense_increase"] = None if base is None else dense[key] - base
-            comparisons.append(comparison)
+            measured = [by_variant.get(variant) for variant in ("stock", f"P{num_streams}", f"dense_P{num_streams}")]
+            if all(measured):
+                chosen[shape, batch, prompt, new_tokens, num_streams] = tuple(measured)
+    comparisons = []
+    for (shape, batch, prompt, new_tokens, num_streams), (stock, parallel, dense) in sorted(chosen.items()):
+        lengths = f"{prompt}+{new_tokens}"
+        comparison = {
+            "shape": shape,
+            "batch": batch,
+            "lengths": lengths,
+            "P": num_streams,
+            "base_loss": predicted_loss(stock["non_embedding_params"]),
+            "loss": predicted_loss(stock["non_embedding_params"], num_streams),
+            "dense_params_ratio": dense["non_embedding_params"] / stock["non_embedding_params"],
+        }
+        for key in ("peak_mem_gib", "total_ms", "decode_ms_per_token"):
+            base = stock.get(key)
+            comparison[f"{key}_base"] = base
+            comparison[f"{key}_parscale_increase"] = None if base is None else parallel[key] - base
+            comparison[f"{key}_dense_increase"] = None if base is None else dense[key] - base
+        comparisons.append(comparison)
     by_point: dict[tuple, list[Record]] = defaultdict(list)
     for c in comparisons:
         by_point[c["shape"], c["batch"], c["P"]].append(c)

@@ -367,3 +367,21 @@ def test_training_under_regional_compilation_computes_what_eager_computes(tmp_pa
     assert (eager["compile"], regions["compile"]) == ("none", "regions")
     for key in ("loss", "trainable_gradient_norm"):
         assert regions[key] == pytest.approx(eager[key], rel=1e-5), key
+
+
+def test_scaling_comparison_takes_its_three_records_from_one_call():
+    def record(call, variant, ms, memory=1.0):
+        return {"suite": "decode", "mode": "fast", "invocation": call, "shape": "tiny", "batch": 1, "prompt": 4,
+                "new_tokens": 4, "variant": variant, "total_ms": ms, "decode_ms_per_token": ms / 4,
+                "peak_mem_gib": memory, "non_embedding_params": 127 if variant.startswith("dense") else 100}
+
+    records = [
+        record("A", "stock", 10.0), record("B", "P2", 12.0), record("B", "dense_P2", 20.0),  # P=2 across calls
+        record("C", "stock", 30.0), record("C", "P4", 33.0), record("C", "dense_P4", 40.0, memory=2.0),
+        record("D", "P4", 99.0), record("D", "dense_P4", 99.0),  # later, without a base model beside them
+    ]  # fmt: skip
+    comparisons = report.scaling_comparison(records)
+    assert [(c["P"], c["lengths"]) for c in comparisons] == [(4, "4+4")]  # no P=2: its base model ran elsewhere
+    (c,) = comparisons
+    assert (c["total_ms_base"], c["total_ms_parscale_increase"], c["total_ms_dense_increase"]) == (30.0, 3.0, 10.0)
+    assert (c["peak_mem_gib_parscale_increase"], c["peak_mem_gib_dense_increase"]) == (0.0, 1.0)
