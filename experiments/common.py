@@ -52,6 +52,11 @@ from peft_parscale.testing import save_tiny_checkpoint
 DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
+def device_name() -> str:
+    """The GPU a result was measured on (its name as CUDA gives it), or ``cpu``."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, model_cache: str | None) -> None:
     """``--model`` or ``--gguf`` (converted once into ``--model-cache``, default `model_cache`; None: the package's
     cache, `peft_parscale.pretrained.default_cache_dir`, under the GGUF file's name)."""

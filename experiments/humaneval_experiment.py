@@ -78,6 +78,7 @@ from common import (
     DTYPE,
     OUT_OF_GPU_MEMORY,
     add_model_arguments,
+    device_name,
     equal_budget_config,
     model_path,
     run_side_by_side,
@@ -240,7 +241,7 @@ def environment() -> dict:
     import trl
 
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": device_name(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

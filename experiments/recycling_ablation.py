@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from common import (
     add_model_arguments,
+    device_name,
     equal_budget_config,
     leading_files,
     leading_packed_windows,
@@ -177,7 +178,7 @@ def run(args, name: str, path, tokenizer, windows: Dataset, validation_texts: li
         "train_seconds": seconds,
         "train_tokens_per_s": tokens / seconds,
         "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": device_name(),
         "versions": {module.__name__: module.__version__ for module in (torch, __import__("transformers"))},
     }
 

@@ -29,7 +29,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import DTYPE, add_model_arguments, equal_budget_config, model_path, plot_against_streams, pyplot
+from common import (
+    DTYPE,
+    add_model_arguments,
+    device_name,
+    equal_budget_config,
+    model_path,
+    plot_against_streams,
+    pyplot,
+)
 from datasets import Dataset, DatasetDict, load_dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -144,7 +152,7 @@ def run_model(args, name: str, path, tokenizer, corpus: DatasetDict, windows: Da
     started = time.time()
     result |= evaluate(args, model, tokenizer, list(corpus["test"]["text"]))
     result["eval_seconds"] = time.time() - started
-    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result["device"] = device_name()
     result["versions"] = {module.__name__: module.__version__ for module in (torch, __import__("transformers"))}
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))

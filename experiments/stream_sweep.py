@@ -59,6 +59,7 @@ import torch
 from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
 from common import (
     add_model_arguments,
+    device_name,
     leading_packed_windows,
     model_path,
     packages_corpus,
@@ -311,6 +312,7 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
     trainer.train(resume_from_checkpoint=checkpoint)
     if main:
         segment = {**clock.segment(), "resumed_from": checkpoint, "gpu_shared_by": args.gpu_shared_by}
+        segment["device"] = device_name()  # a run resumed in a later session may land on another kind of GPU
         (out / f"segment-{segment['first_step']}.json").write_text(json.dumps(segment))
     state = trainer.state
     if state.global_step < state.max_steps:
@@ -335,6 +337,20 @@ def gradients_averaged(trainer) -> bool:
     return trainer.accelerator.num_processes == 1 or trainer.is_fsdp_enabled or wrapped_in_ddp(trainer)
 
 
+def steady_tokens_per_s(segments: list[dict], tokens_per_step: int, device: str) -> float | None:
+    """The best median step of the segments that ran alone on `device`, as tokens/s; None if none did. A segment
+    trained side by side with other runs has no speed of its own, nor one on another kind of GPU than the run's last
+    (segments recorded before they named their device count as on it)."""
+    steady = [
+        segment["steady_step_s"]
+        for segment in segments
+        if segment.get("gpu_shared_by", 1) == 1
+        and segment.get("device", device) == device
+        and segment["steady_step_s"] is not None
+    ]
+    return tokens_per_step / min(steady) if steady else None
+
+
 def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, validation_loss: float) -> None:
     tokens_per_step = args.batch_size * args.seq_len
     segments = [json.loads(path.read_text()) for path in sorted(out.glob("segment-*.json"))]
@@ -342,9 +358,6 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
         (log["step"] * tokens_per_step, log["eval_loss"]) for log in trainer.state.log_history if "eval_loss" in log
     ]
     train_seconds = sum(segment["seconds"] for segment in segments)
-    # a segment trained side by side with other runs has no speed of its own
-    alone = [segment for segment in segments if segment.get("gpu_shared_by", 1) == 1]
-    steady = [segment["steady_step_s"] for segment in alone if segment["steady_step_s"] is not None]
     result = {
         "name": name + args.tag,
         "arm": name,
@@ -363,8 +376,7 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
         "micro_batch": trainer.args.per_device_train_batch_size,
         "train_tokens": trainer.state.global_step * tokens_per_step,
         "train_seconds": train_seconds,  # the segments' steps, evaluations and checkpoints included
-        # the best median step of the segments that ran alone
-        "steady_tokens_per_s": tokens_per_step / min(steady) if steady else None,
+        "steady_tokens_per_s": steady_tokens_per_s(segments, tokens_per_step, device_name()),
         "segments": segments,
         "learning_rate": rate,
         "optim": args.optim,
@@ -377,7 +389,7 @@ def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, val
         "validation_loss": validation_loss,  # to choose learning rates (module docstring)
         "heldout_curve": curve,  # (training tokens, held-out loss)
         "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": device_name(),
         "versions": {module.__name__: module.__version__ for module in (torch, __import__("transformers"))},
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))

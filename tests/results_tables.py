@@ -30,8 +30,12 @@ def sweep_runs(directory: pathlib.Path) -> list[dict]:
         if arm == "base" or result["name"] != arm:
             continue  # the base model is a row of its own; P8-1gpu, P8-fp32-*: the same run's speed and parity
         tokens_per_step = result["train_tokens"] // result["steps"]
-        result["segment_tokens_per_s"] = [  # a segment trained side by side with other runs has no speed of its own
-            tokens_per_step / s["steady_step_s"] for s in result["segments"] if s.get("gpu_shared_by", 1) == 1
+        # A segment trained side by side with other runs has no speed of its own, nor one on another kind of GPU
+        # than the run's last (`stream_sweep.steady_tokens_per_s`; segments without a device count as on it).
+        result["segment_tokens_per_s"] = [
+            tokens_per_step / s["steady_step_s"]
+            for s in result["segments"]
+            if s.get("gpu_shared_by", 1) == 1 and s.get("device", result.get("device")) == result.get("device")
         ]
         runs.append({**result, "label": f"P={result['P']}" if arm == f"P{result['P']}" else arm})
     for path in sorted(directory.glob("P*-partial/trainer_state.json")):
@@ -82,6 +86,9 @@ def stream_sweep(path: str = "stream-sweep") -> str:
     base = read_json(base_result)["heldout_loss"] if base_result.is_file() else None
     rows = [] if base is None else [["base (no adapter)", "-", "-", f"{base:.4f}", "-", "-"]]
     processes = {run["processes"] for run in runs if "processes" in run}
+    # where the runs' speeds come from different kinds of GPU (each recorded), each speed names its own
+    timed_on = {run.get("device") for run in runs if run.get("segment_tokens_per_s")}
+    name_devices = len(timed_on) > 1 and None not in timed_on
     for run in runs:
         curve = run["heldout_curve"]
         if "stopped" in run:
@@ -100,7 +107,8 @@ def stream_sweep(path: str = "stream-sweep") -> str:
             continue
         final = curve[-1][1]
         shared = max(segment.get("gpu_shared_by", 1) for segment in run["segments"])
-        speed = tokens_per_s(run["segment_tokens_per_s"]) or f"shared by {shared}"
+        speed = tokens_per_s(run["segment_tokens_per_s"])
+        speed = (f"{speed} ({run['device']})" if name_devices else speed) if speed else f"shared by {shared}"
         rows.append(
             [
                 run["label"],

@@ -149,6 +149,30 @@ def test_a_sweep_in_progress_has_no_base_row_and_says_which_runs_shared_the_gpu(
     ]
 
 
+def test_sweep_speeds_come_from_each_runs_last_device_and_name_it_where_devices_differ(tmp_path):
+    # P=4 trained alone on an H100 (one segment without a device, from before segments named it); P=8 alone on an
+    # H100 for a segment, then alone on an H200, where it ended: 32,768 tokens a step
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    for name, device, segments in (
+        ("P4", h100, [{"steady_step_s": 1.25, "gpu_shared_by": 1}]),
+        ("P8", h200, [{"steady_step_s": 2.0, "gpu_shared_by": 1, "device": h100}, {"steady_step_s": 1.0, "gpu_shared_by": 1, "device": h200}]),
+    ):
+        (tmp_path / name).mkdir()
+        result = {"name": name, "arm": name, "kind": "parscale", "P": int(name[1:]), "prefix_length": 48}
+        result |= {"processes": 1, "steps": 616, "train_tokens": 616 * 32768, "device": device, "segments": segments}
+        result["heldout_curve"] = [(0, 1.49), (616 * 32768, 1.33)]
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    lines = results_tables.stream_sweep(path=str(tmp_path)).splitlines()
+    assert lines[2:] == [
+        f"| P=4 | 20,185,088 | 1.4900 | 1.3300 | - | 26,214 ({h100}) |",
+        f"| P=8 | 20,185,088 | 1.4900 | 1.3300 | - | 32,768 ({h200}) |",
+    ]
+    (tmp_path / "P4" / "result.json").unlink()  # one device left: the speed alone
+    assert results_tables.stream_sweep(path=str(tmp_path)).splitlines()[2:] == [
+        "| P=8 | 20,185,088 | 1.4900 | 1.3300 | - | 32,768 |"
+    ]
+
+
 def test_the_sweep_report_tables_are_the_ones_its_report_json_holds(tmp_path):
     report = {"grid_table": "| grid |\n| --- |\n| lora-grid |", "paired_table": "| comparison |", "table": "| x |"}
     (tmp_path / "report.json").write_text(json.dumps(report))

@@ -164,6 +164,7 @@ def test_stream_sweep_trains_runs_side_by_side_as_it_trains_them_alone(tmp_path)
         assert [segment["gpu_shared_by"] for segment in results[1]["segments"]] == [2]
         (segment,) = results[1]["segments"]  # what side by side overlaps: loading, then the first steps' compiling
         assert segment["setup_s"] > 0 and 0 < segment["first_steps_s"] <= segment["seconds"]
+        assert segment["device"] == "cpu"
         assert results[0]["steady_tokens_per_s"] is not None and results[1]["steady_tokens_per_s"] is None
         row = next(
             line for line in stdout.splitlines() if line.startswith(f"| {name} | {results[1]['learning_rate']:g} |")
@@ -506,3 +507,19 @@ def test_gap_fit_leaves_out_the_first_evaluation():
     assert fit["slope_per_ln_tokens"] == pytest.approx(0.002, abs=1e-9)
     assert fit["intercept"] == pytest.approx(0.01 - 0.002 * math.log(2e6), abs=1e-8)
     assert fit["r2"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_a_runs_speed_comes_from_segments_alone_on_its_last_device():
+    """A run resumed on another kind of GPU: its speed is the best median step of the segments that ran alone on the
+    device it ended on; segments recorded before segments named their device count as on it."""
+    steady_tokens_per_s = import_experiment("stream_sweep").steady_tokens_per_s
+    segments = [
+        {"steady_step_s": 0.5, "gpu_shared_by": 3},  # shared: no speed of its own
+        {"steady_step_s": 2.0, "gpu_shared_by": 1},  # before segments named their device
+        {"steady_step_s": 1.0, "gpu_shared_by": 1, "device": "NVIDIA H100 80GB HBM3"},
+        {"steady_step_s": 4.0, "gpu_shared_by": 1, "device": "NVIDIA H200"},
+        {"steady_step_s": None, "gpu_shared_by": 1, "device": "NVIDIA H200"},  # too few steps for a median
+    ]
+    assert steady_tokens_per_s(segments, 32768, "NVIDIA H200") == 32768 / 2.0
+    assert steady_tokens_per_s(segments, 32768, "NVIDIA H100 80GB HBM3") == 32768 / 1.0
+    assert steady_tokens_per_s(segments[:1], 32768, "NVIDIA H200") is None
