@@ -51,6 +51,7 @@ from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS
 from . import report
 from .decoding import FAST_MODE_OPTIONS, decode_sweep
 from .measure import device_ceilings, environment, free_memory
+from .records import load_records
 from .profiling import write_profiles
 from .sampling import sampling_throughput, selector_compilation
 from .training import TRAIN_COMPILE_MODES, train_throughput
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {suite}: {time.perf_counter() - started:.1f} s", flush=True)
 
     if not args.no_report:
-        report.write_report(report.load_records([results_path]), args.out)
+        report.write_report(load_records([results_path]), args.out)
     return 0
 
 

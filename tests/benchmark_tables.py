@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from table_format import ROOT, markdown
 
-from benchmarks.report import AUTHORS_TRAINING, TARGETS, load_records, scaling_comparison, training_variant
+from benchmarks.records import AUTHORS_TRAINING, load_records, training_variant
+from benchmarks.report import TARGETS, scaling_comparison
 
 
 def benchmark_records(device: str) -> list[dict]:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks import decoding, report, run, sampling
+from benchmarks import decoding, plots, report, run, sampling
 from benchmarks.measure import DeviceState
+from benchmarks.records import variant_order
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
 from peft_parscale import ParScaleConfig
 
@@ -213,7 +214,7 @@ def test_decode_plot_draws_only_lengths_measured_with_the_base_model(tmp_path, m
     records += [sweep("1.5b", "P2", 64, 64, 3.0)]
     titles = []
     monkeypatch.setattr(Axes, "set_title", lambda axis, title, *a, **k: titles.append(title))
-    written = report.write_plots(records, [], str(tmp_path))
+    written = plots.write_plots(records, [], str(tmp_path))
     assert [path for path in written if path.endswith("decode_latency.png")]
     assert titles == ["Qwen2.5-0.5b shape, 64+64 tokens"]
 
@@ -332,8 +333,8 @@ def test_variants_name_the_streams_and_the_prefix_length(variant, streams, prefi
     hidden = config.hidden_size
     aggregator = streams * hidden * hidden + hidden + hidden * streams + streams if streams > 1 else 0
     assert (info["P"], info["prefix_length"], info["adapter_params"]) == (streams, prefix_length, prefixes + aggregator)
-    assert report.variant_order("stock") < report.variant_order("P1") < report.variant_order("P1T12")
-    assert report.variant_order("P1T384") < report.variant_order("P2") < report.variant_order("dense_P2")
+    assert variant_order("stock") < variant_order("P1") < variant_order("P1T12")
+    assert variant_order("P1T384") < variant_order("P2") < variant_order("dense_P2")
 
 
 def test_laptop_measurement_runs_the_readme_block_and_the_same_eval_without_the_adapter():
