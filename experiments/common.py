@@ -1,5 +1,5 @@
 """What the experiments share: the model they start from, the code corpus and its training windows, equal token
-budgets, processes run side by side, and plotting.
+budgets, processes run side by side, plotting, and the device and versions a result records.
 
 The experiments are scripts (``python experiments/NAME.py``), so this folder is on the import path when one runs and
 each imports from here (``from common import ...``), never from another experiment. They import the package; the
@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -55,6 +56,18 @@ DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 def device_name() -> str:
     """The GPU a result was measured on (its name as CUDA gives it), or ``cpu``."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def environment() -> dict:
+    """Where and with what a result was made: the device, the versions of torch, transformers and TRL, the date."""
+    import transformers
+    import trl
+
+    return {
+        "device": device_name(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_cache: str | None) -> None:

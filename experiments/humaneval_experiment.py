@@ -68,8 +68,6 @@ import subprocess
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
-from itertools import chain
 from pathlib import Path
 
 import torch
@@ -78,27 +76,24 @@ from common import (
     DTYPE,
     OUT_OF_GPU_MEMORY,
     add_model_arguments,
-    device_name,
+    environment,
     equal_budget_config,
     model_path,
     run_side_by_side,
     start_in_own_session,
 )
-from datasets import Dataset
+from humaneval_data import prepare, read_pairs
 from humaneval_results import EVAL_PHASES, report, result_path, write_result
 from stream_diversity import StreamDiversityTrainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
-from peft_parscale.data import path_bucket, python_packages_corpus, python_stdlib_corpus
 from peft_parscale.eval import completion_loss, load_model
-from peft_parscale.function_pairs import as_conversations, function_pairs
 from peft_parscale.humaneval import evaluate_humaneval, load_problems
 from peft_parscale.sft import ParScaleSFTTrainer
 
 SPLIT_OF_LOSS_PHASE = {"loss": "test", "val": "validation"}
 SMOKE_PROBLEMS = ["HumanEval/0", "HumanEval/53"]
-SMOKE_FILES = 120  # stdlib files read in smoke runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -234,58 +229,6 @@ def resolved_comparisons(args: argparse.Namespace) -> list[str]:
             continue
         pairs.append(":".join(sides))
     return pairs
-
-
-def environment() -> dict:
-    import transformers
-    import trl
-
-    return {
-        "device": device_name(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def prepare(args: argparse.Namespace) -> None:
-    if (args.data / "stats.json").is_file():
-        print(f"prepare: done already ({args.data})")
-        return
-    started = time.time()
-    if args.smoke:
-        corpora = [python_stdlib_corpus()["train"].select(range(SMOKE_FILES))]
-    else:
-        corpora = [*python_stdlib_corpus().values(), *python_packages_corpus().values()]
-    pairs, stats = function_pairs(chain(*corpora), heldout_percent=args.heldout_percent)
-    # the files in the next hash buckets after the held-out ones give the validation pairs (as in the corpora)
-    validation_buckets = range(args.heldout_percent, args.heldout_percent + args.validation_percent)
-    in_validation = [path_bucket(path) in validation_buckets for path in pairs["train"]["path"]]
-    pairs["validation"] = pairs["train"].select([i for i, flag in enumerate(in_validation) if flag])
-    pairs["train"] = pairs["train"].select([i for i, flag in enumerate(in_validation) if not flag])
-    stats["validation"], stats["train"] = len(pairs["validation"]), len(pairs["train"])
-    args.data.mkdir(parents=True, exist_ok=True)
-    for split, rows in pairs.items():
-        write_jsonl(args.data / f"{split}.jsonl", rows)
-    summary = {"stats": stats, "python": sys.version.split()[0], "seconds": time.time() - started, **environment()}
-    (args.data / "stats.json").write_text(json.dumps(summary, indent=1))
-    print(f"prepare: {stats['train']} training and {stats['test']} held-out pairs -> {args.data}")
-
-
-def write_jsonl(path: Path, rows: Dataset) -> None:
-    with path.open("w") as file:
-        for row in rows:
-            file.write(json.dumps(row) + "\n")
-
-
-def read_pairs(args: argparse.Namespace, split: str) -> Dataset:
-    """A split of the prepared pairs in the training format (json lines read directly: no `datasets` cache)."""
-    path = args.data / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `--only prepare` (with the same --data) first")
-    with path.open() as file:
-        rows = [json.loads(line) for line in file]
-    pairs = Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]} for row in rows])
-    return as_conversations(pairs) if args.train_format == "chat" else pairs
 
 
 def train(args: argparse.Namespace, path: Path, name: str) -> None:

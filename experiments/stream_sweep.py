@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 import torch
-from arms import Arm, arm_learning_rate, arm_peft_config, parse_arm
+from arms import arm_learning_rate, arm_peft_config, parse_arm
 from common import (
     add_model_arguments,
     device_name,
@@ -67,7 +67,7 @@ from common import (
     start_in_own_session,
 )
 from datasets import Dataset
-from sweep_results import WINDOW_LOSSES, compare_adapters, report
+from sweep_results import WINDOW_LOSSES, compare_adapters, report, write_result
 from trainer_clock import StepClock, StopAtDeadline
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
@@ -75,7 +75,7 @@ from trl import SFTConfig
 from window_losses import window_losses
 
 import peft_parscale  # noqa: F401  (registers the ParScale adapter type with PEFT)
-from peft_parscale.sft import ParScaleSFTTrainer, wrapped_in_ddp
+from peft_parscale.sft import ParScaleSFTTrainer
 
 WINDOW_SETS = ("heldout", "validation")  # the windows every finished run is scored on, one loss per window
 # the window sets --prepare builds: name -> (corpus split, the argument giving their tokens)
@@ -330,70 +330,6 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
             write_window_losses(args, trainer.model, out, training_args.per_device_eval_batch_size)
         write_result(args, arm, name, rate, out, trainer, validation_loss)
     trainer.accelerator.wait_for_everyone()
-
-
-def gradients_averaged(trainer) -> bool:
-    """Whether the run's processes averaged their gradients: one process, FSDP, or a model wrapped in DDP."""
-    return trainer.accelerator.num_processes == 1 or trainer.is_fsdp_enabled or wrapped_in_ddp(trainer)
-
-
-def steady_tokens_per_s(segments: list[dict], tokens_per_step: int, device: str) -> float | None:
-    """The best median step of the segments that ran alone on `device`, as tokens/s; None if none did. A segment
-    trained side by side with other runs has no speed of its own, nor one on another kind of GPU than the run's last
-    (segments recorded before they named their device count as on it)."""
-    steady = [
-        segment["steady_step_s"]
-        for segment in segments
-        if segment.get("gpu_shared_by", 1) == 1
-        and segment.get("device", device) == device
-        and segment["steady_step_s"] is not None
-    ]
-    return tokens_per_step / min(steady) if steady else None
-
-
-def write_result(args, arm: Arm, name: str, rate: float, out: Path, trainer, validation_loss: float) -> None:
-    tokens_per_step = args.batch_size * args.seq_len
-    segments = [json.loads(path.read_text()) for path in sorted(out.glob("segment-*.json"))]
-    curve = [
-        (log["step"] * tokens_per_step, log["eval_loss"]) for log in trainer.state.log_history if "eval_loss" in log
-    ]
-    train_seconds = sum(segment["seconds"] for segment in segments)
-    result = {
-        "name": name + args.tag,
-        "arm": name,
-        "kind": arm.kind,
-        "P": arm.P,
-        "processes": trainer.accelerator.num_processes,
-        "distributed_type": str(trainer.accelerator.distributed_type),
-        # several processes averaged their gradients (DDP or FSDP): not so after an evaluation before train(), which
-        # `check_data_parallel_wrapping` now refuses; the two-GPU runs of 2026-11-30 did not record it (they did not)
-        "gradients_averaged": gradients_averaged(trainer),
-        "dtype": "float32" if args.float32 else ("bfloat16" if trainer.args.bf16 else "float32"),
-        "compiled_layers": args.compile,
-        "gpu_shared_by": max(segment.get("gpu_shared_by", 1) for segment in segments),  # the most, over segments
-        "steps": trainer.state.global_step,
-        # sequences per forward pass and process (--stream-sequences): the same gradients whatever it is, up to rounding
-        "micro_batch": trainer.args.per_device_train_batch_size,
-        "train_tokens": trainer.state.global_step * tokens_per_step,
-        "train_seconds": train_seconds,  # the segments' steps, evaluations and checkpoints included
-        "steady_tokens_per_s": steady_tokens_per_s(segments, tokens_per_step, device_name()),
-        "segments": segments,
-        "learning_rate": rate,
-        "optim": args.optim,
-        "adam_epsilon": args.adam_epsilon,
-        "smoothing": args.smoothing if arm.kind == "parscale" else None,
-        "prefix_length": (arm.prefix_length or args.prefix_length) if arm.kind == "parscale" else None,
-        "lora_rank": args.lora_rank if arm.kind == "lora" else None,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "adapter_bytes": sum(file.stat().st_size for file in (out / "adapter").glob("*.safetensors")),
-        "validation_loss": validation_loss,  # to choose learning rates (module docstring)
-        "heldout_curve": curve,  # (training tokens, held-out loss)
-        "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
-        "device": device_name(),
-        "versions": {module.__name__: module.__version__ for module in (torch, __import__("transformers"))},
-    }
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({key: value for key, value in result.items() if "curve" not in key}), flush=True)
 
 
 def write_window_losses(args: argparse.Namespace, model, out: Path, batch_size: int) -> dict[str, list[float]]:

@@ -1,7 +1,7 @@
 """What the stream sweep's output folder holds (`stream_sweep.py`), and the tables, fits and curves made from it.
 
 Every run has a folder named after its arm (`arms.parse_arm`) and ``--tag``, holding ``result.json`` once it has
-finished. `report` reads them all and writes ``report.json`` and ``curves.png``:
+finished (`write_result`). `report` reads them all and writes ``report.json`` and ``curves.png``:
 
 - one row per arm run without a tag (``base``, ``P<n>``, ``P<n>T<t>``, ``lora@<rate>``, ...) with its learning rate,
   trainable parameters, adapter size, held-out losses, validation loss and speed, and its held-out learning curve;
@@ -21,19 +21,89 @@ finished. `report` reads them all and writes ``report.json`` and ``curves.png``:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 
 import torch
-from arms import ARM_NAME, parse_arm
-from common import pyplot
+from arms import ARM_NAME, Arm, parse_arm
+from common import device_name, pyplot
 from window_losses import paired_differences
 
 from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON, fit_log_linear
+from peft_parscale.sft import wrapped_in_ddp
 
 ADAPTERS = ("parscale", "lora")  # the kinds of arm with an adapter, in the order the table lists them
 WINDOW_LOSSES = "window_losses.json"  # in a run's folder: {"heldout": [loss per window], "validation": [...]}
+
+
+def gradients_averaged(trainer) -> bool:
+    """Whether the run's processes averaged their gradients: one process, FSDP, or a model wrapped in DDP."""
+    return trainer.accelerator.num_processes == 1 or trainer.is_fsdp_enabled or wrapped_in_ddp(trainer)
+
+
+def steady_tokens_per_s(segments: list[dict], tokens_per_step: int, device: str) -> float | None:
+    """The best median step of the segments that ran alone on `device`, as tokens/s; None if none did. A segment
+    trained side by side with other runs has no speed of its own, nor one on another kind of GPU than the run's last
+    (segments recorded before they named their device count as on it)."""
+    steady = [
+        segment["steady_step_s"]
+        for segment in segments
+        if segment.get("gpu_shared_by", 1) == 1
+        and segment.get("device", device) == device
+        and segment["steady_step_s"] is not None
+    ]
+    return tokens_per_step / min(steady) if steady else None
+
+
+def write_result(
+    args: argparse.Namespace, arm: Arm, name: str, rate: float, out: Path, trainer, validation_loss: float
+) -> None:
+    """A finished run's result.json in `out`: what it is, how it trained (its segments, `steady_tokens_per_s`), its
+    held-out curve and validation loss, and where it ran."""
+    tokens_per_step = args.batch_size * args.seq_len
+    segments = [json.loads(path.read_text()) for path in sorted(out.glob("segment-*.json"))]
+    curve = [
+        (log["step"] * tokens_per_step, log["eval_loss"]) for log in trainer.state.log_history if "eval_loss" in log
+    ]
+    train_seconds = sum(segment["seconds"] for segment in segments)
+    result = {
+        "name": name + args.tag,
+        "arm": name,
+        "kind": arm.kind,
+        "P": arm.P,
+        "processes": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        # several processes averaged their gradients (DDP or FSDP): not so after an evaluation before train(), which
+        # `check_data_parallel_wrapping` now refuses; the two-GPU runs of 2026-11-30 did not record it (they did not)
+        "gradients_averaged": gradients_averaged(trainer),
+        "dtype": "float32" if args.float32 else ("bfloat16" if trainer.args.bf16 else "float32"),
+        "compiled_layers": args.compile,
+        "gpu_shared_by": max(segment.get("gpu_shared_by", 1) for segment in segments),  # the most, over segments
+        "steps": trainer.state.global_step,
+        # sequences per forward pass and process (--stream-sequences): the same gradients whatever it is, up to rounding
+        "micro_batch": trainer.args.per_device_train_batch_size,
+        "train_tokens": trainer.state.global_step * tokens_per_step,
+        "train_seconds": train_seconds,  # the segments' steps, evaluations and checkpoints included
+        "steady_tokens_per_s": steady_tokens_per_s(segments, tokens_per_step, device_name()),
+        "segments": segments,
+        "learning_rate": rate,
+        "optim": args.optim,
+        "adam_epsilon": args.adam_epsilon,
+        "smoothing": args.smoothing if arm.kind == "parscale" else None,
+        "prefix_length": (arm.prefix_length or args.prefix_length) if arm.kind == "parscale" else None,
+        "lora_rank": args.lora_rank if arm.kind == "lora" else None,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "adapter_bytes": sum(file.stat().st_size for file in (out / "adapter").glob("*.safetensors")),
+        "validation_loss": validation_loss,  # to choose learning rates (module docstring)
+        "heldout_curve": curve,  # (training tokens, held-out loss)
+        "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
+        "device": device_name(),
+        "versions": {module.__name__: module.__version__ for module in (torch, __import__("transformers"))},
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({key: value for key, value in result.items() if "curve" not in key}), flush=True)
 
 
 def report(output: Path, default_prefix_length: int, default_learning_rate: float) -> dict:

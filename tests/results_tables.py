@@ -31,7 +31,7 @@ def sweep_runs(directory: pathlib.Path) -> list[dict]:
             continue  # the base model is a row of its own; P8-1gpu, P8-fp32-*: the same run's speed and parity
         tokens_per_step = result["train_tokens"] // result["steps"]
         # A segment trained side by side with other runs has no speed of its own, nor one on another kind of GPU
-        # than the run's last (`stream_sweep.steady_tokens_per_s`; segments without a device count as on it).
+        # than the run's last (`sweep_results.steady_tokens_per_s`; segments without a device count as on it).
         result["segment_tokens_per_s"] = [
             tokens_per_step / s["steady_step_s"]
             for s in result["segments"]

@@ -512,7 +512,7 @@ def test_gap_fit_leaves_out_the_first_evaluation():
 def test_a_runs_speed_comes_from_segments_alone_on_its_last_device():
     """A run resumed on another kind of GPU: its speed is the best median step of the segments that ran alone on the
     device it ended on; segments recorded before segments named their device count as on it."""
-    steady_tokens_per_s = import_experiment("stream_sweep").steady_tokens_per_s
+    steady_tokens_per_s = import_experiment("sweep_results").steady_tokens_per_s
     segments = [
         {"steady_step_s": 0.5, "gpu_shared_by": 3},  # shared: no speed of its own
         {"steady_step_s": 2.0, "gpu_shared_by": 1},  # before segments named their device
