@@ -1,5 +1,6 @@
 """The raw records of `benchmarks.run` (JSON lines): loading them, and choosing the latest of each case in the order
-the tables and plots list them (`benchmarks.report`, `benchmarks.plots`)."""
+the tables and plots list them (`benchmarks.report`, `benchmarks.plots`); and the authors' training speeds that the
+tables and plots set beside them."""
 
 from __future__ import annotations
 

@@ -26,8 +26,6 @@ from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON
 TARGETS = {"latency_ratio": 1.2, "fast_ms_per_token": 5.0, "memory_ratio": 1.05, "train_tokens_per_s": 8300.0}
 
 
-
-
 def predicted_loss(non_embedding_params: float, num_streams: int = 1) -> float:
     """The loss the paper's law fitted on Stack-V2 Python predicts for N non-embedding parameters and P streams."""
     return PAPER_STACK_V2_PYTHON.predict(non_embedding_params, num_streams)
@@ -49,10 +47,6 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
         "| " + " | ".join(number(cell) if not isinstance(cell, str) else cell for cell in row) + " |" for row in rows
     ]
     return "\n".join(lines)
-
-
-
-
 
 
 def device_state_cells(record: Record) -> list[str]:
@@ -286,8 +280,6 @@ def comparison_table(comparisons: list[Record]) -> str:
     return table(header, body)
 
 
-
-
 def training_table(records: list[Record]) -> str:
     rows = {}
     for r in records:
@@ -303,8 +295,6 @@ def training_table(records: list[Record]) -> str:
     ]  # fmt: skip
     body = [[r.get(c, "none") for c in columns] + [r["mfu"], r["peak_mem_gib"]] for _, r in sorted(rows.items())]
     return table(header, body)
-
-
 
 
 def by_device(records: list[Record]) -> dict[str, list[Record]]:

@@ -51,8 +51,8 @@ from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS
 from . import report
 from .decoding import FAST_MODE_OPTIONS, decode_sweep
 from .measure import device_ceilings, environment, free_memory
-from .records import load_records
 from .profiling import write_profiles
+from .records import load_records
 from .sampling import sampling_throughput, selector_compilation
 from .training import TRAIN_COMPILE_MODES, train_throughput
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -58,7 +59,7 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def environment() -> dict:
+def environment() -> dict[str, Any]:
     """Where and with what a result was made: the device, the versions of torch, transformers and TRL, the date."""
     import transformers
     import trl

@@ -1,6 +1,7 @@
-"""The HumanEval experiment's data folder (``--data``): HumanEval-shaped function pairs from real code, split by
-file hash into training, validation and held-out pairs (`peft_parscale.function_pairs`), written as json lines with
-the run's environment in ``stats.json``, and read back in the training format.
+"""The HumanEval experiment's data folder (``--data``): HumanEval-shaped function pairs from real code
+(`peft_parscale.function_pairs`, which holds out the files of the first hash buckets), the next buckets' files taken
+as validation pairs, all written as json lines with the run's environment in ``stats.json``, and read back in the
+training format.
 
     prepare(args)                       # once: OUTPUT/data/{train,validation,test}.jsonl and stats.json
     train_pairs = read_pairs(args, "train")
@@ -25,6 +26,7 @@ SMOKE_FILES = 120  # stdlib files read in smoke runs
 
 
 def prepare(args: argparse.Namespace) -> None:
+    """Write the training, validation and held-out pairs to ``--data`` once (a folder with ``stats.json`` is done)."""
     if (args.data / "stats.json").is_file():
         print(f"prepare: done already ({args.data})")
         return
@@ -49,6 +51,7 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def write_jsonl(path: Path, rows: Dataset) -> None:
+    """One JSON object per row."""
     with path.open("w") as file:
         for row in rows:
             file.write(json.dumps(row) + "\n")

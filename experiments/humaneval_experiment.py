@@ -31,7 +31,8 @@ rerun skips what exists. ``MODEL`` is ``base``, ``P<n>``, ``P<n>T<t>`` or ``lora
 and then an optional ``#<seed>`` (the arm trained again with another seed; ParScale arms with P >= 2 take an optional
 ``+div<λ>`` before the rate):
 
-    prepare           the pairs, from this interpreter's standard library and site-packages -> DATA (--data)
+    prepare           the pairs, from this interpreter's standard library and site-packages -> DATA (--data;
+                      `humaneval_data.py`)
     train:MODEL       an adapter -> OUTPUT/MODEL/adapter, train.json
     greedy:MODEL      greedy pass@1, completion and chat mode -> OUTPUT/MODEL/greedy.json.gz (every sample and verdict)
     sampled:MODEL     pass@1 and pass@10 from --samples samples -> OUTPUT/MODEL/sampled.json.gz (every sample)

@@ -26,7 +26,8 @@ is the one the full run is named with:
 
 ``--side-by-side N`` trains up to N runs at once on one GPU, each in its own process (its output in
 OUTPUT/logs/<run>.log), so that one run's loading and compiling overlap the others' training. Each segment records
-how many runs shared the GPU (``gpu_shared_by``), and the report gives speeds only from segments that ran alone. A run
+how many runs shared the GPU (``gpu_shared_by``) and which GPU it ran on, and the report gives speeds only from
+segments that ran alone on the GPU the run ended on. A run
 trained side by side computes what it would compute alone: the same windows, order, batch and schedule. After a
 failed run no new one starts; the call fails once the others have ended.
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from arms import ARM_NAME, Arm, parse_arm
 from common import device_name, pyplot
+from trl import SFTTrainer
 from window_losses import paired_differences
 
 from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON, fit_log_linear
@@ -38,7 +39,7 @@ ADAPTERS = ("parscale", "lora")  # the kinds of arm with an adapter, in the orde
 WINDOW_LOSSES = "window_losses.json"  # in a run's folder: {"heldout": [loss per window], "validation": [...]}
 
 
-def gradients_averaged(trainer) -> bool:
+def gradients_averaged(trainer: SFTTrainer) -> bool:
     """Whether the run's processes averaged their gradients: one process, FSDP, or a model wrapped in DDP."""
     return trainer.accelerator.num_processes == 1 or trainer.is_fsdp_enabled or wrapped_in_ddp(trainer)
 
@@ -58,7 +59,13 @@ def steady_tokens_per_s(segments: list[dict], tokens_per_step: int, device: str)
 
 
 def write_result(
-    args: argparse.Namespace, arm: Arm, name: str, rate: float, out: Path, trainer, validation_loss: float
+    args: argparse.Namespace,
+    arm: Arm,
+    name: str,
+    rate: float,
+    out: Path,
+    trainer: SFTTrainer,
+    validation_loss: float,
 ) -> None:
     """A finished run's result.json in `out`: what it is, how it trained (its segments, `steady_tokens_per_s`), its
     held-out curve and validation loss, and where it ran."""
@@ -182,7 +189,7 @@ def arms_table(arms: list[dict], base: dict | None) -> str:
             number(final, ".4f"),
             number(versus, "+.4f"),
             number(r.get("validation_loss"), ".4f"),
-            number(r["steady_tokens_per_s"], ",.0f"),  # None where every segment shared the GPU
+            number(r["steady_tokens_per_s"], ",.0f"),  # None where no segment ran alone on the run's last GPU
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from benchmarks.report import TARGETS, scaling_comparison
 
 def benchmark_records(device: str) -> list[dict]:
     """The records of one device, in the order they were written (a later record of the same case replaces an
-    earlier one, as in `benchmarks.report`)."""
+    earlier one, as in `benchmarks.records.decode_rows`)."""
     records = load_records([str(ROOT / "benchmarks" / "results" / "results.jsonl")])
     # training records name their variant since the suite took the experiment's arms; the earlier ones are P<n>
     return [

@@ -21,8 +21,9 @@ SWEEP = RESULTS / "stream-sweep"
 def sweep_runs(directory: pathlib.Path) -> list[dict]:
     """The sweep's arms in `directory`, ParScale by P and prefix length, then LoRA: every run named after its arm
     alone (P1, P8, P1T192, lora@6e-4, ...; not a variant named with --tag, such as P8-1gpu), each with its held-out
-    curve [(tokens, loss)], training tokens, steady tokens/s of each segment, a label (``P=8`` for the sweep's P<n>,
-    else the arm's name), and, for a run stopped before its end, the step it stopped at."""
+    curve [(tokens, loss)], training tokens, the steady tokens/s of each segment that ran alone on the run's last
+    device, a label (``P=8`` for the sweep's P<n>, else the arm's name), and, for a run stopped before its end, the
+    step it stopped at."""
     runs = []
     for path in sorted(directory.glob("*/result.json")):
         result = read_json(path)
@@ -31,11 +32,14 @@ def sweep_runs(directory: pathlib.Path) -> list[dict]:
             continue  # the base model is a row of its own; P8-1gpu, P8-fp32-*: the same run's speed and parity
         tokens_per_step = result["train_tokens"] // result["steps"]
         # A segment trained side by side with other runs has no speed of its own, nor one on another kind of GPU
-        # than the run's last (`sweep_results.steady_tokens_per_s`; segments without a device count as on it).
+        # than the run's last, nor one too short for a median (`sweep_results.steady_tokens_per_s`; segments
+        # without a device count as on it).
         result["segment_tokens_per_s"] = [
             tokens_per_step / s["steady_step_s"]
             for s in result["segments"]
-            if s.get("gpu_shared_by", 1) == 1 and s.get("device", result.get("device")) == result.get("device")
+            if s.get("gpu_shared_by", 1) == 1
+            and s.get("device", result.get("device")) == result.get("device")
+            and s["steady_step_s"] is not None
         ]
         runs.append({**result, "label": f"P={result['P']}" if arm == f"P{result['P']}" else arm})
     for path in sorted(directory.glob("P*-partial/trainer_state.json")):
@@ -78,8 +82,9 @@ def gpus(count: int) -> str:
 
 def stream_sweep(path: str = "stream-sweep") -> str:
     """The sweep's final held-out losses (`sweep_runs` of results/PATH) against the base model's, with throughput: a
-    run that shared the GPU in every segment has none of its own ("shared by 3"). Until the base model has been
-    scored (a sweep in progress) its row is left out and so is the difference."""
+    run that shared the GPU in every segment has none of its own ("shared by 3"); where the runs' speeds come from
+    different kinds of GPU, each names its own. Until the base model has been scored (a sweep in progress) its row is
+    left out and so is the difference."""
     directory = RESULTS / path
     runs = sweep_runs(directory)
     base_result = directory / "base" / "result.json"

@@ -151,11 +151,20 @@ def test_a_sweep_in_progress_has_no_base_row_and_says_which_runs_shared_the_gpu(
 
 def test_sweep_speeds_come_from_each_runs_last_device_and_name_it_where_devices_differ(tmp_path):
     # P=4 trained alone on an H100 (one segment without a device, from before segments named it); P=8 alone on an
-    # H100 for a segment, then alone on an H200, where it ended: 32,768 tokens a step
+    # H100 for a segment, then alone on an H200, where it ended (its last segment too short for a median): 32,768
+    # tokens a step
     h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
     for name, device, segments in (
         ("P4", h100, [{"steady_step_s": 1.25, "gpu_shared_by": 1}]),
-        ("P8", h200, [{"steady_step_s": 2.0, "gpu_shared_by": 1, "device": h100}, {"steady_step_s": 1.0, "gpu_shared_by": 1, "device": h200}]),
+        (
+            "P8",
+            h200,
+            [
+                {"steady_step_s": 2.0, "gpu_shared_by": 1, "device": h100},
+                {"steady_step_s": 1.0, "gpu_shared_by": 1, "device": h200},
+                {"steady_step_s": None, "gpu_shared_by": 1, "device": h200},  # too few steps for a median
+            ],
+        ),
     ):
         (tmp_path / name).mkdir()
         result = {"name": name, "arm": name, "kind": "parscale", "P": int(name[1:]), "prefix_length": 48}

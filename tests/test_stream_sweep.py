@@ -164,7 +164,7 @@ def test_stream_sweep_trains_runs_side_by_side_as_it_trains_them_alone(tmp_path)
         assert [segment["gpu_shared_by"] for segment in results[1]["segments"]] == [2]
         (segment,) = results[1]["segments"]  # what side by side overlaps: loading, then the first steps' compiling
         assert segment["setup_s"] > 0 and 0 < segment["first_steps_s"] <= segment["seconds"]
-        assert segment["device"] == "cpu"
+        assert segment["device"] == import_experiment("common").device_name()
         assert results[0]["steady_tokens_per_s"] is not None and results[1]["steady_tokens_per_s"] is None
         row = next(
             line for line in stdout.splitlines() if line.startswith(f"| {name} | {results[1]['learning_rate']:g} |")
