@@ -200,15 +200,17 @@ def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | No
     base = {same_call(record): record["decode_ms_per_token"] for record in fast if record["variant"] == "stock"}
 
     def vs_base(record: dict) -> float | None:
-        anchor = base.get(same_call(record)) if same_call(record)[0] and record["variant"] != "stock" else None
+        call = same_call(record)
+        anchor = base.get(call) if call[0] and record["variant"] != "stock" else None
         return record["decode_ms_per_token"] / anchor if anchor else None
 
-    chosen: dict[tuple[str, int], tuple[tuple[bool, int, int], dict]] = {}
+    chosen: dict[tuple[str, int], tuple[tuple[bool, int, int], float, float | None]] = {}
     for index, record in enumerate(fast):
-        case, rank = (record["variant"], record["batch"]), (vs_base(record) is not None, record["new_tokens"], index)
+        case, ratio = (record["variant"], record["batch"]), vs_base(record)
+        rank = (ratio is not None, record["new_tokens"], index)
         if case not in chosen or rank > chosen[case][0]:
-            chosen[case] = (rank, record)
-    return {case: (record["decode_ms_per_token"], vs_base(record)) for case, (_, record) in chosen.items()}
+            chosen[case] = (rank, record["decode_ms_per_token"], ratio)
+    return {case: (ms_per_token, ratio) for case, (_, ms_per_token, ratio) in chosen.items()}
 
 
 def training_speeds(results: Path) -> dict[str, float]:
