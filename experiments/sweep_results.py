@@ -256,6 +256,18 @@ def grid_table(groups: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# Qwen2.5-Coder-0.5B-Instruct's non-embedding parameters: all of them minus the (tied) embedding
+NON_EMBEDDING_PARAMETERS = 494_032_768 - 151_936 * 896
+
+
+def paper_law_gap(num_streams: int) -> float:
+    """L(P=1) − L(P) that the paper's Stack-V2-Python law predicts at this model's size: for a model trained with its
+    streams, not a recycled frozen one."""
+    return PAPER_STACK_V2_PYTHON.predict(NON_EMBEDDING_PARAMETERS, 1) - PAPER_STACK_V2_PYTHON.predict(
+        NON_EMBEDDING_PARAMETERS, num_streams
+    )
+
+
 def gap_analysis(sweep: list[dict]) -> dict:
     """Gap L(P=1) − L(P) at each evaluation, a fit gap = a + b·ln(tokens) for the largest P over the evaluations after
     the first, and the tokens at which that fit reaches the gap the paper's Stack-V2-Python law predicts for the same
@@ -278,10 +290,7 @@ def gap_analysis(sweep: list[dict]) -> dict:
         # The package's fit in ln x: gap = intercept − fit.slope·ln(tokens), so the gap grows by −fit.slope per ln.
         fit = fit_log_linear([tokens for tokens, _ in points], [gap for _, gap in points])
         intercept, slope = fit.intercept, -fit.slope
-        non_embedding = 494_032_768 - 151_936 * 896  # Qwen2.5-0.5B: all parameters minus the (tied) embedding
-        paper_gap = PAPER_STACK_V2_PYTHON.predict(non_embedding, 1) - PAPER_STACK_V2_PYTHON.predict(
-            non_embedding, largest
-        )
+        paper_gap = paper_law_gap(largest)
         analysis["gap_fit"] = {
             "P": largest,
             "from_tokens": points[0][0],
@@ -340,23 +349,36 @@ def compare_adapters(output: Path, names: list[str], bound: float) -> dict:
 
 def plot_curves(arms: list[dict], sweep: list[dict], base: dict | None, gaps: dict[str, list], path: Path) -> None:
     """Every arm's held-out learning curve, and the gain of the sweep's P streams over one against tokens (`gaps`:
-    `gap_analysis`'s)."""
+    `gap_analysis`'s), each beside the gain the paper's law predicts for a model trained with its streams (dashed)."""
     plt = pyplot()
     if plt is None:
         return
     figure, (losses, gain) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {}  # each P in the same colour in both panels
     for r in arms:
         curve = dict(r["heldout_curve"])
         tokens = sorted(curve)
         label = f"P={r['P']}" if r in sweep else r["name"]
-        losses.plot([t / 1e6 for t in tokens], [curve[t] for t in tokens], "o-", markersize=3, label=label)
+        (line,) = losses.plot([t / 1e6 for t in tokens], [curve[t] for t in tokens], "o-", markersize=3, label=label)
+        colours[label] = line.get_color()
+    drawn = False
     for P, points in gaps.items():
         shown = [(tokens, gap) for tokens, gap in points if tokens > 0]  # a log axis
-        gain.plot([tokens / 1e6 for tokens, _ in shown], [gap for _, gap in shown], "o-", label=f"P={P}")
+        if not shown:
+            continue
+        drawn = True
+        colour = colours.get(f"P={P}")
+        gain.plot([tokens / 1e6 for tokens, _ in shown], [gap for _, gap in shown], "o-", color=colour, label=f"P={P}")
+        gain.axhline(paper_law_gap(int(P)), color=colour, linestyle="--", linewidth=0.8, label=f"P={P}, paper's law")
     if base:
         losses.axhline(base["heldout_loss"], color="gray", linestyle=":", label="base")
     losses.set(xlabel="training tokens (M)", ylabel="held-out loss (nats/token)", title="learning curves")
     gain.set(xscale="log", xlabel="training tokens (M)", ylabel="L(P=1) − L(P)", title="gain over one stream")
+    if drawn:  # plain numbers at 1, 2 and 5 times each power of ten: a log axis' default labels read 4×10^0
+        ticker = plt.matplotlib.ticker
+        gain.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        gain.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        gain.xaxis.set_minor_formatter(ticker.NullFormatter())
     gain.axhline(0, color="gray", linewidth=0.5)
     for axis in (losses, gain):
         if axis.get_legend_handles_labels()[0]:  # no gain to draw without P=1 and another P
