@@ -1,5 +1,6 @@
 """Where the time goes: `torch.profiler` tables of one adapter-training step, of fast-path decode steps at batch 1,
-and of fast-path sampling steps of HumanEval's workload."""
+and of fast-path sampling steps of HumanEval's workload, each headed by its self time in families of kernels
+(matrix products, attention, ...), which answer "what is the rest of the time spent on" without reading every row."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 import torch
 from peft import get_peft_model
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from peft_parscale import ParScaleConfig
@@ -18,15 +20,64 @@ from .sampling import humaneval_sampling, sampling_decoder
 from .shapes import shape_config
 
 
+# Families of GPU kernels (or, on a CPU, ATen ops) by name: the first whose words a lowercased name contains. Flash
+# and memory-efficient attention kernels contain "cutlass" or "gemm" too, so attention comes first; inductor names its
+# fused kernels triton_*, keeping "softmax" in the name of those that fuse one.
+KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("softmax and loss", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("optimizer", ("multi_tensor_apply", "fused_adam", "aten::_foreach")),
+    ("fused by torch.compile", ("triton",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "aten::cat", "aten::fill_", "fillfunctor")),
+)
+OTHER_FAMILY = "other element-wise and reductions"
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, words in KERNEL_FAMILIES:
+        if any(word in lowered for word in words):
+            return family
+    return OTHER_FAMILY
+
+
+def family_times(averages) -> tuple[dict[str, float], str]:
+    """Self time in microseconds per kernel family, from `profiler.key_averages()`, and what was timed. Where there
+    are GPU kernels, only their own entries count, each kernel once (an op's self device time is also its kernels');
+    otherwise every CPU op's self time."""
+    kernels = [(event.key, event.self_device_time_total) for event in averages if event.device_type == DeviceType.CUDA]
+    if kernels:
+        timed, what = kernels, "GPU kernels"
+    else:
+        timed, what = [(event.key, event.self_cpu_time_total) for event in averages], "CPU ops"
+    times = dict.fromkeys([family for family, _ in KERNEL_FAMILIES] + [OTHER_FAMILY], 0.0)
+    for name, microseconds in timed:
+        times[kernel_family(name)] += microseconds
+    return times, what
+
+
+def family_summary(times: dict[str, float], what: str) -> str:
+    total = sum(times.values())
+    lines = [f"Self time by family ({what}; {total / 1e3:.1f} ms in all):"]
+    for family, microseconds in sorted(times.items(), key=lambda item: -item[1]):
+        share = microseconds / total if total else 0.0
+        lines.append(f"  {family:<36} {microseconds / 1e3:9.2f} ms {share:6.1%}")
+    return "\n".join(lines)
+
+
 def profile_table(function, steps: int) -> str:
+    """`steps` calls of `function` profiled: the families' self time, then torch's table of the 30 costliest rows."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             function()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+    averages = profiler.key_averages()
     sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
+    table = averages.table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
+    return family_summary(*family_times(averages)) + "\n\n" + table
 
 
 def profile_training(

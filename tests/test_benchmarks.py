@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks import decoding, plots, report, run, sampling
+from benchmarks import decoding, plots, profiling, report, run, sampling
 from benchmarks.measure import DeviceState
 from benchmarks.records import variant_order
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
@@ -296,12 +296,58 @@ def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path):
     for name in ("training_P8", "training_P8_layers", "decode_P8", "sampling_P8"):
         table = (tmp_path / f"profile_{name}.txt").read_text()
         assert "aten::linear" in table, name
+        assert table.startswith("Self time by family (CPU ops;"), name
     # the compiled-layers table profiles compiled layers, the eager one none
     assert "Torch-Compiled Region" in (tmp_path / "profile_training_P8_layers.txt").read_text()
     assert "Torch-Compiled Region" not in (tmp_path / "profile_training_P8.txt").read_text()
     # the sampling table profiles the sampling step: top-p sorts the scores, which greedy decoding never does
     assert "aten::sort" in (tmp_path / "profile_sampling_P8.txt").read_text()
     assert "aten::sort" not in (tmp_path / "profile_decode_P8.txt").read_text()
+
+
+def test_kernel_families_by_name():
+    """Real kernel names (CUDA: flash and memory-efficient attention, cuBLAS, ATen, inductor) and CPU op names."""
+    expected = {
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, "
+        "cutlass::bfloat16_t>>": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NNT": "matrix products",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matrix products",
+        "aten::addmm": "matrix products",
+        "aten::mm": "matrix products",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, at::native::Epilogue>": (
+            "softmax and loss"
+        ),
+        "void at::native::(anonymous namespace)::nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>": (
+            "softmax and loss"
+        ),
+        "triton_red_fused__softmax_0": "softmax and loss",
+        "void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "triton_poi_fused__to_copy_add_mul_0": "fused by torch.compile",
+        "Memcpy DtoD (Device -> Device)": "copies and fills",
+        "aten::copy_": "copies and fills",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "copies and fills",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": (
+            "other element-wise and reductions"
+        ),
+        "aten::gelu": "other element-wise and reductions",
+    }
+    assert {name: profiling.kernel_family(name) for name in expected} == expected
+
+
+def test_family_times_count_every_op_once_on_a_cpu():
+    """On a CPU the families split the ops' self times: together they are the profile's whole self time."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    inputs = torch.randn(16, 32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        model(inputs).softmax(-1).sum().backward()
+    averages = profiler.key_averages()
+    times, what = profiling.family_times(averages)
+    assert what == "CPU ops"
+    whole = sum(event.self_cpu_time_total for event in averages)
+    assert sum(times.values()) == pytest.approx(whole, rel=1e-9)  # only the order of a float sum differs
+    assert times["matrix products"] > 0 and times["softmax and loss"] > 0 and times["attention"] == 0
 
 
 @pytest.mark.parametrize("shape", sorted(QWEN25))
