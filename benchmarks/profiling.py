@@ -134,6 +134,9 @@ def profile_sampling(
     return profile_table(lambda: decoder.run(rows_ids, rows_mask, steps, uniforms), 1)
 
 
+PROFILES = ("training_P8", "training_P8_layers", "decode_P8", "sampling_P8")
+
+
 def write_profiles(
     out: str,
     shape: str,
@@ -142,21 +145,21 @@ def write_profiles(
     device: torch.device,
     dtype: torch.dtype,
     tiny: bool,
+    names: tuple[str, ...] = PROFILES,
 ) -> None:
+    """OUT/profile_<name>.txt for each of `names` (`PROFILES`)."""
     length, prompt, new_tokens = (32, 8, 8) if tiny else (2048, 64, 128)
     sampling_steps = 4 if tiny else 32
     tables = {
-        "profile_training_P8.txt": lambda: profile_training(shape, 8, length, device, dtype),
+        "training_P8": lambda: profile_training(shape, 8, length, device, dtype),
         # the sweep's and HumanEval experiment's training: the sampling shape (0.5B), decoder layers compiled
-        "profile_training_P8_layers.txt": lambda: profile_training(
-            sampling_shape, 8, length, device, dtype, compile_layers=True
-        ),
-        "profile_decode_P8.txt": lambda: profile_decoding(shape, 8, prompt, new_tokens, device, dtype),
-        "profile_sampling_P8.txt": lambda: profile_sampling(
+        "training_P8_layers": lambda: profile_training(sampling_shape, 8, length, device, dtype, compile_layers=True),
+        "decode_P8": lambda: profile_decoding(shape, 8, prompt, new_tokens, device, dtype),
+        "sampling_P8": lambda: profile_sampling(
             sampling_shape, 8, **sampling_workload, steps=sampling_steps, device=device, dtype=dtype
         ),
     }
-    for name, make in tables.items():
-        with open(os.path.join(out, name), "w") as file:
-            file.write(make())
+    for name in names:
+        with open(os.path.join(out, f"profile_{name}.txt"), "w") as file:
+            file.write(tables[name]())
         torch._dynamo.reset()

@@ -25,7 +25,8 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
   (the failure seen on an H200 included), and its time per step compiled and eager.
 - profile: torch.profiler tables of one P=8 training step (eager at the target shape, and at the sampling shape
   with decoder layers compiled, as the experiments train), of P=8 fast-path decoding at batch 1, and of 32 P=8
-  fast-path steps of the sampling workload (OUT/profile_*.txt).
+  fast-path steps of the sampling workload (OUT/profile_*.txt; `--profiles` picks some), each headed by its self
+  time in families of kernels.
 - train / train_masks: adapter training throughput (see benchmarks/training.py) for P = 1, 2, 4, 8 (`--train-P`), or
   for any training variants (`--train-variants`: P<n>, P<n>T<t>, lora); train_masks compares the training attention
   mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
@@ -51,7 +52,7 @@ from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS
 from . import report
 from .decoding import FAST_MODE_OPTIONS, decode_sweep
 from .measure import device_ceilings, environment, free_memory
-from .profiling import write_profiles
+from .profiling import PROFILES, write_profiles
 from .records import load_records
 from .sampling import sampling_throughput, selector_compilation
 from .training import TRAIN_COMPILE_MODES, train_throughput
@@ -133,6 +134,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="generate,fast",
         help="sampling suite: any of generate, fast, fast_dynamic, fast_uncompiled, fast_heads_copied",
     )
+    parser.add_argument(
+        "--profiles", default=",".join(PROFILES), help=f"profile suite: any of {', '.join(PROFILES)}"
+    )
     parser.add_argument("--no-report", action="store_true", help="only append to results.jsonl")
     args = parser.parse_args(argv)
     unknown = set(args.target_modes.split(",")) - {"eager", "generate_static", "fast", *FAST_MODE_OPTIONS}
@@ -141,6 +145,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.train_compile.split(",")) - set(TRAIN_COMPILE_MODES)
     if unknown:
         parser.error(f"unknown --train-compile {', '.join(sorted(unknown))}")
+    unknown = set(args.profiles.split(",")) - set(PROFILES)
+    if unknown:
+        parser.error(f"unknown --profiles {', '.join(sorted(unknown))}")
     return args
 
 
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         elif suite == "profile":
             profiled = (defaults["target_shape"], defaults["sampling_shape"], defaults["sampling_workload"])
-            write_profiles(args.out, *profiled, device, dtype, args.tiny)
+            write_profiles(args.out, *profiled, device, dtype, args.tiny, tuple(args.profiles.split(",")))
         elif suite == "equality":
             # Greedy tokens of the fast path against eager generate in float32, where ties are out of reach.
             decode_sweep(

@@ -305,6 +305,15 @@ def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path):
     assert "aten::sort" not in (tmp_path / "profile_decode_P8.txt").read_text()
 
 
+def test_profiles_picks_the_tables(tmp_path):
+    """`--profiles` writes only the tables it names, so a short device call can profile one step."""
+    only = ["--profiles", "training_P8_layers"]
+    assert run.main(["--tiny", "--suites", "profile", *only, "--no-report", "--out", str(tmp_path)]) == 0
+    assert sorted(path.name for path in tmp_path.glob("profile_*")) == ["profile_training_P8_layers.txt"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--out", str(tmp_path), "--profiles", "training_P9"])
+
+
 def test_kernel_families_by_name():
     """Real kernel names (CUDA: flash and memory-efficient attention, cuBLAS, ATen, inductor) and CPU op names."""
     expected = {
