@@ -59,14 +59,20 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def versions() -> dict[str, str]:
+    """The versions of torch and transformers, as every result records them."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def environment() -> dict[str, Any]:
     """Where and with what a result was made: the device, the versions of torch, transformers and TRL, the date."""
-    import transformers
     import trl
 
     return {
         "device": device_name(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "versions": versions() | {"trl": trl.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -37,6 +37,7 @@ from common import (
     leading_packed_windows,
     model_path,
     packages_corpus,
+    versions,
 )
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -179,7 +180,7 @@ def run(args, name: str, path, tokenizer, windows: Dataset, validation_texts: li
         "train_tokens_per_s": tokens / seconds,
         "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
         "device": device_name(),
-        "versions": {module.__name__: module.__version__ for module in (torch, __import__("transformers"))},
+        "versions": versions(),
     }
 
 

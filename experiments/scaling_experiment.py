@@ -37,6 +37,7 @@ from common import (
     model_path,
     plot_against_streams,
     pyplot,
+    versions,
 )
 from datasets import Dataset, DatasetDict, load_dataset
 from peft import PeftModel
@@ -153,7 +154,7 @@ def run_model(args, name: str, path, tokenizer, corpus: DatasetDict, windows: Da
     result |= evaluate(args, model, tokenizer, list(corpus["test"]["text"]))
     result["eval_seconds"] = time.time() - started
     result["device"] = device_name()
-    result["versions"] = {module.__name__: module.__version__ for module in (torch, __import__("transformers"))}
+    result["versions"] = versions()
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(f"{name}: loss {result['heldout']['loss']:.4f}, pass@1 {result['completion_greedy']['pass@1']:.3f}")

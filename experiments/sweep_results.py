@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from arms import ARM_NAME, Arm, parse_arm
-from common import device_name, pyplot
+from common import device_name, pyplot, versions
 from trl import SFTTrainer
 from window_losses import paired_differences
 
@@ -75,6 +75,7 @@ def write_result(
         (log["step"] * tokens_per_step, log["eval_loss"]) for log in trainer.state.log_history if "eval_loss" in log
     ]
     train_seconds = sum(segment["seconds"] for segment in segments)
+    device = device_name()
     result = {
         "name": name + args.tag,
         "arm": name,
@@ -93,7 +94,7 @@ def write_result(
         "micro_batch": trainer.args.per_device_train_batch_size,
         "train_tokens": trainer.state.global_step * tokens_per_step,
         "train_seconds": train_seconds,  # the segments' steps, evaluations and checkpoints included
-        "steady_tokens_per_s": steady_tokens_per_s(segments, tokens_per_step, device_name()),
+        "steady_tokens_per_s": steady_tokens_per_s(segments, tokens_per_step, device),
         "segments": segments,
         "learning_rate": rate,
         "optim": args.optim,
@@ -106,8 +107,8 @@ def write_result(
         "validation_loss": validation_loss,  # to choose learning rates (module docstring)
         "heldout_curve": curve,  # (training tokens, held-out loss)
         "train_loss_curve": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
-        "device": device_name(),
-        "versions": {module.__name__: module.__version__ for module in (torch, __import__("transformers"))},
+        "device": device,
+        "versions": versions(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({key: value for key, value in result.items() if "curve" not in key}), flush=True)
