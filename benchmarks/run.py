@@ -139,15 +139,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-report", action="store_true", help="only append to results.jsonl")
     args = parser.parse_args(argv)
-    unknown = set(args.target_modes.split(",")) - {"eager", "generate_static", "fast", *FAST_MODE_OPTIONS}
-    if unknown:
-        parser.error(f"unknown --target-modes {', '.join(sorted(unknown))}")
-    unknown = set(args.train_compile.split(",")) - set(TRAIN_COMPILE_MODES)
-    if unknown:
-        parser.error(f"unknown --train-compile {', '.join(sorted(unknown))}")
-    unknown = set(args.profiles.split(",")) - set(PROFILES)
-    if unknown:
-        parser.error(f"unknown --profiles {', '.join(sorted(unknown))}")
+    for flag, value, known in (
+        ("--target-modes", args.target_modes, {"eager", "generate_static", "fast", *FAST_MODE_OPTIONS}),
+        ("--train-compile", args.train_compile, set(TRAIN_COMPILE_MODES)),
+        ("--profiles", args.profiles, set(PROFILES)),
+    ):
+        unknown = set(value.split(",")) - known
+        if unknown:
+            parser.error(f"unknown {flag} {', '.join(sorted(unknown))}")
     return args
 
 
