@@ -28,7 +28,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 from common import (
     DTYPE,
     add_model_arguments,
