@@ -23,6 +23,7 @@ from benchmarks.plots import write_plots
 from benchmarks.records import Record, decode_rows, load_records, training_variant, variant_order
 from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON
 
+TRAINING_SUITES = ("train", "train_masks", "train_loops")
 TARGETS = {"latency_ratio": 1.2, "fast_ms_per_token": 5.0, "memory_ratio": 1.05, "train_tokens_per_s": 8300.0}
 
 
@@ -283,15 +284,17 @@ def comparison_table(comparisons: list[Record]) -> str:
 def training_table(records: list[Record]) -> str:
     rows = {}
     for r in records:
-        if r.get("suite") in ("train", "train_masks"):
-            variant = training_variant(r)
-            case = (r["shape"], r["P"], variant, r["mask"], r["gradient_checkpointing"], r.get("compile", "none"))
-            rows[(*case, r["length"])] = {**r, "variant": variant}
+        if r.get("suite") in TRAINING_SUITES:
+            variant, loop = training_variant(r), r.get("loop", "plain")  # records before the loops were plain
+            case = (r["shape"], r["P"], variant, r["mask"], r["gradient_checkpointing"], r.get("compile", "none"), loop)
+            rows[(*case, r["length"])] = {**r, "variant": variant, "loop": loop}
     header = [
-        "shape", "variant", "seq", "batch", "mask", "grad. ckpt", "compile", "step ms", "tokens/s", "MFU", "peak GiB"
+        "shape", "variant", "seq", "batch", "mask", "grad. ckpt", "compile", "loop", "step ms", "tokens/s", "MFU",
+        "peak GiB",
     ]  # fmt: skip
     columns = [
-        "shape", "variant", "length", "batch", "mask", "gradient_checkpointing", "compile", "step_ms", "tokens_per_s"
+        "shape", "variant", "length", "batch", "mask", "gradient_checkpointing", "compile", "loop", "step_ms",
+        "tokens_per_s",
     ]  # fmt: skip
     body = [[r.get(c, "none") for c in columns] + [r["mfu"], r["peak_mem_gib"]] for _, r in sorted(rows.items())]
     return table(header, body)
@@ -331,7 +334,7 @@ def device_sections(records: list[Record], out: str, slug: str) -> list[str]:
         sections.append("### Token choice compilation (sampling step)\n\n" + selector_table(records))
     if any(r.get("suite") == "sampling" for r in records):
         sections.append("### Sampling throughput (HumanEval workload)\n\n" + sampling_table(records))
-    if any(r.get("suite") in ("train", "train_masks") for r in records):
+    if any(r.get("suite") in TRAINING_SUITES for r in records):
         sections.append("### Training throughput\n\n" + training_table(records))
     plots = write_plots(records, comparisons, out, file_prefix=f"{slug}-")
     if plots:

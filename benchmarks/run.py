@@ -30,6 +30,8 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
 - train / train_masks: adapter training throughput (see benchmarks/training.py) for P = 1, 2, 4, 8 (`--train-P`), or
   for any training variants (`--train-variants`: P<n>, P<n>T<t>, lora); train_masks compares the training attention
   mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
+- train_loops: the same step taken by `--train-loops` (plain, under autocast, through `ParScaleSFTTrainer` as the
+  experiments train, and that Trainer with the model's own loss; benchmarks/trainer_loop.py): what the Trainer adds.
 Results are appended to OUT/results.jsonl; OUT/report.md and the plots are rebuilt from everything in it.
 """
 
@@ -55,7 +57,7 @@ from .measure import device_ceilings, environment, free_memory
 from .profiling import PROFILES, write_profiles
 from .records import load_records
 from .sampling import sampling_throughput, selector_compilation
-from .training import TRAIN_COMPILE_MODES, train_throughput
+from .training import TRAIN_COMPILE_MODES, TRAIN_LOOPS, train_throughput
 
 ALL_VARIANTS = ["stock", "P1", "P2", "P4", "P8", "dense_P2", "dense_P4", "dense_P8"]
 GPU_DEFAULTS = {
@@ -124,6 +126,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--train-compile", default="none", help=f"comma-separated: {', '.join(TRAIN_COMPILE_MODES)}")
     parser.add_argument(
+        "--train-loops", default=",".join(TRAIN_LOOPS), help=f"train_loops suite: any of {', '.join(TRAIN_LOOPS)}"
+    )
+    parser.add_argument(
         "--target-modes",
         default="eager,generate_static,fast",
         help="targets suite: any of eager, generate_static, fast, fast_frozen, fast_autotune, fast_frozen_autotune "
@@ -142,6 +147,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for flag, value, known in (
         ("--target-modes", args.target_modes, {"eager", "generate_static", "fast", *FAST_MODE_OPTIONS}),
         ("--train-compile", args.train_compile, set(TRAIN_COMPILE_MODES)),
+        ("--train-loops", args.train_loops, set(TRAIN_LOOPS)),
         ("--profiles", args.profiles, set(PROFILES)),
     ):
         unknown = set(value.split(",")) - known
@@ -271,12 +277,18 @@ def main(argv: list[str] | None = None) -> int:
                     modes=args.sampling_modes.split(","),
                     **sweep_common,
                 )
-        elif suite in ("train", "train_masks"):
+        elif suite in ("train", "train_masks", "train_loops"):
             train_shapes = args.train_shapes.split(",") if args.train_shapes else defaults["train_shapes"]
             train_P = [int(p) for p in args.train_P.split(",")] if args.train_P else defaults["train_P"]
             variants = args.train_variants.split(",") if args.train_variants else [f"P{p}" for p in train_P]
             masks = ["materialised", "lower_right"] if suite == "train_masks" else ["lower_right"]
-            settings = [(mask, compile_mode) for mask in masks for compile_mode in args.train_compile.split(",")]
+            loops = args.train_loops.split(",") if suite == "train_loops" else ["plain"]
+            settings = [
+                (mask, compile_mode, loop)
+                for mask in masks
+                for compile_mode in args.train_compile.split(",")
+                for loop in loops
+            ]
             # One untimed measurement first: a process's first one can also pay for warming the device and its
             # libraries (run I timed P=1 first at 21,246 tokens/s; the same P=1 later that day, 23,616).
             length, batch = args.train_length or defaults["train_length"], args.train_batch or defaults["train_batch"]
@@ -287,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             free_memory(device)
             for shape in train_shapes:
                 for variant in variants:
-                    for mask, compile_mode in settings:
+                    for mask, compile_mode, loop in settings:
                         emit(
                             train_throughput(
                                 shape,
@@ -301,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                                 gradient_checkpointing=args.gradient_checkpointing,
                                 mask=mask,
                                 compile=compile_mode,
+                                loop=loop,
                             )
                             | {"suite": suite}
                         )

@@ -39,6 +39,7 @@ from .shapes import shape_config
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 LORA_RANK = 16  # the HumanEval experiment's LoRA arm (experiments/arms.py): rank 16, alpha 32, every linear layer
 TRAIN_COMPILE_MODES = ("none", "blocks", "layers", "regions", "model")  # see `train_throughput`
+TRAIN_LOOPS = ("plain", "autocast", "trainer", "trainer_model_loss")  # likewise
 VARIANT = re.compile(r"P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?|lora")
 
 
@@ -112,6 +113,7 @@ def train_throughput(
     gradient_checkpointing: bool,
     mask: str = "lower_right",
     compile: str = "none",
+    loop: str = "plain",
     peak_tflops: float = H100_SXM_BF16_DENSE_TFLOPS,
 ) -> dict[str, Any]:
     """Tokens/s, MFU and peak memory of adapter training (see the module docstring).
@@ -122,7 +124,20 @@ def train_throughput(
     layers as "layers" does, and the embedding, final norm and LM head each compiled on their own), which
     ``parscale sft --torch_compile true`` uses; "model", `torch.compile` of the whole model (transformers then
     materialises the attention mask: sdpa's memory-efficient kernel instead of flash).
+
+    `loop`: "plain", the step in the module docstring; "autocast", the same under bfloat16 autocast, as the Trainer
+    runs a bfloat16 model with ``bf16=True``; "trainer", `ParScaleSFTTrainer` steps as the experiments take them
+    (TRL's loss and metrics, autocast, fused AdamW, gradient clipping: benchmarks/trainer_loop.py); "trainer_model_loss",
+    the same Trainer with the model's own loss. The Trainer's loops need TRL and datasets, and compile in place only
+    (`compile` "none", "blocks" or "layers"); they record the mean training loss instead of the first step's loss
+    and adapter gradient norm. (The Trainer also trains without cuDNN's attention, `ParScaleSFTTrainer.train`,
+    which the prefix's lower-right causal bias never uses: it goes to flash or memory-efficient attention directly.)
     """
+    if loop not in TRAIN_LOOPS:
+        raise ValueError(f"Unknown training loop {loop!r}: use one of {', '.join(TRAIN_LOOPS)}.")
+    trainer_loop = loop.startswith("trainer")
+    if trainer_loop and compile in ("regions", "model"):
+        raise ValueError(f"The Trainer's loops compile the layers in place: compile {compile!r} is not for them.")
     config = shape_config(shape)
     adapter_config = variant_adapter(variant)
     lora = isinstance(adapter_config, LoraConfig)
@@ -156,17 +171,28 @@ def train_throughput(
     masked: Callable[[], contextlib.AbstractContextManager] = (
         (lambda: materialised_prefix_mask(device)) if mask == "materialised" else contextlib.nullcontext
     )
-    with masked():
-        started = time.perf_counter()
-        loss = forward(input_ids=batches[0], labels=batches[0]).loss
-        loss.backward()
-        first_step_s = time.perf_counter() - started  # includes compilation
-        prefix_gradient = float(torch.stack([p.grad.float().norm() for p in trainable if p.grad is not None]).norm())
-        optimizer.zero_grad(set_to_none=True)
-        for index in range(warmup):
-            step(index)
-        reset_peak_memory(device)
-        times = [clock.time_ms(lambda index=index: step(warmup + index))[1] for index in range(steps)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if loop == "autocast" else contextlib.nullcontext()
+    with masked(), autocast:
+        if trainer_loop:
+            from .trainer_loop import trainer_step_times  # TRL and datasets, which the other loops do without
+
+            first_step_s, times, mean_loss = trainer_step_times(
+                model, batches, warmup, model_loss=loop == "trainer_model_loss"
+            )
+            loss, prefix_gradient = None, None
+        else:
+            started = time.perf_counter()
+            loss = forward(input_ids=batches[0], labels=batches[0]).loss
+            loss.backward()
+            first_step_s = time.perf_counter() - started  # includes compilation
+            gradients = [p.grad.float().norm() for p in trainable if p.grad is not None]
+            prefix_gradient = float(torch.stack(gradients).norm())
+            optimizer.zero_grad(set_to_none=True)
+            for index in range(warmup):
+                step(index)
+            reset_peak_memory(device)
+            times = [clock.time_ms(lambda index=index: step(warmup + index))[1] for index in range(steps)]
+            loss, mean_loss = float(loss.detach()), None
     step_ms = median(times)
     flops = training_flops(config, num_streams, prefix_length, batch_size, length, LORA_RANK if lora else 0)
     record = {
@@ -181,6 +207,7 @@ def train_throughput(
         "gradient_checkpointing": gradient_checkpointing,
         "mask": mask,
         "compile": compile,
+        "loop": loop,
         "first_step_s": first_step_s,
         "step_ms": step_ms,
         "tokens_per_s": batch_size * length / (step_ms * 1e-3),
@@ -189,6 +216,7 @@ def train_throughput(
         "peak_tflops": peak_tflops,
         "peak_mem_gib": peak_memory_gib(device),
         "trainable_gradient_norm": prefix_gradient,
-        "loss": float(loss.detach()),
+        "loss": loss,
+        "mean_train_loss": mean_loss,
     }
     return record

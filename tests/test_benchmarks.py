@@ -425,6 +425,27 @@ def test_training_under_regional_compilation_computes_what_eager_computes(tmp_pa
         assert regions[key] == pytest.approx(eager[key], rel=1e-5), key
 
 
+def test_trainer_loops_train_what_the_plain_step_trains(tmp_path):
+    """The train_loops suite takes the same step through `ParScaleSFTTrainer`, with TRL's loss (its fused LM head,
+    which never builds the logits) and with the model's own cross-entropy: two implementations of one loss over the
+    same rows in the same order from the same adapter, so their mean training losses agree. float32 on the CPU:
+    TRL's tiled log-sum-exp and the full softmax round differently, by about 1e-7 relative, far below the 1e-5 bound.
+    The plain loop's first-step loss is the same model on other rows, so it only bounds the scale (ln of the tiny
+    vocabulary of 512, about 6.2, for a random model)."""
+    argv = ["--tiny", "--suites", "train_loops", "--train-P", "2", "--no-report", "--out", str(tmp_path)]
+    assert run.main([*argv, "--train-loops", "plain,trainer,trainer_model_loss"]) == 0
+    records = {r["loop"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    assert list(records) == ["plain", "trainer", "trainer_model_loss"]
+    assert all(r["suite"] == "train_loops" and r["step_ms"] > 0 for r in records.values())
+    trainer, model_loss = records["trainer"], records["trainer_model_loss"]
+    assert trainer["mean_train_loss"] == pytest.approx(model_loss["mean_train_loss"], rel=1e-5)
+    assert trainer["mean_train_loss"] == pytest.approx(records["plain"]["loss"], rel=0.1)
+    with pytest.raises(ValueError, match="compile the layers in place"):
+        run.main([*argv, "--train-loops", "trainer", "--train-compile", "regions"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--out", str(tmp_path), "--train-loops", "trainer,eager"])
+
+
 def test_scaling_comparison_takes_its_three_records_from_one_call():
     def record(call, variant, ms, memory=1.0):
         return {"suite": "decode", "mode": "fast", "invocation": call, "shape": "tiny", "batch": 1, "prompt": 4,
