@@ -5,6 +5,7 @@ and of fast-path sampling steps of HumanEval's workload, each headed by its self
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 from peft import get_peft_model
@@ -80,16 +81,22 @@ def profile_table(function, steps: int) -> str:
     return family_summary(*family_times(averages)) + "\n\n" + table
 
 
-def profile_training(
-    shape: str, num_streams: int, length: int, device: torch.device, dtype: torch.dtype, compile_layers: bool = False
-) -> str:
-    """One adapter-training step (forward and backward), eager or with each decoder layer compiled (`compile_layers`,
-    regional compilation, as `parscale sft`'s sweep trains)."""
+def training_model(shape: str, num_streams: int, device: torch.device, dtype: torch.dtype, compile_layers: bool):
+    """A ParScale model in training mode, eager or with each decoder layer compiled (`compile_layers`, regional
+    compilation, as the experiments train)."""
     model = get_peft_model(random_causal_lm(shape_config(shape), device, dtype), ParScaleConfig(P=num_streams))
     model.train()
     if compile_layers:
         for layer in model.get_base_model().get_decoder().layers:
             layer.compile()
+    return model
+
+
+def profile_training(
+    shape: str, num_streams: int, length: int, device: torch.device, dtype: torch.dtype, compile_layers: bool = False
+) -> str:
+    """One adapter-training step (forward and backward) of `training_model`."""
+    model = training_model(shape, num_streams, device, dtype, compile_layers)
     input_ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
 
     def step() -> None:
@@ -97,6 +104,23 @@ def profile_training(
 
     step()
     return profile_table(step, 1)
+
+
+def profile_trainer_training(
+    shape: str, num_streams: int, length: int, device: torch.device, dtype: torch.dtype
+) -> str:
+    """Three steps of `ParScaleSFTTrainer` as the experiments train (`benchmarks/trainer_loop.py`: TRL's loss, autocast,
+    fused AdamW, the Trainer's bookkeeping), decoder layers compiled, after a first training that compiles them: what
+    the Trainer adds to `profile_training`'s step, the host's synchronisations included (`cudaStreamSynchronize` and
+    `aten::item` rows)."""
+    from .trainer_loop import sft_trainer  # TRL and datasets, which the other tables do without
+
+    model = training_model(shape, num_streams, device, dtype, compile_layers=True)
+    batches = torch.randint(0, model.config.vocab_size, (2, 1, length), device=device)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = sft_trainer(model, batches, output_dir, model_loss=False)
+        trainer.train()
+        return profile_table(trainer.train, 1)
 
 
 def profile_decoding(
@@ -134,7 +158,7 @@ def profile_sampling(
     return profile_table(lambda: decoder.run(rows_ids, rows_mask, steps, uniforms), 1)
 
 
-PROFILES = ("training_P8", "training_P8_layers", "decode_P8", "sampling_P8")
+PROFILES = ("training_P8", "training_P8_layers", "training_P8_trainer", "decode_P8", "sampling_P8")
 
 
 def write_profiles(
@@ -154,6 +178,8 @@ def write_profiles(
         "training_P8": lambda: profile_training(shape, 8, length, device, dtype),
         # the sweep's and HumanEval experiment's training: the sampling shape (0.5B), decoder layers compiled
         "training_P8_layers": lambda: profile_training(sampling_shape, 8, length, device, dtype, compile_layers=True),
+        # the same step through the experiments' Trainer (needs TRL and datasets)
+        "training_P8_trainer": lambda: profile_trainer_training(sampling_shape, 8, length, device, dtype),
         "decode_P8": lambda: profile_decoding(shape, 8, prompt, new_tokens, device, dtype),
         "sampling_P8": lambda: profile_sampling(
             sampling_shape, 8, **sampling_workload, steps=sampling_steps, device=device, dtype=dtype

@@ -24,7 +24,8 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
 - selector: whether inductor compiles the sampling step's token choice for 160 rows of Qwen2.5's 151,936 logits
   (the failure seen on an H200 included), and its time per step compiled and eager.
 - profile: torch.profiler tables of one P=8 training step (eager at the target shape, and at the sampling shape
-  with decoder layers compiled, as the experiments train), of P=8 fast-path decoding at batch 1, and of 32 P=8
+  with decoder layers compiled, as the experiments train; and three steps of the experiments' Trainer, which needs
+  TRL and datasets), of P=8 fast-path decoding at batch 1, and of 32 P=8
   fast-path steps of the sampling workload (OUT/profile_*.txt; `--profiles` picks some), each headed by its self
   time in families of kernels.
 - train / train_masks: adapter training throughput (see benchmarks/training.py) for P = 1, 2, 4, 8 (`--train-P`), or

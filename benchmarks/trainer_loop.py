@@ -54,43 +54,49 @@ class StepEnds(TrainerCallback):
             reset_peak_memory(self.device)
 
 
+def sft_trainer(
+    model: PeftModel, batches: torch.Tensor, output_dir: str, model_loss: bool, callbacks: tuple = ()
+) -> ParScaleSFTTrainer:
+    """A Trainer that trains `model` (its adapter) for one step per batch of `batches` (steps, batch, length), and one
+    more: as the experiments do (`sweep_config` in experiments/stream_sweep.py: fused AdamW, bf16 on a GPU, data
+    already token ids) but at a constant learning rate. `model_loss`: the model's own loss instead of TRL's."""
+    steps, batch_size, length = batches.shape
+    device = batches.device
+    # every row once, in order of the batches (the Trainer shuffles them: each step is still one batch of `length`)
+    rows = Dataset.from_dict({"input_ids": batches.reshape(-1, length).tolist()})
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_steps=1 + steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+        bf16=device.type == "cuda" and model.dtype == torch.bfloat16,
+        use_cpu=device.type == "cpu",
+        max_length=length,
+        save_strategy="no",
+        logging_steps=1 + steps,  # one log, at the end: its host read-back is not in the timed steps
+        report_to="none",
+        dataloader_num_workers=0,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer_class = ModelLossSFTTrainer if model_loss else ParScaleSFTTrainer
+    # the tokenizer only gives the collator its padding id: every row is `length` tokens, none is padded
+    return trainer_class(
+        model=model, args=args, train_dataset=rows, processing_class=tiny_tokenizer(), callbacks=list(callbacks)
+    )
+
+
 def trainer_step_times(
     model: PeftModel, batches: torch.Tensor, warmup: int, model_loss: bool
 ) -> tuple[float, list[float], float]:
-    """Train `model` (its adapter) through the Trainer for one step, `warmup` steps and then one step for each
-    batch after the first `warmup` of `batches` (steps, batch, length): as the experiments do (`sweep_config` in
-    experiments/stream_sweep.py: fused AdamW, bf16 on a GPU, data already token ids) but at a constant learning rate.
-
-    Returns the first step's seconds (compilation included), the timed steps' milliseconds and the mean training loss.
-    """
-    steps, batch_size, length = batches.shape
+    """Train `model` through `sft_trainer` for one step, `warmup` steps and then one step for each batch of
+    `batches` after the first `warmup`. Returns the first step's seconds (compilation included), the timed steps'
+    milliseconds and the mean training loss."""
     device = batches.device
     clock = Clock(device)
     ends = StepEnds(clock, device, untimed_steps=1 + warmup)
-    # every row once, in order of the batches (the Trainer shuffles them: each step is still one batch of `length`)
-    rows = Dataset.from_dict({"input_ids": batches.reshape(-1, length).tolist()})
     with tempfile.TemporaryDirectory() as output_dir:
-        args = SFTConfig(
-            output_dir=output_dir,
-            max_steps=1 + steps,
-            per_device_train_batch_size=batch_size,
-            learning_rate=1e-4,
-            lr_scheduler_type="constant",
-            optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-            bf16=device.type == "cuda" and model.dtype == torch.bfloat16,
-            use_cpu=device.type == "cpu",
-            max_length=length,
-            save_strategy="no",
-            logging_steps=1 + steps,  # one log, at the end: its host read-back is not in the timed steps
-            report_to="none",
-            dataloader_num_workers=0,
-            dataset_kwargs={"skip_prepare_dataset": True},
-        )
-        trainer_class = ModelLossSFTTrainer if model_loss else ParScaleSFTTrainer
-        # the tokenizer only gives the collator its padding id: every row is `length` tokens, none is padded
-        trainer = trainer_class(
-            model=model, args=args, train_dataset=rows, processing_class=tiny_tokenizer(), callbacks=[ends]
-        )
-        mean_loss = trainer.train().training_loss
+        mean_loss = sft_trainer(model, batches, output_dir, model_loss, callbacks=(ends,)).train().training_loss
     durations = [clock.elapsed_ms(start, end) for start, end in zip(ends.marks, ends.marks[1:])]
     return durations[0] / 1e3, durations[1 + warmup :], mean_loss

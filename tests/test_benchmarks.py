@@ -293,13 +293,20 @@ def test_the_compile_levers_give_eager_greedy_tokens(tmp_path, monkeypatch):
 def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path):
     """Each table profiles the step it names; on CPU the compiled layers run inductor's CPU kernels."""
     assert run.main(["--tiny", "--suites", "profile", "--no-report", "--out", str(tmp_path)]) == 0
-    for name in ("training_P8", "training_P8_layers", "decode_P8", "sampling_P8"):
+    for name in ("training_P8", "training_P8_layers", "training_P8_trainer", "decode_P8", "sampling_P8"):
         table = (tmp_path / f"profile_{name}.txt").read_text()
         assert "aten::linear" in table, name
         assert table.startswith("Self time by family (CPU ops;"), name
-    # the compiled-layers table profiles compiled layers, the eager one none
-    assert "Torch-Compiled Region" in (tmp_path / "profile_training_P8_layers.txt").read_text()
+    # the compiled-layers tables profile compiled layers, the eager one none
+    for name in ("training_P8_layers", "training_P8_trainer"):
+        assert "Torch-Compiled Region" in (tmp_path / f"profile_{name}.txt").read_text(), name
     assert "Torch-Compiled Region" not in (tmp_path / "profile_training_P8.txt").read_text()
+    # the Trainer's table profiles the Trainer's step: TRL's fused LM head and the optimizer, which the plain step,
+    # forward and backward alone, never runs
+    trainer = (tmp_path / "profile_training_P8_trainer.txt").read_text()
+    plain = (tmp_path / "profile_training_P8_layers.txt").read_text()
+    assert "ChunkedLogProbFunction" in trainer and "Optimizer.step" in trainer
+    assert "ChunkedLogProbFunction" not in plain and "Optimizer.step" not in plain
     # the sampling table profiles the sampling step: top-p sorts the scores, which greedy decoding never does
     assert "aten::sort" in (tmp_path / "profile_sampling_P8.txt").read_text()
     assert "aten::sort" not in (tmp_path / "profile_decode_P8.txt").read_text()
