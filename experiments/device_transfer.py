@@ -21,6 +21,10 @@ Trainer reads to resume (adapter, optimizer, scheduler, random states, trainer s
 behind: older checkpoints, the tokenizer and model card the Trainer writes into each checkpoint (resuming does not read
 them), and ``initial_adapter/``, which only the short parity runs' ``--compare`` reads. `unpack` checks every sum
 before it writes anything and refuses a run folder that already holds a checkpoint.
+
+The packs here are git-ignored (a P=8 checkpoint is about 100 MiB), so they live only in the checkout that received
+them: a session whose machine is shut down before it ends loses them, and the run starts again (P=8 of the one-GPU
+sweep did, RESULTS.md).
 """
 
 from __future__ import annotations
