@@ -133,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="--compare: a tensor whose difference exceeds this share of its movement is reported (SGD runs)",
     )
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="keep the decoder layers eager")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer's forward pass in the backward pass (TRL's default, which this sweep took "
+        "until 2026-12-06: the same values, more time, less memory)",
+    )
     parser.add_argument("--time-limit", type=float, help="seconds from now; runs checkpoint and stop by then")
     parser.add_argument(
         "--launch-margin", type=float, default=120, help="start no run with less time left (loading and compiling)"
@@ -266,6 +272,10 @@ def sweep_config(args: argparse.Namespace, out: Path, num_streams: int, learning
         bf16=on_gpu and not args.float32,
         use_cpu=not on_gpu,
         ddp_find_unused_parameters=False,  # every adapter weight has a gradient (P = 1 has no aggregator)
+        # TRL turns it on unless told otherwise. The frozen backbone's step is a forward and an input-gradient backward
+        # of about the forward's FLOPs, so recomputing the forward adds about half again; a 0.5B model's activations
+        # fit without it
+        gradient_checkpointing=args.gradient_checkpointing,
         dataloader_num_workers=0,
         # The windows are token ids of exactly `seq_len`: nothing to tokenise, add or truncate, and TRL's passes over
         # 20 M tokens would cost every launch (and every process) a minute.
@@ -312,7 +322,13 @@ def train_worker(args: argparse.Namespace, name: str) -> None:
     trainer.args.eval_on_start = checkpoint is None and args.max_steps is None and bool(args.eval_every)
     trainer.train(resume_from_checkpoint=checkpoint)
     if main:
-        segment = {**clock.segment(), "resumed_from": checkpoint, "gpu_shared_by": args.gpu_shared_by}
+        segment = {
+            **clock.segment(),
+            "resumed_from": checkpoint,
+            "gpu_shared_by": args.gpu_shared_by,
+            # a segment without this key trained with it on (TRL's default, before the sweep set it)
+            "gradient_checkpointing": training_args.gradient_checkpointing,
+        }
         segment["device"] = device_name()  # a run resumed in a later session may land on another kind of GPU
         (out / f"segment-{segment['first_step']}.json").write_text(json.dumps(segment))
     state = trainer.state

@@ -195,6 +195,26 @@ def test_stream_sweep_micro_batch_changes_no_gradient(tmp_path):
         assert torch.allclose(whole[key], split[key], rtol=0, atol=1e-5), key
 
 
+def test_stream_sweep_gradient_checkpointing_changes_no_value(tmp_path):
+    """The sweep trains without recomputation unless --gradient-checkpointing asks for it (TRL's default, which the
+    finished runs took); each segment records which. Recomputation runs each decoder layer's forward pass again
+    inside the backward pass, ParScale's prefix attention included, and must compute the same values: on the CPU the
+    same float32 operations in the same order, so the same adapter bit for bit after 6 steps."""
+    common = ("--smoke", "--num-processes", "1", "--eval-every", "0", "--runs", "P2")
+    run_experiment("stream_sweep.py", *common, "--output-dir", "plain", cwd=tmp_path)
+    run_experiment("stream_sweep.py", *common, "--gradient-checkpointing", "--output-dir", "recomputed", cwd=tmp_path)
+    results = [json.loads((tmp_path / folder / "P2" / "result.json").read_text()) for folder in ("plain", "recomputed")]
+    assert [[segment["gradient_checkpointing"] for segment in result["segments"]] for result in results] == [
+        [False],
+        [True],
+    ]
+    plain, recomputed = (stream_sweep_adapter(tmp_path / folder, "P2") for folder in ("plain", "recomputed"))
+    initial = load_file(tmp_path / "plain" / "P2" / "initial_adapter" / "adapter_model.safetensors")
+    assert plain.keys() == recomputed.keys() == initial.keys()
+    assert any(not torch.equal(plain[key], initial[key]) for key in plain)  # training moved it
+    assert all(torch.equal(plain[key], recomputed[key]) for key in plain)
+
+
 def test_stream_sweep_tags_name_variants_after_a_dash(capsys):
     sweep = import_experiment("stream_sweep")
     # --tag fp32 names the runs as --tag=-fp32 did (the results already in results/stream-sweep/ keep their names)
