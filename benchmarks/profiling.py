@@ -109,16 +109,17 @@ def profile_training(
 def profile_trainer_training(
     shape: str, num_streams: int, length: int, device: torch.device, dtype: torch.dtype
 ) -> str:
-    """Three steps of `ParScaleSFTTrainer` as the experiments train (`benchmarks/trainer_loop.py`: TRL's loss, autocast,
-    fused AdamW, the Trainer's bookkeeping), decoder layers compiled, after a first training that compiles them: what
-    the Trainer adds to `profile_training`'s step, the host's synchronisations included (`cudaStreamSynchronize` and
-    `aten::item` rows)."""
+    """A `ParScaleSFTTrainer` training of three steps as the experiments train (`benchmarks/trainer_loop.py`: TRL's
+    loss, autocast, fused AdamW, the Trainer's bookkeeping; no gradient checkpointing, as the sweep trains since
+    2026-12-06), decoder layers compiled, after a first training that compiles them: what the Trainer adds to
+    `profile_training`'s step, the host's synchronisations included (`cudaStreamSynchronize` and `aten::item` rows).
+    The profile holds the whole `train()` call: its setup and closing log add host rows, not GPU kernels."""
     from .trainer_loop import sft_trainer  # TRL and datasets, which the other tables do without
 
     model = training_model(shape, num_streams, device, dtype, compile_layers=True)
     batches = torch.randint(0, model.config.vocab_size, (2, 1, length), device=device)
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = sft_trainer(model, batches, output_dir, model_loss=False)
+        trainer = sft_trainer(model, batches, output_dir, model_loss=False, gradient_checkpointing=False)
         trainer.train()
         return profile_table(trainer.train, 1)
 

@@ -3,7 +3,8 @@
 The plain training step (`benchmarks.training.train_throughput`, loop "plain") calls the model and AdamW directly.
 The experiments train through TRL's `SFTTrainer` instead, which adds its loss (a fused LM head that never builds the
 logits, with entropy and token accuracy for its logs, each read back to the host), bfloat16 autocast around a
-bfloat16 model (``bf16=True``), fused AdamW, gradient clipping and the Trainer's own bookkeeping. The 20 M-token
+bfloat16 model (``bf16=True``), fused AdamW, gradient clipping and the Trainer's own bookkeeping, and TRL turns
+gradient checkpointing on unless told not to (the sweep's runs until 2026-12-06 took it). The 20 M-token
 sweep's P=8 steps took longer per sequence than the plain step on the same kind of GPU (BENCHMARKS.md), which this
 loop is here to take apart: "trainer" is the experiments' step, "trainer_model_loss" the
 same Trainer with the loss transformers' `Trainer` computes (the model's own cross-entropy over the full logits, no
@@ -55,18 +56,26 @@ class StepEnds(TrainerCallback):
 
 
 def sft_trainer(
-    model: PeftModel, batches: torch.Tensor, output_dir: str, model_loss: bool, callbacks: tuple = ()
+    model: PeftModel,
+    batches: torch.Tensor,
+    output_dir: str,
+    model_loss: bool,
+    gradient_checkpointing: bool,
+    callbacks: tuple = (),
 ) -> ParScaleSFTTrainer:
-    """A Trainer that trains `model` (its adapter) for one step per batch of `batches` (steps, batch, length), and one
-    more: as the experiments do (`sweep_config` in experiments/stream_sweep.py: fused AdamW, bf16 on a GPU, data
-    already token ids) but at a constant learning rate. `model_loss`: the model's own loss instead of TRL's."""
+    """A Trainer that trains `model` (its adapter) for one epoch of the first batch of `batches` (steps, batch, length)
+    and then every batch, one step each, as the plain loop takes them: as the experiments do (`sweep_config` in
+    experiments/stream_sweep.py: fused AdamW, bf16 on a GPU, data already token ids) but at a constant learning rate.
+    `model_loss`: the model's own loss instead of TRL's. `gradient_checkpointing`: recompute each layer's forward in
+    the backward pass, which TRL does unless told not to (the sweep's runs until 2026-12-06 did)."""
     steps, batch_size, length = batches.shape
     device = batches.device
-    # every row once, in order of the batches (the Trainer shuffles them: each step is still one batch of `length`)
-    rows = Dataset.from_dict({"input_ids": batches.reshape(-1, length).tolist()})
+    # the Trainer shuffles the rows: each step is still `batch_size` rows of `length` tokens
+    rows = Dataset.from_dict({"input_ids": torch.cat([batches[:1], batches]).reshape(-1, length).tolist()})
     args = SFTConfig(
         output_dir=output_dir,
         max_steps=1 + steps,
+        gradient_checkpointing=gradient_checkpointing,
         per_device_train_batch_size=batch_size,
         learning_rate=1e-4,
         lr_scheduler_type="constant",
@@ -88,7 +97,7 @@ def sft_trainer(
 
 
 def trainer_step_times(
-    model: PeftModel, batches: torch.Tensor, warmup: int, model_loss: bool
+    model: PeftModel, batches: torch.Tensor, warmup: int, model_loss: bool, gradient_checkpointing: bool
 ) -> tuple[float, list[float], float]:
     """Train `model` through `sft_trainer` for one step, `warmup` steps and then one step for each batch of
     `batches` after the first `warmup`. Returns the first step's seconds (compilation included), the timed steps'
@@ -97,6 +106,7 @@ def trainer_step_times(
     clock = Clock(device)
     ends = StepEnds(clock, device, untimed_steps=1 + warmup)
     with tempfile.TemporaryDirectory() as output_dir:
-        mean_loss = sft_trainer(model, batches, output_dir, model_loss, callbacks=(ends,)).train().training_loss
+        trainer = sft_trainer(model, batches, output_dir, model_loss, gradient_checkpointing, callbacks=(ends,))
+        mean_loss = trainer.train().training_loss
     durations = [clock.elapsed_ms(start, end) for start, end in zip(ends.marks, ends.marks[1:])]
     return durations[0] / 1e3, durations[1 + warmup :], mean_loss

@@ -125,13 +125,14 @@ def train_throughput(
     ``parscale sft --torch_compile true`` uses; "model", `torch.compile` of the whole model (transformers then
     materialises the attention mask: sdpa's memory-efficient kernel instead of flash).
 
-    `loop`: "plain", the step in the module docstring; "autocast", the same under bfloat16 autocast, as the Trainer
-    runs a bfloat16 model with ``bf16=True``; "trainer", `ParScaleSFTTrainer` steps as the experiments take them
-    (TRL's loss and metrics, autocast, fused AdamW, gradient clipping: benchmarks/trainer_loop.py); "trainer_model_loss",
+    `loop`: "plain", the step in the module docstring; "autocast", the same under bfloat16 autocast, as the Trainer runs
+    a bfloat16 model with ``bf16=True``; "trainer", `ParScaleSFTTrainer` steps as the experiments take them (TRL's loss
+    and metrics, autocast, fused AdamW, gradient clipping: benchmarks/trainer_loop.py; gradient checkpointing as
+    `gradient_checkpointing` says, which the experiments took until 2026-12-06 by TRL's default); "trainer_model_loss",
     the same Trainer with the model's own loss. The Trainer's loops need TRL and datasets, and compile in place only
-    (`compile` "none", "blocks" or "layers"); they record the mean training loss instead of the first step's loss
-    and adapter gradient norm. (The Trainer also trains without cuDNN's attention, `ParScaleSFTTrainer.train`,
-    which the prefix's lower-right causal bias never uses: it goes to flash or memory-efficient attention directly.)
+    (`compile` "none", "blocks" or "layers"); they record the mean training loss instead of the first step's loss and
+    adapter gradient norm. (The Trainer also trains without cuDNN's attention, `ParScaleSFTTrainer.train`, which the
+    prefix's lower-right causal bias never uses: it goes to flash or memory-efficient attention directly.)
     """
     if loop not in TRAIN_LOOPS:
         raise ValueError(f"Unknown training loop {loop!r}: use one of {', '.join(TRAIN_LOOPS)}.")
@@ -177,7 +178,7 @@ def train_throughput(
             from .trainer_loop import trainer_step_times  # TRL and datasets, which the other loops do without
 
             first_step_s, times, mean_loss = trainer_step_times(
-                model, batches, warmup, model_loss=loop == "trainer_model_loss"
+                model, batches, warmup, loop == "trainer_model_loss", gradient_checkpointing
             )
             loss, prefix_gradient = None, None
         else:
