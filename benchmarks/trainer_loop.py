@@ -1,14 +1,14 @@
 """Adapter training steps as the experiments take them: ``ParScaleSFTTrainer``, one step per batch.
 
-The plain training step (`benchmarks.training.train_throughput`, loop "plain") calls the model and AdamW directly.
-The experiments train through TRL's `SFTTrainer` instead, which adds its loss (a fused LM head that never builds the
-logits, with entropy and token accuracy for its logs, each read back to the host), bfloat16 autocast around a
-bfloat16 model (``bf16=True``), fused AdamW, gradient clipping and the Trainer's own bookkeeping, and TRL turns
-gradient checkpointing on unless told not to (the sweep's runs until 2026-12-06 took it). The 20 M-token
-sweep's P=8 steps took longer per sequence than the plain step on the same kind of GPU (BENCHMARKS.md), which this
-loop is here to take apart: "trainer" is the experiments' step, "trainer_model_loss" the
-same Trainer with the loss transformers' `Trainer` computes (the model's own cross-entropy over the full logits, no
-TRL metrics), and the plain step under autocast ("autocast", in `train_throughput`) the third point between them.
+The plain training step (`benchmarks.training.train_throughput`, loop "plain") calls the model and AdamW directly. The
+experiments train through TRL's `SFTTrainer` instead, which adds its loss (a fused LM head that never builds the logits,
+with entropy and token accuracy for its logs, each read back to the host), bfloat16 autocast around a bfloat16 model
+(``bf16=True``), fused AdamW, gradient clipping and the Trainer's own bookkeeping, and TRL turns gradient checkpointing
+on unless told not to (the sweep's runs until 2026-12-06 took it). The 20 M-token sweep's P=8 steps took longer per
+sequence than the plain step on the same kind of GPU (BENCHMARKS.md), which this loop is here to take apart: "trainer"
+is the experiments' step, "trainer_model_loss" the same Trainer with the loss transformers' `Trainer` computes (the
+model's own cross-entropy over the full logits, no TRL metrics), and the plain step under autocast ("autocast", in
+`train_throughput`) the third point between them.
 
 Each Trainer step is one batch (no gradient accumulation), so that it compares with one plain step; the sweep
 accumulates 16 such batches per optimizer step, which only spreads the optimizer's share thinner.
@@ -63,9 +63,10 @@ def sft_trainer(
     gradient_checkpointing: bool,
     callbacks: tuple = (),
 ) -> ParScaleSFTTrainer:
-    """A Trainer that trains `model` (its adapter) for one epoch of the first batch of `batches` (steps, batch, length)
-    and then every batch, one step each, as the plain loop takes them: as the experiments do (`sweep_config` in
-    experiments/stream_sweep.py: fused AdamW, bf16 on a GPU, data already token ids) but at a constant learning rate.
+    """A Trainer that trains `model` (its adapter) for one epoch, one step a batch: the first batch of `batches`
+    (steps, batch, length), then every batch, as the plain loop takes them. It trains as the experiments do
+    (`sweep_config` in experiments/stream_sweep.py: fused AdamW, bf16 on a GPU, data already token ids) but at a
+    constant learning rate.
     `model_loss`: the model's own loss instead of TRL's. `gradient_checkpointing`: recompute each layer's forward in
     the backward pass, which TRL does unless told not to (the sweep's runs until 2026-12-06 did)."""
     steps, batch_size, length = batches.shape
