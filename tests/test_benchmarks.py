@@ -295,8 +295,10 @@ def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path):
     assert run.main(["--tiny", "--suites", "profile", "--no-report", "--out", str(tmp_path)]) == 0
     for name in ("training_P8", "training_P8_layers", "training_P8_trainer", "decode_P8", "sampling_P8"):
         table = (tmp_path / f"profile_{name}.txt").read_text()
-        assert "aten::linear" in table, name
         assert table.startswith("Self time by family (CPU ops;"), name
+        # the Trainer's 30 costliest rows need not hold one: its compiled layers hide theirs, TRL's LM head multiplies
+        # with aten::mm, and the aggregator's is small beside the Trainer's own rows (checked below instead)
+        assert name == "training_P8_trainer" or "aten::linear" in table, name
     # the compiled-layers tables profile compiled layers, the eager one none
     for name in ("training_P8_layers", "training_P8_trainer"):
         assert "Torch-Compiled Region" in (tmp_path / f"profile_{name}.txt").read_text(), name
