@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                     modes=args.sampling_modes.split(","),
                     **sweep_common,
                 )
-        elif suite in ("train", "train_masks", "train_loops"):
+        elif suite in report.TRAINING_SUITES:
             train_shapes = args.train_shapes.split(",") if args.train_shapes else defaults["train_shapes"]
             train_P = [int(p) for p in args.train_P.split(",")] if args.train_P else defaults["train_P"]
             variants = args.train_variants.split(",") if args.train_variants else [f"P{p}" for p in train_P]
