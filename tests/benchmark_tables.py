@@ -7,6 +7,7 @@ from table_format import ROOT, markdown
 
 from benchmarks.records import AUTHORS_TRAINING, load_records, training_variant
 from benchmarks.report import TARGETS, scaling_comparison
+from benchmarks.training import TRAIN_LOOPS
 
 
 def benchmark_records(device: str) -> list[dict]:
@@ -327,3 +328,36 @@ def benchmark_training_changes(device: str) -> str:
         ],
     ]
     return markdown("change | tokens/s | ", ["---"] * 3, rows)
+
+
+def benchmark_training_loops(device: str, run: str) -> str:
+    """One run's `train_loops` records: each loop's step per sequence in every invocation of the run (a call's
+    measurements compare as ratios; between calls they drift), with and without gradient checkpointing, against the
+    plain step of the same invocation."""
+    records = [r for r in benchmark_records(device) if r.get("suite") == "train_loops" and r.get("run") == run]
+    if not records:
+        raise KeyError(f"no train_loops records of run {run!r} on {device!r}")
+    plain = {(r["invocation"], r["gradient_checkpointing"]): r for r in records if r["loop"] == "plain"}
+    rows = []
+    for checkpointing in (False, True):
+        for loop in TRAIN_LOOPS:
+            found = [r for r in records if r["loop"] == loop and r["gradient_checkpointing"] == checkpointing]
+            if not found:
+                continue
+            rows.append(
+                [
+                    f"`{loop}`",
+                    "yes" if checkpointing else "no",
+                    " / ".join(f"{r['step_ms']:.1f}" for r in found),
+                    " / ".join(
+                        f"{r['step_ms'] / plain[r['invocation'], checkpointing]['step_ms']:.2f}×" for r in found
+                    ),
+                    " / ".join(f"{100 * r['mfu']:.1f} %" for r in found),
+                    f"{max(r['peak_mem_gib'] for r in found):.1f}",
+                ]
+            )
+    header = (
+        "loop | gradient checkpointing | ms per sequence (each call) | against `plain`, same call | MFU"
+        " | peak GiB"
+    )
+    return markdown(header, ["---", "---", "---:", "---:", "---:", "---:"], rows)

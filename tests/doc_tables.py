@@ -39,6 +39,7 @@ from benchmark_tables import (
     benchmark_targets,
     benchmark_training,
     benchmark_training_changes,
+    benchmark_training_loops,
 )
 from results_tables import (
     humaneval_decision,
@@ -84,6 +85,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "benchmark-sampling-prefill": benchmark_sampling_prefill,
     "benchmark-training": benchmark_training,
     "benchmark-training-changes": benchmark_training_changes,
+    "benchmark-training-loops": benchmark_training_loops,
 }
 
 
