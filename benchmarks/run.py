@@ -33,6 +33,8 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
   mask before (materialised) and after (lower-right causal bias) the flash-friendly change.
 - train_loops: the same step taken by `--train-loops` (plain, under autocast, through `ParScaleSFTTrainer` as the
   experiments train, and that Trainer with the model's own loss; benchmarks/trainer_loop.py): what the Trainer adds.
+  `--train-attention` takes the training suites' prefix attention through sdpa's plain causal kernels instead of the
+  lower-right bias (benchmarks/padded_attention.py: "padded", "padded_flash", "padded_cudnn").
 Results are appended to OUT/results.jsonl; OUT/report.md and the plots are rebuilt from everything in it.
 """
 
@@ -58,7 +60,7 @@ from .measure import device_ceilings, environment, free_memory
 from .profiling import PROFILES, write_profiles
 from .records import load_records
 from .sampling import sampling_throughput, selector_compilation
-from .training import TRAIN_COMPILE_MODES, TRAIN_LOOPS, train_throughput
+from .training import TRAIN_ATTENTIONS, TRAIN_COMPILE_MODES, TRAIN_LOOPS, train_throughput
 
 ALL_VARIANTS = ["stock", "P1", "P2", "P4", "P8", "dense_P2", "dense_P4", "dense_P8"]
 GPU_DEFAULTS = {
@@ -130,6 +132,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--train-loops", default=",".join(TRAIN_LOOPS), help=f"train_loops suite: any of {', '.join(TRAIN_LOOPS)}"
     )
     parser.add_argument(
+        "--train-attention", default="bias", help=f"training suites, comma-separated: {', '.join(TRAIN_ATTENTIONS)}"
+    )
+    parser.add_argument(
         "--target-modes",
         default="eager,generate_static,fast",
         help="targets suite: any of eager, generate_static, fast, fast_frozen, fast_autotune, fast_frozen_autotune "
@@ -140,15 +145,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="generate,fast",
         help="sampling suite: any of generate, fast, fast_dynamic, fast_uncompiled, fast_heads_copied",
     )
-    parser.add_argument(
-        "--profiles", default=",".join(PROFILES), help=f"profile suite: any of {', '.join(PROFILES)}"
-    )
+    parser.add_argument("--profiles", default=",".join(PROFILES), help=f"profile suite: any of {', '.join(PROFILES)}")
     parser.add_argument("--no-report", action="store_true", help="only append to results.jsonl")
     args = parser.parse_args(argv)
     for flag, value, known in (
         ("--target-modes", args.target_modes, {"eager", "generate_static", "fast", *FAST_MODE_OPTIONS}),
         ("--train-compile", args.train_compile, set(TRAIN_COMPILE_MODES)),
         ("--train-loops", args.train_loops, set(TRAIN_LOOPS)),
+        ("--train-attention", args.train_attention, set(TRAIN_ATTENTIONS)),
         ("--profiles", args.profiles, set(PROFILES)),
     ):
         unknown = set(value.split(",")) - known
@@ -285,10 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             masks = ["materialised", "lower_right"] if suite == "train_masks" else ["lower_right"]
             loops = args.train_loops.split(",") if suite == "train_loops" else ["plain"]
             settings = [
-                (mask, compile_mode, loop)
+                (mask, compile_mode, loop, attention)
                 for mask in masks
                 for compile_mode in args.train_compile.split(",")
                 for loop in loops
+                for attention in args.train_attention.split(",")
             ]
             # One untimed measurement first: a process's first one can also pay for warming the device and its
             # libraries (run I timed P=1 first at 21,246 tokens/s; the same P=1 later that day, 23,616).
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             free_memory(device)
             for shape in train_shapes:
                 for variant in variants:
-                    for mask, compile_mode, loop in settings:
+                    for mask, compile_mode, loop, attention in settings:
                         emit(
                             train_throughput(
                                 shape,
@@ -315,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                                 mask=mask,
                                 compile=compile_mode,
                                 loop=loop,
+                                attention=attention,
                             )
                             | {"suite": suite}
                         )

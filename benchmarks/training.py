@@ -28,18 +28,23 @@ from typing import Any
 import torch
 from accelerate.utils import compile_regions
 from peft import LoraConfig, get_peft_model
+from torch.nn.attention import SDPBackend
 from transformers import PretrainedConfig
 
 import peft_parscale.layer as parscale_layer
 from peft_parscale import ParScaleAttention, ParScaleConfig
 
 from .measure import Clock, median, peak_memory_gib, random_causal_lm, reset_peak_memory
+from .padded_attention import padded_prefix_attention
 from .shapes import shape_config
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 LORA_RANK = 16  # the HumanEval experiment's LoRA arm (experiments/arms.py): rank 16, alpha 32, every linear layer
 TRAIN_COMPILE_MODES = ("none", "blocks", "layers", "regions", "model")  # see `train_throughput`
 TRAIN_LOOPS = ("plain", "autocast", "trainer", "trainer_model_loss")  # likewise
+# the prefix attention's kernels (see `train_throughput`): sdpa's name for each padded variant's only backend
+PADDED_ATTENTION_BACKENDS = {"padded_flash": SDPBackend.FLASH_ATTENTION, "padded_cudnn": SDPBackend.CUDNN_ATTENTION}
+TRAIN_ATTENTIONS = ("bias", "padded", *PADDED_ATTENTION_BACKENDS)
 VARIANT = re.compile(r"P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?|lora")
 
 
@@ -114,6 +119,7 @@ def train_throughput(
     mask: str = "lower_right",
     compile: str = "none",
     loop: str = "plain",
+    attention: str = "bias",
     peak_tflops: float = H100_SXM_BF16_DENSE_TFLOPS,
 ) -> dict[str, Any]:
     """Tokens/s, MFU and peak memory of adapter training (see the module docstring).
@@ -133,12 +139,21 @@ def train_throughput(
     (`compile` "none", "blocks" or "layers"); they record the mean training loss instead of the first step's loss and
     adapter gradient norm. (The Trainer also trains without cuDNN's attention, `ParScaleSFTTrainer.train`, which the
     prefix's lower-right causal bias never uses: it goes to flash or memory-efficient attention directly.)
+
+    `attention`: "bias", the package's lower-right causal bias (sdpa's flash or memory-efficient kernel); "padded",
+    queries padded in front to the keys' length and sdpa's `is_causal`, any kernel sdpa picks
+    (benchmarks/padded_attention.py); "padded_flash" and "padded_cudnn", the same limited to that one kernel. The
+    Trainer's loops keep the Trainer's kernels (every one but cuDNN's), so they take "bias" or "padded" only.
     """
     if loop not in TRAIN_LOOPS:
         raise ValueError(f"Unknown training loop {loop!r}: use one of {', '.join(TRAIN_LOOPS)}.")
     trainer_loop = loop.startswith("trainer")
     if trainer_loop and compile in ("regions", "model"):
         raise ValueError(f"The Trainer's loops compile the layers in place: compile {compile!r} is not for them.")
+    if attention not in TRAIN_ATTENTIONS:
+        raise ValueError(f"Unknown training attention {attention!r}: use one of {', '.join(TRAIN_ATTENTIONS)}.")
+    if trainer_loop and attention in PADDED_ATTENTION_BACKENDS:
+        raise ValueError(f"The Trainer's loops choose their own sdpa kernels: attention {attention!r} is not for them.")
     config = shape_config(shape)
     adapter_config = variant_adapter(variant)
     lora = isinstance(adapter_config, LoraConfig)
@@ -173,7 +188,12 @@ def train_throughput(
         (lambda: materialised_prefix_mask(device)) if mask == "materialised" else contextlib.nullcontext
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if loop == "autocast" else contextlib.nullcontext()
-    with masked(), autocast:
+    attending = (
+        contextlib.nullcontext()
+        if attention == "bias"
+        else padded_prefix_attention(model, [PADDED_ATTENTION_BACKENDS[attention]] if attention != "padded" else None)
+    )
+    with masked(), autocast, attending:
         if trainer_loop:
             from .trainer_loop import trainer_step_times  # TRL and datasets, which the other loops do without
 
@@ -209,6 +229,7 @@ def train_throughput(
         "mask": mask,
         "compile": compile,
         "loop": loop,
+        "attention": attention,
         "first_step_s": first_step_s,
         "step_ms": step_ms,
         "tokens_per_s": batch_size * length / (step_ms * 1e-3),

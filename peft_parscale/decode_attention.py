@@ -79,7 +79,7 @@ AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)  # the masks sdpa ge
 def grouped_query_decoding(causal_lm: nn.Module) -> Iterator[None]:
     """Run `causal_lm`'s attention as `packed_gqa_sdpa` inside the block if its attention layers call transformers'
     attention functions and every config in it says "sdpa"; leave it as it is otherwise. Restored on exit."""
-    configs = {id(config): config for config in _configs(causal_lm)}.values()
+    configs = {id(config): config for config in attention_configs(causal_lm)}.values()
     # Models that branch on the string "sdpa" in their own attention code (Falcon, Bloom, GPT-J, ...) would take their
     # eager branch and add sdpa's boolean mask to the scores; transformers marks the models that dispatch through
     # `AttentionInterface` with `_supports_attention_backend`.
@@ -99,7 +99,7 @@ def grouped_query_decoding(causal_lm: nn.Module) -> Iterator[None]:
                 config._attn_implementation = "sdpa"
 
 
-def _configs(causal_lm: nn.Module) -> Iterator[PretrainedConfig]:
+def attention_configs(causal_lm: nn.Module) -> Iterator[PretrainedConfig]:
     """Every config the modules of `causal_lm` read their attention implementation from, sub-configs included."""
     for module in causal_lm.modules():
         config = getattr(module, "config", None)

@@ -457,9 +457,20 @@ def test_trainer_loops_train_what_the_plain_step_trains(tmp_path):
 
 def test_scaling_comparison_takes_its_three_records_from_one_call():
     def record(call, variant, ms, memory=1.0):
-        return {"suite": "decode", "mode": "fast", "invocation": call, "shape": "tiny", "batch": 1, "prompt": 4,
-                "new_tokens": 4, "variant": variant, "total_ms": ms, "decode_ms_per_token": ms / 4,
-                "peak_mem_gib": memory, "non_embedding_params": 127 if variant.startswith("dense") else 100}
+        return {
+            "suite": "decode",
+            "mode": "fast",
+            "invocation": call,
+            "shape": "tiny",
+            "batch": 1,
+            "prompt": 4,
+            "new_tokens": 4,
+            "variant": variant,
+            "total_ms": ms,
+            "decode_ms_per_token": ms / 4,
+            "peak_mem_gib": memory,
+            "non_embedding_params": 127 if variant.startswith("dense") else 100,
+        }
 
     records = [
         record("A", "stock", 10.0), record("B", "P2", 12.0), record("B", "dense_P2", 20.0),  # P=2 across calls
@@ -471,3 +482,82 @@ def test_scaling_comparison_takes_its_three_records_from_one_call():
     (c,) = comparisons
     assert (c["total_ms_base"], c["total_ms_parscale_increase"], c["total_ms_dense_increase"]) == (30.0, 3.0, 10.0)
     assert (c["peak_mem_gib_parscale_increase"], c["peak_mem_gib_dense_increase"]) == (0.0, 1.0)
+
+
+def causal_sdpa_calls(monkeypatch) -> list[tuple[int, int]]:
+    """(query length, key length) of each `is_causal` sdpa call `padded_prefix_sdpa` makes (its fallback, transformers'
+    sdpa attention, passes the bias instead), so that a test sees the padded path taken."""
+    from benchmarks import padded_attention
+
+    calls, sdpa = [], padded_attention.scaled_dot_product_attention
+
+    def counting(query, key, *args, **kwargs):
+        if kwargs.get("is_causal"):
+            calls.append((query.shape[2], key.shape[2]))
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(padded_attention, "scaled_dot_product_attention", counting)
+    return calls
+
+
+def test_padded_prefix_attention_is_the_lower_right_causal_attention(monkeypatch):
+    """`padded_prefix_sdpa` (queries padded in front, sdpa's upper-left `is_causal`) against the attention written out
+    here: softmax over each query's visible keys, query i of S seeing keys 0..T+i of T + S, with grouped key/value
+    heads. float64, so both sides agree to rounding (about 1e-15), far below the 1e-10 bound; the gradients of query,
+    key and value too, since the dropped padding rows must pass none back."""
+    from benchmarks.padded_attention import padded_prefix_sdpa
+    from peft_parscale.layer import prefix_causal_bias
+
+    batch, heads, key_value_heads, prefix, length, head_dim = 2, 4, 2, 3, 5, 8
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    query = tensor(batch, heads, length, head_dim)
+    key, value = (
+        tensor(batch, key_value_heads, prefix + length, head_dim),
+        tensor(batch, key_value_heads, prefix + length, head_dim),
+    )
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // key_value_heads
+    calls = causal_sdpa_calls(monkeypatch)
+    output, _ = padded_prefix_sdpa(module, query, key, value, prefix_causal_bias(length, prefix), scaling=0.5)
+
+    expected = torch.empty(batch, length, heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // (heads // key_value_heads)
+            for i in range(length):
+                visible = prefix + i + 1
+                weights = torch.softmax(0.5 * key[b, kv, :visible] @ query[b, h, i], dim=0)
+                expected[b, i, h] = weights @ value[b, kv, :visible]
+    assert calls == [(prefix + length, prefix + length)] and output.shape == expected.shape
+    assert torch.allclose(output, expected, atol=1e-10, rtol=0)
+    upstream = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    gradients = torch.autograd.grad((output * upstream).sum(), (query, key, value))
+    expected_gradients = torch.autograd.grad((expected * upstream).sum(), (query, key, value))
+    for got, want in zip(gradients, expected_gradients):
+        assert torch.allclose(got, want, atol=1e-10, rtol=0)
+
+
+def test_training_with_padded_prefix_attention_computes_what_the_bias_computes(tmp_path, monkeypatch):
+    """The training suite's first step with the prefix attention through padded queries (`padded`: any kernel;
+    `padded_flash`: sdpa's flash kernel, which the CPU has too) gives the lower-right bias's loss and adapter gradient
+    norm. float32 on the CPU: the kernels' sums differ in order, by about 1e-7 relative, far below the 1e-5 bound."""
+    argv = ["--tiny", "--suites", "train", "--train-P", "2", "--no-report", "--out", str(tmp_path)]
+    calls = causal_sdpa_calls(monkeypatch)
+    assert run.main([*argv, "--train-attention", "bias"]) == 0
+    assert calls == []
+    assert run.main([*argv, "--train-attention", "padded,padded_flash"]) == 0
+    assert calls and all(queries == keys > 1 for queries, keys in calls)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["attention"] for r in records] == ["bias", "padded", "padded_flash"]
+    bias = records[0]
+    for record in records[1:]:
+        for key in ("loss", "trainable_gradient_norm"):
+            assert record[key] == pytest.approx(bias[key], rel=1e-5), (record["attention"], key)
+    with pytest.raises(ValueError, match="choose their own sdpa kernels"):
+        run.main([*argv, "--suites", "train_loops", "--train-loops", "trainer", "--train-attention", "padded_cudnn"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--out", str(tmp_path), "--train-attention", "padded_math"])
