@@ -106,6 +106,39 @@ def materialised_prefix_mask(device: torch.device) -> Iterator[None]:
         parscale_layer.prefix_causal_bias = bias
 
 
+def plain_step_times(
+    forward: Callable[..., Any],
+    trainable: list[torch.nn.Parameter],
+    batches: torch.Tensor,
+    warmup: int,
+    device: torch.device,
+) -> tuple[float, list[float], float, float]:
+    """The plain loop: forward and backward of each batch in turn, then AdamW. Returns the first step's seconds
+    (compilation included; no optimizer step), the timed steps' milliseconds after `warmup` untimed ones, and the first
+    step's loss and adapter gradient norm."""
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def step(index: int) -> torch.Tensor:
+        loss = forward(input_ids=batches[index], labels=batches[index]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    started = time.perf_counter()
+    loss = forward(input_ids=batches[0], labels=batches[0]).loss
+    loss.backward()
+    first_step_s = time.perf_counter() - started
+    gradient_norm = float(torch.stack([p.grad.float().norm() for p in trainable if p.grad is not None]).norm())
+    optimizer.zero_grad(set_to_none=True)
+    for index in range(warmup):
+        step(index)
+    reset_peak_memory(device)
+    clock = Clock(device)
+    times = [clock.time_ms(lambda index=index: step(warmup + index))[1] for index in range(len(batches) - warmup)]
+    return first_step_s, times, float(loss.detach()), gradient_norm
+
+
 def train_throughput(
     shape: str,
     variant: str,
@@ -172,18 +205,8 @@ def train_throughput(
             layer.compile()
     forward = torch.compile(model) if compile == "model" else compile_regions(model) if compile == "regions" else model
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     batches = torch.randint(0, config.vocab_size, (warmup + steps, batch_size, length), generator=generator).to(device)
-    clock = Clock(device)
-
-    def step(index: int) -> torch.Tensor:
-        loss = forward(input_ids=batches[index], labels=batches[index]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
     masked: Callable[[], contextlib.AbstractContextManager] = (
         (lambda: materialised_prefix_mask(device)) if mask == "materialised" else contextlib.nullcontext
     )
@@ -202,18 +225,8 @@ def train_throughput(
             )
             loss, prefix_gradient = None, None
         else:
-            started = time.perf_counter()
-            loss = forward(input_ids=batches[0], labels=batches[0]).loss
-            loss.backward()
-            first_step_s = time.perf_counter() - started  # includes compilation
-            gradients = [p.grad.float().norm() for p in trainable if p.grad is not None]
-            prefix_gradient = float(torch.stack(gradients).norm())
-            optimizer.zero_grad(set_to_none=True)
-            for index in range(warmup):
-                step(index)
-            reset_peak_memory(device)
-            times = [clock.time_ms(lambda index=index: step(warmup + index))[1] for index in range(steps)]
-            loss, mean_loss = float(loss.detach()), None
+            first_step_s, times, loss, prefix_gradient = plain_step_times(forward, trainable, batches, warmup, device)
+            mean_loss = None
     step_ms = median(times)
     flops = training_flops(config, num_streams, prefix_length, batch_size, length, LORA_RANK if lora else 0)
     record = {
