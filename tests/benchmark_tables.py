@@ -356,5 +356,5 @@ def benchmark_training_loops(device: str, run: str) -> str:
                     f"{max(r['peak_mem_gib'] for r in found):.1f}",
                 ]
             )
-    header = "loop | gradient checkpointing | ms per sequence (each call) | against `plain`, same call | MFU | peak GiB"
+    header = "loop | gradient checkpointing | ms per sequence (each invocation) | against `plain`, same invocation | MFU | peak GiB"
     return markdown(header, ["---", "---", "---:", "---:", "---:", "---:"], rows)
