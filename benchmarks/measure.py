@@ -220,6 +220,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()  # its attention's fixes depend on it (padded_attention.py)
         query = "name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,power.limit"
         try:
             info["nvidia_smi"] = subprocess.run(

@@ -32,11 +32,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from peft_parscale.decode_attention import attention_configs
+from peft_parscale.decode_attention import OTHER_ATTENTION_TERMS, attention_configs
 
 PADDED_PREFIX_SDPA = "parscale_padded_prefix_sdpa"
-# Keyword arguments that change what attention computes beyond query, key, value, mask and scale.
-_OTHER_TERMS = ("softcap", "position_bias", "s_aux", "sinks")
 
 
 def padded_prefix_sdpa(
@@ -53,10 +51,12 @@ def padded_prefix_sdpa(
     `is_causal` over queries padded in front to the keys' length. query (B, H, S, D); key and value (B, H_kv, K, D)."""
     lower_right = isinstance(attention_mask, CausalBias) and attention_mask.variant == CausalVariant.LOWER_RIGHT
     padding = key.shape[2] - query.shape[2]
-    if not lower_right or padding <= 0 or any(kwargs.get(name) is not None for name in _OTHER_TERMS):
+    if not lower_right or padding <= 0 or any(kwargs.get(name) is not None for name in OTHER_ATTENTION_TERMS):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # as transformers does whenever a mask is passed
+    # Repeated as on the bias's path (transformers repeats whenever a mask is passed), so that the two differ only in
+    # the padding; and sdpa's `enable_gqa` is not taken by every kernel in every torch version (cuDNN's among them).
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     padded = torch.cat([query.new_zeros(*query.shape[:2], padding, query.shape[3]), query], dim=2)
     output = scaled_dot_product_attention(padded, key, value, dropout_p=dropout, is_causal=True, scale=scaling)
     # (B, H, S, Dv) -> (B, S, H, Dv): the layout transformers' attention functions return

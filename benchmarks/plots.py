@@ -95,10 +95,13 @@ def write_plots(records: list[Record], comparisons: list[Record], out: str, file
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7)
         save(figure, "decode_latency.png")
-    training = [  # the streams' cost: ParScale at its default prefix length
+    training = [  # the streams' cost: ParScale at its default prefix length, through the package's attention
         r
         for r in records
-        if r.get("suite") == "train" and not r["gradient_checkpointing"] and training_variant(r) == f"P{r['P']}"
+        if r.get("suite") == "train"
+        and not r["gradient_checkpointing"]
+        and training_variant(r) == f"P{r['P']}"
+        and r.get("attention", "bias") == "bias"
     ]
     if training:
         figure, axis = plt.subplots(figsize=(5.5, 3.6))

@@ -285,16 +285,17 @@ def training_table(records: list[Record]) -> str:
     rows = {}
     for r in records:
         if r.get("suite") in TRAINING_SUITES:
-            variant, loop = training_variant(r), r.get("loop", "plain")  # records before the loops were plain
+            # records before the loops were plain, and before --train-attention took the bias
+            variant, loop, attention = training_variant(r), r.get("loop", "plain"), r.get("attention", "bias")
             case = (r["shape"], r["P"], variant, r["mask"], r["gradient_checkpointing"], r.get("compile", "none"), loop)
-            rows[(*case, r["length"])] = {**r, "variant": variant, "loop": loop}
+            rows[(*case, attention, r["length"])] = {**r, "variant": variant, "loop": loop, "attention": attention}
     header = [
-        "shape", "variant", "seq", "batch", "mask", "grad. ckpt", "compile", "loop", "step ms", "tokens/s", "MFU",
-        "peak GiB",
+        "shape", "variant", "seq", "batch", "mask", "grad. ckpt", "compile", "loop", "attention", "step ms", "tokens/s",
+        "MFU", "peak GiB",
     ]  # fmt: skip
     columns = [
-        "shape", "variant", "length", "batch", "mask", "gradient_checkpointing", "compile", "loop", "step_ms",
-        "tokens_per_s",
+        "shape", "variant", "length", "batch", "mask", "gradient_checkpointing", "compile", "loop", "attention",
+        "step_ms", "tokens_per_s",
     ]  # fmt: skip
     body = [[r.get(c, "none") for c in columns] + [r["mfu"], r["peak_mem_gib"]] for _, r in sorted(rows.items())]
     return table(header, body)

@@ -60,7 +60,7 @@ from .measure import device_ceilings, environment, free_memory
 from .profiling import PROFILES, write_profiles
 from .records import load_records
 from .sampling import sampling_throughput, selector_compilation
-from .training import TRAIN_ATTENTIONS, TRAIN_COMPILE_MODES, TRAIN_LOOPS, train_throughput
+from .training import TRAIN_ATTENTIONS, TRAIN_COMPILE_MODES, TRAIN_LOOPS, padded_attention_conflict, train_throughput
 
 ALL_VARIANTS = ["stock", "P1", "P2", "P4", "P8", "dense_P2", "dense_P4", "dense_P8"]
 GPU_DEFAULTS = {
@@ -295,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                 for loop in loops
                 for attention in args.train_attention.split(",")
             ]
+            for mask, compile_mode, loop, attention in settings:  # refused before any is measured
+                conflict = padded_attention_conflict(attention, mask, compile_mode, loop, dtype)
+                if conflict:
+                    raise SystemExit(conflict)
             # One untimed measurement first: a process's first one can also pay for warming the device and its
             # libraries (run I timed P=1 first at 21,246 tokens/s; the same P=1 later that day, 23,616).
             length, batch = args.train_length or defaults["train_length"], args.train_batch or defaults["train_batch"]

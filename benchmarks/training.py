@@ -106,6 +106,23 @@ def materialised_prefix_mask(device: torch.device) -> Iterator[None]:
         parscale_layer.prefix_causal_bias = bias
 
 
+def padded_attention_conflict(attention: str, mask: str, compile: str, loop: str, dtype: torch.dtype) -> str | None:
+    """Why a padded `attention` would not be measured in this setting (None if it would). Padding replaces the
+    lower-right bias, which the materialised mask, the whole-model compile (transformers then builds a mask tensor)
+    and autocast over a model in another dtype (`mask_with_prefix` then materialises it) never pass to attention;
+    the Trainer's loops take sdpa's kernels themselves (every one but cuDNN's)."""
+    if attention == "bias":
+        return None
+    if mask == "materialised" or compile == "model" or (loop == "autocast" and dtype != torch.bfloat16):
+        return (
+            f"attention {attention!r} needs the lower-right bias, which mask {mask!r}, compile {compile!r} or loop "
+            f"{loop!r} over {dtype} replace."
+        )
+    if loop.startswith("trainer") and attention in PADDED_ATTENTION_BACKENDS:
+        return f"The Trainer's loops choose their own sdpa kernels: attention {attention!r} is not for them."
+    return None
+
+
 def plain_step_times(
     forward: Callable[..., Any],
     trainable: list[torch.nn.Parameter],
@@ -185,8 +202,11 @@ def train_throughput(
         raise ValueError(f"The Trainer's loops compile the layers in place: compile {compile!r} is not for them.")
     if attention not in TRAIN_ATTENTIONS:
         raise ValueError(f"Unknown training attention {attention!r}: use one of {', '.join(TRAIN_ATTENTIONS)}.")
-    if trainer_loop and attention in PADDED_ATTENTION_BACKENDS:
-        raise ValueError(f"The Trainer's loops choose their own sdpa kernels: attention {attention!r} is not for them.")
+    conflict = padded_attention_conflict(attention, mask, compile, loop, dtype)
+    if conflict:
+        raise ValueError(conflict)
+    if compile != "none":
+        torch._dynamo.reset()  # dynamo's guards miss sdpa's kernel choice: a graph compiled under another is not reused
     config = shape_config(shape)
     adapter_config = variant_adapter(variant)
     lora = isinstance(adapter_config, LoraConfig)
@@ -211,21 +231,22 @@ def train_throughput(
         (lambda: materialised_prefix_mask(device)) if mask == "materialised" else contextlib.nullcontext
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if loop == "autocast" else contextlib.nullcontext()
-    attending = (
+    backend = PADDED_ATTENTION_BACKENDS.get(attention)
+    prefix_attention = (
         contextlib.nullcontext()
         if attention == "bias"
-        else padded_prefix_attention(model, [PADDED_ATTENTION_BACKENDS[attention]] if attention != "padded" else None)
+        else padded_prefix_attention(model, [backend] if backend else None)
     )
-    with masked(), autocast, attending:
+    with masked(), autocast, prefix_attention:
         if trainer_loop:
             from .trainer_loop import trainer_step_times  # TRL and datasets, which the other loops do without
 
             first_step_s, times, mean_loss = trainer_step_times(
                 model, batches, warmup, loop == "trainer_model_loss", gradient_checkpointing
             )
-            loss, prefix_gradient = None, None
+            loss, gradient_norm = None, None
         else:
-            first_step_s, times, loss, prefix_gradient = plain_step_times(forward, trainable, batches, warmup, device)
+            first_step_s, times, loss, gradient_norm = plain_step_times(forward, trainable, batches, warmup, device)
             mean_loss = None
     step_ms = median(times)
     flops = training_flops(config, num_streams, prefix_length, batch_size, length, LORA_RANK if lora else 0)
@@ -250,7 +271,7 @@ def train_throughput(
         "mfu": flops / (step_ms * 1e-3) / (peak_tflops * 1e12),
         "peak_tflops": peak_tflops,
         "peak_mem_gib": peak_memory_gib(device),
-        "trainable_gradient_norm": prefix_gradient,
+        "trainable_gradient_norm": gradient_norm,
         "loss": loss,
         "mean_train_loss": mean_loss,
     }

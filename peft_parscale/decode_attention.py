@@ -32,7 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_GQA_SDPA = "parscale_packed_gqa_sdpa"
 # Keyword arguments that change what attention computes beyond query, key, value, mask and scale.
-_OTHER_TERMS = ("softcap", "position_bias", "s_aux", "sinks")
+OTHER_ATTENTION_TERMS = ("softcap", "position_bias", "s_aux", "sinks")
 
 
 def packed_gqa_sdpa(
@@ -55,7 +55,7 @@ def packed_gqa_sdpa(
         query.shape[2] != 1
         or groups == 1
         or not shared_mask
-        or any(kwargs.get(name) is not None for name in _OTHER_TERMS)
+        or any(kwargs.get(name) is not None for name in OTHER_ATTENTION_TERMS)
     ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, heads, _, head_dim = query.shape

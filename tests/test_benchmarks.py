@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from benchmarks import decoding, plots, profiling, report, run, sampling
@@ -544,20 +545,51 @@ def test_padded_prefix_attention_is_the_lower_right_causal_attention(monkeypatch
 def test_training_with_padded_prefix_attention_computes_what_the_bias_computes(tmp_path, monkeypatch):
     """The training suite's first step with the prefix attention through padded queries (`padded`: any kernel;
     `padded_flash`: sdpa's flash kernel, which the CPU has too) gives the lower-right bias's loss and adapter gradient
-    norm. float32 on the CPU: the kernels' sums differ in order, by about 1e-7 relative, far below the 1e-5 bound."""
+    norm, each record through its own path. float32 on the CPU: the kernels may sum in another order (about 1e-7
+    relative), hence the 1e-5 bound; a wrong mask (upper-left alignment, one key too many or too few) moved the
+    gradient norm by 4e-4 relative or more when tried while writing this test."""
     argv = ["--tiny", "--suites", "train", "--train-P", "2", "--no-report", "--out", str(tmp_path)]
     calls = causal_sdpa_calls(monkeypatch)
-    assert run.main([*argv, "--train-attention", "bias"]) == 0
-    assert calls == []
-    assert run.main([*argv, "--train-attention", "padded,padded_flash"]) == 0
-    assert calls and all(queries == keys > 1 for queries, keys in calls)
+    for attention in ("bias", "padded", "padded_flash"):
+        calls.clear()
+        assert run.main([*argv, "--train-attention", attention]) == 0
+        assert bool(calls) == (attention != "bias") and all(queries == keys > 1 for queries, keys in calls), attention
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["attention"] for r in records] == ["bias", "padded", "padded_flash"]
     bias = records[0]
     for record in records[1:]:
         for key in ("loss", "trainable_gradient_norm"):
             assert record[key] == pytest.approx(bias[key], rel=1e-5), (record["attention"], key)
-    with pytest.raises(ValueError, match="choose their own sdpa kernels"):
-        run.main([*argv, "--suites", "train_loops", "--train-loops", "trainer", "--train-attention", "padded_cudnn"])
+    # settings where the padding would silently not be measured are refused before anything runs
+    for refused in (
+        ["--suites", "train_loops", "--train-loops", "plain,trainer", "--train-attention", "bias,padded_cudnn"],
+        ["--suites", "train_masks", "--train-attention", "padded"],
+        ["--train-compile", "model", "--train-attention", "padded_flash"],
+    ):
+        with pytest.raises(SystemExit, match="padded"):
+            run.main([*argv, *refused])
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
     with pytest.raises(SystemExit):
         run.parse_args(["--out", str(tmp_path), "--train-attention", "padded_math"])
+
+
+def test_padded_prefix_attention_passes_other_masks_on_and_restores_the_model(monkeypatch):
+    """An explicit mask (a padded or packed batch) goes to transformers' sdpa attention unchanged, and the block
+    switches the model's attention only while it lasts; a model whose attention is not sdpa is refused as it is."""
+    from benchmarks.padded_attention import PADDED_PREFIX_SDPA, padded_prefix_attention
+
+    calls = causal_sdpa_calls(monkeypatch)
+    model = get_peft_model(AutoModelForCausalLM.from_config(shape_config("tiny")), ParScaleConfig(P=2))
+    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    padding = torch.tensor([[1] * 6, [0, 0] + [1] * 4])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=padding).logits
+        with padded_prefix_attention(model):
+            assert model.config._attn_implementation == PADDED_PREFIX_SDPA
+            got = model(input_ids=ids, attention_mask=padding).logits
+    assert calls == [] and torch.equal(got, expected)
+    assert model.config._attn_implementation == "sdpa"
+    eager = get_peft_model(AutoModelForCausalLM.from_config(shape_config("tiny", "eager")), ParScaleConfig(P=2))
+    with pytest.raises(ValueError, match="'sdpa'"), padded_prefix_attention(eager):
+        pass
+    assert eager.config._attn_implementation == "eager"
