@@ -32,7 +32,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from peft_parscale.decode_attention import OTHER_ATTENTION_TERMS, attention_configs
+from peft_parscale.decode_attention import OTHER_ATTENTION_TERMS, attention_configs, sdpa_switched_to
 
 PADDED_PREFIX_SDPA = "parscale_padded_prefix_sdpa"
 
@@ -71,14 +71,8 @@ AttentionMaskInterface.register(PADDED_PREFIX_SDPA, sdpa_mask)  # the masks sdpa
 def padded_prefix_attention(causal_lm: nn.Module, backends: list[SDPBackend] | None = None) -> Iterator[None]:
     """Run `causal_lm`'s attention as `padded_prefix_sdpa` inside the block, limited to sdpa's `backends` (all when
     None). Every config in the model must say "sdpa"; restored on exit."""
-    configs = list({id(config): config for config in attention_configs(causal_lm)}.values())
+    configs = attention_configs(causal_lm)
     if not configs or any(config._attn_implementation != "sdpa" for config in configs):
         raise ValueError("padded_prefix_attention needs a model whose attention is 'sdpa'.")
-    for config in configs:
-        config._attn_implementation = PADDED_PREFIX_SDPA
-    try:
-        with sdpa_kernel(backends) if backends else nullcontext():
-            yield
-    finally:
-        for config in configs:
-            config._attn_implementation = "sdpa"
+    with sdpa_switched_to(configs, PADDED_PREFIX_SDPA), sdpa_kernel(backends) if backends else nullcontext():
+        yield

@@ -79,7 +79,7 @@ AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)  # the masks sdpa ge
 def grouped_query_decoding(causal_lm: nn.Module) -> Iterator[None]:
     """Run `causal_lm`'s attention as `packed_gqa_sdpa` inside the block if its attention layers call transformers'
     attention functions and every config in it says "sdpa"; leave it as it is otherwise. Restored on exit."""
-    configs = {id(config): config for config in attention_configs(causal_lm)}.values()
+    configs = attention_configs(causal_lm)
     # Models that branch on the string "sdpa" in their own attention code (Falcon, Bloom, GPT-J, ...) would take their
     # eager branch and add sdpa's boolean mask to the scores; transformers marks the models that dispatch through
     # `AttentionInterface` with `_supports_attention_backend`.
@@ -88,23 +88,32 @@ def grouped_query_decoding(causal_lm: nn.Module) -> Iterator[None]:
         and bool(configs)
         and all(config._attn_implementation == "sdpa" for config in configs)
     )
-    if switch:
-        for config in configs:
-            config._attn_implementation = PACKED_GQA_SDPA
+    with sdpa_switched_to(configs if switch else [], PACKED_GQA_SDPA):
+        yield
+
+
+@contextmanager
+def sdpa_switched_to(configs: list[PretrainedConfig], implementation: str) -> Iterator[None]:
+    """Set each of `configs` (whose attention is "sdpa") to the registered attention `implementation` inside the
+    block, and back to "sdpa" on exit."""
+    for config in configs:
+        config._attn_implementation = implementation
     try:
         yield
     finally:
-        if switch:
-            for config in configs:
-                config._attn_implementation = "sdpa"
+        for config in configs:
+            config._attn_implementation = "sdpa"
 
 
-def attention_configs(causal_lm: nn.Module) -> Iterator[PretrainedConfig]:
-    """Every config the modules of `causal_lm` read their attention implementation from, sub-configs included."""
+def attention_configs(causal_lm: nn.Module) -> list[PretrainedConfig]:
+    """Every config the modules of `causal_lm` read their attention implementation from, sub-configs included, each
+    once (modules share their model's config)."""
+    found = {}
     for module in causal_lm.modules():
         config = getattr(module, "config", None)
         if isinstance(config, PretrainedConfig):
-            yield config
+            found[id(config)] = config
             for key in config.sub_configs:
                 if isinstance(getattr(config, key, None), PretrainedConfig):
-                    yield getattr(config, key)
+                    found[id(getattr(config, key))] = getattr(config, key)
+    return list(found.values())
