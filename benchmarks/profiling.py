@@ -33,6 +33,7 @@ KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("copies and fills", ("memcpy", "memset", "copy", "aten::cat", "aten::fill_", "fillfunctor")),
 )
 OTHER_FAMILY = "other element-wise and reductions"
+TABLE_ROWS = 30  # the costliest rows each table lists after its families
 
 
 def kernel_family(name: str) -> str:
@@ -68,7 +69,7 @@ def family_summary(times: dict[str, float], what: str) -> str:
 
 
 def profile_table(function, steps: int) -> str:
-    """`steps` calls of `function` profiled: the families' self time, then torch's table of the 30 costliest rows."""
+    """`steps` calls of `function` profiled: the families' self time, then torch's table of the `TABLE_ROWS` costliest rows."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as profiler:
         for _ in range(steps):
@@ -77,7 +78,7 @@ def profile_table(function, steps: int) -> str:
             torch.cuda.synchronize()
     averages = profiler.key_averages()
     sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = averages.table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
+    table = averages.table(sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=70)
     return family_summary(*family_times(averages)) + "\n\n" + table
 
 

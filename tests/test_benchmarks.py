@@ -291,14 +291,17 @@ def test_the_compile_levers_give_eager_greedy_tokens(tmp_path, monkeypatch):
         run.parse_args(["--out", str(tmp_path), "--target-modes", "eager,fast_frozn"])
 
 
-def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path):
-    """Each table profiles the step it names; on CPU the compiled layers run inductor's CPU kernels."""
+def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path, monkeypatch):
+    """Each table profiles the step it names; on CPU the compiled layers run inductor's CPU kernels. Every row is
+    listed here: which ops make the 30 costliest depends on how busy the CPU is (aten::sort, which top-p runs, fell out
+    of the sampling table's 30 on a loaded machine), and what a step runs does not."""
+    monkeypatch.setattr(profiling, "TABLE_ROWS", 10_000)
     assert run.main(["--tiny", "--suites", "profile", "--no-report", "--out", str(tmp_path)]) == 0
     for name in ("training_P8", "training_P8_layers", "training_P8_trainer", "decode_P8", "sampling_P8"):
         table = (tmp_path / f"profile_{name}.txt").read_text()
         assert table.startswith("Self time by family (CPU ops;"), name
-        # the Trainer's 30 costliest rows need not hold one: its compiled layers hide theirs, TRL's LM head multiplies
-        # with aten::mm, and the aggregator's is small beside the Trainer's own rows (checked below instead)
+        # the Trainer's table need not hold one: its compiled layers hide theirs and TRL's LM head multiplies with
+        # aten::mm (what it profiled is checked below instead)
         assert name == "training_P8_trainer" or "aten::linear" in table, name
     # the compiled-layers tables profile compiled layers, the eager one none
     for name in ("training_P8_layers", "training_P8_trainer"):
