@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, PretrainedConfig
+from typing_extensions import Self  # typing.Self from Python 3.11; the package supports 3.10
 
 GIB = 1024**3
 
@@ -125,7 +126,7 @@ class DeviceState:
         if self.readers:
             self._sample()
 
-    def __enter__(self) -> DeviceState:
+    def __enter__(self) -> Self:
         if self.readers:
             self._thread = threading.Thread(target=self._read_until_stopped, daemon=True)
             self._thread.start()

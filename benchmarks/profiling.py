@@ -20,7 +20,6 @@ from .measure import random_causal_lm
 from .sampling import humaneval_sampling, sampling_decoder
 from .shapes import shape_config
 
-
 # Families of GPU kernels (or, on a CPU, ATen ops) by name: the first whose words a lowercased name contains. Flash
 # and memory-efficient attention kernels contain "cutlass" or "gemm" too, so attention comes first; inductor names its
 # fused kernels triton_*, keeping "softmax" in the name of those that fuse one.

@@ -60,7 +60,7 @@ from .measure import device_ceilings, environment, free_memory
 from .profiling import PROFILES, write_profiles
 from .records import load_records
 from .sampling import sampling_throughput, selector_compilation
-from .training import TRAIN_ATTENTIONS, TRAIN_COMPILE_MODES, TRAIN_LOOPS, padded_attention_conflict, train_throughput
+from .training import TRAIN_ATTENTIONS, TRAIN_COMPILE_MODES, TRAIN_LOOPS, train_throughput, training_setting_conflict
 
 ALL_VARIANTS = ["stock", "P1", "P2", "P4", "P8", "dense_P2", "dense_P4", "dense_P8"]
 GPU_DEFAULTS = {
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 for attention in args.train_attention.split(",")
             ]
             for mask, compile_mode, loop, attention in settings:  # refused before any is measured
-                conflict = padded_attention_conflict(attention, mask, compile_mode, loop, dtype)
+                conflict = training_setting_conflict(attention, mask, compile_mode, loop, dtype)
                 if conflict:
                     raise SystemExit(conflict)
             # One untimed measurement first: a process's first one can also pay for warming the device and its

@@ -106,11 +106,19 @@ def materialised_prefix_mask(device: torch.device) -> Iterator[None]:
         parscale_layer.prefix_causal_bias = bias
 
 
-def padded_attention_conflict(attention: str, mask: str, compile: str, loop: str, dtype: torch.dtype) -> str | None:
-    """Why a padded `attention` would not be measured in this setting (None if it would). Padding replaces the
+def training_setting_conflict(attention: str, mask: str, compile: str, loop: str, dtype: torch.dtype) -> str | None:
+    """Why `train_throughput` would refuse this setting (None if it would not), so that a sweep of settings can be
+    refused before any is measured. The Trainer's loops compile the layers in place only. Padding replaces the
     lower-right bias, which the materialised mask, the whole-model compile (transformers then builds a mask tensor)
     and autocast over a model in another dtype (`mask_with_prefix` then materialises it) never pass to attention;
     the Trainer's loops take sdpa's kernels themselves (every one but cuDNN's)."""
+    if loop not in TRAIN_LOOPS:
+        return f"Unknown training loop {loop!r}: use one of {', '.join(TRAIN_LOOPS)}."
+    if attention not in TRAIN_ATTENTIONS:
+        return f"Unknown training attention {attention!r}: use one of {', '.join(TRAIN_ATTENTIONS)}."
+    trainer_loop = loop.startswith("trainer")
+    if trainer_loop and compile in ("regions", "model"):
+        return f"The Trainer's loops compile the layers in place: compile {compile!r} is not for them."
     if attention == "bias":
         return None
     if mask == "materialised" or compile == "model" or (loop == "autocast" and dtype != torch.bfloat16):
@@ -118,7 +126,7 @@ def padded_attention_conflict(attention: str, mask: str, compile: str, loop: str
             f"attention {attention!r} needs the lower-right bias, which mask {mask!r}, compile {compile!r} or loop "
             f"{loop!r} over {dtype} replace."
         )
-    if loop.startswith("trainer") and attention in PADDED_ATTENTION_BACKENDS:
+    if trainer_loop and attention in PADDED_ATTENTION_BACKENDS:
         return f"The Trainer's loops choose their own sdpa kernels: attention {attention!r} is not for them."
     return None
 
@@ -195,16 +203,10 @@ def train_throughput(
     (benchmarks/padded_attention.py); "padded_flash" and "padded_cudnn", the same limited to that one kernel. The
     Trainer's loops keep the Trainer's kernels (every one but cuDNN's), so they take "bias" or "padded" only.
     """
-    if loop not in TRAIN_LOOPS:
-        raise ValueError(f"Unknown training loop {loop!r}: use one of {', '.join(TRAIN_LOOPS)}.")
-    trainer_loop = loop.startswith("trainer")
-    if trainer_loop and compile in ("regions", "model"):
-        raise ValueError(f"The Trainer's loops compile the layers in place: compile {compile!r} is not for them.")
-    if attention not in TRAIN_ATTENTIONS:
-        raise ValueError(f"Unknown training attention {attention!r}: use one of {', '.join(TRAIN_ATTENTIONS)}.")
-    conflict = padded_attention_conflict(attention, mask, compile, loop, dtype)
+    conflict = training_setting_conflict(attention, mask, compile, loop, dtype)
     if conflict:
         raise ValueError(conflict)
+    trainer_loop = loop.startswith("trainer")
     if compile != "none":
         torch._dynamo.reset()  # dynamo's guards miss sdpa's kernel choice: a graph compiled under another is not reused
     config = shape_config(shape)

@@ -22,8 +22,8 @@ import contextlib
 import hashlib
 import math
 import os
-import signal
 import shlex
+import signal
 import subprocess
 import sys
 import time

@@ -189,9 +189,9 @@ def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | No
     fast = []
     for line in results.read_text().splitlines():
         record = json.loads(line)
-        if record.get("suite") == "decode" and record.get("mode") == "fast" and "decode_ms_per_token" in record:
-            if record.get("shape") == BENCHMARK_SHAPE:
-                fast.append(record)
+        fast_decode = record.get("suite") == "decode" and record.get("mode") == "fast"
+        if fast_decode and "decode_ms_per_token" in record and record.get("shape") == BENCHMARK_SHAPE:
+            fast.append(record)
 
     def same_call(record: dict) -> tuple[str | None, int, int | None, int]:
         call = record.get("invocation") or record.get("run")

@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from benchmarks import decoding, plots, profiling, report, run, sampling
+from benchmarks import decoding, plots, profiling, report, run, sampling, training
 from benchmarks.measure import DeviceState
 from benchmarks.records import variant_order
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
@@ -453,8 +453,15 @@ def test_trainer_loops_train_what_the_plain_step_trains(tmp_path):
     trainer, model_loss = records["trainer"], records["trainer_model_loss"]
     assert trainer["mean_train_loss"] == pytest.approx(model_loss["mean_train_loss"], rel=1e-5)
     assert trainer["mean_train_loss"] == pytest.approx(records["plain"]["loss"], rel=0.1)
+    lines = len((tmp_path / "results.jsonl").read_text().splitlines())
+    with pytest.raises(SystemExit, match="compile the layers in place"):  # refused before the plain loop is measured
+        run.main([*argv, "--train-loops", "plain,trainer", "--train-compile", "regions"])
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == lines
     with pytest.raises(ValueError, match="compile the layers in place"):
-        run.main([*argv, "--train-loops", "trainer", "--train-compile", "regions"])
+        training.train_throughput(
+            "tiny", "P2", 16, 1, torch.device("cpu"), torch.float32, steps=2, warmup=1, gradient_checkpointing=False,
+            compile="regions", loop="trainer",
+        )  # fmt: skip
     with pytest.raises(SystemExit):
         run.parse_args(["--out", str(tmp_path), "--train-loops", "trainer,eager"])
 
