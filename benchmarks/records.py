@@ -39,4 +39,4 @@ def variant_order(variant: str) -> tuple[int, int, int]:
 
 def training_variant(record: Record) -> str:
     """A training record's variant; records made before the training suite took variants are P<n>."""
-    return record.get("variant", f"P{record['P']}")
+    return record["variant"] if "variant" in record else f"P{record['P']}"

@@ -22,6 +22,11 @@ def benchmark_records(device: str) -> list[dict]:
     ]
 
 
+def package_attention(records: list[dict]) -> list[dict]:
+    """The records measured with the package's own attention (every record made before `--train-attention`)."""
+    return [r for r in records if r.get("attention", "bias") == "bias"]
+
+
 def last(records: list[dict], **where) -> dict:
     """The last record matching every key=value; KeyError if there is none."""
     matches = [r for r in records if all(r.get(key) == value for key, value in where.items())]
@@ -32,7 +37,7 @@ def last(records: list[dict], **where) -> dict:
 
 def benchmark_targets(device: str) -> str:
     """The issue's targets, each against its comparison from the same run (benchmarks/report.py `TARGETS`)."""
-    records = benchmark_records(device)
+    records = package_attention(benchmark_records(device))
 
     def decode(variant: str, mode: str, batch: int = 1) -> dict:
         return last(records, suite="targets", variant=variant, mode=mode, batch=batch)
@@ -234,19 +239,21 @@ def benchmark_sampling_prefill(device: str, before: str, after: str) -> str:
     return markdown(header, ["---", "---:", "---:", "---:"], rows)
 
 
-def training_records(device: str) -> dict[tuple, dict]:
-    """(shape, P, compile) -> the latest plain training record (sequence 2048, no gradient checkpointing) of ParScale
-    at its default prefix length."""
+def training_records(device: str, run: str) -> dict[tuple, dict]:
+    """(shape, P, compile) -> the latest plain training record (sequence 2048, no gradient checkpointing, the
+    package's attention) of ParScale at its default prefix length in one run, so that eager and compiled compare
+    side by side."""
     found = {}
-    for r in benchmark_records(device):
+    for r in package_attention(benchmark_records(device)):
         plain = r.get("suite") == "train" and not r["gradient_checkpointing"] and r["length"] == 2048
+        plain = plain and r.get("run") == run
         if plain and r["variant"] == f"P{r['P']}":
             found[r["shape"], r["P"], r.get("compile", "none")] = r
     return found
 
 
-def benchmark_training(device: str) -> str:
-    found = training_records(device)
+def benchmark_training(device: str, run: str) -> str:
+    found = training_records(device, run)
     rows = []
     for shape in ("1.5b", "0.5b"):
         for P in sorted({key[1] for key in found if key[0] == shape}):
@@ -272,8 +279,9 @@ def benchmark_training(device: str) -> str:
 
 
 def benchmark_training_changes(device: str) -> str:
-    """The changes to adapter training at P=8 (1.5B shape), each against the measurement before it in its run."""
-    records = benchmark_records(device)
+    """The changes to adapter training at P=8 (1.5B shape), each against the measurement before it in its run (with
+    the package's attention: `benchmark_training_attention` gives the others)."""
+    records = package_attention(benchmark_records(device))
     common = {"shape": "1.5b", "variant": "P8", "length": 2048}
     before = last(records, suite="train_masks", mask="materialised", **common)
     bias = last(records, suite="train_masks", mask="lower_right", **common)
@@ -358,3 +366,37 @@ def benchmark_training_loops(device: str, run: str) -> str:
             )
     header = "loop | gradient checkpointing | ms per sequence (each invocation) | against `plain`, same invocation | MFU | peak GiB"
     return markdown(header, ["---", "---", "---:", "---:", "---:", "---:"], rows)
+
+
+def benchmark_training_attention(device: str, run: str) -> str:
+    """One run's training records by attention (`--train-attention`): each one's step in every invocation of the run,
+    against the package's bias in the same invocation, and its first step's loss and adapter gradient norm against
+    the bias's (the same computation, so they differ by rounding only)."""
+    records = [r for r in benchmark_records(device) if r.get("suite") == "train" and r.get("run") == run]
+    if not records:
+        raise KeyError(f"no train records of run {run!r} on {device!r}")
+    bias = {r["invocation"]: r for r in records if r.get("attention", "bias") == "bias"}
+
+    def against_bias(found: list[dict], key: str, difference: bool) -> str:
+        """Each record's `key` over the bias's of its invocation: as a ratio, or as a relative difference."""
+        ratios = [r[key] / bias[r["invocation"]][key] for r in found]
+        return " / ".join(f"{ratio - 1:+.1e}" if difference else f"{ratio:.3f}×" for ratio in ratios)
+
+    rows = []
+    for attention in dict.fromkeys(r.get("attention", "bias") for r in records):
+        found = [r for r in records if r.get("attention", "bias") == attention]
+        rows.append(
+            [
+                f"`{attention}`",
+                " / ".join(f"{r['step_ms']:.1f}" for r in found),
+                against_bias(found, "step_ms", difference=False),
+                " / ".join(f"{100 * r['mfu']:.1f} %" for r in found),
+                against_bias(found, "loss", difference=True),
+                against_bias(found, "trainable_gradient_norm", difference=True),
+            ]
+        )
+    header = (
+        "attention | ms per sequence (each invocation) | against `bias`, same invocation | MFU"
+        " | first-step loss against `bias` | gradient norm against `bias`"
+    )
+    return markdown(header, ["---", "---:", "---:", "---:", "---:", "---:"], rows)

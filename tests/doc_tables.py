@@ -38,6 +38,7 @@ from benchmark_tables import (
     benchmark_scaling,
     benchmark_targets,
     benchmark_training,
+    benchmark_training_attention,
     benchmark_training_changes,
     benchmark_training_loops,
 )
@@ -86,6 +87,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "benchmark-training": benchmark_training,
     "benchmark-training-changes": benchmark_training_changes,
     "benchmark-training-loops": benchmark_training_loops,
+    "benchmark-training-attention": benchmark_training_attention,
 }
 
 

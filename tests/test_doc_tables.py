@@ -42,14 +42,18 @@ def test_a_figure_typed_over_its_rendering_is_caught(tmp_path):
 
 def test_records_of_another_device_leave_a_device_s_tables_as_they_are(monkeypatch):
     # The benchmark tables take one device's records (named in their marker): a new run elsewhere changes none of them.
-    tables = (
-        "benchmark-targets",
-        "benchmark-scaling",
-        "benchmark-training",
-        "benchmark-training-changes",
-        "benchmark-sampling-attention",
-    )
-    before = {name: doc_tables.TABLES[name](device=H100) for name in tables}
+    tables = {
+        "benchmark-targets": {},
+        "benchmark-scaling": {},
+        "benchmark-training": {"run": "C"},
+        "benchmark-training-changes": {},
+        "benchmark-sampling-attention": {},
+    }
+
+    def rendered() -> dict[str, str]:
+        return {name: doc_tables.TABLES[name](device=H100, **arguments) for name, arguments in tables.items()}
+
+    before = rendered()
     records = benchmark_tables.load_records([str(ROOT / "benchmarks" / "results" / "results.jsonl")])
     elsewhere = [
         {**record, "device_name": "another GPU", "tokens_per_s": 1.0, "decode_ms_per_token": 1.0}
@@ -57,18 +61,63 @@ def test_records_of_another_device_leave_a_device_s_tables_as_they_are(monkeypat
         if record.get("device_name") == H100
     ]
     monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records + elsewhere)
-    assert {name: doc_tables.TABLES[name](device=H100) for name in tables} == before
-    # ... while a later record of the same device replaces the earlier one of its case
+    assert rendered() == before
+    # ... and so does a later record of the same case with another attention, or in another run (the training table)
     compiled = [r for r in records if r.get("suite") == "train" and r.get("compile") == "layers"]
-    later = {**next(r for r in compiled if (r["shape"], r["P"]) == ("1.5b", 8)), "tokens_per_s": 12345.0}
-    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records + [later])
-    assert "**12,345**" in doc_tables.TABLES["benchmark-training"](device=H100)
+    run_C = next(r for r in compiled if (r["shape"], r["P"], r.get("run")) == ("1.5b", 8, "C"))
+    padded = {**run_C, "tokens_per_s": 1.0, "attention": "padded_flash"}
+    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records + [padded])
+    assert rendered() == before
+    run_Z = {**run_C, "tokens_per_s": 1.0, "run": "Z"}
+    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records + [run_Z])
+    assert doc_tables.TABLES["benchmark-training"](device=H100, run="C") == before["benchmark-training"]
+    # ... while a later record of the same case replaces the earlier one
+    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records + [{**run_C, "tokens_per_s": 12345.0}])
+    assert "**12,345**" in doc_tables.TABLES["benchmark-training"](device=H100, run="C")
+
+
+def test_the_training_attention_table_compares_each_attention_with_the_bias_of_its_invocation(monkeypatch):
+    def train(invocation, attention, step_ms, loss, norm, run="W"):
+        return {
+            "suite": "train",
+            "device_name": "GPU X",
+            "variant": "P8",
+            "run": run,
+            "invocation": invocation,
+            "attention": attention,
+            "step_ms": step_ms,
+            "mfu": 0.3,
+            "loss": loss,
+            "trainable_gradient_norm": norm,
+        }
+
+    records = [
+        train("first", "bias", 100.0, 2.0, 0.5),
+        train("first", "padded_cudnn", 105.0, 2.0, 0.5005),
+        train("second", "padded_cudnn", 99.0, 2.0, 0.5),
+        train("second", "bias", 90.0, 2.0, 0.4),  # the second invocation's own bias is the reference there
+        train("third", "padded_cudnn", 1.0, 1.0, 1.0, run="V"),  # another run: not in the table
+    ]  # fmt: skip
+    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records)
+    table = doc_tables.TABLES["benchmark-training-attention"](device="GPU X", run="W")
+    assert table.splitlines()[2:] == [
+        "| `bias` | 100.0 / 90.0 | 1.000× / 1.000× | 30.0 % / 30.0 % | +0.0e+00 / +0.0e+00 | +0.0e+00 / +0.0e+00 |",
+        "| `padded_cudnn` | 105.0 / 99.0 | 1.050× / 1.100× | 30.0 % / 30.0 % | +0.0e+00 / +0.0e+00 | +1.0e-03 / +2.5e-01 |",
+    ]
 
 
 def test_the_prefill_table_pairs_each_P_of_the_two_runs_in_fast_mode(monkeypatch):
     def sampling(run, P, mode, ttft, rate, memory):
-        return {"suite": "sampling", "device_name": "GPU X", "run": run, "P": P, "mode": mode, "ttft_ms": ttft,
-                "completions_per_s": rate, "peak_mem_gib": memory}
+        return {
+            "suite": "sampling",
+            "device_name": "GPU X",
+            "run": run,
+            "P": P,
+            "mode": mode,
+            "ttft_ms": ttft,
+            "completions_per_s": rate,
+            "peak_mem_gib": memory,
+        }
 
     records = [
         sampling("K", 8, "fast", 581.2, 22.29, 16.75),
@@ -196,8 +245,14 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
         return {"value": value, "low": value - 0.01, "high": value + 0.01, **({"run_values": runs} if runs else {})}
 
     def run(name, kind, parameters, speed, decode=(None, None)):
-        return {"name": name, "kind": kind, "trainable_parameters": parameters, "train_tokens_per_s": speed,
-                "decode_ms_per_token_b1": decode[0], "decode_ms_per_token_b8": decode[1]}
+        return {
+            "name": name,
+            "kind": kind,
+            "trainable_parameters": parameters,
+            "train_tokens_per_s": speed,
+            "decode_ms_per_token_b1": decode[0],
+            "decode_ms_per_token_b8": decode[1],
+        }
 
     results = {
         "rows": [
