@@ -8,7 +8,7 @@ import os
 import statistics
 from typing import Any
 
-from benchmarks.records import AUTHORS_TRAINING, Record, decode_rows, training_variant
+from benchmarks.records import AUTHORS_TRAINING, Record, decode_rows, training_attention, training_variant
 
 
 def write_plots(records: list[Record], comparisons: list[Record], out: str, file_prefix: str = "") -> list[str]:
@@ -101,7 +101,7 @@ def write_plots(records: list[Record], comparisons: list[Record], out: str, file
         if r.get("suite") == "train"
         and not r["gradient_checkpointing"]
         and training_variant(r) == f"P{r['P']}"
-        and r.get("attention", "bias") == "bias"
+        and training_attention(r) == "bias"
     ]
     if training:
         figure, axis = plt.subplots(figsize=(5.5, 3.6))

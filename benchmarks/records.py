@@ -40,3 +40,9 @@ def variant_order(variant: str) -> tuple[int, int, int]:
 def training_variant(record: Record) -> str:
     """A training record's variant; records made before the training suite took variants are P<n>."""
     return record["variant"] if "variant" in record else f"P{record['P']}"
+
+
+def training_attention(record: Record) -> str:
+    """A training record's prefix attention; records made before the training suite took `--train-attention` (and
+    records of other suites) are the package's own lower-right bias."""
+    return record.get("attention", "bias")

@@ -20,7 +20,7 @@ from collections import defaultdict
 from typing import Any
 
 from benchmarks.plots import write_plots
-from benchmarks.records import Record, decode_rows, load_records, training_variant, variant_order
+from benchmarks.records import Record, decode_rows, load_records, training_attention, training_variant, variant_order
 from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON
 
 TRAINING_SUITES = ("train", "train_masks", "train_loops")
@@ -285,8 +285,8 @@ def training_table(records: list[Record]) -> str:
     rows = {}
     for r in records:
         if r.get("suite") in TRAINING_SUITES:
-            # records before the loops were plain, and before --train-attention took the bias
-            variant, loop, attention = training_variant(r), r.get("loop", "plain"), r.get("attention", "bias")
+            # records before the loops were plain
+            variant, loop, attention = training_variant(r), r.get("loop", "plain"), training_attention(r)
             case = (r["shape"], r["P"], variant, r["mask"], r["gradient_checkpointing"], r.get("compile", "none"), loop)
             rows[(*case, attention, r["length"])] = {**r, "variant": variant, "loop": loop, "attention": attention}
     header = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from table_format import ROOT, markdown
 
-from benchmarks.records import AUTHORS_TRAINING, load_records, training_variant
+from benchmarks.records import AUTHORS_TRAINING, load_records, training_attention, training_variant
 from benchmarks.report import TARGETS, scaling_comparison
 from benchmarks.training import TRAIN_LOOPS
 
@@ -24,7 +24,7 @@ def benchmark_records(device: str) -> list[dict]:
 
 def package_attention(records: list[dict]) -> list[dict]:
     """The records measured with the package's own attention (every record made before `--train-attention`)."""
-    return [r for r in records if r.get("attention", "bias") == "bias"]
+    return [r for r in records if training_attention(r) == "bias"]
 
 
 def last(records: list[dict], **where) -> dict:
@@ -375,7 +375,7 @@ def benchmark_training_attention(device: str, run: str) -> str:
     records = [r for r in benchmark_records(device) if r.get("suite") == "train" and r.get("run") == run]
     if not records:
         raise KeyError(f"no train records of run {run!r} on {device!r}")
-    bias = {r["invocation"]: r for r in records if r.get("attention", "bias") == "bias"}
+    bias = {r["invocation"]: r for r in records if training_attention(r) == "bias"}
 
     def against_bias(found: list[dict], key: str, difference: bool) -> str:
         """Each record's `key` over the bias's of its invocation: as a ratio, or as a relative difference."""
@@ -383,8 +383,8 @@ def benchmark_training_attention(device: str, run: str) -> str:
         return " / ".join(f"{ratio - 1:+.1e}" if difference else f"{ratio:.3f}×" for ratio in ratios)
 
     rows = []
-    for attention in dict.fromkeys(r.get("attention", "bias") for r in records):
-        found = [r for r in records if r.get("attention", "bias") == attention]
+    for attention in dict.fromkeys(map(training_attention, records)):
+        found = [r for r in records if training_attention(r) == attention]
         rows.append(
             [
                 f"`{attention}`",
