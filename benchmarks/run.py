@@ -34,7 +34,8 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
 - train_loops: the same step taken by `--train-loops` (plain, under autocast, through `ParScaleSFTTrainer` as the
   experiments train, and that Trainer with the model's own loss; benchmarks/trainer_loop.py): what the Trainer adds.
   `--train-attention` takes the training suites' prefix attention through sdpa's plain causal kernels instead of the
-  lower-right bias (benchmarks/padded_attention.py: "padded", "padded_flash", "padded_cudnn").
+  lower-right bias (benchmarks/padded_attention.py: "padded", "padded_flash", "padded_cudnn"), or the bias with
+  FlashAttention-4 in place of sdpa's FlashAttention-2 ("bias_fa4", benchmarks/training.py).
 Results are appended to OUT/results.jsonl; OUT/report.md and the plots are rebuilt from everything in it.
 """
 
@@ -60,7 +61,14 @@ from .measure import device_ceilings, environment, free_memory
 from .profiling import PROFILES, write_profiles
 from .records import load_records
 from .sampling import sampling_throughput, selector_compilation
-from .training import TRAIN_ATTENTIONS, TRAIN_COMPILE_MODES, TRAIN_LOOPS, train_throughput, training_setting_conflict
+from .training import (
+    TRAIN_ATTENTIONS,
+    TRAIN_COMPILE_MODES,
+    TRAIN_LOOPS,
+    flash_attention_impl_missing,
+    train_throughput,
+    training_setting_conflict,
+)
 
 ALL_VARIANTS = ["stock", "P1", "P2", "P4", "P8", "dense_P2", "dense_P4", "dense_P8"]
 GPU_DEFAULTS = {
@@ -297,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for mask, compile_mode, loop, attention in settings:  # refused before any is measured
                 conflict = training_setting_conflict(attention, mask, compile_mode, loop, dtype)
+                conflict = conflict or flash_attention_impl_missing(attention, device)
                 if conflict:
                     raise SystemExit(conflict)
             # One untimed measurement first: a process's first one can also pay for warming the device and its

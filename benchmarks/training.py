@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from accelerate.utils import compile_regions
 from peft import LoraConfig, get_peft_model
+from torch.nn import attention as torch_attention
 from torch.nn.attention import SDPBackend
 from transformers import PretrainedConfig
 
@@ -44,7 +45,12 @@ TRAIN_COMPILE_MODES = ("none", "blocks", "layers", "regions", "model")  # see `t
 TRAIN_LOOPS = ("plain", "autocast", "trainer", "trainer_model_loss")  # likewise
 # the prefix attention's kernels (see `train_throughput`): sdpa's name for each padded variant's only backend
 PADDED_ATTENTION_BACKENDS = {"padded_flash": SDPBackend.FLASH_ATTENTION, "padded_cudnn": SDPBackend.CUDNN_ATTENTION}
-TRAIN_ATTENTIONS = ("bias", "padded", *PADDED_ATTENTION_BACKENDS)
+# The package's bias with sdpa's built-in FlashAttention-2 replaced, for CUDA tensors, by another FlashAttention that
+# torch's registry knows (`torch.nn.attention.activate_flash_attention_impl`, torch 2.11 on): it overrides aten's flash
+# ops, which the lower-right bias calls, so no model code changes. Its kernels come from a package installed apart
+# (FA4: flash-attn-4 and NVIDIA's CUTLASS DSL).
+FLASH_ATTENTION_IMPLS = {"bias_fa4": "FA4"}
+TRAIN_ATTENTIONS = ("bias", *FLASH_ATTENTION_IMPLS, "padded", *PADDED_ATTENTION_BACKENDS)
 VARIANT = re.compile(r"P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?|lora")
 
 
@@ -109,9 +115,10 @@ def materialised_prefix_mask(device: torch.device) -> Iterator[None]:
 def training_setting_conflict(attention: str, mask: str, compile: str, loop: str, dtype: torch.dtype) -> str | None:
     """Why `train_throughput` would refuse this setting (None if it would not), so that a sweep of settings can be
     refused before any is measured. The Trainer's loops compile the layers in place only. Padding replaces the
-    lower-right bias, which the materialised mask, the whole-model compile (transformers then builds a mask tensor)
-    and autocast over a model in another dtype (`mask_with_prefix` then materialises it) never pass to attention;
-    the Trainer's loops take sdpa's kernels themselves (every one but cuDNN's)."""
+    lower-right bias, and another FlashAttention replaces the flash kernel the bias reaches; the materialised mask,
+    the whole-model compile (transformers then builds a mask tensor) and autocast over a model in another dtype
+    (`mask_with_prefix` then materialises it) never pass the bias to attention. The Trainer's loops take sdpa's
+    kernels themselves (every one but cuDNN's), which another FlashAttention replaces for them too."""
     if loop not in TRAIN_LOOPS:
         return f"Unknown training loop {loop!r}: use one of {', '.join(TRAIN_LOOPS)}."
     if attention not in TRAIN_ATTENTIONS:
@@ -129,6 +136,40 @@ def training_setting_conflict(attention: str, mask: str, compile: str, loop: str
     if trainer_loop and attention in PADDED_ATTENTION_BACKENDS:
         return f"The Trainer's loops choose their own sdpa kernels: attention {attention!r} is not for them."
     return None
+
+
+def flash_attention_impl_missing(attention: str, device: torch.device) -> str | None:
+    """Why `attention`'s FlashAttention implementation cannot be timed on `device` (None if it can, or if `attention`
+    names none): it replaces CUDA kernels only, and it must be there to put in place (tried, and put back)."""
+    if attention not in FLASH_ATTENTION_IMPLS:
+        return None
+    if device.type != "cuda":
+        return f"attention {attention!r} replaces CUDA kernels only: on {device.type} it would time sdpa's own."
+    try:
+        with flash_attention_impl(FLASH_ATTENTION_IMPLS[attention]):
+            return None
+    except RuntimeError as error:
+        return f"attention {attention!r}: {error}"
+
+
+@contextlib.contextmanager
+def flash_attention_impl(name: str) -> Iterator[None]:
+    """sdpa's FlashAttention-2 kernels for CUDA tensors replaced by torch's registered implementation `name` inside
+    the block, and put back on exit. RuntimeError, with nothing replaced, where torch does not list `name` or the
+    implementation's kernels are not installed."""
+    known = torch_attention.list_flash_attention_impls()
+    if name not in known:
+        raise RuntimeError(
+            f"torch {torch.__version__} lists no FlashAttention implementation {name!r} (it has {known})"
+        )
+    try:
+        torch_attention.activate_flash_attention_impl(name)
+    except ImportError as error:  # torch imports the implementation's kernels only when it is put in place
+        raise RuntimeError(f"FlashAttention implementation {name!r} needs its kernels installed: {error}") from error
+    try:
+        yield
+    finally:
+        torch_attention.restore_flash_attention_impl()
 
 
 def plain_step_times(
@@ -201,11 +242,16 @@ def train_throughput(
     `attention`: "bias", the package's lower-right causal bias (sdpa's flash or memory-efficient kernel); "padded",
     queries padded in front to the keys' length and sdpa's `is_causal`, any kernel sdpa picks
     (benchmarks/padded_attention.py); "padded_flash" and "padded_cudnn", the same limited to that one kernel. The
-    Trainer's loops keep the Trainer's kernels (every one but cuDNN's), so they take "bias" or "padded" only.
+    Trainer's loops keep the Trainer's kernels (every one but cuDNN's), so they take "bias", "padded" or "bias_fa4"
+    only. "bias_fa4": the bias with sdpa's FlashAttention-2 replaced by FlashAttention-4 (`flash_attention_impl`), on
+    CUDA only.
     """
     conflict = training_setting_conflict(attention, mask, compile, loop, dtype)
     if conflict:
         raise ValueError(conflict)
+    missing = flash_attention_impl_missing(attention, device)
+    if missing:
+        raise ValueError(missing)
     trainer_loop = loop.startswith("trainer")
     if compile != "none":
         torch._dynamo.reset()  # dynamo's guards miss sdpa's kernel choice: a graph compiled under another is not reused
@@ -233,12 +279,12 @@ def train_throughput(
         (lambda: materialised_prefix_mask(device)) if mask == "materialised" else contextlib.nullcontext
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if loop == "autocast" else contextlib.nullcontext()
-    backend = PADDED_ATTENTION_BACKENDS.get(attention)
-    prefix_attention = (
-        contextlib.nullcontext()
-        if attention == "bias"
-        else padded_prefix_attention(model, [backend] if backend else None)
-    )
+    prefix_attention: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if attention in FLASH_ATTENTION_IMPLS:
+        prefix_attention = flash_attention_impl(FLASH_ATTENTION_IMPLS[attention])
+    elif attention != "bias":
+        backend = PADDED_ATTENTION_BACKENDS.get(attention)
+        prefix_attention = padded_prefix_attention(model, [backend] if backend else None)
     with masked(), autocast, prefix_attention:
         if trainer_loop:
             from .trainer_loop import trainer_step_times  # TRL and datasets, which the other loops do without

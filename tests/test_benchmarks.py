@@ -583,6 +583,55 @@ def test_training_with_padded_prefix_attention_computes_what_the_bias_computes(t
         run.parse_args(["--out", str(tmp_path), "--train-attention", "padded_math"])
 
 
+def test_another_flash_attention_is_put_in_place_for_the_block_only():
+    """`flash_attention_impl` activates torch's registered implementation for the block and restores FlashAttention-2
+    after it, also when the block raises; an implementation torch does not list, or whose kernels are missing (torch
+    imports FA4's from flash-attn-4 when it is activated), is refused with nothing left in place."""
+    from torch.nn import attention as torch_attention
+
+    removed = []
+
+    class Handle:
+        def remove(self) -> None:
+            removed.append(True)
+
+    def missing_kernels():
+        raise ModuleNotFoundError("No module named 'flash_attn'")
+
+    torch_attention.register_flash_attention_impl("parscale-test-impl", register_fn=Handle)
+    torch_attention.register_flash_attention_impl("parscale-test-missing", register_fn=missing_kernels)
+    with training.flash_attention_impl("parscale-test-impl"):
+        assert torch_attention.current_flash_attention_impl() == "parscale-test-impl" and removed == []
+    assert torch_attention.current_flash_attention_impl() is None and removed == [True]
+    with pytest.raises(KeyError), training.flash_attention_impl("parscale-test-impl"):
+        raise KeyError("the step failed")
+    assert torch_attention.current_flash_attention_impl() is None and removed == [True, True]
+    missing = "needs its kernels installed: No module named 'flash_attn'"
+    with pytest.raises(RuntimeError, match=missing), training.flash_attention_impl("parscale-test-missing"):
+        pass
+    with (
+        pytest.raises(RuntimeError, match="lists no FlashAttention implementation 'FA9'"),
+        training.flash_attention_impl("FA9"),
+    ):
+        pass
+    assert torch_attention.current_flash_attention_impl() is None
+
+
+def test_flash_attention_4_is_refused_where_it_would_not_be_timed(tmp_path):
+    """`bias_fa4` replaces the flash kernel that only the lower-right bias reaches, for CUDA tensors: with the mask
+    materialised or the whole model compiled, and on the CPU, it is refused before anything runs; the Trainer's loops
+    take it (the replacement is the dispatcher's, not the loop's)."""
+    conflict = training.training_setting_conflict
+    assert conflict("bias_fa4", "lower_right", "layers", "trainer", torch.bfloat16) is None
+    assert "bias_fa4" in conflict("bias_fa4", "materialised", "none", "plain", torch.bfloat16)
+    assert "bias_fa4" in conflict("bias_fa4", "lower_right", "model", "plain", torch.bfloat16)
+    assert training.flash_attention_impl_missing("bias", torch.device("cpu")) is None
+    argv = ["--tiny", "--suites", "train", "--train-P", "2", "--no-report", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="replaces CUDA kernels only: on cpu"):
+        run.main([*argv, "--train-attention", "bias,bias_fa4"])
+    assert not (tmp_path / "results.jsonl").exists()
+
+
 def test_padded_prefix_attention_passes_other_masks_on_and_restores_the_model(monkeypatch):
     """An explicit mask (a padded or packed batch) goes to transformers' sdpa attention unchanged, and the block
     switches the model's attention only while it lasts; a model whose attention is not sdpa is refused as it is."""
