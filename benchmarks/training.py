@@ -48,7 +48,8 @@ PADDED_ATTENTION_BACKENDS = {"padded_flash": SDPBackend.FLASH_ATTENTION, "padded
 # The package's bias with sdpa's built-in FlashAttention-2 replaced, for CUDA tensors, by another FlashAttention that
 # torch's registry knows (`torch.nn.attention.activate_flash_attention_impl`, torch 2.11 on): it overrides aten's flash
 # ops, which the lower-right bias calls, so no model code changes. Its kernels come from a package installed apart
-# (FA4: flash-attn-4 and NVIDIA's CUTLASS DSL).
+# (FA4: flash-attn-4 and NVIDIA's CUTLASS DSL; at most 4.0.0b18 with torch 2.11 to 2.13, whose glue unpacks two values
+# from the forward that later releases extend to four or five: BENCHMARKS.md, "Training throughput").
 FLASH_ATTENTION_IMPLS = {"bias_fa4": "FA4"}
 TRAIN_ATTENTIONS = ("bias", *FLASH_ATTENTION_IMPLS, "padded", *PADDED_ATTENTION_BACKENDS)
 VARIANT = re.compile(r"P(?P<P>[1-9]\d*)(?:T(?P<T>[1-9]\d*))?|lora")
