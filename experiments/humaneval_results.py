@@ -60,6 +60,8 @@ def read_result(path: Path) -> dict:
     """A result written by `write_result`."""
     data = path.read_bytes()
     return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
 # The benchmarks' shape of the experiment's model, Qwen2.5-Coder-0.5B-Instruct (benchmarks/shapes.py), and its training
 # windows: the records of other shapes and lengths in a results.jsonl are not this experiment's costs
 BENCHMARK_SHAPE, TRAINING_LENGTH = "0.5b", 2048
@@ -186,12 +188,7 @@ def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | No
     different calls compare only as ratios to their own call's base model. For each case the record given is the
     latest of those with a base model beside them, the longest generation first; without one, the latest of the
     longest generation, with no ratio."""
-    fast = []
-    for line in results.read_text().splitlines():
-        record = json.loads(line)
-        fast_decode = record.get("suite") == "decode" and record.get("mode") == "fast"
-        if fast_decode and "decode_ms_per_token" in record and record.get("shape") == BENCHMARK_SHAPE:
-            fast.append(record)
+    fast = fast_decode_records(results)
 
     def same_call(record: dict) -> tuple[str | None, int, int | None, int]:
         call = record.get("invocation") or record.get("run")
@@ -211,6 +208,33 @@ def decode_costs(results: Path) -> dict[tuple[str, int], tuple[float, float | No
         if case not in chosen or rank > chosen[case][0]:
             chosen[case] = (rank, record["decode_ms_per_token"], ratio)
     return {case: (ms_per_token, ratio) for case, (_, ms_per_token, ratio) in chosen.items()}
+
+
+def fast_decode_records(results: Path) -> list[dict]:
+    """The fast path's decode records at the experiment's shape in a benchmarks ``results.jsonl``, in file order."""
+    records = (json.loads(line) for line in results.read_text().splitlines())
+    return [
+        record
+        for record in records
+        if record.get("suite") == "decode"
+        and record.get("mode") == "fast"
+        and "decode_ms_per_token" in record
+        and record.get("shape") == BENCHMARK_SHAPE
+    ]
+
+
+def base_decode_spread(results: Path) -> dict[int, tuple[float, float]]:
+    """Per batch size, the lowest and highest ms/token of the base model (variant ``stock``) over its records of the
+    longest generation. Every arm's ratio is to its own call's base model, so the base model's row gives the spread
+    over those calls rather than one call's time."""
+    times: dict[int, dict[int, list[float]]] = {}
+    for record in fast_decode_records(results):
+        if record["variant"] == "stock":
+            by_length = times.setdefault(record["batch"], {})
+            by_length.setdefault(record["new_tokens"], []).append(record["decode_ms_per_token"])
+    return {
+        batch: (min(by_length[max(by_length)]), max(by_length[max(by_length)])) for batch, by_length in times.items()
+    }
 
 
 def training_speeds(results: Path) -> dict[str, float]:
@@ -262,6 +286,7 @@ def report(
     )
     scores = {name: per_problem_scores(output / name) for name in names}
     decode = decode_costs(benchmark_results) if benchmark_results is not None else {}
+    base_spread = base_decode_spread(benchmark_results) if benchmark_results is not None else {}
     speeds = training_speeds(benchmark_results) if benchmark_results is not None else {}
     rows = []
     for name in names:
@@ -281,6 +306,8 @@ def report(
         for batch in (1, 8):
             ms_per_token, vs_base = decode.get((decoded_as, batch), (None, None))
             cost[f"decode_ms_per_token_b{batch}"], cost[f"decode_vs_base_b{batch}"] = ms_per_token, vs_base
+            if decoded_as == "stock" and batch in base_spread:
+                cost[f"decode_ms_spread_b{batch}"] = base_spread[batch]
         rows.append({"name": name, **vars(arm), "train_tokens": training.get("train_tokens"), **cost, **metrics})
     over_seeds = []  # one row per arm trained with several seeds, each metric averaged over the runs that have it
     for arm_name in dict.fromkeys(seedless(name) for name in names):
@@ -323,11 +350,15 @@ def interval_cell(summary: dict) -> str:
     return f"{summary['value']:.3f} [{summary['low']:.3f}, {summary['high']:.3f}]"
 
 
-def decode_cell(row: dict, batch: int) -> str:
-    """ms/token at `batch`, with its ratio to the base model measured in the same call where there is one."""
+def decode_cell(row: dict, batch: int, missing: str = "-") -> str:
+    """ms/token at `batch`, with its ratio to the base model measured in the same call where there is one; for the
+    base model (and a merged LoRA), the lowest to highest over the calls that measured it, where they differ."""
     ms_per_token, vs_base = row.get(f"decode_ms_per_token_b{batch}"), row.get(f"decode_vs_base_b{batch}")
+    spread = row.get(f"decode_ms_spread_b{batch}")
     if ms_per_token is None:
-        return "-"
+        return missing
+    if spread is not None and f"{spread[0]:.2f}" != f"{spread[1]:.2f}":
+        return f"{spread[0]:.2f}–{spread[1]:.2f}"
     return f"{ms_per_token:.2f}" + (f" ({vs_base:.2f}×)" if vs_base is not None else "")
 
 

@@ -374,7 +374,8 @@ def humaneval_decision(path: str, bench: str) -> str:
     """Per arm, over its seeds: streams per token (the inference compute, in forward passes of the backbone),
     trainable parameters, training speed alone on the GPU (the benchmark's eager record), decode latency at batch 1
     and 8 (the benchmarks' decode sweep, as the report's cost columns take it, with the ratio to the base model where
-    both were measured in one call), held-out completion loss,
+    both were measured in one call; the base model's, and a merged LoRA's, from its lowest to its highest over those
+    calls), held-out completion loss,
     greedy HumanEval pass@1 in both modes and sampled pass@1 and pass@10; the base model first. Arms without a
     HumanEval score are left out. Where only one of an arm's trainings was sampled, the sampled cells are that
     training's, marked with its seed (``#4``): their intervals cover the problems, not the seeds."""
@@ -401,8 +402,14 @@ def humaneval_decision(path: str, bench: str) -> str:
         cells = []
         for batch in (1, 8):
             latency, vs_base = run.get(f"decode_ms_per_token_b{batch}"), run.get(f"decode_vs_base_b{batch}")
+            spread = [f"{ms:.2f}" for ms in run.get(f"decode_ms_spread_b{batch}") or ()]  # the base model's calls
             ratio = f" ({vs_base:.2f}×)" if vs_base is not None else ""
-            cells.append("–" if latency is None else f"{latency:.2f}{ratio}")
+            if latency is None:
+                cells.append("–")
+            elif len(set(spread)) == 2:
+                cells.append("–".join(spread))
+            else:
+                cells.append(f"{latency:.2f}{ratio}")
         return "–" if cells == ["–", "–"] else " / ".join(cells)
 
     def cells(name: str, score_row: dict, streams: str) -> list[str]:

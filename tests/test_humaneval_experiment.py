@@ -353,3 +353,27 @@ def test_decode_costs_take_ratios_to_the_base_model_of_the_same_call_only(tmp_pa
     ratios = {row["name"]: (row["decode_vs_base_b1"], row["decode_vs_base_b8"]) for row in summary["rows"]}
     assert ratios == {"base": (None, None), "P8": (pytest.approx(1.25), None), "P1T48": (pytest.approx(2.2), None)}
     assert "| 2.50 (1.25×) | 3.00 |" in summary["table"] and "| 2.20 (2.20×) | - |" in summary["table"]
+    # the base model's own cells: its lowest to highest time over the calls (0.5, 2.0 and 1.0 at batch 1; 1.0 and 2.0
+    # at batch 8), since each ratio is to another call's base model
+    assert "| base | - | - | - | - | - | 0.50–2.00 | 1.00–2.00 |" in summary["table"]
+
+
+def test_the_base_model_decode_spread_takes_its_longest_generation_per_batch(tmp_path):
+    """`base_decode_spread`: per batch size, the lowest and highest ms/token of the base model over its records of the
+    longest generation; other variants, other shapes and shorter generations do not count."""
+    results = import_experiment("humaneval_results")
+    records = [  # (shape, variant, batch, new tokens, ms/token)
+        ("0.5b", "stock", 1, 512, 1.7),
+        ("0.5b", "stock", 1, 512, 1.6),
+        ("0.5b", "stock", 1, 64, 0.9),  # a shorter generation
+        ("0.5b", "P8", 1, 512, 0.1),  # not the base model
+        ("1.5b", "stock", 1, 512, 3.0),  # another shape than the experiment's
+        ("0.5b", "stock", 8, 64, 2.5),  # batch 8's longest generation is 64 tokens
+    ]
+    lines = [
+        json.dumps({"suite": "decode", "shape": shape, "mode": "fast", "variant": variant, "batch": batch,
+                    "prompt": 128, "new_tokens": new, "decode_ms_per_token": ms})
+        for shape, variant, batch, new, ms in records
+    ]
+    (tmp_path / "bench.jsonl").write_text("\n".join(lines) + "\n")
+    assert results.base_decode_spread(tmp_path / "bench.jsonl") == {1: (1.6, 1.7), 8: (2.5, 2.5)}
