@@ -350,13 +350,13 @@ def interval_cell(summary: dict) -> str:
     return f"{summary['value']:.3f} [{summary['low']:.3f}, {summary['high']:.3f}]"
 
 
-def decode_cell(row: dict, batch: int, missing: str = "-") -> str:
+def decode_cell(row: dict, batch: int) -> str:
     """ms/token at `batch`, with its ratio to the base model measured in the same call where there is one; for the
     base model (and a merged LoRA), the lowest to highest over the calls that measured it, where they differ."""
     ms_per_token, vs_base = row.get(f"decode_ms_per_token_b{batch}"), row.get(f"decode_vs_base_b{batch}")
     spread = row.get(f"decode_ms_spread_b{batch}")
     if ms_per_token is None:
-        return missing
+        return "-"
     if spread is not None and f"{spread[0]:.2f}" != f"{spread[1]:.2f}":
         return f"{spread[0]:.2f}–{spread[1]:.2f}"
     return f"{ms_per_token:.2f}" + (f" ({vs_base:.2f}×)" if vs_base is not None else "")

@@ -354,7 +354,7 @@ def test_decode_costs_take_ratios_to_the_base_model_of_the_same_call_only(tmp_pa
     assert ratios == {"base": (None, None), "P8": (pytest.approx(1.25), None), "P1T48": (pytest.approx(2.2), None)}
     assert "| 2.50 (1.25×) | 3.00 |" in summary["table"] and "| 2.20 (2.20×) | - |" in summary["table"]
     # the base model's own cells: its lowest to highest time over the calls (0.5, 2.0 and 1.0 at batch 1; 1.0 and 2.0
-    # at batch 8), since each ratio is to another call's base model
+    # at batch 8), since each arm's ratio is to its own call's base model
     assert "| base | - | - | - | - | - | 0.50–2.00 | 1.00–2.00 |" in summary["table"]
 
 
