@@ -402,12 +402,12 @@ def humaneval_decision(path: str, bench: str) -> str:
         cells = []
         for batch in (1, 8):
             latency, vs_base = run.get(f"decode_ms_per_token_b{batch}"), run.get(f"decode_vs_base_b{batch}")
-            spread = [f"{ms:.2f}" for ms in run.get(f"decode_ms_spread_b{batch}") or ()]  # the base model's calls
+            spread = run.get(f"decode_ms_spread_b{batch}")  # the base model's, over the calls
             ratio = f" ({vs_base:.2f}×)" if vs_base is not None else ""
             if latency is None:
                 cells.append("–")
-            elif len(set(spread)) == 2:
-                cells.append("–".join(spread))
+            elif spread is not None and f"{spread[0]:.2f}" != f"{spread[1]:.2f}":
+                cells.append(f"{spread[0]:.2f}–{spread[1]:.2f}")
             else:
                 cells.append(f"{latency:.2f}{ratio}")
         return "–" if cells == ["–", "–"] else " / ".join(cells)
