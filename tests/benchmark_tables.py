@@ -35,9 +35,12 @@ def last(records: list[dict], **where) -> dict:
     return matches[-1]
 
 
-def benchmark_targets(device: str) -> str:
-    """The issue's targets, each against its comparison from the same run (benchmarks/report.py `TARGETS`)."""
-    records = package_attention(benchmark_records(device))
+def benchmark_targets(device: str, runs: str) -> str:
+    """The issue's targets, each against its comparison from the same run (benchmarks/report.py `TARGETS`), from the
+    records of the runs named (comma-separated run labels): a later call of the same suites, measuring something
+    else, leaves the table as it was measured."""
+    chosen = runs.split(",")
+    records = package_attention([r for r in benchmark_records(device) if r.get("run") in chosen])
 
     def decode(variant: str, mode: str, batch: int = 1) -> dict:
         return last(records, suite="targets", variant=variant, mode=mode, batch=batch)
@@ -366,6 +369,42 @@ def benchmark_training_loops(device: str, run: str) -> str:
             )
     header = "loop | gradient checkpointing | ms per sequence (each invocation) | against `plain`, same invocation | MFU | peak GiB"
     return markdown(header, ["---", "---", "---:", "---:", "---:", "---:"], rows)
+
+
+def benchmark_decode_levers(device: str, run: str) -> str:
+    """One run's targets-suite records by mode (`--target-modes`): ms/token at P=1 and P=8, their ratio, how many
+    times inductor declined to record a CUDA graph (`cudagraph_skips`), and whether the run's float32 case (the equality suite, P=8) gave eager's greedy
+    tokens; "–" where the run has no such case (a case its timeout stopped)."""
+    records = [r for r in benchmark_records(device) if r.get("run") == run]
+    timed = {(r["mode"], r["variant"]): r for r in records if r.get("suite") == "targets"}
+    if not timed:
+        raise KeyError(f"no targets records of run {run!r} on {device!r}")
+    float32 = {r["mode"]: r for r in records if r.get("suite") == "equality" and r["variant"] == "P8"}
+
+    def tokens_equal(mode: str) -> str:
+        if mode == "eager" or mode not in float32:
+            return "–"
+        return "yes" if float32[mode]["tokens_vs_eager"]["equal"] else "no"
+
+    rows = []
+    for mode in dict.fromkeys(mode for mode, _ in timed):
+        p1, p8 = timed[mode, "P1"], timed[mode, "P8"]
+        skips = [r.get("cudagraph_skips") for r in (p1, p8)]
+        rows.append(
+            [
+                f"`{mode}`",
+                f"{p1['decode_ms_per_token']:.2f}",
+                f"{p8['decode_ms_per_token']:.2f}",
+                f"{p8['decode_ms_per_token'] / p1['decode_ms_per_token']:.2f}×",
+                "–" if None in skips else " / ".join(map(str, skips)),
+                tokens_equal(mode),
+            ]
+        )
+    header = (
+        "mode | P=1 ms/token | P=8 ms/token | P=8 / P=1 | CUDA graphs declined (P=1 / P=8)"
+        " | float32 greedy tokens = eager's (P=8)"
+    )
+    return markdown(header, ["---", "---:", "---:", "---:", "---:", "---"], rows)
 
 
 def benchmark_training_attention(device: str, run: str) -> str:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the table modules beside this one
 import support_table
 from benchmark_tables import (
+    benchmark_decode_levers,
     benchmark_sampling,
     benchmark_sampling_attention,
     benchmark_sampling_prefill,
@@ -88,6 +89,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "benchmark-training-changes": benchmark_training_changes,
     "benchmark-training-loops": benchmark_training_loops,
     "benchmark-training-attention": benchmark_training_attention,
+    "benchmark-decode-levers": benchmark_decode_levers,
 }
 
 

@@ -43,7 +43,7 @@ def test_a_figure_typed_over_its_rendering_is_caught(tmp_path):
 def test_records_of_another_device_leave_a_device_s_tables_as_they_are(monkeypatch):
     # The benchmark tables take one device's records (named in their marker): a new run elsewhere changes none of them.
     tables = {
-        "benchmark-targets": {},
+        "benchmark-targets": {"runs": "B,C,E"},
         "benchmark-scaling": {},
         "benchmark-training": {"run": "C"},
         "benchmark-training-changes": {},
@@ -71,6 +71,16 @@ def test_records_of_another_device_leave_a_device_s_tables_as_they_are(monkeypat
     run_Z = {**run_C, "tokens_per_s": 1.0, "run": "Z"}
     monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records + [run_Z])
     assert doc_tables.TABLES["benchmark-training"](device=H100, run="C") == before["benchmark-training"]
+    # ... and a later run of the targets suite leaves the targets table, which takes its named runs only
+    run_E = next(
+        r
+        for r in records
+        if (r.get("suite"), r.get("run"), r.get("variant"), r.get("mode")) == ("targets", "E", "P8", "fast")
+    )
+    monkeypatch.setattr(
+        benchmark_tables, "load_records", lambda paths: records + [{**run_E, "run": "Z", "decode_ms_per_token": 1.0}]
+    )
+    assert doc_tables.TABLES["benchmark-targets"](device=H100, runs="B,C,E") == before["benchmark-targets"]
     # ... while a later record of the same case replaces the earlier one
     monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records + [{**run_C, "tokens_per_s": 12345.0}])
     assert "**12,345**" in doc_tables.TABLES["benchmark-training"](device=H100, run="C")
@@ -103,6 +113,31 @@ def test_the_training_attention_table_compares_each_attention_with_the_bias_of_i
     assert table.splitlines()[2:] == [
         "| `bias` | 100.0 / 90.0 | 1.000× / 1.000× | 30.0 % / 30.0 % | +0.0e+00 / +0.0e+00 | +0.0e+00 / +0.0e+00 |",
         "| `padded_cudnn` | 105.0 / 99.0 | 1.050× / 1.100× | 30.0 % / 30.0 % | +0.0e+00 / +0.0e+00 | +1.0e-03 / +2.5e-01 |",
+    ]
+
+
+def test_the_decode_levers_table_gives_each_mode_of_one_run_at_P1_and_P8(monkeypatch):
+    def decode(suite, mode, variant, ms, skips=0, equal=None, run="AC"):
+        record = {"suite": suite, "device_name": "GPU X", "run": run, "mode": mode, "variant": variant}
+        record |= {"decode_ms_per_token": ms, "cudagraph_skips": skips, "tokens_vs_eager": {"equal": equal}}
+        return record
+
+    records = [
+        decode("targets", "eager", "P1", 20.0, skips=None),
+        decode("targets", "eager", "P8", 24.0, skips=None),
+        decode("targets", "fast", "P1", 2.0),
+        decode("targets", "fast", "P8", 2.5),
+        decode("targets", "fast_frozen", "P1", 10.0, skips=1),
+        decode("targets", "fast_frozen", "P8", 8.0, skips=1),
+        decode("equality", "fast", "P8", 7.0, equal=True),  # float32: its tokens, not its time
+        decode("targets", "fast", "P8", 1.0, run="E"),  # another run: not in the table
+    ]  # fmt: skip
+    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records)
+    table = doc_tables.TABLES["benchmark-decode-levers"](device="GPU X", run="AC")
+    assert table.splitlines()[2:] == [
+        "| `eager` | 20.00 | 24.00 | 1.20× | – | – |",
+        "| `fast` | 2.00 | 2.50 | 1.25× | 0 / 0 | yes |",
+        "| `fast_frozen` | 10.00 | 8.00 | 0.80× | 1 / 1 | – |",  # no float32 case in the run
     ]
 
 
