@@ -36,6 +36,9 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
   `--train-attention` takes the training suites' prefix attention through sdpa's plain causal kernels instead of the
   lower-right bias (benchmarks/padded_attention.py: "padded", "padded_flash", "padded_cudnn"), or the bias with
   FlashAttention-4 in place of sdpa's FlashAttention-2 ("bias_fa4", benchmarks/training.py).
+- attention_accuracy: the training attention's output and query, key and value gradients at one layer's shape
+  (P=8 streams of the 0.5B shape), for each of `--train-attention`'s "bias" and "bias_fa4", against float64 arithmetic
+  (benchmarks/attention_accuracy.py).
 Results are appended to OUT/results.jsonl; OUT/report.md and the plots are rebuilt from everything in it.
 """
 
@@ -56,12 +59,14 @@ import peft_parscale  # noqa: F401  (registers the PARSCALE adapter type)
 from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS
 
 from . import report
+from .attention_accuracy import SHARPNESS, attention_errors
 from .decoding import FAST_MODE_OPTIONS, decode_sweep
 from .measure import device_ceilings, environment, free_memory
 from .profiling import PROFILES, write_profiles
 from .records import load_records
 from .sampling import sampling_throughput, selector_compilation
 from .training import (
+    FLASH_ATTENTION_IMPLS,
     TRAIN_ATTENTIONS,
     TRAIN_COMPILE_MODES,
     TRAIN_LOOPS,
@@ -88,6 +93,8 @@ GPU_DEFAULTS = {
     "sampling_variants": ["P1", "P8"],
     "sampling_workload": {"problems": 8, "samples": 20, "prompt": 128, "new_tokens": 512},
     "selector_logits": {"rows": 160, "vocab_size": 151936},
+    # one decoder layer's training attention at the 0.5B shape, P=8: 8 stream rows, 14 heads, 2,048 tokens, T = 48
+    "attention_shape": {"batch": 8, "heads": 14, "queries": 2048, "prefix": 48, "head_dim": 64},
 }
 TINY_DEFAULTS = {
     "shapes": ["tiny"],
@@ -106,6 +113,7 @@ TINY_DEFAULTS = {
     "sampling_variants": ["P1", "P8"],
     "sampling_workload": {"problems": 2, "samples": 3, "prompt": 8, "new_tokens": 8},
     "selector_logits": {"rows": 4, "vocab_size": 3000},  # longer than one chunk of the chunked scan
+    "attention_shape": {"batch": 1, "heads": 2, "queries": 16, "prefix": 4, "head_dim": 8},
 }
 
 
@@ -279,6 +287,18 @@ def main(argv: list[str] | None = None) -> int:
                     suite="sweep_eager",
                     **sweep_common,
                 )
+        elif suite == "attention_accuracy":
+            attentions = args.train_attention.split(",")
+            for attention in attentions:  # refused before any is measured
+                if attention != "bias" and attention not in FLASH_ATTENTION_IMPLS:
+                    raise SystemExit(f"attention_accuracy measures the bias's kernels only, not {attention!r}")
+                missing = flash_attention_impl_missing(attention, device)
+                if missing:
+                    raise SystemExit(missing)
+            for attention in attentions:
+                for sharpness in SHARPNESS:
+                    shape = defaults["attention_shape"]
+                    emit(attention_errors(attention, **shape, sharpness=sharpness, device=device, dtype=dtype))
         elif suite == "selector":
             selector_compilation(device, dtype, emit, **defaults["selector_logits"])
         elif suite == "sampling":

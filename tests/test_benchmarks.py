@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from benchmarks import decoding, plots, profiling, report, run, sampling, training
+from benchmarks import attention_accuracy, decoding, plots, profiling, report, run, sampling, training
 from benchmarks.measure import DeviceState
 from benchmarks.records import variant_order
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
@@ -630,6 +630,28 @@ def test_flash_attention_4_is_refused_where_it_would_not_be_timed(tmp_path):
     with pytest.raises(SystemExit, match="replaces CUDA kernels only: on cpu"):
         run.main([*argv, "--train-attention", "bias,bias_fa4"])
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_the_attention_accuracy_check_finds_sdpa_exact_and_a_misaligned_mask_wrong(monkeypatch, tmp_path):
+    """The accuracy suite's kernel (sdpa with the lower-right bias, float32 on the CPU) against its float64 reference,
+    the attention written out: every tensor within 1e-5 relatively, a bound from float32's rounding (6e-8) over sums of
+    at most 20 keys and 8 dimensions, with room. The check can fail: the same sdpa with the causal mask aligned to the
+    upper left, as a kernel that mishandled the prefix would, is off by more than 10% in the prefix's key gradients."""
+    argv = ["--tiny", "--suites", "attention_accuracy", "--no-report", "--out", str(tmp_path)]
+    run.main(argv)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["attention"], r["sharpness"]) for r in records] == [("bias", s) for s in attention_accuracy.SHARPNESS]
+    for record in records:
+        assert set(record["relative_error"]) == set(attention_accuracy.TENSORS)
+        assert max(record["relative_error"].values()) < 1e-5, record
+
+    monkeypatch.setattr(attention_accuracy, "causal_lower_right", torch.nn.attention.bias.causal_upper_left)
+    misaligned = attention_accuracy.attention_errors("bias", 1, 2, 16, 4, 8, 4.0, torch.device("cpu"), torch.float32)
+    assert misaligned["relative_error"]["key_grad_prefix"] > 0.1
+    with pytest.raises(SystemExit, match="bias's kernels only, not 'padded'"):
+        run.main([*argv, "--train-attention", "bias,padded"])
+    with pytest.raises(SystemExit, match="replaces CUDA kernels only: on cpu"):
+        run.main([*argv, "--train-attention", "bias_fa4"])
 
 
 def test_padded_prefix_attention_passes_other_masks_on_and_restores_the_model(monkeypatch):
