@@ -7,7 +7,8 @@ is the same attention written out (softmax of the scaled scores under the mask, 
 same inputs. The key and value gradients are reported for the prefix keys apart from the others: the prefix's keys
 and values are what the adapter trains, and a kernel that mishandled the alignment would show there first. Attention
 over random keys is spread over the whole sequence, which hides a few mishandled keys, so the queries and keys are also
-drawn sharper (`SHARPNESS`: scores' standard deviation), as a trained model's attention is.
+drawn sharper (`SHARPNESS`: scores' standard deviation), as a trained model's attention is. Each record also times
+the kernel's forward and backward.
 
 Run through `python -m benchmarks.run --suites attention_accuracy --train-attention bias,bias_fa4`.
 """
@@ -23,9 +24,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from .measure import Clock, median
 from .training import FLASH_ATTENTION_IMPLS, flash_attention_impl
 
 SHARPNESS = (1.0, 4.0)
+TIMED_RUNS = 10  # forward and backward of one layer: about a millisecond each on an H100
 TENSORS = ("output", "query_grad", "key_grad_prefix", "key_grad_rest", "value_grad_prefix", "value_grad_rest")
 
 
@@ -73,7 +76,8 @@ def attention_errors(
     seed: int = 0,
 ) -> dict:
     """One record: per tensor (`TENSORS`), the kernel's relative error (Frobenius norm of the difference over the
-    reference's) and largest absolute error against the float64 reference."""
+    reference's) and largest absolute error against the float64 reference; and the kernel's forward and backward time,
+    the median of `TIMED_RUNS` after the measured one (which compiles a kernel that is compiled on first use)."""
     generator = torch.Generator().manual_seed(seed)
     # unit-variance queries and keys give scores of standard deviation 1; scaling each by √s gives s
     shape = (batch, heads)
@@ -82,8 +86,10 @@ def attention_errors(
     value = torch.randn(*shape, prefix + queries, head_dim, generator=generator)
     output_grad = torch.randn(*shape, queries, head_dim, generator=generator)
     inputs = [t.to(device=device, dtype=dtype) for t in (query, key, value, output_grad)]
+    clock = Clock(device)
     with training_kernel(attention, device):
         tested = attention_and_gradients(*inputs, exact=False)
+        times = [clock.time_ms(lambda: attention_and_gradients(*inputs, exact=False))[1] for _ in range(TIMED_RUNS)]
     # the reference starts from the kernel's own (rounded) inputs, so only the kernel's arithmetic differs
     reference = attention_and_gradients(*(t.double() for t in inputs), exact=True)
 
@@ -111,4 +117,5 @@ def attention_errors(
         "dtype": str(dtype).removeprefix("torch."),
         "relative_error": errors,
         "max_abs_error": largest,
+        "forward_backward_ms": median(times),
     }

@@ -644,6 +644,7 @@ def test_the_attention_accuracy_check_finds_sdpa_exact_and_a_misaligned_mask_wro
     for record in records:
         assert set(record["relative_error"]) == set(attention_accuracy.TENSORS)
         assert max(record["relative_error"].values()) < 1e-5, record
+        assert record["forward_backward_ms"] > 0
 
     monkeypatch.setattr(attention_accuracy, "causal_lower_right", torch.nn.attention.bias.causal_upper_left)
     misaligned = attention_accuracy.attention_errors("bias", 1, 2, 16, 4, 8, 4.0, torch.device("cpu"), torch.float32)
