@@ -373,8 +373,8 @@ def benchmark_training_loops(device: str, run: str) -> str:
 
 def benchmark_decode_levers(device: str, run: str) -> str:
     """One run's targets-suite records by mode (`--target-modes`): ms/token at P=1 and P=8, their ratio, how many
-    times inductor declined to record a CUDA graph (`cudagraph_skips`), and whether the run's float32 case (the equality suite, P=8) gave eager's greedy
-    tokens; "–" where the run has no such case (a case its timeout stopped)."""
+    times inductor declined to record a CUDA graph (`cudagraph_skips`), and whether the run's float32 case (the
+    equality suite, P=8) gave eager's greedy tokens; "–" where the run has no such case (a case its timeout stopped)."""
     records = [r for r in benchmark_records(device) if r.get("run") == run]
     timed = {(r["mode"], r["variant"]): r for r in records if r.get("suite") == "targets"}
     if not timed:
