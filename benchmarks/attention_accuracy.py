@@ -95,10 +95,8 @@ def attention_errors(
 
     def split(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         output, query_grad, key_grad, value_grad = tensors
-        return [output, query_grad, key_grad[..., :prefix, :], key_grad[..., prefix:, :]] + [
-            value_grad[..., :prefix, :],
-            value_grad[..., prefix:, :],
-        ]
+        apart = [part for grad in (key_grad, value_grad) for part in (grad[..., :prefix, :], grad[..., prefix:, :])]
+        return [output, query_grad, *apart]  # in the order of TENSORS
 
     errors, largest = {}, {}
     for name, got, want in zip(TENSORS, split(tested), split(reference), strict=True):

@@ -295,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                 missing = flash_attention_impl_missing(attention, device)
                 if missing:
                     raise SystemExit(missing)
+            shape = defaults["attention_shape"]
             for attention in attentions:
                 for sharpness in SHARPNESS:
-                    shape = defaults["attention_shape"]
                     emit(attention_errors(attention, **shape, sharpness=sharpness, device=device, dtype=dtype))
         elif suite == "selector":
             selector_compilation(device, dtype, emit, **defaults["selector_logits"])

@@ -232,9 +232,8 @@ def base_decode_spread(results: Path) -> dict[int, tuple[float, float]]:
         if record["variant"] == "stock":
             by_length = times.setdefault(record["batch"], {})
             by_length.setdefault(record["new_tokens"], []).append(record["decode_ms_per_token"])
-    return {
-        batch: (min(by_length[max(by_length)]), max(by_length[max(by_length)])) for batch, by_length in times.items()
-    }
+    longest = {batch: by_length[max(by_length)] for batch, by_length in times.items()}
+    return {batch: (min(found), max(found)) for batch, found in longest.items()}
 
 
 def training_speeds(results: Path) -> dict[str, float]:

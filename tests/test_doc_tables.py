@@ -15,6 +15,12 @@ from table_format import RESULTS, ROOT
 H100 = "NVIDIA H100 80GB HBM3"
 
 
+def table_rows(monkeypatch, records: list[dict], name: str, **arguments: str) -> list[str]:
+    """The rows under the header of benchmark table `name`, rendered with `records` as the whole records file."""
+    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records)
+    return doc_tables.TABLES[name](**arguments).splitlines()[2:]
+
+
 @pytest.mark.parametrize("document", doc_tables.DOCUMENTS, ids=lambda path: path.name)
 def test_every_table_of_the_documents_is_its_rendering(document):
     assert doc_tables.stale_tables(document) == [], (
@@ -108,9 +114,7 @@ def test_the_training_attention_table_compares_each_attention_with_the_bias_of_i
         train("second", "bias", 90.0, 2.0, 0.4),  # the second invocation's own bias is the reference there
         train("third", "padded_cudnn", 1.0, 1.0, 1.0, run="V"),  # another run: not in the table
     ]  # fmt: skip
-    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records)
-    table = doc_tables.TABLES["benchmark-training-attention"](device="GPU X", run="W")
-    assert table.splitlines()[2:] == [
+    assert table_rows(monkeypatch, records, "benchmark-training-attention", device="GPU X", run="W") == [
         "| `bias` | 100.0 / 90.0 | 1.000× / 1.000× | 30.0 % / 30.0 % | +0.0e+00 / +0.0e+00 | +0.0e+00 / +0.0e+00 |",
         "| `padded_cudnn` | 105.0 / 99.0 | 1.050× / 1.100× | 30.0 % / 30.0 % | +0.0e+00 / +0.0e+00 | +1.0e-03 / +2.5e-01 |",
     ]
@@ -132,9 +136,7 @@ def test_the_decode_levers_table_gives_each_mode_of_one_run_at_P1_and_P8(monkeyp
         decode("equality", "fast", "P8", 7.0, equal=True),  # float32: its tokens, not its time
         decode("targets", "fast", "P8", 1.0, run="E"),  # another run: not in the table
     ]  # fmt: skip
-    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records)
-    table = doc_tables.TABLES["benchmark-decode-levers"](device="GPU X", run="AC")
-    assert table.splitlines()[2:] == [
+    assert table_rows(monkeypatch, records, "benchmark-decode-levers", device="GPU X", run="AC") == [
         "| `eager` | 20.00 | 24.00 | 1.20× | – | – |",
         "| `fast` | 2.00 | 2.50 | 1.25× | 0 / 0 | yes |",
         "| `fast_frozen` | 10.00 | 8.00 | 0.80× | 1 / 1 | – |",  # no float32 case in the run
@@ -161,9 +163,8 @@ def test_the_prefill_table_pairs_each_P_of_the_two_runs_in_fast_mode(monkeypatch
         sampling("N", 8, "fast", 52.4, 24.24, 11.96),
         {**sampling("N", 8, "fast", 0.0, 0.0, 0.0), "device_name": "GPU Y"},  # another device
     ]  # fmt: skip
-    monkeypatch.setattr(benchmark_tables, "load_records", lambda paths: records)
-    table = doc_tables.TABLES["benchmark-sampling-prefill"](device="GPU X", before="K", after="N")
-    assert table.splitlines()[2:] == ["| 8 | 581 / **52** | 22.3 / **24.2** | 16.8 / **12.0** |"]
+    rows = table_rows(monkeypatch, records, "benchmark-sampling-prefill", device="GPU X", before="K", after="N")
+    assert rows == ["| 8 | 581 / **52** | 22.3 / **24.2** | 16.8 / **12.0** |"]
 
 
 def test_marker_arguments_reach_the_table(monkeypatch):
