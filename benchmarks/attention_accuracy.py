@@ -25,11 +25,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from .measure import Clock, median
-from .training import FLASH_ATTENTION_IMPLS, flash_attention_impl
+from .training import FLASH_ATTENTION_IMPLS, flash_attention_impl, flash_attention_impl_missing
 
 SHARPNESS = (1.0, 4.0)
 TIMED_RUNS = 10  # forward and backward of one layer: about a millisecond each on an H100
 TENSORS = ("output", "query_grad", "key_grad_prefix", "key_grad_rest", "value_grad_prefix", "value_grad_rest")
+
+
+def accuracy_refusal(attention: str, device: torch.device) -> str | None:
+    """Why `attention` cannot be measured on `device` (None if it can): the bias's kernels only, FlashAttention-2's
+    or an implementation put in its place that is installed."""
+    if attention != "bias" and attention not in FLASH_ATTENTION_IMPLS:
+        return f"attention_accuracy measures the bias's kernels only, not {attention!r}"
+    return flash_attention_impl_missing(attention, device)
 
 
 @contextlib.contextmanager

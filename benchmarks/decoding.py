@@ -7,6 +7,8 @@ Three ways to generate, all greedy, on random prompts without padding:
 - `fast`: `peft_parscale.decode.greedy_generate` (the fast path: static cache, compiled decode step, no host waits).
 - `fast_frozen`, `fast_autotune`, `fast_frozen_autotune`: the fast path with its decode step compiled under other
   inductor settings (`FAST_MODE_OPTIONS`), the compiler-side levers for decode latency, measured beside `fast`.
+- `fast_fused`: the fast path with the query/key/value and gate/up products run as one product each, over a copy of
+  their weights stacked (`fused_projections.py`), the same lever by hand.
 
 Variants of a shape: `stock` (the base model, no adapter), `P<n>` (a fresh ParScale adapter with P = n and the default
 prefix length), `P<n>T<t>` (the same with T = t: the single streams with a longer prefix that the HumanEval experiment
@@ -33,6 +35,7 @@ from transformers import CompileConfig, LogitsProcessorList
 from peft_parscale import ParScaleConfig
 from peft_parscale.decode import GREEDY, FastDecoder, causal_lm_of, fast_decoder, greedy_generate
 
+from .fused_projections import fused_projections
 from .measure import (
     Clock,
     DeviceState,
@@ -63,6 +66,9 @@ FAST_MODE_OPTIONS: dict[str, dict[str, Any]] = {
         "options": {"triton.cudagraphs": True, "freezing": True, "max_autotune": True},
     },
 }
+# The fast path (its compile options) with the products that read one input run as one (`fused_projections`)
+FUSED_MODE = "fast_fused"
+FAST_MODES = (*FAST_MODE_OPTIONS, FUSED_MODE)
 
 
 def build_variant(shape: str, variant: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Record]:
@@ -266,6 +272,17 @@ def decode_sweep(
                 elif mode in FAST_MODE_OPTIONS:
                     options = FAST_MODE_OPTIONS[mode]
                     record, tokens = measure_fast(model, input_ids, attention_mask, new, repeats, options)
+                elif mode == FUSED_MODE:
+                    # the step is compiled inside the block, and dropped after it (it calls the stacked products)
+                    forget_fast_decoder(model)
+                    torch._dynamo.reset()
+                    with fused_projections(causal_lm_of(model)) as groups:
+                        record, tokens = measure_fast(
+                            model, input_ids, attention_mask, new, repeats, fast_compile_options
+                        )
+                    record["fused_groups"] = groups
+                    forget_fast_decoder(model)
+                    torch._dynamo.reset()
                 else:
                     static = mode == "generate_static"
                     config = generate_compile_config if static else None

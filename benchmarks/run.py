@@ -9,8 +9,9 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
 - targets: Qwen2.5-1.5B shape, prompt 64 + 128 new tokens: stock at batch 8, ParScale P=1 and P=8 at batch 1 (or,
   with `--variants`/`--batches`, every given variant at every given batch size, one batch size after the other);
   eager `generate`, static-cache compiled `generate`, and the fast path (`--target-modes`, also fast_frozen,
-  fast_autotune, fast_frozen_autotune: the decode step compiled with inductor's freezing and/or max-autotune, see
-  benchmarks/decoding.py); tokens compared with eager.
+  fast_autotune, fast_frozen_autotune: the decode step compiled with inductor's freezing and/or max-autotune;
+  fast_fused: the query/key/value and gate/up products stacked, see benchmarks/decoding.py); tokens compared with
+  eager.
 - sweep: fast path, variants stock, P1..P8 and the dense equivalents, batch 1/2/4/8, (prompt, new) = (L, L) for
   L in 64..512; the step compiled with dynamic shapes (one compilation per variant), or with `--static-sweep` for
   each case's static shapes (one compilation per case, as BENCHMARKS.md was measured).
@@ -59,14 +60,13 @@ import peft_parscale  # noqa: F401  (registers the PARSCALE adapter type)
 from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS
 
 from . import report
-from .attention_accuracy import SHARPNESS, attention_errors
-from .decoding import FAST_MODE_OPTIONS, decode_sweep
+from .attention_accuracy import SHARPNESS, accuracy_refusal, attention_errors
+from .decoding import FAST_MODES, decode_sweep
 from .measure import device_ceilings, environment, free_memory
 from .profiling import PROFILES, write_profiles
 from .records import load_records
 from .sampling import sampling_throughput, selector_compilation
 from .training import (
-    FLASH_ATTENTION_IMPLS,
     TRAIN_ATTENTIONS,
     TRAIN_COMPILE_MODES,
     TRAIN_LOOPS,
@@ -153,7 +153,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--target-modes",
         default="eager,generate_static,fast",
-        help="targets suite: any of eager, generate_static, fast, fast_frozen, fast_autotune, fast_frozen_autotune "
+        help="targets suite: any of eager, generate_static, fast, fast_frozen, fast_autotune, fast_frozen_autotune, "
+        "fast_fused "
         "(tokens are compared with eager when it comes first)",
     )
     parser.add_argument(
@@ -165,7 +166,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-report", action="store_true", help="only append to results.jsonl")
     args = parser.parse_args(argv)
     for flag, value, known in (
-        ("--target-modes", args.target_modes, {"eager", "generate_static", "fast", *FAST_MODE_OPTIONS}),
+        ("--target-modes", args.target_modes, {"eager", "generate_static", "fast", *FAST_MODES}),
         ("--train-compile", args.train_compile, set(TRAIN_COMPILE_MODES)),
         ("--train-loops", args.train_loops, set(TRAIN_LOOPS)),
         ("--train-attention", args.train_attention, set(TRAIN_ATTENTIONS)),
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["P8"],
                 [1],
                 [defaults["target_length"]],
-                ["eager", "fast", *(mode for mode in args.target_modes.split(",") if mode in FAST_MODE_OPTIONS)],
+                ["eager", "fast", *(mode for mode in args.target_modes.split(",") if mode in FAST_MODES)],
                 fast_compile_options=static_options,
                 generate_compile_config=None,
                 suite="equality",
@@ -290,11 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         elif suite == "attention_accuracy":
             attentions = args.train_attention.split(",")
             for attention in attentions:  # refused before any is measured
-                if attention != "bias" and attention not in FLASH_ATTENTION_IMPLS:
-                    raise SystemExit(f"attention_accuracy measures the bias's kernels only, not {attention!r}")
-                missing = flash_attention_impl_missing(attention, device)
-                if missing:
-                    raise SystemExit(missing)
+                refusal = accuracy_refusal(attention, device)
+                if refusal:
+                    raise SystemExit(refusal)
             shape = defaults["attention_shape"]
             for attention in attentions:
                 for sharpness in SHARPNESS:
