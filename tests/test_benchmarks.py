@@ -199,6 +199,24 @@ def test_report_keeps_each_device_apart(tmp_path):
     assert report.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
+def test_report_takes_each_ratio_from_one_call():
+    """A later call that measured P=8 alone (run AC measured levers at P=1 and P=8 but not the base model at batch 8)
+    neither pairs its P=8 with an earlier call's P=1 or base model: each ratio comes from the latest call that
+    measured both sides (here the first: 1.1 / 1.0 and 1.1 / 2.0; pairing across calls would give 3.0 and 1.5)."""
+    first = [
+        decode_record("NVIDIA H100", "P1", 1.0),
+        decode_record("NVIDIA H100", "P8", 1.1),
+        {**decode_record("NVIDIA H100", "stock", 2.0), "batch": 8},
+    ]
+    later = [decode_record("NVIDIA H100", "P8", 3.0)]
+    records = [{**r, "invocation": "first"} for r in first] + [{**r, "invocation": "later"} for r in later]
+    _, checks = report.target_checks(records)
+    values = {c["target"]: c["value"] for c in checks}
+    assert values["decode ms/token P=8 / P=1 (fast)"] == pytest.approx(1.1)
+    assert values["fast P=8 / stock batch 8 (fast) ms/token"] == pytest.approx(0.55)
+    assert values["fast path P=8 ms/token"] == 3.0  # the latest measurement of the case itself
+
+
 def test_decode_plot_draws_only_lengths_measured_with_the_base_model(tmp_path, monkeypatch):
     """The decode-latency plot starts each line at the base model (P = 1): a length where only arms were measured
     (here, more often than the base model's) gives no panel, and a shape without the base model none at all."""
