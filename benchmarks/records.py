@@ -20,6 +20,12 @@ def load_records(paths: Iterable[str]) -> list[Record]:
     return records
 
 
+def call_of(record: Record) -> str | None:
+    """The device call a record came from: its benchmark invocation, or for records made before they carried one
+    its run label (which may span several calls)."""
+    return record.get("invocation") or record.get("run")
+
+
 def decode_rows(records: list[Record], suite: str) -> list[Record]:
     """One record per case, the latest run of each."""
     by_case = {}

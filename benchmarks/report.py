@@ -20,7 +20,15 @@ from collections import defaultdict
 from typing import Any
 
 from benchmarks.plots import write_plots
-from benchmarks.records import Record, decode_rows, load_records, training_attention, training_variant, variant_order
+from benchmarks.records import (
+    Record,
+    call_of,
+    decode_rows,
+    load_records,
+    training_attention,
+    training_variant,
+    variant_order,
+)
 from peft_parscale.scaling_law import PAPER_STACK_V2_PYTHON
 
 TRAINING_SUITES = ("train", "train_masks", "train_loops")
@@ -161,7 +169,7 @@ def target_checks(records: list[Record]) -> tuple[str, list[Record]]:
     calls: dict[Any, dict[tuple, Record]] = defaultdict(dict)  # call -> (variant, batch, mode) -> its latest record
     for r in records:
         if r.get("suite") == "targets":
-            calls[r.get("invocation") or r.get("run")][r["variant"], r["batch"], r["mode"]] = r
+            calls[call_of(r)][r["variant"], r["batch"], r["mode"]] = r
 
     def same_call(first: tuple, second: tuple) -> tuple[Record, Record] | tuple[None, None]:
         """Both cases' records from the latest call that measured both: times of separate calls drift apart by more
@@ -217,8 +225,7 @@ def scaling_comparison(records: list[Record], mode: str = "fast") -> list[Record
     calls: dict[tuple, dict[str, Record]] = defaultdict(dict)  # (case, call) -> variant -> the call's latest record
     for r in records:
         if r.get("suite") == "decode" and r["mode"] == mode:
-            call = r.get("invocation") or r.get("run")
-            calls[r["shape"], r["batch"], r["prompt"], r["new_tokens"], call][r["variant"]] = r
+            calls[r["shape"], r["batch"], r["prompt"], r["new_tokens"], call_of(r)][r["variant"]] = r
     chosen: dict[tuple, tuple[Record, Record, Record]] = {}  # (case, P) -> the latest call's three records
     for (shape, batch, prompt, new_tokens, _), by_variant in calls.items():  # calls in the order they were recorded
         for num_streams in (2, 4, 8):
