@@ -19,7 +19,7 @@ is checked at every call: a module given another input than its group's first ra
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,6 @@ class StackedProducts:
     """One group's linear modules as one product over their weights (and biases) stacked."""
 
     def __init__(self, linears: list[nn.Linear]) -> None:
-        self.linears = linears
         with torch.no_grad():
             self.weight = torch.cat([linear.weight for linear in linears])
             biases = [linear.bias for linear in linears]
@@ -54,12 +53,12 @@ class StackedProducts:
         self.parts = F.linear(hidden_states, self.weight, self.bias).split(self.sizes, dim=-1)
         return self.parts[0]
 
-    def part(self, index: int):
+    def part(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
             if hidden_states is not self.input:
                 raise RuntimeError(
-                    f"fused_projections: {type(self.linears[index]).__name__} {index} of its group was called on "
-                    "another input than the group's first module; this model's modules do not share one input."
+                    f"fused_projections: product {index} of its group was called on another input than the group's "
+                    "first; this model's modules do not share one input."
                 )
             return self.parts[index]
 
