@@ -8,7 +8,8 @@ same inputs. The key and value gradients are reported for the prefix keys apart 
 and values are what the adapter trains, and a kernel that mishandled the alignment would show there first. Attention
 over random keys is spread over the whole sequence, which hides a few mishandled keys, so the queries and keys are also
 drawn sharper (`SHARPNESS`: scores' standard deviation), as a trained model's attention is. Each record also times
-the kernel's forward and backward.
+the kernel's forward and backward, and names what ran (the GPU kernels; on a CPU, the operators): a replacement that
+was put in place but not reached would otherwise time and measure as the kernel it replaces.
 
 Run through `python -m benchmarks.run --suites attention_accuracy --train-attention bias,bias_fa4`.
 """
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+from torch.profiler import ProfilerActivity, profile
 
 from .measure import Clock, median
 from .training import FLASH_ATTENTION_IMPLS, flash_attention_impl, flash_attention_impl_missing
@@ -71,6 +74,18 @@ def attention_and_gradients(
     return [output.detach(), query.grad, key.grad, value.grad]
 
 
+def launched(function: Callable[[], object], device: torch.device) -> list[str]:
+    """The names of what `function` runs, in the order of their first launch: on CUDA its GPU kernels, on a CPU the
+    operators (torch's profiler)."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as profiler:
+        function()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wanted = DeviceType.CUDA if cuda else DeviceType.CPU
+    return list(dict.fromkeys(event.name for event in profiler.events() if event.device_type == wanted))
+
+
 def attention_errors(
     attention: str,
     batch: int,
@@ -98,6 +113,7 @@ def attention_errors(
     with training_kernel(attention, device):
         tested = attention_and_gradients(*inputs, exact=False)
         times = [clock.time_ms(lambda: attention_and_gradients(*inputs, exact=False))[1] for _ in range(TIMED_RUNS)]
+        kernels = launched(lambda: attention_and_gradients(*inputs, exact=False), device)
     # the reference starts from the kernel's own (rounded) inputs, so only the kernel's arithmetic differs
     reference = attention_and_gradients(*(t.double() for t in inputs), exact=True)
 
@@ -124,4 +140,5 @@ def attention_errors(
         "relative_error": errors,
         "max_abs_error": largest,
         "forward_backward_ms": median(times),
+        "kernels": kernels,
     }

@@ -4,6 +4,7 @@ and of fast-path sampling steps of HumanEval's workload, each headed by its self
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -13,9 +14,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from peft_parscale import ParScaleConfig
-from peft_parscale.decode import fast_decoder
+from peft_parscale.decode import causal_lm_of, fast_decoder
 
 from .decoding import build_variant, random_prompts
+from .fused_projections import fused_projections
 from .measure import random_causal_lm
 from .sampling import humaneval_sampling, sampling_decoder
 from .shapes import shape_config
@@ -125,15 +127,23 @@ def profile_trainer_training(
 
 
 def profile_decoding(
-    shape: str, num_streams: int, prompt: int, new_tokens: int, device: torch.device, dtype: torch.dtype
+    shape: str,
+    num_streams: int,
+    prompt: int,
+    new_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    fused: bool = False,
 ) -> str:
+    """Fast-path decode steps at batch 1; `fused`: inside `fused_projections` (the `fast_fused` mode)."""
     base = random_causal_lm(shape_config(shape), device, dtype)
     model = get_peft_model(base, ParScaleConfig(P=num_streams), autocast_adapter_dtype=False).eval()
     input_ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
-    decoder = fast_decoder(model, 1, prompt + new_tokens, compile=device.type == "cuda")
     mask = torch.ones_like(input_ids)
-    decoder.run(input_ids, mask, new_tokens)
-    return profile_table(lambda: decoder.run(input_ids, mask, new_tokens), 1)
+    with fused_projections(causal_lm_of(model)) if fused else contextlib.nullcontext():
+        decoder = fast_decoder(model, 1, prompt + new_tokens, compile=device.type == "cuda")
+        decoder.run(input_ids, mask, new_tokens)
+        return profile_table(lambda: decoder.run(input_ids, mask, new_tokens), 1)
 
 
 def profile_sampling(
@@ -159,7 +169,7 @@ def profile_sampling(
     return profile_table(lambda: decoder.run(rows_ids, rows_mask, steps, uniforms), 1)
 
 
-PROFILES = ("training_P8", "training_P8_layers", "training_P8_trainer", "decode_P8", "sampling_P8")
+PROFILES = ("training_P8", "training_P8_layers", "training_P8_trainer", "decode_P8", "decode_P8_fused", "sampling_P8")
 
 
 def write_profiles(
@@ -182,6 +192,7 @@ def write_profiles(
         # the same step through the experiments' Trainer (needs TRL and datasets)
         "training_P8_trainer": lambda: profile_trainer_training(sampling_shape, 8, length, device, dtype),
         "decode_P8": lambda: profile_decoding(shape, 8, prompt, new_tokens, device, dtype),
+        "decode_P8_fused": lambda: profile_decoding(shape, 8, prompt, new_tokens, device, dtype, fused=True),
         "sampling_P8": lambda: profile_sampling(
             sampling_shape, 8, **sampling_workload, steps=sampling_steps, device=device, dtype=dtype
         ),

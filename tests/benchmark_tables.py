@@ -439,3 +439,53 @@ def benchmark_training_attention(device: str, run: str) -> str:
         " | first-step loss against `bias` | gradient norm against `bias`"
     )
     return markdown(header, ["---", "---:", "---:", "---:", "---:", "---:"], rows)
+
+
+def benchmark_fused_projections(device: str, runs: str) -> str:
+    """The `fast_fused` decode lever against `fast`, each pair from one invocation (one process: between calls the
+    times drift more than the lever moves them), for every case of the runs named (comma-separated) that measured
+    both; and whether the run's float32 case (the equality suite, P=8) gave eager's greedy tokens ("–": none)."""
+    chosen = runs.split(",")
+    records = [r for r in benchmark_records(device) if r.get("run") in chosen]
+    timed = {
+        (r["run"], r["invocation"], r["variant"], r["batch"], r["mode"]): r
+        for r in records
+        if r.get("suite") == "targets" and r["mode"] in ("fast", "fast_fused")
+    }
+    float32 = {r["run"]: r for r in records if r.get("suite") == "equality" and r["mode"] == "fast_fused"}
+    rows = []
+    for run, invocation, variant, batch, _ in dict.fromkeys(key[:4] + (None,) for key in timed):
+        pair = [timed.get((run, invocation, variant, batch, mode)) for mode in ("fast", "fast_fused")]
+        if None in pair:
+            continue
+        fast, fused = (r["decode_ms_per_token"] for r in pair)
+        equal = "–" if run not in float32 else "yes" if float32[run]["tokens_vs_eager"]["equal"] else "no"
+        rows.append([run, variant[1:], str(batch), f"{fast:.2f}", f"{fused:.2f}", f"{fused / fast:.3f}×", equal])
+    if not rows:
+        raise KeyError(f"no invocation of runs {runs!r} on {device!r} measured both fast and fast_fused")
+    header = (
+        "run | P | batch | `fast` ms/token | `fast_fused` ms/token | `fast_fused` / `fast`"
+        " | float32 greedy tokens = eager's (P=8, the run's)"
+    )
+    return markdown(header, ["---", "---:", "---:", "---:", "---:", "---:", "---"], rows)
+
+
+def benchmark_attention_accuracy(device: str, run: str) -> str:
+    """One run's `attention_accuracy` records: each training-attention kernel's relative error, in bf16 against the
+    attention written out in float64, of its output and of the query, key and value gradients (the prefix's keys
+    apart from the rest), at each sharpness of the scores; and its forward and backward time."""
+    records = [r for r in benchmark_records(device) if r.get("suite") == "attention_accuracy" and r.get("run") == run]
+    if not records:
+        raise KeyError(f"no attention_accuracy records of run {run!r} on {device!r}")
+    errors = ("output", "query_grad", "key_grad_prefix", "key_grad_rest", "value_grad_prefix", "value_grad_rest")
+    rows = [
+        [f"`{r['attention']}`", f"{r['sharpness']:g}"]
+        + [f"{r['relative_error'][name]:.4e}" for name in errors]
+        + [f"{r['forward_backward_ms']:.2f}"]
+        for r in records
+    ]
+    header = (
+        "attention | score std | output | query grad | key grad, prefix | key grad, rest | value grad, prefix"
+        " | value grad, rest | fwd+bwd ms"
+    )
+    return markdown(header, ["---", "---:"] + ["---:"] * 7, rows)

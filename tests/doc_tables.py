@@ -32,7 +32,9 @@ from collections.abc import Callable
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the table modules beside this one
 import support_table
 from benchmark_tables import (
+    benchmark_attention_accuracy,
     benchmark_decode_levers,
+    benchmark_fused_projections,
     benchmark_sampling,
     benchmark_sampling_attention,
     benchmark_sampling_prefill,
@@ -90,6 +92,8 @@ TABLES: dict[str, Callable[..., str]] = {
     "benchmark-training-loops": benchmark_training_loops,
     "benchmark-training-attention": benchmark_training_attention,
     "benchmark-decode-levers": benchmark_decode_levers,
+    "benchmark-fused-projections": benchmark_fused_projections,
+    "benchmark-attention-accuracy": benchmark_attention_accuracy,
 }
 
 

@@ -315,7 +315,7 @@ def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path, mo
     of the sampling table's 30 on a loaded machine), and what a step runs does not."""
     monkeypatch.setattr(profiling, "TABLE_ROWS", 10_000)
     assert run.main(["--tiny", "--suites", "profile", "--no-report", "--out", str(tmp_path)]) == 0
-    for name in ("training_P8", "training_P8_layers", "training_P8_trainer", "decode_P8", "sampling_P8"):
+    for name in profiling.PROFILES:
         table = (tmp_path / f"profile_{name}.txt").read_text()
         assert table.startswith("Self time by family (CPU ops;"), name
         # the Trainer's table need not hold one: its compiled layers hide theirs and TRL's LM head multiplies with
@@ -334,6 +334,19 @@ def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path, mo
     # the sampling table profiles the sampling step: top-p sorts the scores, which greedy decoding never does
     assert "aten::sort" in (tmp_path / "profile_sampling_P8.txt").read_text()
     assert "aten::sort" not in (tmp_path / "profile_decode_P8.txt").read_text()
+
+    # the fused decode table profiles the fused step: of a layer's 7 products, q/k/v run as one and gate/up as one
+    def linear_calls(name: str) -> int:
+        (row,) = [
+            line for line in (tmp_path / f"profile_{name}.txt").read_text().splitlines() if "aten::linear " in line
+        ]
+        return int(row.split()[-1])
+
+    # 3 fewer products a layer in every forward pass (prefill and each new token)
+    forwards = (linear_calls("decode_P8") - linear_calls("decode_P8_fused")) / (
+        3 * shape_config("tiny").num_hidden_layers
+    )
+    assert forwards == int(forwards) > 0
 
 
 def test_profiles_picks_the_tables(tmp_path):
@@ -663,6 +676,10 @@ def test_the_attention_accuracy_check_finds_sdpa_exact_and_a_misaligned_mask_wro
         assert set(record["relative_error"]) == set(attention_accuracy.TENSORS)
         assert max(record["relative_error"].values()) < 1e-5, record
         assert record["forward_backward_ms"] > 0
+        # what ran is named: sdpa's CPU flash kernel, forward and backward, not the written-out reference's matmuls
+        assert {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm"} & set(record["kernels"]) == {
+            "aten::_scaled_dot_product_flash_attention_for_cpu"
+        }, record["kernels"]
 
     monkeypatch.setattr(attention_accuracy, "causal_lower_right", torch.nn.attention.bias.causal_upper_left)
     misaligned = attention_accuracy.attention_errors("bias", 1, 2, 16, 4, 8, 4.0, torch.device("cpu"), torch.float32)

@@ -143,6 +143,49 @@ def test_the_decode_levers_table_gives_each_mode_of_one_run_at_P1_and_P8(monkeyp
     ]
 
 
+def test_the_fused_projections_table_pairs_the_two_modes_within_one_invocation(monkeypatch):
+    def decode(run, invocation, mode, variant, batch, ms, suite="targets", equal=None):
+        record = {"suite": suite, "device_name": "GPU X", "run": run, "invocation": invocation, "mode": mode}
+        return record | {
+            "variant": variant,
+            "batch": batch,
+            "decode_ms_per_token": ms,
+            "tokens_vs_eager": {"equal": equal},
+        }
+
+    records = [
+        decode("AE", "a", "fast", "P1", 1, 2.0),
+        decode("AE", "a", "fast_fused", "P1", 1, 1.5),
+        decode("AE", "a", "fast", "P8", 1, 2.5),  # its fast_fused case not measured in this invocation: no row
+        decode("AF", "b", "fast_fused", "P8", 1, 2.0),  # another invocation: not paired with AE's fast P=8
+        decode("AF", "c", "fast", "P8", 1, 4.0),
+        decode("AF", "c", "fast_fused", "P8", 1, 3.0),
+        decode("AF", "d", "fast_fused", "P8", 1, 9.0, suite="equality", equal=True),  # float32: its tokens only
+        decode("AG", "e", "fast", "P8", 1, 1.0),  # a run not named
+        decode("AG", "e", "fast_fused", "P8", 1, 1.0),
+    ]  # fmt: skip
+    rows = table_rows(monkeypatch, records, "benchmark-fused-projections", device="GPU X", runs="AE,AF")
+    assert rows == ["| AE | 1 | 1 | 2.00 | 1.50 | 0.750× | – |", "| AF | 8 | 1 | 4.00 | 3.00 | 0.750× | yes |"]
+
+
+def test_the_attention_accuracy_table_gives_each_kernel_and_sharpness_of_one_run(monkeypatch):
+    def accuracy(attention, sharpness, error, run="AG"):
+        errors = dict.fromkeys(
+            ("output", "query_grad", "key_grad_prefix", "key_grad_rest", "value_grad_prefix", "value_grad_rest"), error
+        )
+        return {"suite": "attention_accuracy", "device_name": "GPU X", "run": run, "attention": attention} | {
+            "sharpness": sharpness,
+            "relative_error": errors | {"key_grad_prefix": 2 * error},
+            "forward_backward_ms": 1.234,
+        }
+
+    records = [accuracy("bias", 1.0, 1e-3), accuracy("bias_fa4", 4.0, 2.5e-3), accuracy("bias", 1.0, 9.0, run="AA")]
+    assert table_rows(monkeypatch, records, "benchmark-attention-accuracy", device="GPU X", run="AG") == [
+        "| `bias` | 1 | 1.0000e-03 | 1.0000e-03 | 2.0000e-03 | 1.0000e-03 | 1.0000e-03 | 1.0000e-03 | 1.23 |",
+        "| `bias_fa4` | 4 | 2.5000e-03 | 2.5000e-03 | 5.0000e-03 | 2.5000e-03 | 2.5000e-03 | 2.5000e-03 | 1.23 |",
+    ]
+
+
 def test_the_prefill_table_pairs_each_P_of_the_two_runs_in_fast_mode(monkeypatch):
     def sampling(run, P, mode, ttft, rate, memory):
         return {
