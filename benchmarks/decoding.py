@@ -8,7 +8,7 @@ Three ways to generate, all greedy, on random prompts without padding:
 - `fast_frozen`, `fast_autotune`, `fast_frozen_autotune`: the fast path with its decode step compiled under other
   inductor settings (`FAST_MODE_OPTIONS`), the compiler-side levers for decode latency, measured beside `fast`.
 - `fast_fused`: the fast path with the query/key/value and gate/up products run as one product each, over a copy of
-  their weights stacked (`fused_projections.py`), the same lever by hand.
+  their weights stacked (`fast_generate`'s `fuse_projections`), the same lever by hand.
 
 Variants of a shape: `stock` (the base model, no adapter), `P<n>` (a fresh ParScale adapter with P = n and the default
 prefix length), `P<n>T<t>` (the same with T = t: the single streams with a longer prefix that the HumanEval experiment
@@ -35,7 +35,6 @@ from transformers import CompileConfig, LogitsProcessorList
 from peft_parscale import ParScaleConfig
 from peft_parscale.decode import GREEDY, FastDecoder, causal_lm_of, fast_decoder, greedy_generate
 
-from .fused_projections import fused_projections
 from .measure import (
     Clock,
     DeviceState,
@@ -66,7 +65,7 @@ FAST_MODE_OPTIONS: dict[str, dict[str, Any]] = {
         "options": {"triton.cudagraphs": True, "freezing": True, "max_autotune": True},
     },
 }
-# The fast path (its compile options) with the products that read one input run as one (`fused_projections`)
+# The fast path (its compile options) with the products that read one input run as one (`fuse_projections`)
 FUSED_MODE = "fast_fused"
 FAST_MODES = (*FAST_MODE_OPTIONS, FUSED_MODE)
 
@@ -188,6 +187,7 @@ def measure_fast(
     new_tokens: int,
     repeats: int,
     compile_options: dict[str, Any] | None,
+    fuse_projections: bool = False,
 ) -> tuple[Record, torch.Tensor]:
     """`greedy_generate`: a warm-up of four tokens on the same cache (compilation, CUDA-graph recording), `repeats`
     timed runs, three prefills.
@@ -201,12 +201,20 @@ def measure_fast(
     compile = compile_options is not None
     skips_before = counters["inductor"]["cudagraph_skips"]
     batch_size, prompt_length = input_ids.shape
-    decoder = fast_decoder(model, batch_size, prompt_length + new_tokens, GREEDY, compile, compile_options)
+    decoder = fast_decoder(
+        model, batch_size, prompt_length + new_tokens, GREEDY, compile, compile_options, fuse_projections
+    )
     _, warmup_ms = clock.time_ms(lambda: decoder.run(input_ids, attention_mask, min(new_tokens, 4)))
 
     def generate() -> torch.Tensor:
         return greedy_generate(
-            model, input_ids, attention_mask, new_tokens, compile=compile, compile_options=compile_options
+            model,
+            input_ids,
+            attention_mask,
+            new_tokens,
+            compile=compile,
+            compile_options=compile_options,
+            fuse_projections=fuse_projections,
         )
 
     totals, states = [], []
@@ -225,6 +233,8 @@ def measure_fast(
         "warmup_s": warmup_ms / 1e3,
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before,
     }
+    if decoder.fused is not None:
+        record["fused_groups"] = len(decoder.fused)
     if any(states):
         record["device_state_runs"] = states
     return record, tokens
@@ -273,14 +283,13 @@ def decode_sweep(
                     options = FAST_MODE_OPTIONS[mode]
                     record, tokens = measure_fast(model, input_ids, attention_mask, new, repeats, options)
                 elif mode == FUSED_MODE:
-                    # the step is compiled inside the block, and dropped after it (it calls the stacked products)
+                    # compiled on its own, and its copy of the weights freed after it, so that the next case is not
+                    # measured beside it
                     forget_fast_decoder(model)
                     torch._dynamo.reset()
-                    with fused_projections(causal_lm_of(model)) as groups:
-                        record, tokens = measure_fast(
-                            model, input_ids, attention_mask, new, repeats, fast_compile_options
-                        )
-                    record["fused_groups"] = groups
+                    record, tokens = measure_fast(
+                        model, input_ids, attention_mask, new, repeats, fast_compile_options, fuse_projections=True
+                    )
                     forget_fast_decoder(model)
                     torch._dynamo.reset()
                 else:

@@ -4,7 +4,6 @@ and of fast-path sampling steps of HumanEval's workload, each headed by its self
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 
@@ -14,10 +13,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from peft_parscale import ParScaleConfig
-from peft_parscale.decode import causal_lm_of, fast_decoder
+from peft_parscale.decode import fast_decoder
 
 from .decoding import build_variant, random_prompts
-from .fused_projections import fused_projections
 from .measure import random_causal_lm
 from .sampling import humaneval_sampling, sampling_decoder
 from .shapes import shape_config
@@ -135,15 +133,14 @@ def profile_decoding(
     dtype: torch.dtype,
     fused: bool = False,
 ) -> str:
-    """Fast-path decode steps at batch 1; `fused`: inside `fused_projections` (the `fast_fused` mode)."""
+    """Fast-path decode steps at batch 1; `fused`: with `fuse_projections` (the `fast_fused` mode)."""
     base = random_causal_lm(shape_config(shape), device, dtype)
     model = get_peft_model(base, ParScaleConfig(P=num_streams), autocast_adapter_dtype=False).eval()
     input_ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
     mask = torch.ones_like(input_ids)
-    with fused_projections(causal_lm_of(model)) if fused else contextlib.nullcontext():
-        decoder = fast_decoder(model, 1, prompt + new_tokens, compile=device.type == "cuda")
-        decoder.run(input_ids, mask, new_tokens)
-        return profile_table(lambda: decoder.run(input_ids, mask, new_tokens), 1)
+    decoder = fast_decoder(model, 1, prompt + new_tokens, compile=device.type == "cuda", fuse_projections=fused)
+    decoder.run(input_ids, mask, new_tokens)
+    return profile_table(lambda: decoder.run(input_ids, mask, new_tokens), 1)
 
 
 def profile_sampling(

@@ -20,10 +20,14 @@ sequence has ended; the end-of-sequence handling itself is applied afterwards (`
 With a ParScale adapter active, the prefix is written once into the cache's first T slots (`cache.py`) and no step
 copies it. The cache, mask buffer and compiled step are kept on the model for the next call with the same number of
 sequences, total length, adapter and token selection, as `generate` keeps its static cache.
+
+With `fuse_projections=True` the products that read one input (query, key and value; gate and up) run as one product
+over a copy of their weights stacked (`fused_projections.py`), kept with the decoder.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +39,7 @@ from transformers.generation import GenerationMode
 from .cache import copy_prompt_rows, make_prefix_resident, takes_prompt_rows
 from .decode_attention import grouped_query_decoding
 from .end_of_sequence import EndOfSequences, token_id_list
+from .fused_projections import FusedProjections
 from .layer import ParScaleStreams
 from .sampling import GREEDY, TokenSelector, draw_uniforms
 
@@ -99,7 +104,7 @@ def active_adapters_key(model: nn.Module) -> tuple[str | None, ...]:
 
 class FastDecoder:
     """The static cache, attention mask buffer and compiled decode step for one number of sequences, total length and
-    token selector."""
+    token selector; with `fuse_projections`, the stacked weights of the fused products too."""
 
     def __init__(
         self,
@@ -108,6 +113,7 @@ class FastDecoder:
         max_length: int,
         selector: TokenSelector,
         compile_options: dict[str, Any] | None,
+        fuse_projections: bool = False,
     ) -> None:
         self.causal_lm = causal_lm
         self.batch_size, self.max_length, self.selector = batch_size, max_length, selector
@@ -117,6 +123,11 @@ class FastDecoder:
         self.used = False
         self.step = self.next_tokens if compile_options is None else torch.compile(self.next_tokens, **compile_options)
         self.compiled = compile_options is not None
+        self.fused = FusedProjections(causal_lm) if fuse_projections else None
+
+    def fused_products(self) -> contextlib.AbstractContextManager:
+        """The block in which the fused products are in use (none without `fuse_projections`)."""
+        return contextlib.nullcontext() if self.fused is None else self.fused.applied()
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copy of the model builds its own (compiled functions and caches are not copied)
@@ -142,6 +153,12 @@ class FastDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompts (each distinct one once); return the first new token (B, 1) and the positions of the next
         step (B, 1)."""
+        with self.fused_products():
+            return self.prefill_in_place(input_ids, attention_mask, uniforms)
+
+    def prefill_in_place(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.used:
             self.cache.reset()  # ParScale's cache layers write the prefix back into the first T slots
         self.used = True
@@ -218,7 +235,8 @@ class FastDecoder:
         `uniforms`: each step's uniform numbers, (B,) (sampling only). `all_ended`, if given, is called every
         `check_every` steps with the new tokens so far (B, t); the loop stops when it returns True.
         """
-        with grouped_query_decoding(self.causal_lm):  # no per-head copies of the cache (decode_attention.py)
+        # no per-head copies of the cache (decode_attention.py)
+        with grouped_query_decoding(self.causal_lm), self.fused_products():
             first, positions = self.prefill(input_ids, attention_mask, None if uniforms is None else uniforms[0])
             new_tokens = [first.clone()]  # in memory of its own, like the later steps' inputs (see below)
             for index in range(1, max_new_tokens):
@@ -243,16 +261,21 @@ def fast_decoder(
     selector: TokenSelector = GREEDY,
     compile: bool = False,
     compile_options: dict[str, Any] | None = None,
+    fuse_projections: bool = False,
 ) -> FastDecoder:
     """The decoder `fast_generate` uses for this number of sequences, total length (prompt + new tokens) and selector:
-    the one kept on the model if it matches (same shapes, adapter, selector and compile options), else a new one,
-    which replaces it."""
+    the one kept on the model if it matches (same shapes, adapter, selector, compile options, projections and the
+    model's device and dtype), else a new one, which replaces it."""
     causal_lm = causal_lm_of(model)
     options = (compile_options or DEFAULT_COMPILE_OPTIONS) if compile else None
-    key = (batch_size, max_length, active_adapters_key(causal_lm), selector, repr(options))
+    weight = next(causal_lm.parameters())
+    placement = (weight.device, weight.dtype)  # a model moved or cast needs a cache (and copies) where it now is
+    key = (batch_size, max_length, active_adapters_key(causal_lm), selector, repr(options), fuse_projections, placement)
     decoder = getattr(causal_lm, "_parscale_fast_decoder", None)
     if decoder is None or decoder.key != key:
-        decoder = FastDecoder(causal_lm, batch_size, max_length, selector, options)
+        decoder = None  # the old one's cache and copies are freed before the new ones are made
+        causal_lm.__dict__.pop("_parscale_fast_decoder", None)
+        decoder = FastDecoder(causal_lm, batch_size, max_length, selector, options, fuse_projections)
         decoder.key = key
         causal_lm._parscale_fast_decoder = decoder  # one at a time, like generate's static cache
     return decoder
@@ -301,6 +324,7 @@ def fast_generate(
     compile: bool | None = None,
     compile_options: dict[str, Any] | None = None,
     check_every: int = 32,
+    fuse_projections: bool = False,
     **settings: Any,
 ) -> torch.Tensor:
     """Greedy search or sampling with a static cache and a compiled, CUDA-graphed decode step; returns what
@@ -359,6 +383,11 @@ def fast_generate(
             Each new number of sequences, total length, adapter or sampling setting compiles the step again; add
             `"dynamic": True` or raise `torch._dynamo.config.recompile_limit` (8 by default) when decoding many shapes.
         check_every: Steps between the checks for every sequence having ended (each waits for the device once).
+        fuse_projections: Run each layer's query, key and value products as one product, and its gate and up
+            products as one (`peft_parscale.fused_projections`): fewer, larger kernels for the decode step's few rows.
+            Costs a copy of those weights (about 60 % of a Qwen2.5 layer's) for as long as the decoder is kept on the
+            model; the copy follows the weights if they change. The model itself is not changed. Projections that
+            are not plain `nn.Linear` (a LoRA-wrapped one) keep their own products.
         **settings: Generation settings overriding `generation_config` (`max_new_tokens=...`, `do_sample=...`, ...).
 
     Returns:
@@ -408,7 +437,9 @@ def fast_generate(
     attention_mask = attention_mask.to(device).repeat_interleave(config.num_return_sequences, dim=0)
     if compile is None:
         compile = device.type == "cuda"
-    decoder = fast_decoder(model, rows, prompt_length + max_new_tokens, selector, compile, compile_options)
+    decoder = fast_decoder(
+        model, rows, prompt_length + max_new_tokens, selector, compile, compile_options, fuse_projections
+    )
     if not eos_token_ids and stop_strings is None:
         return decoder.run(input_ids, attention_mask, max_new_tokens, uniforms)
     ends = EndOfSequences(input_ids, eos_token_ids, stop_strings, pad_token_id if eos_token_ids else None)
@@ -425,6 +456,7 @@ def greedy_generate(
     pad_token_id: int | None = None,
     compile: bool | None = None,
     compile_options: dict[str, Any] | None = None,
+    fuse_projections: bool = False,
 ) -> torch.Tensor:
     """Greedy decoding on the fast path: `fast_generate` with `do_sample=False`.
 
@@ -446,6 +478,7 @@ def greedy_generate(
         attention_mask,
         compile=compile,
         compile_options=compile_options,
+        fuse_projections=fuse_projections,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         **{name: value for name, value in settings.items() if value is not None},

@@ -710,33 +710,3 @@ def test_padded_prefix_attention_passes_other_masks_on_and_restores_the_model(mo
     with pytest.raises(ValueError, match="'sdpa'"), padded_prefix_attention(eager):
         pass
     assert eager.config._attn_implementation == "eager"
-
-
-def test_fused_projections_compute_the_separate_products_and_leave_the_model_as_it_was():
-    """Inside the block each layer's query/key/value (with their biases) and gate/up products are one product over
-    the stacked weights; the logits are the plain model's, also through a step compiled with `fullgraph` (dynamo must
-    trace the stacked product and its parts without a break). In float64 a different summation order moves a logit of
-    the tiny shape by about 1e-15; 1e-10 is far above that and far below any mistake (a swapped or missing part moves
-    logits by about 1e-2). Leaving the block puts every module's own forward back and changes no weight."""
-    from benchmarks.fused_projections import fused_projections
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(shape_config("tiny"), dtype=torch.float64)
-    model = get_peft_model(base, ParScaleConfig(P=2)).eval()
-    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(0))
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-        with fused_projections(base) as groups:
-            got = model(input_ids=ids).logits
-            compiled = torch.compile(lambda x: model(input_ids=x).logits, fullgraph=True, backend="eager")(ids)
-            attention = base.model.layers[0].self_attn.base_layer
-            with pytest.raises(RuntimeError, match="another input"):
-                attention.q_proj(torch.ones(1, 64, dtype=torch.float64))
-                attention.k_proj(torch.ones(1, 64, dtype=torch.float64))
-    assert groups == 2 * base.config.num_hidden_layers
-    assert (got - expected).abs().max() < 1e-10 and (compiled - expected).abs().max() < 1e-10
-    linears = [module for module in base.modules() if isinstance(module, torch.nn.Linear)]
-    assert linears and all("forward" not in module.__dict__ for module in linears)
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

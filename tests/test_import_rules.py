@@ -31,6 +31,7 @@ WORKFLOWS = {
     "end_of_sequence",
     "eval",
     "function_pairs",
+    "fused_projections",
     "humaneval",
     "interop",
     "precision",
