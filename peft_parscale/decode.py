@@ -154,27 +154,22 @@ class FastDecoder:
         """Run the prompts (each distinct one once); return the first new token (B, 1) and the positions of the next
         step (B, 1)."""
         with self.fused_products():
-            return self.prefill_in_place(input_ids, attention_mask, uniforms)
-
-    def prefill_in_place(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.used:
-            self.cache.reset()  # ParScale's cache layers write the prefix back into the first T slots
-        self.used = True
-        prompt_length = input_ids.shape[1]
-        self.attention_mask[:, :prompt_length].copy_(attention_mask)
-        self.attention_mask[:, prompt_length:].fill_(1)
-        if not takes_prompt_rows(self.cache):  # sliding-window layers: every row runs through the static cache
-            positions = positions_from_mask(attention_mask)
-            return self.next_tokens(input_ids, positions, uniforms), positions[:, -1:] + 1
-        prompts, prompt_of_row = torch.unique(
-            torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1), dim=0, return_inverse=True
-        )
-        prompt_ids, prompt_mask = prompts.split(prompt_length, dim=1)
-        positions = positions_from_mask(prompt_mask)
-        logits = self.run_prompts_once(prompt_ids, prompt_mask, positions, prompt_of_row)
-        return self.selector(logits[prompt_of_row], uniforms)[:, None], positions[prompt_of_row, -1:] + 1
+            if self.used:
+                self.cache.reset()  # ParScale's cache layers write the prefix back into the first T slots
+            self.used = True
+            prompt_length = input_ids.shape[1]
+            self.attention_mask[:, :prompt_length].copy_(attention_mask)
+            self.attention_mask[:, prompt_length:].fill_(1)
+            if not takes_prompt_rows(self.cache):  # sliding-window layers: every row runs through the static cache
+                positions = positions_from_mask(attention_mask)
+                return self.next_tokens(input_ids, positions, uniforms), positions[:, -1:] + 1
+            prompts, prompt_of_row = torch.unique(
+                torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1), dim=0, return_inverse=True
+            )
+            prompt_ids, prompt_mask = prompts.split(prompt_length, dim=1)
+            positions = positions_from_mask(prompt_mask)
+            logits = self.run_prompts_once(prompt_ids, prompt_mask, positions, prompt_of_row)
+            return self.selector(logits[prompt_of_row], uniforms)[:, None], positions[prompt_of_row, -1:] + 1
 
     def run_prompts_once(
         self,

@@ -11,14 +11,15 @@ import test_architectures
 import test_generate
 import test_sampling
 import torch
-from reference import adapter_tensors, left_padded_batch, reference_greedy, relative_error
+from peft import get_peft_model
+from reference import adapter_tensors, left_padded_batch, randomize_adapter, reference_greedy, relative_error
 from test_generate import generate, greedy_without_cache
-from tiny_models import ARCHITECTURES, SLIDING
+from tiny_models import ARCHITECTURES, SLIDING, tiny_model
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import peft_parscale  # noqa: F401
-from peft_parscale import decode
+from peft_parscale import ParScaleConfig, decode
 from peft_parscale.decode import causal_lm_of, fast_decoder, fast_generate, greedy_generate
 
 TRACE_ONLY = {"backend": "eager", "fullgraph": True}
@@ -173,4 +174,18 @@ def test_a_prompt_repeated_anywhere_in_the_batch_runs_once(setup):
     with test_sampling.forward_input_shapes(model) as shapes:
         tokens = greedy_generate(model, input_ids, attention_mask, NEW_TOKENS, compile=False)
     assert shapes[0] == (2, input_ids.shape[1])
+    assert torch.equal(tokens, greedy_without_cache(model, input_ids, attention_mask, NEW_TOKENS))
+
+
+def test_a_model_cast_after_decoding_gets_a_decoder_of_its_own_dtype():
+    """The decoder kept on the model (its static cache) is rebuilt when the model is cast or moved, so the next
+    generation is the cast model's, as recomputation gives it."""
+    model = get_peft_model(tiny_model("qwen2", "sdpa"), ParScaleConfig(P=3, prefix_length=5))
+    randomize_adapter(model)
+    model.eval()
+    input_ids, attention_mask = left_padded_batch([5, 3])
+    greedy_generate(model, input_ids, attention_mask, NEW_TOKENS, compile=False)
+    model.double()
+    tokens = greedy_generate(model, input_ids, attention_mask, NEW_TOKENS, compile=False)
+    assert causal_lm_of(model)._parscale_fast_decoder.cache.layers[0].keys.dtype == torch.float64
     assert torch.equal(tokens, greedy_without_cache(model, input_ids, attention_mask, NEW_TOKENS))
