@@ -9,6 +9,8 @@ Three ways to generate, all greedy, on random prompts without padding:
   inductor settings (`FAST_MODE_OPTIONS`), the compiler-side levers for decode latency, measured beside `fast`.
 - `fast_fused`: the fast path with the query/key/value and gate/up products run as one product each, over a copy of
   their weights stacked (`fast_generate`'s `fuse_projections`), the same lever by hand.
+- `fast_prefill`: the fast path with the prompts' forward pass compiled too (`fast_generate`'s
+  `prefill_compile_options`, `PREFILL_COMPILE_OPTIONS`), for the time to the first token (`prefill_ms`).
 
 Variants of a shape: `stock` (the base model, no adapter), `P<n>` (a fresh ParScale adapter with P = n and the default
 prefix length), `P<n>T<t>` (the same with T = t: the single streams with a longer prefix that the HumanEval experiment
@@ -67,7 +69,11 @@ FAST_MODE_OPTIONS: dict[str, dict[str, Any]] = {
 }
 # The fast path (its compile options) with the products that read one input run as one (`fuse_projections`)
 FUSED_MODE = "fast_fused"
-FAST_MODES = (*FAST_MODE_OPTIONS, FUSED_MODE)
+# The fast path with its prefill compiled as well: inductor's kernels without CUDA graphs, whose memory pools would stay
+# reserved for every prompt shape
+PREFILL_MODE = "fast_prefill"
+PREFILL_COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True}
+FAST_MODES = (*FAST_MODE_OPTIONS, FUSED_MODE, PREFILL_MODE)
 
 
 def build_variant(shape: str, variant: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Record]:
@@ -188,6 +194,7 @@ def measure_fast(
     repeats: int,
     compile_options: dict[str, Any] | None,
     fuse_projections: bool = False,
+    prefill_compile_options: dict[str, Any] | None = None,
 ) -> tuple[Record, torch.Tensor]:
     """`greedy_generate`: a warm-up of four tokens on the same cache (compilation, CUDA-graph recording), `repeats`
     timed runs, three prefills.
@@ -201,9 +208,8 @@ def measure_fast(
     compile = compile_options is not None
     skips_before = counters["inductor"]["cudagraph_skips"]
     batch_size, prompt_length = input_ids.shape
-    decoder = fast_decoder(
-        model, batch_size, prompt_length + new_tokens, GREEDY, compile, compile_options, fuse_projections
-    )
+    options = (compile, compile_options, fuse_projections, prefill_compile_options)
+    decoder = fast_decoder(model, batch_size, prompt_length + new_tokens, GREEDY, *options)
     _, warmup_ms = clock.time_ms(lambda: decoder.run(input_ids, attention_mask, min(new_tokens, 4)))
 
     def generate() -> torch.Tensor:
@@ -215,6 +221,7 @@ def measure_fast(
             compile=compile,
             compile_options=compile_options,
             fuse_projections=fuse_projections,
+            prefill_compile_options=prefill_compile_options,
         )
 
     totals, states = [], []
@@ -292,6 +299,16 @@ def decode_sweep(
                     )
                     forget_fast_decoder(model)
                     torch._dynamo.reset()
+                elif mode == PREFILL_MODE:
+                    record, tokens = measure_fast(
+                        model,
+                        input_ids,
+                        attention_mask,
+                        new,
+                        repeats,
+                        fast_compile_options,
+                        prefill_compile_options=PREFILL_COMPILE_OPTIONS,
+                    )
                 else:
                     static = mode == "generate_static"
                     config = generate_compile_config if static else None

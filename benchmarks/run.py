@@ -10,8 +10,8 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
   with `--variants`/`--batches`, every given variant at every given batch size, one batch size after the other);
   eager `generate`, static-cache compiled `generate`, and the fast path (`--target-modes`, also fast_frozen,
   fast_autotune, fast_frozen_autotune: the decode step compiled with inductor's freezing and/or max-autotune;
-  fast_fused: the query/key/value and gate/up products stacked, see benchmarks/decoding.py); tokens compared with
-  eager.
+  fast_fused: the query/key/value and gate/up products stacked; fast_prefill: the prompts' forward pass compiled too;
+  see benchmarks/decoding.py); tokens compared with eager.
 - sweep: fast path, variants stock, P1..P8 and the dense equivalents, batch 1/2/4/8, (prompt, new) = (L, L) for
   L in 64..512; the step compiled with dynamic shapes (one compilation per variant), or with `--static-sweep` for
   each case's static shapes (one compilation per case, as BENCHMARKS.md was measured).
@@ -154,8 +154,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--target-modes",
         default="eager,generate_static,fast",
         help="targets suite: any of eager, generate_static, fast, fast_frozen, fast_autotune, fast_frozen_autotune, "
-        "fast_fused "
-        "(tokens are compared with eager when it comes first)",
+        "fast_fused, fast_prefill (tokens are compared with eager when it comes first)",
     )
     parser.add_argument(
         "--sampling-modes",

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase, StaticCache, StopStringCriteria
-from transformers.generation import GenerationMode
 
 from .cache import copy_prompt_rows, make_prefix_resident, takes_prompt_rows
 from .decode_attention import grouped_query_decoding
 from .end_of_sequence import EndOfSequences, token_id_list
 from .fused_projections import FusedProjections
+from .generation_settings import resolve_generation_config
 from .layer import ParScaleStreams
 from .sampling import GREEDY, TokenSelector, draw_uniforms
 
@@ -47,36 +47,6 @@ DEFAULT_COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": True}
 # Tokens (streams counted) in one forward pass of the prefill: enough to keep a GPU's matrix units busy, few enough
 # that the activations stay small beside the cache (0.6 GB per MLP activation at Qwen2.5-0.5B's width, bfloat16).
 PREFILL_TOKENS = 65_536
-
-# Settings that `generate` turns into logits processors or stopping criteria and the fast path does not implement,
-# with the values that leave each of them off. Encoder-only settings are absent: causal LMs have no encoder input.
-UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
-    "repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,),
-    "sequence_bias": (None,),
-    "min_length": (None, 0),
-    "min_new_tokens": (None, 0),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-    "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,),
-    "exponential_decay_length_penalty": (None,),
-    "remove_invalid_values": (None, False),
-    "guidance_scale": (None, 1.0),
-    "watermarking_config": (None,),
-    "max_time": (None,),
-    "token_healing": (None, False),
-    "return_dict_in_generate": (None, False),
-}
-# Sampling warpers other than temperature, top-k and top-p: they only act when sampling.
-UNSUPPORTED_SAMPLING_SETTINGS: dict[str, tuple[Any, ...]] = {
-    "min_p": (None,),
-    "top_h": (None,),
-    "typical_p": (None, 1.0),
-    "epsilon_cutoff": (None, 0.0),
-    "eta_cutoff": (None, 0.0),
-}
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -104,7 +74,8 @@ def active_adapters_key(model: nn.Module) -> tuple[str | None, ...]:
 
 class FastDecoder:
     """The static cache, attention mask buffer and compiled decode step for one number of sequences, total length and
-    token selector; with `fuse_projections`, the stacked weights of the fused products too."""
+    token selector; with `fuse_projections`, the stacked weights of the fused products too, and with
+    `prefill_compile_options` the prompts' forward pass compiled."""
 
     def __init__(
         self,
@@ -114,6 +85,7 @@ class FastDecoder:
         selector: TokenSelector,
         compile_options: dict[str, Any] | None,
         fuse_projections: bool = False,
+        prefill_compile_options: dict[str, Any] | None = None,
     ) -> None:
         self.causal_lm = causal_lm
         self.batch_size, self.max_length, self.selector = batch_size, max_length, selector
@@ -123,6 +95,9 @@ class FastDecoder:
         self.used = False
         self.step = self.next_tokens if compile_options is None else torch.compile(self.next_tokens, **compile_options)
         self.compiled = compile_options is not None
+        self.prompt_forward = self.forward_prompts
+        if prefill_compile_options is not None:
+            self.prompt_forward = torch.compile(self.forward_prompts, **prefill_compile_options)
         self.fused = FusedProjections(causal_lm) if fuse_projections else None
 
     def fused_products(self) -> contextlib.AbstractContextManager:
@@ -197,23 +172,31 @@ class FastDecoder:
         logits = []
         for first in range(0, num_prompts, per_chunk):
             chunk = slice(first, first + per_chunk)
-            prompt_cache = DynamicCache()
-            output = self.causal_lm(
-                input_ids=prompt_ids[chunk],
-                attention_mask=prompt_mask[chunk],
-                position_ids=positions[chunk],
-                past_key_values=prompt_cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            chunk_logits, prompt_cache = self.prompt_forward(prompt_ids[chunk], prompt_mask[chunk], positions[chunk])
             in_chunk = (prompt_of_row >= first) & (prompt_of_row < first + per_chunk)
             rows = in_chunk.nonzero().squeeze(1)
             copy_prompt_rows(
                 self.cache, prompt_cache, rows, prompt_of_row[rows] - first, self.batch_size, prompt_length
             )
-            logits.append(output.logits[:, -1])
-            del output, prompt_cache  # before the next chunk's forward pass: one chunk's cache at a time
+            logits.append(chunk_logits)
+            del prompt_cache  # before the next chunk's forward pass: one chunk's cache at a time
         return torch.cat(logits)
+
+    def forward_prompts(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """One chunk of prompts through a dynamic cache: their last logits (N, vocab) and the cache; the function
+        `prefill_compile_options` compiles."""
+        prompt_cache = DynamicCache()
+        logits = self.causal_lm(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            past_key_values=prompt_cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        return logits[:, -1], prompt_cache
 
     @torch.no_grad()
     def run(
@@ -257,55 +240,27 @@ def fast_decoder(
     compile: bool = False,
     compile_options: dict[str, Any] | None = None,
     fuse_projections: bool = False,
+    prefill_compile_options: dict[str, Any] | None = None,
 ) -> FastDecoder:
     """The decoder `fast_generate` uses for this number of sequences, total length (prompt + new tokens) and selector:
-    the one kept on the model if it matches (same shapes, adapter, selector, compile options, projections and the
-    model's device and dtype), else a new one, which replaces it."""
+    the one kept on the model if it matches (same shapes, adapter, selector, compile options of the step and of the
+    prefill, projections and the model's device and dtype), else a new one, which replaces it."""
     causal_lm = causal_lm_of(model)
     options = (compile_options or DEFAULT_COMPILE_OPTIONS) if compile else None
     weight = next(causal_lm.parameters())
     placement = (weight.device, weight.dtype)  # a model moved or cast needs a cache (and copies) where it now is
-    key = (batch_size, max_length, active_adapters_key(causal_lm), selector, repr(options), fuse_projections, placement)
+    compiled = repr(options), repr(prefill_compile_options)
+    key = (batch_size, max_length, active_adapters_key(causal_lm), selector, compiled, fuse_projections, placement)
     decoder = getattr(causal_lm, "_parscale_fast_decoder", None)
     if decoder is None or decoder.key != key:
         decoder = None  # the old one's cache and copies are freed before the new ones are made
         causal_lm.__dict__.pop("_parscale_fast_decoder", None)
-        decoder = FastDecoder(causal_lm, batch_size, max_length, selector, options, fuse_projections)
+        decoder = FastDecoder(
+            causal_lm, batch_size, max_length, selector, options, fuse_projections, prefill_compile_options
+        )
         decoder.key = key
         causal_lm._parscale_fast_decoder = decoder  # one at a time, like generate's static cache
     return decoder
-
-
-def resolve_generation_config(
-    causal_lm: nn.Module, generation_config: GenerationConfig | None, settings: dict[str, Any]
-) -> GenerationConfig:
-    """The settings `generate` would use: `generation_config` (default: none), its unset values from the model's
-    `generation_config`, then transformers' defaults, then `settings` on top. Raises for what the fast path lacks."""
-    # transformers' own merge (private, but the one `generate` calls), so that the settings are exactly generate's.
-    config, unknown = causal_lm._prepare_generation_config(generation_config, **settings)
-    if unknown:
-        raise ValueError(f"Unknown generation settings: {sorted(unknown)}.")
-    mode = config.get_generation_mode()
-    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
-        raise ValueError(f"The fast path does greedy search and sampling, not {mode.value.replace('_', ' ')}.")
-    unsupported = {**UNSUPPORTED_SETTINGS, **(UNSUPPORTED_SAMPLING_SETTINGS if config.do_sample else {})}
-    refused = {name: value for name, off in unsupported.items() if (value := getattr(config, name, None)) not in off}
-    if refused:
-        how = ", ".join(f"{name}={unsupported[name][-1]!r}" for name in refused)
-        raise ValueError(
-            f"The fast path does not implement {refused} (unset values come from the model's generation_config). "
-            f"Set {how} to decode without them, or use `model.generate`."
-        )
-    if config.num_return_sequences > 1 and not config.do_sample:
-        raise ValueError("Greedy search gives one sequence per prompt: num_return_sequences > 1 needs do_sample=True.")
-    if config.do_sample:
-        if not config.temperature > 0:
-            raise ValueError(f"temperature must be positive when sampling, got {config.temperature}.")
-        if not 0 <= config.top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {config.top_p}.")
-        if (config.top_k or 0) < 0:
-            raise ValueError(f"top_k must be at least 0, got {config.top_k}.")
-    return config
 
 
 @torch.no_grad()
@@ -320,6 +275,7 @@ def fast_generate(
     compile_options: dict[str, Any] | None = None,
     check_every: int = 32,
     fuse_projections: bool = False,
+    prefill_compile_options: dict[str, Any] | None = None,
     **settings: Any,
 ) -> torch.Tensor:
     """Greedy search or sampling with a static cache and a compiled, CUDA-graphed decode step; returns what
@@ -383,6 +339,10 @@ def fast_generate(
             Costs a copy of those weights (about 60 % of a Qwen2.5 layer's) for as long as the decoder is kept on the
             model; the copy follows the weights if they change. The model itself is not changed. Projections that
             are not plain `nn.Linear` (a LoRA-wrapped one) keep their own products.
+        prefill_compile_options: Keyword arguments of `torch.compile` for the prompts' forward pass (default: not
+            compiled), for the time to the first token: `{"fullgraph": True}` compiles it without CUDA graphs (whose
+            memory would stay reserved for every prompt shape). Each new prompt shape compiles it again, as the
+            step; it pays where the same shapes come back.
         **settings: Generation settings overriding `generation_config` (`max_new_tokens=...`, `do_sample=...`, ...).
 
     Returns:
@@ -433,7 +393,14 @@ def fast_generate(
     if compile is None:
         compile = device.type == "cuda"
     decoder = fast_decoder(
-        model, rows, prompt_length + max_new_tokens, selector, compile, compile_options, fuse_projections
+        model,
+        rows,
+        prompt_length + max_new_tokens,
+        selector,
+        compile,
+        compile_options,
+        fuse_projections,
+        prefill_compile_options,
     )
     if not eos_token_ids and stop_strings is None:
         return decoder.run(input_ids, attention_mask, max_new_tokens, uniforms)
@@ -452,6 +419,7 @@ def greedy_generate(
     compile: bool | None = None,
     compile_options: dict[str, Any] | None = None,
     fuse_projections: bool = False,
+    prefill_compile_options: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Greedy decoding on the fast path: `fast_generate` with `do_sample=False`.
 
@@ -474,6 +442,7 @@ def greedy_generate(
         compile=compile,
         compile_options=compile_options,
         fuse_projections=fuse_projections,
+        prefill_compile_options=prefill_compile_options,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         **{name: value for name, value in settings.items() if value is not None},

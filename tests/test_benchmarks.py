@@ -309,6 +309,30 @@ def test_the_compile_levers_give_eager_greedy_tokens(tmp_path, monkeypatch):
         run.parse_args(["--out", str(tmp_path), "--target-modes", "eager,fast_frozn"])
 
 
+def test_the_fused_and_compiled_prefill_modes_give_eager_greedy_tokens(tmp_path, monkeypatch):
+    """`fast_fused` (the stacked products) and `fast_prefill` (the prompts' forward pass compiled too) go through
+    `fast_generate`'s options and, compiled on the CPU in float32, give eager `generate`'s greedy tokens (as above);
+    `fast_prefill` compiles the prefill with `PREFILL_COMPILE_OPTIONS`, and nothing else does."""
+    compile_calls = []
+    compile = torch.compile
+
+    def recording_compile(function, **options):
+        compile_calls.append((function.__name__, options))
+        return compile(function, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    modes = ["eager", decoding.FUSED_MODE, decoding.PREFILL_MODE]
+    argv = ["--tiny", "--suites", "targets", "--variants", "P2", "--batches", "1", "--repeats", "1", "--no-report"]
+    assert run.main([*argv, "--target-modes", ",".join(modes), "--out", str(tmp_path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in records] == modes
+    assert all(record["tokens_vs_eager"]["equal"] for record in records[1:]), records
+    assert records[1]["fused_groups"] == 2 * shape_config("tiny").num_hidden_layers
+    assert "fused_groups" not in records[2]
+    # on the CPU the step is not compiled (as in `fast`), the prefill is, once, with its own options
+    assert compile_calls == [("forward_prompts", decoding.PREFILL_COMPILE_OPTIONS)]
+
+
 def test_profile_suite_writes_training_decoding_and_sampling_tables(tmp_path, monkeypatch):
     """Each table profiles the step it names; on CPU the compiled layers run inductor's CPU kernels. Every row is
     listed here: which ops make the 30 costliest depends on how busy the CPU is (aten::sort, which top-p runs, fell out

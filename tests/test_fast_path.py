@@ -189,3 +189,21 @@ def test_a_model_cast_after_decoding_gets_a_decoder_of_its_own_dtype():
     tokens = greedy_generate(model, input_ids, attention_mask, NEW_TOKENS, compile=False)
     assert causal_lm_of(model)._parscale_fast_decoder.cache.layers[0].keys.dtype == torch.float64
     assert torch.equal(tokens, greedy_without_cache(model, input_ids, attention_mask, NEW_TOKENS))
+
+
+def test_compiled_prefill_gives_the_same_tokens_and_is_one_graph(setup, monkeypatch):
+    """With `prefill_compile_options` the prompts' forward pass is compiled with `fullgraph` (dynamo traces the
+    ParScale model into a dynamic cache without a break) and the tokens are recomputation's. Chunks of two prompts
+    (`PREFILL_TOKENS` lowered) give one chunk shape, compiled once for two generations."""
+    model, _ = setup
+    input_ids, attention_mask = left_padded_batch([5, 2, 4, 3])
+    expected = greedy_without_cache(model, input_ids, attention_mask, NEW_TOKENS)
+    monkeypatch.setattr(decode, "PREFILL_TOKENS", 2 * 3 * input_ids.shape[1])  # two prompts of P=3 streams a chunk
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        tokens = greedy_generate(
+            model, input_ids, attention_mask, NEW_TOKENS, compile=False, prefill_compile_options=TRACE_ONLY
+        )
+        assert torch.equal(tokens, expected)
+    assert counters["stats"]["unique_graphs"] == 1

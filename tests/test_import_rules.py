@@ -32,6 +32,7 @@ WORKFLOWS = {
     "eval",
     "function_pairs",
     "fused_projections",
+    "generation_settings",
     "humaneval",
     "interop",
     "precision",
