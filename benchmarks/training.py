@@ -20,6 +20,7 @@ MFU = model FLOPs / (step time × peak); the peak is the H100 SXM dense bf16 fig
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -175,15 +176,15 @@ def flash_attention_impl(name: str) -> Iterator[None]:
 
 def plain_step_times(
     forward: Callable[..., Any],
-    trainable: list[torch.nn.Parameter],
+    trainable: dict[str, torch.nn.Parameter],
     batches: torch.Tensor,
     warmup: int,
     device: torch.device,
-) -> tuple[float, list[float], float, float]:
+) -> tuple[float, list[float], float, dict[str, float]]:
     """The plain loop: forward and backward of each batch in turn, then AdamW. Returns the first step's seconds
     (compilation included; no optimizer step), the timed steps' milliseconds after `warmup` untimed ones, and the first
-    step's loss and adapter gradient norm."""
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    step's loss and the gradient norm of each trainable tensor (by name)."""
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
 
     def step(index: int) -> torch.Tensor:
         loss = forward(input_ids=batches[index], labels=batches[index]).loss
@@ -196,14 +197,14 @@ def plain_step_times(
     loss = forward(input_ids=batches[0], labels=batches[0]).loss
     loss.backward()
     first_step_s = time.perf_counter() - started
-    gradient_norm = float(torch.stack([p.grad.float().norm() for p in trainable if p.grad is not None]).norm())
+    gradient_norms = {name: float(p.grad.float().norm()) for name, p in trainable.items() if p.grad is not None}
     optimizer.zero_grad(set_to_none=True)
     for index in range(warmup):
         step(index)
     reset_peak_memory(device)
     clock = Clock(device)
     times = [clock.time_ms(lambda index=index: step(warmup + index))[1] for index in range(len(batches) - warmup)]
-    return first_step_s, times, float(loss.detach()), gradient_norm
+    return first_step_s, times, float(loss.detach()), gradient_norms
 
 
 def train_throughput(
@@ -273,7 +274,7 @@ def train_throughput(
         for layer in layers:
             layer.compile()
     forward = torch.compile(model) if compile == "model" else compile_regions(model) if compile == "regions" else model
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    trainable = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
     generator = torch.Generator().manual_seed(0)
     batches = torch.randint(0, config.vocab_size, (warmup + steps, batch_size, length), generator=generator).to(device)
     masked: Callable[[], contextlib.AbstractContextManager] = (
@@ -293,9 +294,9 @@ def train_throughput(
             first_step_s, times, mean_loss = trainer_step_times(
                 model, batches, warmup, loop == "trainer_model_loss", gradient_checkpointing
             )
-            loss, gradient_norm = None, None
+            loss, gradient_norms = None, None
         else:
-            first_step_s, times, loss, gradient_norm = plain_step_times(forward, trainable, batches, warmup, device)
+            first_step_s, times, loss, gradient_norms = plain_step_times(forward, trainable, batches, warmup, device)
             mean_loss = None
     step_ms = median(times)
     flops = training_flops(config, num_streams, prefix_length, batch_size, length, LORA_RANK if lora else 0)
@@ -305,7 +306,7 @@ def train_throughput(
         "variant": variant,
         "P": num_streams,
         "prefix_length": prefix_length,
-        "trainable_parameters": sum(parameter.numel() for parameter in trainable),
+        "trainable_parameters": sum(parameter.numel() for parameter in trainable.values()),
         "length": length,
         "batch": batch_size,
         "gradient_checkpointing": gradient_checkpointing,
@@ -320,7 +321,9 @@ def train_throughput(
         "mfu": flops / (step_ms * 1e-3) / (peak_tflops * 1e12),
         "peak_tflops": peak_tflops,
         "peak_mem_gib": peak_memory_gib(device),
-        "trainable_gradient_norm": gradient_norm,
+        # the adapter's gradient norm, and each trainable tensor's (which one a kernel's backward moves)
+        "trainable_gradient_norm": None if gradient_norms is None else math.hypot(*gradient_norms.values()),
+        "gradient_norms": gradient_norms,
         "loss": loss,
         "mean_train_loss": mean_loss,
     }

@@ -54,6 +54,11 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
     train = [r for r in records if r["suite"] == "train"]
     assert [r["P"] for r in train] == [1, 2]
     assert all(r["tokens_per_s"] > 0 and r["trainable_gradient_norm"] > 0 for r in train)
+    # each trainable tensor's first-step gradient norm, by the model's own parameter names
+    model, _ = decoding.build_variant("tiny", "P2", torch.device("cpu"), torch.float32)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert set(train[1]["gradient_norms"]) == trainable
+    assert math.hypot(*train[1]["gradient_norms"].values()) == train[1]["trainable_gradient_norm"]
     report = (tmp_path / "report.md").read_text()
     sections = (
         "## Targets",
