@@ -35,7 +35,14 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig, LogitsProcessorList
 
 from peft_parscale import ParScaleConfig
-from peft_parscale.decode import GREEDY, FastDecoder, causal_lm_of, fast_decoder, greedy_generate
+from peft_parscale.decode import (
+    GREEDY,
+    FastDecoder,
+    causal_lm_of,
+    fast_decoder,
+    forget_fast_decoder,
+    greedy_generate,
+)
 
 from .measure import (
     Clock,
@@ -107,11 +114,6 @@ def random_prompts(batch_size: int, length: int, vocab_size: int, device: torch.
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1, vocab_size, (batch_size, length), generator=generator).to(device)
     return input_ids, torch.ones_like(input_ids)
-
-
-def forget_fast_decoder(model: Any) -> None:
-    """Drop the cache and compiled step the fast path keeps on the model."""
-    causal_lm_of(model).__dict__.pop("_parscale_fast_decoder", None)
 
 
 def token_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> Record:

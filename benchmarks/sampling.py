@@ -35,11 +35,11 @@ import torch
 from transformers import AttentionInterface, GenerationConfig, LogitsProcessorList
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS, fast_decoder, fast_generate
+from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS, fast_decoder, fast_generate, forget_fast_decoder
 from peft_parscale.decode_attention import PACKED_GQA_SDPA, packed_gqa_sdpa
 from peft_parscale.sampling import TokenSelector, draw_uniforms
 
-from .decoding import build_variant, forget_fast_decoder, random_prompts
+from .decoding import build_variant, random_prompts
 from .measure import Clock, StepMarks, free_memory, median, peak_memory_gib, reset_peak_memory
 
 Record = dict[str, Any]

@@ -28,6 +28,7 @@ over a copy of their weights stacked (`fused_projections.py`), kept with the dec
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -232,6 +233,13 @@ class FastDecoder:
         return torch.cat([input_ids, *new_tokens], dim=1)
 
 
+def forget_fast_decoder(model: nn.Module) -> None:
+    """Free what the fast path keeps on the model for its next call: the static cache, the compiled step and, with
+    `fuse_projections`, the copy of the fused weights."""
+    causal_lm_of(model).__dict__.pop("_parscale_fast_decoder", None)
+    gc.collect()  # the decoder refers to itself (its compiled step is its own bound method): only the collector frees it
+
+
 def fast_decoder(
     model: nn.Module,
     batch_size: int,
@@ -253,8 +261,8 @@ def fast_decoder(
     key = (batch_size, max_length, active_adapters_key(causal_lm), selector, compiled, fuse_projections, placement)
     decoder = getattr(causal_lm, "_parscale_fast_decoder", None)
     if decoder is None or decoder.key != key:
-        decoder = None  # the old one's cache and copies are freed before the new ones are made
-        causal_lm.__dict__.pop("_parscale_fast_decoder", None)
+        decoder = None
+        forget_fast_decoder(causal_lm)  # the old one's cache and copies are freed before the new ones are made
         decoder = FastDecoder(
             causal_lm, batch_size, max_length, selector, options, fuse_projections, prefill_compile_options
         )
@@ -337,12 +345,14 @@ def fast_generate(
         fuse_projections: Run each layer's query, key and value products as one product, and its gate and up
             products as one (`peft_parscale.fused_projections`): fewer, larger kernels for the decode step's few rows.
             Costs a copy of those weights (about 60 % of a Qwen2.5 layer's) for as long as the decoder is kept on the
-            model; the copy follows the weights if they change. The model itself is not changed. Projections that
-            are not plain `nn.Linear` (a LoRA-wrapped one) keep their own products.
+            model (`forget_fast_decoder` frees it); the copy is made again where a weight was changed in place
+            (torch counts such changes, except those made through `.data`) or replaced. The model itself is not
+            changed. Projections that are not plain `nn.Linear` (a LoRA-wrapped one) keep their own products.
         prefill_compile_options: Keyword arguments of `torch.compile` for the prompts' forward pass (default: not
             compiled), for the time to the first token: `{"fullgraph": True}` compiles it without CUDA graphs (whose
-            memory would stay reserved for every prompt shape). Each new prompt shape compiles it again, as the
-            step; it pays where the same shapes come back.
+            memory would stay reserved for every prompt shape). The first prompt shape compiles it for that shape,
+            the second once more with dynamic shapes (torch.compile's automatic dynamic shapes), which later shapes
+            reuse.
         **settings: Generation settings overriding `generation_config` (`max_new_tokens=...`, `do_sample=...`, ...).
 
     Returns:

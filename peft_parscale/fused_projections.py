@@ -11,9 +11,10 @@ inductor's freezing passes would fuse them in the compiled graph, but with freez
 graph, since the static cache's buffers become inputs it may not mutate (BENCHMARKS.md, run AG). Here the stacked
 weights are a copy kept beside the model, so the model (its parameters, its state dict, the PEFT wrapper) never
 changes; the copy costs the memory of the grouped weights (about 60 % of a Qwen2.5 decoder layer's). While
-`applied()` lasts, each group's first module computes the stacked product and keeps its parts, and the others return
-their part. That relies on the order in which the modules are called (query, key, value; gate, up) on one input,
-which is checked at every call: a module given another input than its group's first raises.
+`applied()` lasts, each group's first module computes the stacked product and keeps its parts until the group's last
+module has returned its own, and the others return their part. That relies on the order in which the modules are
+called (query, key, value; gate, up) on one input, which is checked at every call: a module given another input than
+its group's first raises. The copy is detached from autograd: the block refuses to run with gradients enabled.
 
     fused = FusedProjections(causal_lm)  # the copy
     with fused.applied():  # compile the step inside the block: one compiled outside keeps the separate products
@@ -59,7 +60,8 @@ class StackedProducts:
 
     def sources(self) -> list[tuple[int, int, int]]:
         """What the copy was made from: each weight's and bias's identity, memory and in-place version (`_version`,
-        the counter of in-place changes that autograd checks too: an optimizer step or `load_state_dict` advances it)."""
+        the counter of in-place changes that autograd checks too: an optimizer step or `load_state_dict` advances it;
+        a change made through `.data` does not, and is not seen)."""
         tensors = [t for linear in self.linears for t in (linear.weight, linear.bias) if t is not None]
         return [(id(t), t.data_ptr(), t._version) for t in tensors]
 
@@ -79,25 +81,34 @@ class StackedProducts:
         return self.parts[0]
 
     def part(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        last = index == len(self.sizes) - 1
+
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
             if hidden_states is not self.input:
                 raise RuntimeError(
                     f"Fused projections: product {index} of its group was called on another input than the group's "
                     "first; this model's modules do not share one input (decode with fuse_projections=False)."
                 )
-            return self.parts[index]
+            part = self.parts[index]
+            if last:  # the layer's activations are not kept past the layer (a prefill's would add up over layers)
+                self.forget()
+            return part
 
         return forward
 
+    def forget(self) -> None:
+        self.input, self.parts = None, ()
+
 
 def projection_groups(model: nn.Module) -> list[list[nn.Linear]]:
-    """Every group of `PROJECTION_GROUPS` in `model` whose modules are all plain `nn.Linear` of one input width and
-    one dtype (a module wrapped by another adapter, LoRA for instance, is left as it is)."""
+    """Every group of `PROJECTION_GROUPS` in `model` whose modules are all plain `nn.Linear` of one input width, dtype
+    and device, none with a forward of its own (a module wrapped by another adapter, LoRA for instance, or given a
+    forward by accelerate's hooks, is left as it is)."""
     groups = []
     for module in model.modules():
         for names in PROJECTION_GROUPS:
             linears = [getattr(module, name, None) for name in names]
-            if not all(type(linear) is nn.Linear for linear in linears):
+            if not all(type(linear) is nn.Linear and "forward" not in linear.__dict__ for linear in linears):
                 continue
             if len({(linear.in_features, linear.weight.dtype, linear.weight.device) for linear in linears}) == 1:
                 groups.append(linears)
@@ -117,7 +128,10 @@ class FusedProjections:
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """Inside the block the groups' modules compute from the copies, refreshed first if a weight changed; on
-        leaving it, every module's own forward is back. Blocks may nest (the outermost one does the work)."""
+        leaving it, every module's own forward is back. Blocks may nest (the outermost one does the work). Raises
+        under enabled gradients: the copies would leave the model's weights without theirs."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("Fused projections compute from a copy of the weights: use them under torch.no_grad().")
         self.depth += 1
         try:
             if self.depth == 1:
@@ -131,5 +145,6 @@ class FusedProjections:
             self.depth -= 1
             if self.depth == 0:
                 for group in self.groups:
+                    group.forget()  # a group left part-way by an error
                     for linear in group.linears:
                         linear.__dict__.pop("forward", None)

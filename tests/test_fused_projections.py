@@ -7,6 +7,8 @@ traces the step exactly as on CUDA and fails on any graph break. Inductor and CU
 (BENCHMARKS.md, `fast_fused`).
 """
 
+import weakref
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -18,7 +20,7 @@ from torch._dynamo.utils import counters
 
 from peft_parscale import ParScaleConfig
 from peft_parscale.decode import causal_lm_of, fast_decoder, greedy_generate
-from peft_parscale.fused_projections import FusedProjections, projection_groups
+from peft_parscale.fused_projections import FusedProjections, StackedProducts, projection_groups
 
 TRACE_ONLY = {"backend": "eager", "fullgraph": True}
 
@@ -48,6 +50,8 @@ def test_fused_products_give_the_plain_logits_and_leave_the_model_as_it_was():
         expected = model(input_ids=ids).logits
         with fused.applied():
             got = model(input_ids=ids).logits
+            # each group let go of its layer's activations once its last part was taken, inside the block already
+            assert all(group.input is None and group.parts == () for group in fused.groups)
             compiled = torch.compile(lambda x: model(input_ids=x).logits, **TRACE_ONLY)(ids)
             attention = base.model.layers[0].self_attn.base_layer
             hidden = torch.ones(1, base.config.hidden_size, dtype=torch.float64)
@@ -65,22 +69,37 @@ def test_blocks_nest_and_only_the_outermost_puts_the_modules_back():
     base = causal_lm_of(parscale_model())
     fused = FusedProjections(base)
     q_proj = base.model.layers[0].self_attn.base_layer.q_proj
-    with fused.applied():
+    with torch.no_grad(), fused.applied():
         with fused.applied():  # the prefill's block inside the generation's
             pass
         assert "forward" in q_proj.__dict__
     assert "forward" not in q_proj.__dict__
+    # with gradients the copy would leave q/k/v and gate/up without theirs: refused, nothing put in place
+    with pytest.raises(RuntimeError, match="torch.no_grad"), fused.applied():
+        pass
+    assert "forward" not in q_proj.__dict__
 
 
-def test_fused_greedy_tokens_are_the_plain_ones_and_the_step_is_compiled_once():
+def test_fused_greedy_tokens_are_the_plain_ones_and_the_step_is_compiled_once(monkeypatch):
     """float32 greedy tokens of the fast path with fused products equal recomputation without a cache (the
     independent loop of `test_generate`), uncompiled and compiled; two generations on the same decoder compile the
     step once (the modules' forwards are put in place anew for each, and the graph's guards still hold)."""
     model = parscale_model()
     input_ids, attention_mask = left_padded_batch([5, 2, 4])
     expected = greedy_without_cache(model, input_ids, attention_mask, 6)
+    stacked_inputs = []
+    first = StackedProducts.first
+    monkeypatch.setattr(
+        StackedProducts, "first", lambda self, hidden: stacked_inputs.append(hidden.shape) or first(self, hidden)
+    )
     uncompiled = greedy_generate(model, input_ids, attention_mask, 6, compile=False, fuse_projections=True)
     assert torch.equal(uncompiled, expected)
+    # the stacked products ran: every group in the prefill (one forward pass of the 3 prompts) and in each of the 5
+    # steps; none keeps a layer's activations afterwards
+    decoder = causal_lm_of(model)._parscale_fast_decoder
+    assert len(stacked_inputs) == len(decoder.fused) * 6
+    assert all(group.input is None and group.parts == () for group in decoder.fused.groups)
+    monkeypatch.undo()  # the counting would be traced into the compiled step (a list that grows: a guard that fails)
     torch._dynamo.reset()
     counters.clear()
     for _ in range(2):
@@ -89,8 +108,10 @@ def test_fused_greedy_tokens_are_the_plain_ones_and_the_step_is_compiled_once():
         )
         assert torch.equal(compiled, expected)
     assert counters["stats"]["unique_graphs"] == 1
+    # asked for without fusing, the same shapes give another decoder, with the plain products; the fused one is freed
+    fused_decoder = weakref.ref(causal_lm_of(model)._parscale_fast_decoder)
     decoder = fast_decoder(model, 3, input_ids.shape[1] + 6, compile=True, compile_options=TRACE_ONLY)
-    assert decoder.fused is None  # asked for without fusing: another decoder, the plain products
+    assert decoder.fused is None and fused_decoder() is None
 
 
 def test_the_copy_follows_weights_changed_in_place_or_replaced():
@@ -113,8 +134,8 @@ def test_the_copy_follows_weights_changed_in_place_or_replaced():
 
 
 def test_only_plain_linear_groups_of_one_input_width_are_fused():
-    """A projection that is not a plain `nn.Linear` (wrapped by another adapter, say) keeps its own product, and so do
-    the rest of its group; the other layers' groups are fused."""
+    """A projection that is not a plain `nn.Linear` (wrapped by another adapter, say), or that has a forward of its own,
+    keeps its own product, and so does the rest of its group; the other groups are fused."""
 
     class Wrapped(nn.Linear):
         pass
@@ -123,6 +144,11 @@ def test_only_plain_linear_groups_of_one_input_width_are_fused():
     attention = base.model.layers[0].self_attn.base_layer
     old = attention.k_proj
     attention.k_proj = Wrapped(old.in_features, old.out_features, bias=True)
+    hooked = base.model.layers[1].mlp.up_proj
+    hooked.forward = lambda hidden: nn.Linear.forward(hooked, hidden)  # as accelerate's hooks give a module its own
     groups = projection_groups(base)
-    assert len(groups) == 2 * base.config.num_hidden_layers - 1
-    assert not any(attention.q_proj in group for group in groups)
+    assert len(groups) == 2 * base.config.num_hidden_layers - 2
+    assert not any(attention.q_proj in group or hooked in group for group in groups)
+    with torch.no_grad(), FusedProjections(base).applied():
+        pass
+    assert "forward" in hooked.__dict__  # left as it was
