@@ -8,7 +8,7 @@ weights, and its MLP by its gate and up weights, so each group can be one produc
 kernels become one, two become one.
 
 inductor's freezing passes would fuse them in the compiled graph, but with freezing inductor declines the step's CUDA
-graph, since the static cache's buffers become inputs it may not mutate (BENCHMARKS.md, run AG). Here the stacked
+graph ("mutated inputs": the static cache's buffers; BENCHMARKS.md, run AG). Here the stacked
 weights are a copy kept beside the model, so the model (its parameters, its state dict, the PEFT wrapper) never
 changes; the copy costs the memory of the grouped weights (about 60 % of a Qwen2.5 decoder layer's). While
 `applied()` lasts, each group's first module computes the stacked product and keeps its parts until the group's last
@@ -17,8 +17,10 @@ called (query, key, value; gate, up) on one input, which is checked at every cal
 its group's first raises. The copy is detached from autograd: the block refuses to run with gradients enabled.
 
     fused = FusedProjections(causal_lm)  # the copy
-    with fused.applied():  # compile the step inside the block: one compiled outside keeps the separate products
+    with torch.no_grad(), fused.applied():  # a step compiled outside the block keeps the separate products
         logits = causal_lm(input_ids=ids).logits
+
+`fast_generate(..., fuse_projections=True)` keeps one with its decoder and applies it around every generation.
 """
 
 from __future__ import annotations
