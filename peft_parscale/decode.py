@@ -261,8 +261,9 @@ def fast_decoder(
     key = (batch_size, max_length, active_adapters_key(causal_lm), selector, compiled, fuse_projections, placement)
     decoder = getattr(causal_lm, "_parscale_fast_decoder", None)
     if decoder is None or decoder.key != key:
-        decoder = None
-        forget_fast_decoder(causal_lm)  # the old one's cache and copies are freed before the new ones are made
+        if decoder is not None:
+            decoder = None
+            forget_fast_decoder(causal_lm)  # the old one's cache and copies are freed before the new ones are made
         decoder = FastDecoder(
             causal_lm, batch_size, max_length, selector, options, fuse_projections, prefill_compile_options
         )

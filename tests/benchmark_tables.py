@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from table_format import ROOT, markdown
 
-from benchmarks.records import AUTHORS_TRAINING, load_records, training_attention, training_variant
+from benchmarks.attention_accuracy import TENSORS
+from benchmarks.records import AUTHORS_TRAINING, call_of, load_records, training_attention, training_variant
 from benchmarks.report import TARGETS, scaling_comparison
 from benchmarks.training import TRAIN_LOOPS
 
@@ -448,14 +449,14 @@ def benchmark_fused_projections(device: str, runs: str) -> str:
     chosen = runs.split(",")
     records = [r for r in benchmark_records(device) if r.get("run") in chosen]
     timed = {
-        (r["run"], r["invocation"], r["variant"], r["batch"], r["mode"]): r
+        (r["run"], call_of(r), r["variant"], r["batch"], r["mode"]): r
         for r in records
         if r.get("suite") == "targets" and r["mode"] in ("fast", "fast_fused")
     }
     float32 = {r["run"]: r for r in records if r.get("suite") == "equality" and r["mode"] == "fast_fused"}
     rows = []
-    for run, invocation, variant, batch, _ in dict.fromkeys(key[:4] + (None,) for key in timed):
-        pair = [timed.get((run, invocation, variant, batch, mode)) for mode in ("fast", "fast_fused")]
+    for run, call, variant, batch in dict.fromkeys(key[:4] for key in timed):
+        pair = [timed.get((run, call, variant, batch, mode)) for mode in ("fast", "fast_fused")]
         if None in pair:
             continue
         fast, fused = (r["decode_ms_per_token"] for r in pair)
@@ -477,10 +478,9 @@ def benchmark_attention_accuracy(device: str, run: str) -> str:
     records = [r for r in benchmark_records(device) if r.get("suite") == "attention_accuracy" and r.get("run") == run]
     if not records:
         raise KeyError(f"no attention_accuracy records of run {run!r} on {device!r}")
-    errors = ("output", "query_grad", "key_grad_prefix", "key_grad_rest", "value_grad_prefix", "value_grad_rest")
     rows = [
         [f"`{r['attention']}`", f"{r['sharpness']:g}"]
-        + [f"{r['relative_error'][name]:.4e}" for name in errors]
+        + [f"{r['relative_error'][name]:.4e}" for name in TENSORS]
         + [f"{r['forward_backward_ms']:.2f}"]
         for r in records
     ]

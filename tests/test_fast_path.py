@@ -8,18 +8,18 @@ C++ compiler. Inductor and CUDA graphs themselves were checked on an H100 (BENCH
 
 import pytest
 import test_architectures
+import test_fused_projections
 import test_generate
 import test_sampling
 import torch
-from peft import get_peft_model
-from reference import adapter_tensors, left_padded_batch, randomize_adapter, reference_greedy, relative_error
+from reference import adapter_tensors, left_padded_batch, reference_greedy, relative_error
 from test_generate import generate, greedy_without_cache
-from tiny_models import ARCHITECTURES, SLIDING, tiny_model
+from tiny_models import ARCHITECTURES, SLIDING
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import peft_parscale  # noqa: F401
-from peft_parscale import ParScaleConfig, decode
+from peft_parscale import decode
 from peft_parscale.decode import causal_lm_of, fast_decoder, fast_generate, greedy_generate
 
 TRACE_ONLY = {"backend": "eager", "fullgraph": True}
@@ -180,9 +180,7 @@ def test_a_prompt_repeated_anywhere_in_the_batch_runs_once(setup):
 def test_a_model_cast_after_decoding_gets_a_decoder_of_its_own_dtype():
     """The decoder kept on the model (its static cache) is rebuilt when the model is cast or moved, so the next
     generation is the cast model's, as recomputation gives it."""
-    model = get_peft_model(tiny_model("qwen2", "sdpa"), ParScaleConfig(P=3, prefix_length=5))
-    randomize_adapter(model)
-    model.eval()
+    model = test_fused_projections.parscale_model()
     input_ids, attention_mask = left_padded_batch([5, 3])
     greedy_generate(model, input_ids, attention_mask, NEW_TOKENS, compile=False)
     model.double()

@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 from peft import get_peft_model
-from reference import left_padded_batch
+from reference import left_padded_batch, randomize_adapter
 from test_generate import greedy_without_cache
 from tiny_models import tiny_model
 from torch import nn
@@ -27,10 +27,7 @@ TRACE_ONLY = {"backend": "eager", "fullgraph": True}
 
 def parscale_model(dtype: torch.dtype = torch.float32) -> nn.Module:
     model = get_peft_model(tiny_model("qwen2", "sdpa", dtype=dtype), ParScaleConfig(P=2, prefix_length=3)).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "parscale" in name:
-                parameter.normal_(0.0, 0.5)  # a trained-looking adapter, so that the streams differ
+    randomize_adapter(model)  # a trained-looking adapter, so that the streams differ
     return model
 
 
