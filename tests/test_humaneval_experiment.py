@@ -328,9 +328,20 @@ def test_decode_costs_take_ratios_to_the_base_model_of_the_same_call_only(tmp_pa
         ("U", "call 3", "P4", 8, 128, 512, 9.0),  # later, but with no base model beside it
     ]
     lines = [
-        json.dumps({"suite": "decode", "shape": "0.5b", "mode": "fast", "run": run, "variant": variant, "batch": batch,
-                    "prompt": prompt, "new_tokens": new, "decode_ms_per_token": ms}
-                   | ({"invocation": invocation} if invocation else {}))
+        json.dumps(
+            {
+                "suite": "decode",
+                "shape": "0.5b",
+                "mode": "fast",
+                "run": run,
+                "variant": variant,
+                "batch": batch,
+                "prompt": prompt,
+                "new_tokens": new,
+                "decode_ms_per_token": ms,
+            }
+            | ({"invocation": invocation} if invocation else {})
+        )
         for run, invocation, variant, batch, prompt, new, ms in records
     ]
     (tmp_path / "bench.jsonl").write_text("\n".join(lines) + "\n")
@@ -371,8 +382,18 @@ def test_the_base_model_decode_spread_takes_its_longest_generation_per_batch(tmp
         ("0.5b", "stock", 8, 64, 2.5),  # batch 8's longest generation is 64 tokens
     ]
     lines = [
-        json.dumps({"suite": "decode", "shape": shape, "mode": "fast", "variant": variant, "batch": batch,
-                    "prompt": 128, "new_tokens": new, "decode_ms_per_token": ms})
+        json.dumps(
+            {
+                "suite": "decode",
+                "shape": shape,
+                "mode": "fast",
+                "variant": variant,
+                "batch": batch,
+                "prompt": 128,
+                "new_tokens": new,
+                "decode_ms_per_token": ms,
+            }
+        )
         for shape, variant, batch, new, ms in records
     ]
     (tmp_path / "bench.jsonl").write_text("\n".join(lines) + "\n")
