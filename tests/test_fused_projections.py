@@ -132,7 +132,8 @@ def test_the_copy_follows_weights_changed_in_place_or_replaced():
 
 def test_only_plain_linear_groups_of_one_input_width_are_fused():
     """A projection that is not a plain `nn.Linear` (wrapped by another adapter, say), or that has a forward of its own,
-    keeps its own product, and so does the rest of its group; the other groups are fused."""
+    keeps its own product, and so does the rest of its group; so does a group whose weights differ in dtype (they
+    cannot be stacked into one tensor). The other groups are fused."""
 
     class Wrapped(nn.Linear):
         pass
@@ -143,9 +144,10 @@ def test_only_plain_linear_groups_of_one_input_width_are_fused():
     attention.k_proj = Wrapped(old.in_features, old.out_features, bias=True)
     hooked = base.model.layers[1].mlp.up_proj
     hooked.forward = lambda hidden: nn.Linear.forward(hooked, hidden)  # as accelerate's hooks give a module its own
+    other_dtype = base.model.layers[1].self_attn.base_layer.v_proj.double()
     groups = projection_groups(base)
-    assert len(groups) == 2 * base.config.num_hidden_layers - 2
-    assert not any(attention.q_proj in group or hooked in group for group in groups)
+    assert len(groups) == 2 * base.config.num_hidden_layers - 3
+    assert not any(attention.q_proj in group or hooked in group or other_dtype in group for group in groups)
     with torch.no_grad(), FusedProjections(base).applied():
         pass
     assert "forward" in hooked.__dict__  # left as it was
