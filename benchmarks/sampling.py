@@ -37,7 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS, fast_decoder, fast_generate, forget_fast_decoder
 from peft_parscale.decode_attention import PACKED_GQA_SDPA, packed_gqa_sdpa
-from peft_parscale.sampling import TokenSelector, draw_uniforms
+from peft_parscale.sampling import GREEDY, TokenSelector, draw_uniforms
 
 from .decoding import build_variant, random_prompts
 from .measure import Clock, StepMarks, free_memory, median, peak_memory_gib, reset_peak_memory
@@ -51,6 +51,7 @@ COMPILE_OPTIONS = {
     "fast_heads_copied": DEFAULT_COMPILE_OPTIONS,
 }
 MODES = ("generate", *COMPILE_OPTIONS)
+GREEDY_ROWS = (1, 8)  # the rows of a decode step at batch 1 and 8 (P=1 and P=8 alike: the streams are aggregated)
 
 
 def failure(error: Exception) -> Record:
@@ -239,6 +240,11 @@ def selector_compilation(
     before top-p (the one sampling setting HumanEval's workload does not use); `selector_eager`, HumanEval's choice
     uncompiled. Compiled cases record `compiled` (and the error if not), the compilation time, ms per call (the median
     of `repeats`) and the fraction of tokens equal to the same choice's uncompiled.
+
+    Then greedy's choice for the rows of a decode step at batch 1 and 8 (`GREEDY_ROWS`): `argmax`, a plain
+    `argmax(-1)`, against `greedy`, the fast path's `GREEDY` (`sampling.first_argmax`), each compiled. On CUDA their
+    ms per call is the kernels' alone: a CUDA graph of `repeats` calls, replayed (a call launched from the host
+    takes longer than these kernels run). `tokens_equal_fraction` is against the uncompiled `argmax(-1)`.
     """
     clock = Clock(device)
     generator = torch.Generator(device).manual_seed(0)
@@ -280,4 +286,36 @@ def selector_compilation(
             if name != "long_scan":
                 record["tokens_equal_fraction"] = float((tokens == function(*inputs)).float().mean())
         emit(record)
+    for greedy_rows in sorted({min(rows, count) for count in GREEDY_ROWS}):
+        rows_logits = logits[:greedy_rows].clone()
+        for name, function in {"argmax": lambda x: x.argmax(-1), "greedy": lambda x: GREEDY(x, None)}.items():
+            torch._dynamo.reset()
+            record = {**common, "rows": greedy_rows, "variant": name}
+            try:
+                compiled, tokens, compile_ms = compile_and_run(function, rows_logits)
+                milliseconds = replayed_ms(compiled, rows_logits, repeats) if clock.cuda else None
+            except Exception as error:  # noqa: BLE001  (recorded, as above)
+                record |= {"compiled": False, **failure(error)}
+            else:
+                equal = float((tokens == rows_logits.argmax(-1)).float().mean())
+                record |= {"compiled": True, "compile_s": compile_ms / 1e3, "tokens_equal_fraction": equal}
+                record["ms_per_call"] = milliseconds or per_call_ms(compiled, rows_logits)
+            emit(record)
     torch._dynamo.reset()
+
+
+def replayed_ms(function: Callable[..., Any], inputs: torch.Tensor, calls: int) -> float:
+    """GPU milliseconds per call of `function(inputs)`: `calls` calls captured in one CUDA graph, the median of five
+    replays over `calls`, so that the host's launching is not timed."""
+    clock = Clock(inputs.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture wants its kernels run once outside it (torch.cuda.graphs' guidance)
+        function(inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function(inputs)
+    graph.replay()
+    return median([clock.time_ms(graph.replay)[1] for _ in range(5)]) / calls

@@ -56,6 +56,37 @@ def cumulative_sum(values: torch.Tensor) -> torch.Tensor:
     return (within + before[..., None]).view(rows, chunks * SCAN_CHUNK)[:, :length]
 
 
+def first_argmax(values: torch.Tensor) -> torch.Tensor:
+    """`values.argmax(-1)` of (rows, length) values: each row's index of its first largest value, found as the
+    largest of each chunk of `SCAN_CHUNK` entries and then the first chunk holding the row's largest.
+
+    The result is `argmax`'s exactly, ties included: within a chunk `max` gives the first largest entry's index, and
+    the first chunk whose largest equals the row's holds the row's first largest. The last chunk is padded with the
+    lowest value of the dtype (-inf for floats), which never comes before a real entry it ties with: those lie in
+    earlier chunks or earlier in the same one.
+
+    Why: inductor computes an argmax over a row in one thread block, so for the few rows of a decode step at batch 1
+    one block reads the whole vocabulary while the rest of the GPU waits (BENCHMARKS.md, "The fast decode path");
+    chunked, each chunk has a block of its own.
+
+    Example:
+
+        ```py
+        >>> first_argmax(torch.arange(3000.0).remainder(1500)[None])
+        tensor([1499])
+        ```
+    """
+    rows, length = values.shape
+    chunks = -(-length // SCAN_CHUNK)
+    if chunks == 1:
+        return values.argmax(-1)
+    lowest = float("-inf") if values.dtype.is_floating_point else torch.iinfo(values.dtype).min
+    padded = F.pad(values, (0, chunks * SCAN_CHUNK - length), value=lowest).view(rows, chunks, SCAN_CHUNK)
+    chunk_largest, within_chunk = padded.max(-1)
+    chunk = chunk_largest.argmax(-1, keepdim=True)
+    return (chunk * SCAN_CHUNK + within_chunk.gather(-1, chunk)).squeeze(-1)
+
+
 @dataclass(frozen=True)
 class TokenSelector:
     """How a decode step turns the last position's logits into the next token, on the device, without host syncs.
@@ -97,7 +128,7 @@ class TokenSelector:
     def __call__(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
         """(rows, vocab) logits and (rows,) uniforms (None when greedy) in, (rows,) token ids out."""
         if not self.do_sample:
-            return logits.argmax(-1)
+            return first_argmax(logits)
         scores = logits.float() / self.temperature
         vocab_size = scores.shape[-1]
         if 0 < self.top_k < vocab_size:
@@ -116,7 +147,7 @@ class TokenSelector:
         # token (p = 0) is never chosen.
         total = cumulative.masked_fill(~possible, 0.0).amax(-1, keepdim=True)
         qualifies = possible & (cumulative > uniforms[:, None] * total)
-        return qualifies.to(torch.int32).argmax(-1)  # the first qualifying token id
+        return first_argmax(qualifies.to(torch.int32))  # the first qualifying token id
 
 
 GREEDY = TokenSelector()

@@ -16,6 +16,8 @@ from benchmarks.records import variant_order
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
 from peft_parscale import ParScaleConfig
 
+GREEDY_CASES = ("argmax", "greedy")  # the selector suite's greedy choices, apart from its sampling cases
+
 
 def test_tiny_run_writes_results_report_and_comparison(tmp_path):
     suites = "env,targets,sweep,train,sampling,selector"
@@ -47,10 +49,13 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
         if record["mode"] == "generate":  # the first token is marked inside each timed run: before its end in each
             assert record["ttft_ms"] < record["total_ms"]
         # the fast modes time their prefills in calls of their own, which a busy CPU can slow more than the runs
-    selector = {r["variant"]: r for r in records if r["suite"] == "selector"}
+    selector = {r["variant"]: r for r in records if r["suite"] == "selector" and r["variant"] not in GREEDY_CASES}
     assert set(selector) == {"selector_eager", "long_scan", "selector", "selector_dynamic", "selector_top_k"}
     for name in ("long_scan", "selector", "selector_dynamic", "selector_top_k"):  # inductor on CPU compiles every case
         assert selector[name]["compiled"] and selector[name]["ms_per_call"] > 0, selector[name]
+    greedy = [r for r in records if r["suite"] == "selector" and r["variant"] in GREEDY_CASES]
+    assert {(r["variant"], r["rows"]) for r in greedy} == {(name, rows) for name in GREEDY_CASES for rows in (1, 4)}
+    assert all(r["compiled"] and r["ms_per_call"] > 0 and r["tokens_equal_fraction"] == 1.0 for r in greedy), greedy
     train = [r for r in records if r["suite"] == "train"]
     assert [r["P"] for r in train] == [1, 2]
     assert all(r["tokens_per_s"] > 0 and r["trainable_gradient_norm"] > 0 for r in train)

@@ -29,7 +29,7 @@ from transformers import GenerationConfig
 import peft_parscale  # noqa: F401
 from peft_parscale import ParScaleConfig, decode, sampling
 from peft_parscale.decode import causal_lm_of, fast_generate
-from peft_parscale.sampling import TokenSelector, cumulative_sum
+from peft_parscale.sampling import TokenSelector, cumulative_sum, first_argmax
 
 TRACE_ONLY = {"backend": "eager", "fullgraph": True}  # traces the step as on CUDA, without code generation
 NEW_TOKENS = 8
@@ -211,6 +211,34 @@ def test_the_chunked_cumulative_sum_is_a_cumulative_sum(monkeypatch, length):
     steps = torch.arange(1, length + 1, dtype=torch.float64)
     bound = steps * 2**-24 * values.double().abs().cumsum(-1)
     assert ((cumulative_sum(values).double() - expected).abs() <= bound).all()
+
+
+def first_largest(row: list) -> int:
+    """The index of the first largest entry of `row`, found by reading it."""
+    return row.index(max(row))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
+@pytest.mark.parametrize("length", [1, 8, 9, 97, 3000])
+def test_the_chunked_argmax_gives_each_rows_first_largest(monkeypatch, length, dtype):
+    """Entries drawn from 0..4, so every row is full of ties; a row of equal entries (-inf for floats); and a row
+    whose largest is its last entry, in the padded last chunk."""
+    monkeypatch.setattr(sampling, "SCAN_CHUNK", 8)
+    values = torch.randint(0, 5, (4, length), generator=torch.Generator().manual_seed(SEED)).to(dtype)
+    values[1] = float("-inf") if dtype.is_floating_point else 3
+    values[2, -1] = 9
+    expected = [first_largest(row) for row in values.tolist()]
+    assert first_argmax(values).tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32])
+def test_the_chunked_argmax_compiles_to_the_first_largest(monkeypatch, dtype):
+    """Through inductor's code generation on CPU, as the decode step runs it (ties and the padded chunk as above)."""
+    monkeypatch.setattr(sampling, "SCAN_CHUNK", 8)
+    values = torch.randint(0, 5, (3, 97), generator=torch.Generator().manual_seed(SEED)).to(dtype)
+    values[1, -1] = 9
+    torch._dynamo.reset()
+    assert torch.compile(first_argmax, fullgraph=True)(values).tolist() == [first_largest(r) for r in values.tolist()]
 
 
 def test_the_token_choice_compiles_with_inductor_and_follows_the_convention():
