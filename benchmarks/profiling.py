@@ -33,6 +33,7 @@ KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 OTHER_FAMILY = "other element-wise and reductions"
 TABLE_ROWS = 30  # the costliest rows each table lists after its families
+NAME_WIDTH = 200  # inductor names each kernel after the operations it fused: wide enough to read them
 
 
 def kernel_family(name: str) -> str:
@@ -77,7 +78,7 @@ def profile_table(function, steps: int) -> str:
             torch.cuda.synchronize()
     averages = profiler.key_averages()
     sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = averages.table(sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=70)
+    table = averages.table(sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=NAME_WIDTH)
     return family_summary(*family_times(averages)) + "\n\n" + table
 
 
