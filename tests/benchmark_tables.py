@@ -442,33 +442,86 @@ def benchmark_training_attention(device: str, run: str) -> str:
     return markdown(header, ["---", "---:", "---:", "---:", "---:", "---:"], rows)
 
 
-def benchmark_fused_projections(device: str, runs: str) -> str:
-    """The `fast_fused` decode lever against `fast`, each pair from one invocation (one process: between calls the
-    times drift more than the lever moves them), for every case of the runs named (comma-separated) that measured
-    both; and whether the run's float32 case (the equality suite, P=8) gave eager's greedy tokens ("–": none)."""
+def lever_pairs(device: str, runs: str, lever: str) -> list[tuple[str, dict, dict, str]]:
+    """The targets suite's cases of the runs named (comma-separated) that measured both `fast` and the `lever` mode in
+    one invocation (one process: between calls the times drift more than a lever moves them), as (run, fast's record,
+    the lever's record, whether the run's float32 case of the lever, the equality suite at P=8, gave eager's greedy
+    tokens: "yes", "no" or "–" for none)."""
     chosen = runs.split(",")
     records = [r for r in benchmark_records(device) if r.get("run") in chosen]
     timed = {
         (r["run"], call_of(r), r["variant"], r["batch"], r["mode"]): r
         for r in records
-        if r.get("suite") == "targets" and r["mode"] in ("fast", "fast_fused")
+        if r.get("suite") == "targets" and r["mode"] in ("fast", lever)
     }
-    float32 = {r["run"]: r for r in records if r.get("suite") == "equality" and r["mode"] == "fast_fused"}
-    rows = []
+    float32 = {r["run"]: r for r in records if r.get("suite") == "equality" and r["mode"] == lever}
+    pairs = []
     for run, call, variant, batch in dict.fromkeys(key[:4] for key in timed):
-        pair = [timed.get((run, call, variant, batch, mode)) for mode in ("fast", "fast_fused")]
-        if None in pair:
+        fast, measured = (timed.get((run, call, variant, batch, mode)) for mode in ("fast", lever))
+        if fast is None or measured is None:
             continue
-        fast, fused = (r["decode_ms_per_token"] for r in pair)
         equal = "–" if run not in float32 else "yes" if float32[run]["tokens_vs_eager"]["equal"] else "no"
-        rows.append([run, variant[1:], str(batch), f"{fast:.2f}", f"{fused:.2f}", f"{fused / fast:.3f}×", equal])
-    if not rows:
-        raise KeyError(f"no invocation of runs {runs!r} on {device!r} measured both fast and fast_fused")
+        pairs.append((run, fast, measured, equal))
+    if not pairs:
+        raise KeyError(f"no invocation of runs {runs!r} on {device!r} measured both fast and {lever}")
+    return pairs
+
+
+def benchmark_fused_projections(device: str, runs: str) -> str:
+    """The `fast_fused` decode lever against `fast`, each pair from one invocation (`lever_pairs`)."""
+    rows = []
+    for run, fast, fused, equal in lever_pairs(device, runs, "fast_fused"):
+        plain_ms, fused_ms = fast["decode_ms_per_token"], fused["decode_ms_per_token"]
+        variant, batch = fast["variant"][1:], str(fast["batch"])
+        rows.append([run, variant, batch, f"{plain_ms:.2f}", f"{fused_ms:.2f}", f"{fused_ms / plain_ms:.3f}×", equal])
     header = (
         "run | P | batch | `fast` ms/token | `fast_fused` ms/token | `fast_fused` / `fast`"
         " | float32 greedy tokens = eager's (P=8, the run's)"
     )
     return markdown(header, ["---", "---:", "---:", "---:", "---:", "---:", "---"], rows)
+
+
+def benchmark_compiled_prefill(device: str, runs: str) -> str:
+    """The compiled prefill (`fast_prefill`) against `fast`, each pair from one invocation (`lever_pairs`): the
+    prompts' forward pass (time to the first token), the first generation's compilation, and the decode step, which
+    both compile alike."""
+    rows = []
+    for run, fast, compiled, equal in lever_pairs(device, runs, "fast_prefill"):
+        rows.append(
+            [run, fast["variant"][1:], str(fast["batch"])]
+            + [f"{fast['prefill_ms']:.1f}", f"{compiled['prefill_ms']:.1f}"]
+            + [f"{compiled['prefill_ms'] / fast['prefill_ms']:.2f}×"]
+            + [f"{fast['warmup_s']:.1f} / {compiled['warmup_s']:.1f}"]
+            + [f"{fast['decode_ms_per_token']:.2f} / {compiled['decode_ms_per_token']:.2f}", equal]
+        )
+    header = (
+        "run | P | batch | `fast` prefill ms | `fast_prefill` prefill ms | `fast_prefill` / `fast`"
+        " | first generation s, compiling (`fast` / `fast_prefill`) | decode ms/token (`fast` / `fast_prefill`)"
+        " | float32 greedy tokens = eager's (P=8, the run's)"
+    )
+    return markdown(header, ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"], rows)
+
+
+def benchmark_greedy_choice(device: str, run: str) -> str:
+    """One run's greedy choices from the selector suite: a plain `argmax(-1)` against `sampling.first_argmax` (the
+    fast path's `GREEDY`), each compiled, per number of rows: microseconds per call of their kernels, and whether the
+    tokens are the uncompiled argmax's."""
+    records = {
+        (r["rows"], r["variant"]): r
+        for r in benchmark_records(device)
+        if r.get("suite") == "selector" and r.get("run") == run and r["variant"] in ("argmax", "greedy")
+    }
+    rows = []
+    for count in sorted({count for count, _ in records}):
+        plain, chunked = records[count, "argmax"], records[count, "greedy"]
+        equal = "yes" if plain["tokens_equal_fraction"] == chunked["tokens_equal_fraction"] == 1.0 else "no"
+        plain_us, chunked_us = plain["ms_per_call"] * 1e3, chunked["ms_per_call"] * 1e3
+        rows.append([str(count), f"{plain['vocab_size']:,}", f"{plain_us:.1f}", f"{chunked_us:.1f}"])
+        rows[-1] += [f"{chunked_us / plain_us:.2f}×", equal]
+    if not rows:
+        raise KeyError(f"no greedy selector records of run {run!r} on {device!r}")
+    header = "rows | vocabulary | `argmax` µs | `first_argmax` µs | `first_argmax` / `argmax` | tokens = eager argmax"
+    return markdown(header, ["---:", "---:", "---:", "---:", "---:", "---"], rows)
 
 
 def benchmark_attention_accuracy(device: str, run: str) -> str:

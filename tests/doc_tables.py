@@ -33,8 +33,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the table mo
 import support_table
 from benchmark_tables import (
     benchmark_attention_accuracy,
+    benchmark_compiled_prefill,
     benchmark_decode_levers,
     benchmark_fused_projections,
+    benchmark_greedy_choice,
     benchmark_sampling,
     benchmark_sampling_attention,
     benchmark_sampling_prefill,
@@ -94,6 +96,8 @@ TABLES: dict[str, Callable[..., str]] = {
     "benchmark-decode-levers": benchmark_decode_levers,
     "benchmark-fused-projections": benchmark_fused_projections,
     "benchmark-attention-accuracy": benchmark_attention_accuracy,
+    "benchmark-compiled-prefill": benchmark_compiled_prefill,
+    "benchmark-greedy-choice": benchmark_greedy_choice,
 }
 
 

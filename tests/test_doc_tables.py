@@ -168,6 +168,49 @@ def test_the_fused_projections_table_pairs_the_two_modes_within_one_invocation(m
     assert rows == ["| AE | 1 | 1 | 2.00 | 1.50 | 0.750× | – |", "| AF | 8 | 1 | 4.00 | 3.00 | 0.750× | yes |"]
 
 
+def test_the_compiled_prefill_table_pairs_the_two_modes_within_one_invocation(monkeypatch):
+    def decode(invocation, mode, variant, prefill, warmup, ms, suite="targets", equal=None, run="AL"):
+        record = {"suite": suite, "device_name": "GPU X", "run": run, "invocation": invocation, "mode": mode}
+        return record | {"variant": variant, "batch": 1, "prefill_ms": prefill, "warmup_s": warmup} | {
+            "decode_ms_per_token": ms,
+            "tokens_vs_eager": {"equal": equal},
+        }
+
+    records = [
+        decode("a", "fast", "P8", 60.0, 40.0, 2.5),
+        decode("a", "fast_prefill", "P8", 30.0, 50.0, 2.6),
+        decode("a", "fast_fused", "P8", 60.0, 40.0, 2.0),  # another lever: not in this table
+        decode("b", "fast_prefill", "P1", 20.0, 50.0, 2.0),  # fast not measured in this invocation: no row
+        decode("c", "fast_prefill", "P8", 9.0, 9.0, 9.0, suite="equality", equal=False),  # float32: its tokens only
+        decode("d", "fast", "P8", 1.0, 1.0, 1.0, run="AK"),  # a run not named
+        decode("d", "fast_prefill", "P8", 1.0, 1.0, 1.0, run="AK"),
+    ]  # fmt: skip
+    rows = table_rows(monkeypatch, records, "benchmark-compiled-prefill", device="GPU X", runs="AL")
+    assert rows == ["| AL | 8 | 1 | 60.0 | 30.0 | 0.50× | 40.0 / 50.0 | 2.50 / 2.60 | no |"]
+
+
+def test_the_greedy_choice_table_gives_both_choices_per_number_of_rows(monkeypatch):
+    def selector(variant, rows, ms, equal=1.0, run="AL"):
+        return {"suite": "selector", "device_name": "GPU X", "run": run, "variant": variant, "rows": rows} | {
+            "vocab_size": 151936,
+            "ms_per_call": ms,
+            "tokens_equal_fraction": equal,
+        }
+
+    records = [
+        selector("selector", 160, 3.0),  # a sampling case: not in the table
+        selector("argmax", 1, 0.024),
+        selector("greedy", 1, 0.003),
+        selector("argmax", 8, 0.025),
+        selector("greedy", 8, 0.005, equal=0.5),
+        selector("greedy", 1, 9.0, run="AK"),  # another run
+    ]
+    assert table_rows(monkeypatch, records, "benchmark-greedy-choice", device="GPU X", run="AL") == [
+        "| 1 | 151,936 | 24.0 | 3.0 | 0.12× | yes |",
+        "| 8 | 151,936 | 25.0 | 5.0 | 0.20× | no |",
+    ]
+
+
 def test_the_attention_accuracy_table_gives_each_kernel_and_sharpness_of_one_run(monkeypatch):
     def accuracy(attention, sharpness, error, run="AG"):
         errors = dict.fromkeys(
