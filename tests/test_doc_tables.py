@@ -171,10 +171,14 @@ def test_the_fused_projections_table_pairs_the_two_modes_within_one_invocation(m
 def test_the_compiled_prefill_table_pairs_the_two_modes_within_one_invocation(monkeypatch):
     def decode(invocation, mode, variant, prefill, warmup, ms, suite="targets", equal=None, run="AL"):
         record = {"suite": suite, "device_name": "GPU X", "run": run, "invocation": invocation, "mode": mode}
-        return record | {"variant": variant, "batch": 1, "prefill_ms": prefill, "warmup_s": warmup} | {
-            "decode_ms_per_token": ms,
-            "tokens_vs_eager": {"equal": equal},
-        }
+        return (
+            record
+            | {"variant": variant, "batch": 1, "prefill_ms": prefill, "warmup_s": warmup}
+            | {
+                "decode_ms_per_token": ms,
+                "tokens_vs_eager": {"equal": equal},
+            }
+        )
 
     records = [
         decode("a", "fast", "P8", 60.0, 40.0, 2.5),
