@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
-from torch.profiler import ProfilerActivity, profile
 
-from .measure import Clock, median
+from .measure import Clock, launched, median
 from .training import FLASH_ATTENTION_IMPLS, flash_attention_impl, flash_attention_impl_missing
 
 SHARPNESS = (1.0, 4.0)
@@ -72,18 +70,6 @@ def attention_and_gradients(
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=causal_lower_right(queries, keys))
     output.backward(output_grad)
     return [output.detach(), query.grad, key.grad, value.grad]
-
-
-def launched(function: Callable[[], object], device: torch.device) -> list[str]:
-    """The names of what `function` runs, in the order of their first launch: on CUDA its GPU kernels, on a CPU the
-    operators (torch's profiler)."""
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as profiler:
-        function()
-        if cuda:
-            torch.cuda.synchronize(device)
-    wanted = DeviceType.CUDA if cuda else DeviceType.CPU
-    return list(dict.fromkeys(event.name for event in profiler.events() if event.device_type == wanted))
 
 
 def attention_errors(

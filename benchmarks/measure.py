@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, LogitsProcessor, PretrainedConfig
 from typing_extensions import Self  # typing.Self from Python 3.11; the package supports 3.10
 
@@ -254,3 +256,15 @@ def device_ceilings(device: torch.device, repeats: int = 10) -> dict[str, float]
         "copy_tb_per_s": 2 * source.numel() * source.element_size() / (copy_ms * 1e-3) / 1e12,
         "matmul_bf16_tflop_per_s": 2 * 8192**3 / (matmul_ms * 1e-3) / 1e12,
     }
+
+
+def launched(function: Callable[[], object], device: torch.device) -> list[str]:
+    """The names of what `function` runs, in the order of their first launch: on CUDA its GPU kernels, on a CPU the
+    operators (torch's profiler)."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as profiler:
+        function()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wanted = DeviceType.CUDA if cuda else DeviceType.CPU
+    return list(dict.fromkeys(event.name for event in profiler.events() if event.device_type == wanted))

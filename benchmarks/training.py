@@ -36,8 +36,9 @@ from transformers import PretrainedConfig
 import peft_parscale.layer as parscale_layer
 from peft_parscale import ParScaleAttention, ParScaleConfig
 
-from .measure import Clock, median, peak_memory_gib, random_causal_lm, reset_peak_memory
+from .measure import Clock, launched, median, peak_memory_gib, random_causal_lm, reset_peak_memory
 from .padded_attention import padded_prefix_attention
+from .profiling import kernel_family
 from .shapes import shape_config
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
@@ -294,10 +295,16 @@ def train_throughput(
             first_step_s, times, mean_loss = trainer_step_times(
                 model, batches, warmup, loop == "trainer_model_loss", gradient_checkpointing
             )
-            loss, gradient_norms = None, None
+            loss, gradient_norms, attention_kernels = None, None, None
+            peak_memory = peak_memory_gib(device)
         else:
             first_step_s, times, loss, gradient_norms = plain_step_times(forward, trainable, batches, warmup, device)
             mean_loss = None
+            peak_memory = peak_memory_gib(device)
+            # The attention kernels one more step launches: a kernel put in place but not reached would otherwise
+            # time and train as the kernel it was meant to replace.
+            step = lambda: forward(input_ids=batches[0], labels=batches[0]).loss.backward()
+            attention_kernels = [name for name in launched(step, device) if kernel_family(name) == "attention"]
     step_ms = median(times)
     flops = training_flops(config, num_streams, prefix_length, batch_size, length, LORA_RANK if lora else 0)
     record = {
@@ -320,10 +327,11 @@ def train_throughput(
         "model_tflop_per_step": flops / 1e12,
         "mfu": flops / (step_ms * 1e-3) / (peak_tflops * 1e12),
         "peak_tflops": peak_tflops,
-        "peak_mem_gib": peak_memory_gib(device),
+        "peak_mem_gib": peak_memory,
         # the adapter's gradient norm, and each trainable tensor's (which one a kernel's backward moves)
         "trainable_gradient_norm": None if gradient_norms is None else math.hypot(*gradient_norms.values()),
         "gradient_norms": gradient_norms,
+        "attention_kernels": attention_kernels,
         "loss": loss,
         "mean_train_loss": mean_loss,
     }

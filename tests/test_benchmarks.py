@@ -59,6 +59,8 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
     train = [r for r in records if r["suite"] == "train"]
     assert [r["P"] for r in train] == [1, 2]
     assert all(r["tokens_per_s"] > 0 and r["trainable_gradient_norm"] > 0 for r in train)
+    # the attention a step ran, by name (on a CPU sdpa's operators, forward and backward)
+    assert all(any("scaled_dot_product" in name for name in r["attention_kernels"]) for r in train), train
     # each trainable tensor's first-step gradient norm, by the model's own parameter names
     model, _ = decoding.build_variant("tiny", "P2", torch.device("cpu"), torch.float32)
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
