@@ -244,7 +244,8 @@ def selector_compilation(
     Then greedy's choice for the rows of a decode step at batch 1 and 8 (`GREEDY_ROWS`): `argmax`, a plain
     `argmax(-1)`, against `greedy`, the fast path's `GREEDY` (`sampling.first_argmax`), each compiled. On CUDA their
     ms per call is the kernels' alone: a CUDA graph of `repeats` calls, replayed (a call launched from the host
-    takes longer than these kernels run). `tokens_equal_fraction` is against the uncompiled `argmax(-1)`.
+    takes longer than these kernels run), which their records say (`timing`). `tokens_equal_fraction` is against the
+    uncompiled `argmax(-1)`.
     """
     clock = Clock(device)
     generator = torch.Generator(device).manual_seed(0)
@@ -290,16 +291,23 @@ def selector_compilation(
         rows_logits = logits[:greedy_rows].clone()
         for name, function in {"argmax": lambda x: x.argmax(-1), "greedy": lambda x: GREEDY(x, None)}.items():
             torch._dynamo.reset()
-            record = {**common, "rows": greedy_rows, "variant": name}
+            # on CUDA the kernels alone (a CUDA graph's replays), on a CPU each call as the other cases time it
+            record = {**common, "rows": greedy_rows, "variant": name, "timing": "cuda_graph" if clock.cuda else "call"}
             try:
                 compiled, tokens, compile_ms = compile_and_run(function, rows_logits)
-                milliseconds = replayed_ms(compiled, rows_logits, repeats) if clock.cuda else None
             except Exception as error:  # noqa: BLE001  (recorded, as above)
                 record |= {"compiled": False, **failure(error)}
-            else:
-                equal = float((tokens == rows_logits.argmax(-1)).float().mean())
-                record |= {"compiled": True, "compile_s": compile_ms / 1e3, "tokens_equal_fraction": equal}
-                record["ms_per_call"] = milliseconds or per_call_ms(compiled, rows_logits)
+                emit(record)
+                continue
+            equal = float((tokens == rows_logits.argmax(-1)).float().mean())
+            record |= {"compiled": True, "compile_s": compile_ms / 1e3, "tokens_equal_fraction": equal}
+            try:
+                if clock.cuda:
+                    record["ms_per_call"] = replayed_ms(compiled, rows_logits, repeats)
+                else:
+                    record["ms_per_call"] = per_call_ms(compiled, rows_logits)
+            except Exception as error:  # noqa: BLE001  (a capture that fails is recorded apart from compiling)
+                record |= failure(error)
             emit(record)
     torch._dynamo.reset()
 

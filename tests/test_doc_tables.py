@@ -205,8 +205,8 @@ def test_the_greedy_choice_table_gives_both_choices_per_number_of_rows(monkeypat
         selector("selector", 160, 3.0),  # a sampling case: not in the table
         selector("argmax", 1, 0.024),
         selector("greedy", 1, 0.003),
-        selector("argmax", 8, 0.025),
-        selector("greedy", 8, 0.005, equal=0.5),
+        selector("argmax", 8, 0.025, equal=0.5),
+        selector("greedy", 8, 0.005),
         selector("greedy", 1, 9.0, run="AK"),  # another run
     ]
     assert table_rows(monkeypatch, records, "benchmark-greedy-choice", device="GPU X", run="AL") == [

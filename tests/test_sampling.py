@@ -221,12 +221,13 @@ def first_largest(row: list) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
 @pytest.mark.parametrize("length", [1, 8, 9, 97, 3000])
 def test_the_chunked_argmax_gives_each_rows_first_largest(monkeypatch, length, dtype):
-    """Entries drawn from 0..4, so every row is full of ties; a row of equal entries (-inf for floats); and a row
-    whose largest is its last entry, in the padded last chunk."""
+    """Entries drawn from 0..4, so every row is full of ties; a row of equal entries (-inf for floats); a row whose
+    largest is its last entry, in the padded last chunk; and a row of negative entries."""
     monkeypatch.setattr(sampling, "SCAN_CHUNK", 8)
     values = torch.randint(0, 5, (4, length), generator=torch.Generator().manual_seed(SEED)).to(dtype)
     values[1] = float("-inf") if dtype.is_floating_point else 3
     values[2, -1] = 9
+    values[3] -= 10  # every entry below zero, so padding with zeros instead of the lowest value would be chosen
     expected = [first_largest(row) for row in values.tolist()]
     assert first_argmax(values).tolist() == expected
 
