@@ -66,7 +66,7 @@ def first_argmax(values: torch.Tensor) -> torch.Tensor:
     earlier chunks or earlier in the same one.
 
     Why: inductor computes an argmax over a row in one thread block, so for the few rows of a decode step at batch 1
-    one block reads the whole vocabulary while the rest of the GPU waits (BENCHMARKS.md, "The fast decode path");
+    one block reads the whole vocabulary while the rest of the GPU waits (BENCHMARKS.md, the `first_argmax` entry);
     chunked, each chunk has a block of its own.
 
     Example:
