@@ -263,67 +263,68 @@ def selector_compilation(
     dynamic_logits, dynamic_uniforms = logits.clone(), uniforms.clone()
     torch._dynamo.mark_dynamic(dynamic_logits, 0)
     torch._dynamo.mark_dynamic(dynamic_uniforms, 0)
-    cases = {
-        "long_scan": (lambda scores, _: scores.float().sort(-1).values.softmax(-1).cumsum(-1), logits, uniforms),
-        "selector": (selector, logits, uniforms),
-        "selector_dynamic": (selector, dynamic_logits, dynamic_uniforms),
-        "selector_top_k": (top_k_selector, logits, uniforms),
-    }
+
+    def long_scan(scores: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return scores.float().sort(-1).values.softmax(-1).cumsum(-1)
+
+    def plain_argmax(scores: torch.Tensor) -> torch.Tensor:
+        return scores.argmax(-1)
+
+    # Each case: its record's own fields, the function compiled, its inputs, and the uncompiled choice whose tokens
+    # its tokens are compared with (none for the scan, which chooses none).
+    cases = [
+        ({"variant": "long_scan"}, long_scan, (logits, uniforms), None),
+        ({"variant": "selector"}, selector, (logits, uniforms), selector),
+        ({"variant": "selector_dynamic"}, selector, (dynamic_logits, dynamic_uniforms), selector),
+        ({"variant": "selector_top_k"}, top_k_selector, (logits, uniforms), top_k_selector),
+    ]
+    # on CUDA the greedy choices' kernels alone (a CUDA graph's replays), on a CPU each call as the cases above
+    timing = "cuda_graph" if clock.cuda else "call"
+    for greedy_rows in sorted({min(rows, count) for count in GREEDY_ROWS}):
+        rows_logits = logits[:greedy_rows].clone()
+        for name, function in {"argmax": plain_argmax, "greedy": lambda scores: GREEDY(scores, None)}.items():
+            fields = {"variant": name, "rows": greedy_rows, "timing": timing}
+            cases.append((fields, function, (rows_logits,), plain_argmax))
 
     def compile_and_run(function: Callable[..., Any], *inputs: torch.Tensor) -> tuple[Callable[..., Any], Any, float]:
         compiled = torch.compile(function, fullgraph=True)
         output, milliseconds = clock.time_ms(lambda: compiled(*inputs))
         return compiled, output, milliseconds
 
-    for name, (function, *inputs) in cases.items():
+    for fields, function, inputs, reference in cases:
         torch._dynamo.reset()
-        record = {**common, "variant": name}
+        record = {**common, **fields}
         try:
             compiled, tokens, compile_ms = compile_and_run(function, *inputs)
         except Exception as error:  # noqa: BLE001  (what this check is for: recorded, and the other cases still run)
-            record |= {"compiled": False, **failure(error)}
-        else:
-            record |= {"compiled": True, "compile_s": compile_ms / 1e3, "ms_per_call": per_call_ms(compiled, *inputs)}
-            if name != "long_scan":
-                record["tokens_equal_fraction"] = float((tokens == function(*inputs)).float().mean())
+            emit(record | {"compiled": False, **failure(error)})
+            continue
+        record |= {"compiled": True, "compile_s": compile_ms / 1e3}
+        if reference is not None:
+            record["tokens_equal_fraction"] = float((tokens == reference(*inputs)).float().mean())
+        try:
+            if fields.get("timing") == "cuda_graph":
+                record["ms_per_call"] = replayed_ms(compiled, *inputs, calls=repeats)
+            else:
+                record["ms_per_call"] = per_call_ms(compiled, *inputs)
+        except Exception as error:  # noqa: BLE001  (a timing that fails, a graph capture say, is recorded apart)
+            record |= failure(error)
         emit(record)
-    for greedy_rows in sorted({min(rows, count) for count in GREEDY_ROWS}):
-        rows_logits = logits[:greedy_rows].clone()
-        for name, function in {"argmax": lambda x: x.argmax(-1), "greedy": lambda x: GREEDY(x, None)}.items():
-            torch._dynamo.reset()
-            # on CUDA the kernels alone (a CUDA graph's replays), on a CPU each call as the other cases time it
-            record = {**common, "rows": greedy_rows, "variant": name, "timing": "cuda_graph" if clock.cuda else "call"}
-            try:
-                compiled, tokens, compile_ms = compile_and_run(function, rows_logits)
-            except Exception as error:  # noqa: BLE001  (recorded, as above)
-                record |= {"compiled": False, **failure(error)}
-                emit(record)
-                continue
-            equal = float((tokens == rows_logits.argmax(-1)).float().mean())
-            record |= {"compiled": True, "compile_s": compile_ms / 1e3, "tokens_equal_fraction": equal}
-            try:
-                if clock.cuda:
-                    record["ms_per_call"] = replayed_ms(compiled, rows_logits, repeats)
-                else:
-                    record["ms_per_call"] = per_call_ms(compiled, rows_logits)
-            except Exception as error:  # noqa: BLE001  (a capture that fails is recorded apart from compiling)
-                record |= failure(error)
-            emit(record)
     torch._dynamo.reset()
 
 
-def replayed_ms(function: Callable[..., Any], inputs: torch.Tensor, calls: int) -> float:
-    """GPU milliseconds per call of `function(inputs)`: `calls` calls captured in one CUDA graph, the median of five
+def replayed_ms(function: Callable[..., Any], *inputs: torch.Tensor, calls: int) -> float:
+    """GPU milliseconds per call of `function(*inputs)`: `calls` calls captured in one CUDA graph, the median of five
     replays over `calls`, so that the host's launching is not timed."""
-    clock = Clock(inputs.device)
+    clock = Clock(inputs[0].device)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # capture wants its kernels run once outside it (torch.cuda.graphs' guidance)
-        function(inputs)
+        function(*inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
-            function(inputs)
+            function(*inputs)
     graph.replay()
     return median([clock.time_ms(graph.replay)[1] for _ in range(5)]) / calls
