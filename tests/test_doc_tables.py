@@ -143,16 +143,15 @@ def test_the_decode_levers_table_gives_each_mode_of_one_run_at_P1_and_P8(monkeyp
     ]
 
 
-def test_the_fused_projections_table_pairs_the_two_modes_within_one_invocation(monkeypatch):
-    def decode(run, invocation, mode, variant, batch, ms, suite="targets", equal=None):
-        record = {"suite": suite, "device_name": "GPU X", "run": run, "invocation": invocation, "mode": mode}
-        return record | {
-            "variant": variant,
-            "batch": batch,
-            "decode_ms_per_token": ms,
-            "tokens_vs_eager": {"equal": equal},
-        }
+def targets_record(run, invocation, mode, variant, batch, ms, suite="targets", equal=None, **fields) -> dict:
+    """A decode record of the targets (or, float32, equality) suite on "GPU X", for the lever tables' tests."""
+    record = {"suite": suite, "device_name": "GPU X", "run": run, "invocation": invocation, "mode": mode}
+    record |= {"variant": variant, "batch": batch, "decode_ms_per_token": ms, "tokens_vs_eager": {"equal": equal}}
+    return record | fields
 
+
+def test_the_fused_projections_table_pairs_the_two_modes_within_one_invocation(monkeypatch):
+    decode = targets_record
     records = [
         decode("AE", "a", "fast", "P1", 1, 2.0),
         decode("AE", "a", "fast_fused", "P1", 1, 1.5),
@@ -170,15 +169,8 @@ def test_the_fused_projections_table_pairs_the_two_modes_within_one_invocation(m
 
 def test_the_compiled_prefill_table_pairs_the_two_modes_within_one_invocation(monkeypatch):
     def decode(invocation, mode, variant, prefill, warmup, ms, suite="targets", equal=None, run="AL"):
-        record = {"suite": suite, "device_name": "GPU X", "run": run, "invocation": invocation, "mode": mode}
-        return (
-            record
-            | {"variant": variant, "batch": 1, "prefill_ms": prefill, "warmup_s": warmup}
-            | {
-                "decode_ms_per_token": ms,
-                "tokens_vs_eager": {"equal": equal},
-            }
-        )
+        times = {"prefill_ms": prefill, "warmup_s": warmup}
+        return targets_record(run, invocation, mode, variant, 1, ms, suite=suite, equal=equal, **times)
 
     records = [
         decode("a", "fast", "P8", 60.0, 40.0, 2.5),
