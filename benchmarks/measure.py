@@ -258,6 +258,29 @@ def device_ceilings(device: torch.device, repeats: int = 10) -> dict[str, float]
     }
 
 
+# Families of GPU kernels (or, on a CPU, ATen ops) by name: the first whose words a lowercased name contains. Flash
+# and memory-efficient attention kernels contain "cutlass" or "gemm" too, so attention comes first; inductor names its
+# fused kernels triton_*, keeping "softmax" in the name of those that fuse one.
+KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("softmax and loss", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("optimizer", ("multi_tensor_apply", "fused_adam", "aten::_foreach")),
+    ("fused by torch.compile", ("triton",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "aten::cat", "aten::fill_", "fillfunctor")),
+)
+OTHER_FAMILY = "other element-wise and reductions"
+
+
+def kernel_family(name: str) -> str:
+    """The family of `KERNEL_FAMILIES` a kernel (or CPU op) belongs to by its name, else `OTHER_FAMILY`."""
+    lowered = name.lower()
+    for family, words in KERNEL_FAMILIES:
+        if any(word in lowered for word in words):
+            return family
+    return OTHER_FAMILY
+
+
 def launched(function: Callable[[], object], device: torch.device) -> list[str]:
     """The names of what `function` runs, in the order of their first launch: on CUDA its GPU kernels, on a CPU the
     operators (torch's profiler)."""

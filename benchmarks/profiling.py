@@ -16,32 +16,12 @@ from peft_parscale import ParScaleConfig
 from peft_parscale.decode import fast_decoder
 
 from .decoding import build_variant, random_prompts
-from .measure import random_causal_lm
+from .measure import KERNEL_FAMILIES, OTHER_FAMILY, kernel_family, random_causal_lm
 from .sampling import humaneval_sampling, sampling_decoder
 from .shapes import shape_config
 
-# Families of GPU kernels (or, on a CPU, ATen ops) by name: the first whose words a lowercased name contains. Flash
-# and memory-efficient attention kernels contain "cutlass" or "gemm" too, so attention comes first; inductor names its
-# fused kernels triton_*, keeping "softmax" in the name of those that fuse one.
-KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")),
-    ("softmax and loss", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
-    ("optimizer", ("multi_tensor_apply", "fused_adam", "aten::_foreach")),
-    ("fused by torch.compile", ("triton",)),
-    ("copies and fills", ("memcpy", "memset", "copy", "aten::cat", "aten::fill_", "fillfunctor")),
-)
-OTHER_FAMILY = "other element-wise and reductions"
 TABLE_ROWS = 30  # the costliest rows each table lists after its families
 NAME_WIDTH = 200  # inductor names each kernel after the operations it fused: wide enough to read them
-
-
-def kernel_family(name: str) -> str:
-    lowered = name.lower()
-    for family, words in KERNEL_FAMILIES:
-        if any(word in lowered for word in words):
-            return family
-    return OTHER_FAMILY
 
 
 def family_times(averages) -> tuple[dict[str, float], str]:

@@ -36,9 +36,8 @@ from transformers import PretrainedConfig
 import peft_parscale.layer as parscale_layer
 from peft_parscale import ParScaleAttention, ParScaleConfig
 
-from .measure import Clock, launched, median, peak_memory_gib, random_causal_lm, reset_peak_memory
+from .measure import Clock, kernel_family, launched, median, peak_memory_gib, random_causal_lm, reset_peak_memory
 from .padded_attention import padded_prefix_attention
-from .profiling import kernel_family
 from .shapes import shape_config
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0

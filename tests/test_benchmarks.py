@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from benchmarks import attention_accuracy, decoding, plots, profiling, report, run, sampling, training
+from benchmarks import attention_accuracy, decoding, measure, plots, profiling, report, run, sampling, training
 from benchmarks.measure import DeviceState
 from benchmarks.records import variant_order
 from benchmarks.shapes import QWEN25, SCALING_K, dense_equivalent, non_embedding_parameters, shape_config
@@ -423,7 +423,7 @@ def test_kernel_families_by_name():
         ),
         "aten::gelu": "other element-wise and reductions",
     }
-    assert {name: profiling.kernel_family(name) for name in expected} == expected
+    assert {name: measure.kernel_family(name) for name in expected} == expected
 
 
 def test_family_times_count_every_op_once_on_a_cpu():
