@@ -140,6 +140,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--train-variants", help="comma-separated training variants instead (P<n>, P<n>T<t>, lora; --train-P's P<n>)"
     )
+    parser.add_argument(
+        "--train-init-std",
+        type=float,
+        help="training suites: the ParScale adapters' init_std (prefixes, aggregator) instead of the config's 0.02",
+    )
     parser.add_argument("--train-length", type=int)
     parser.add_argument("--train-batch", type=int)
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -174,6 +179,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         unknown = set(value.split(",")) - known
         if unknown:
             parser.error(f"unknown {flag} {', '.join(sorted(unknown))}")
+    if args.train_init_std is not None:
+        if not args.train_init_std > 0:
+            parser.error(f"--train-init-std must be positive, got {args.train_init_std}")
+        if "lora" in (args.train_variants or "").split(","):
+            parser.error("--train-init-std sets ParScale adapters' initialisation; the 'lora' variant has none")
     return args
 
 
@@ -352,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                                 compile=compile_mode,
                                 loop=loop,
                                 attention=attention,
+                                init_std=args.train_init_std,
                             )
                             | {"suite": suite}
                         )

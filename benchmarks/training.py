@@ -93,14 +93,18 @@ def training_flops(
     return float(linear + attention + lm_head + aggregator + lora)
 
 
-def variant_adapter(variant: str) -> ParScaleConfig | LoraConfig:
-    """The adapter a training variant trains (see the module docstring)."""
+def variant_adapter(variant: str, init_std: float | None = None) -> ParScaleConfig | LoraConfig:
+    """The adapter a training variant trains (see the module docstring); `init_std`, where given, is the ParScale
+    adapter's `init_std` (prefixes and the aggregator's first layer) instead of the config's default."""
     match = VARIANT.fullmatch(variant)
     if match is None:
         raise ValueError(f"Unknown training variant {variant!r}: use 'P<n>', 'P<n>T<t>' or 'lora'.")
     if variant == "lora":
+        if init_std is not None:
+            raise ValueError("init_std is a ParScale adapter's initialisation; the 'lora' variant has none.")
         return LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM")
-    return ParScaleConfig(P=int(match["P"]), **({"prefix_length": int(match["T"])} if match["T"] else {}))
+    settings = {"prefix_length": int(match["T"])} if match["T"] else {}
+    return ParScaleConfig(P=int(match["P"]), **settings, **({"init_std": init_std} if init_std is not None else {}))
 
 
 @contextlib.contextmanager
@@ -221,6 +225,7 @@ def train_throughput(
     compile: str = "none",
     loop: str = "plain",
     attention: str = "bias",
+    init_std: float | None = None,
     peak_tflops: float = H100_SXM_BF16_DENSE_TFLOPS,
 ) -> dict[str, Any]:
     """Tokens/s, MFU and peak memory of adapter training (see the module docstring).
@@ -247,6 +252,11 @@ def train_throughput(
     Trainer's loops keep the Trainer's kernels (every one but cuDNN's), so they take "bias", "padded" or "bias_fa4"
     only. "bias_fa4": the bias with sdpa's FlashAttention-2 replaced by FlashAttention-4 (`flash_attention_impl`), on
     CUDA only.
+
+    `init_std`: the ParScale adapter's `init_std` (its prefixes' and its aggregator's first layer's initial std)
+    instead of the config's 0.02. At 0.02 a new adapter's streams may differ by little more than bf16 rounding; the
+    aggregator's output layer, whose gradient is driven by those differences, would then answer to how a kernel
+    rounds. Larger prefixes make the streams differ more, as a trained adapter's may.
     """
     conflict = training_setting_conflict(attention, mask, compile, loop, dtype)
     if conflict:
@@ -258,7 +268,7 @@ def train_throughput(
     if compile != "none":
         torch._dynamo.reset()  # dynamo's guards miss sdpa's kernel choice: a graph compiled under another is not reused
     config = shape_config(shape)
-    adapter_config = variant_adapter(variant)
+    adapter_config = variant_adapter(variant, init_std)
     lora = isinstance(adapter_config, LoraConfig)
     num_streams, prefix_length = (1, 0) if lora else (adapter_config.P, adapter_config.prefix_length)
     model = get_peft_model(random_causal_lm(config, device, dtype), adapter_config)
@@ -320,6 +330,7 @@ def train_throughput(
         "compile": compile,
         "loop": loop,
         "attention": attention,
+        "init_std": None if lora else adapter_config.init_std,
         "first_step_s": first_step_s,
         "step_ms": step_ms,
         "tokens_per_s": batch_size * length / (step_ms * 1e-3),

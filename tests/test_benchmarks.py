@@ -275,6 +275,28 @@ def test_training_variants_are_the_experiment_s_arms(tmp_path):
         run.main(["--tiny", "--suites", "train", "--train-variants", "P1x", "--no-report", "--out", str(tmp_path)])
 
 
+def test_the_training_suite_initialises_adapters_at_the_std_asked_for(tmp_path, monkeypatch):
+    """`--train-init-std` reaches the adapter the timed steps train, and its record says so; without it the record
+    gives the config's default. LoRA, which has no such setting, and a std that is not positive are refused before
+    anything runs."""
+    configs = []
+    make_adapter_model = training.get_peft_model
+    monkeypatch.setattr(
+        training, "get_peft_model", lambda model, config: configs.append(config) or make_adapter_model(model, config)
+    )
+    argv = ["--tiny", "--suites", "train", "--train-P", "2", "--no-report", "--out", str(tmp_path)]
+    assert run.main([*argv, "--train-init-std", "0.5"]) == 0
+    assert configs[-1].init_std == 0.5
+    assert run.main(argv) == 0
+    assert configs[-1].init_std == 0.02
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["init_std"] for r in records] == [0.5, 0.02]
+    for refused in (["--train-variants", "P2,lora", "--train-init-std", "0.5"], ["--train-init-std", "0"]):
+        with pytest.raises(SystemExit):
+            run.main([*argv, *refused])
+    assert len(records) == len((tmp_path / "results.jsonl").read_text().splitlines())
+
+
 def test_a_sampling_mode_that_fails_is_recorded_and_the_others_still_run(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("no code generated")
