@@ -103,8 +103,12 @@ def variant_adapter(variant: str, init_std: float | None = None) -> ParScaleConf
         if init_std is not None:
             raise ValueError("init_std is a ParScale adapter's initialisation; the 'lora' variant has none.")
         return LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM")
-    settings = {"prefix_length": int(match["T"])} if match["T"] else {}
-    return ParScaleConfig(P=int(match["P"]), **settings, **({"init_std": init_std} if init_std is not None else {}))
+    settings: dict[str, int | float] = {}
+    if match["T"]:
+        settings["prefix_length"] = int(match["T"])
+    if init_std is not None:
+        settings["init_std"] = init_std
+    return ParScaleConfig(P=int(match["P"]), **settings)
 
 
 @contextlib.contextmanager
