@@ -25,14 +25,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from peft_parscale.decode_attention import OTHER_ATTENTION_TERMS, attention_configs, sdpa_switched_to
+from peft_parscale.decode_attention import (
+    OTHER_ATTENTION_TERMS,
+    attention_configs,
+    compile_safe_sdpa_kernel,
+    sdpa_switched_to,
+)
 
 PADDED_PREFIX_SDPA = "parscale_padded_prefix_sdpa"
 
@@ -74,5 +79,6 @@ def padded_prefix_attention(causal_lm: nn.Module, backends: list[SDPBackend] | N
     configs = attention_configs(causal_lm)
     if not configs or any(config._attn_implementation != "sdpa" for config in configs):
         raise ValueError("padded_prefix_attention needs a model whose attention is 'sdpa'.")
-    with sdpa_switched_to(configs, PADDED_PREFIX_SDPA), sdpa_kernel(backends) if backends else nullcontext():
+    kernels = compile_safe_sdpa_kernel(backends) if backends else nullcontext()
+    with sdpa_switched_to(configs, PADDED_PREFIX_SDPA), kernels:
         yield

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._functorch import config as functorch_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -103,6 +105,19 @@ def sdpa_switched_to(configs: list[PretrainedConfig], implementation: str) -> It
     finally:
         for config in configs:
             config._attn_implementation = "sdpa"
+
+
+@contextmanager
+def compile_safe_sdpa_kernel(backends: list[SDPBackend]) -> Iterator[None]:
+    """torch's `sdpa_kernel(backends)`, kept also by code that torch.compile compiles inside the block.
+
+    torch.compile picks sdpa's kernel when it traces a graph, and its on-disk cache of traced graphs
+    (AOTAutogradCache) keys them without the kernel choice (pytorch/pytorch#185449, unfixed in torch 2.11 to 2.13):
+    a graph traced under another choice, earlier in this process or in another one, would come back from the cache
+    and run that choice's kernel. So the cache is off inside the block (inductor's own cache, which keys the traced
+    graph with its kernel in it, still serves)."""
+    with sdpa_kernel(backends), functorch_config.patch(enable_autograd_cache=False):
+        yield
 
 
 def attention_configs(causal_lm: nn.Module) -> list[PretrainedConfig]:

@@ -35,13 +35,14 @@ import torch
 from accelerate.commands.launch import launch_command, launch_command_parser
 from accelerate.utils import DistributedType
 from peft import PeftConfig
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from torch.nn.parallel import DistributedDataParallel
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
 from peft_parscale.cli import CommandParser
 from peft_parscale.config import ParScaleConfig
+from peft_parscale.decode_attention import compile_safe_sdpa_kernel
 from peft_parscale.model_card import update_model_card
 from peft_parscale.precision import bf16_is_native, training_precision
 from peft_parscale.prefix_init import (
@@ -259,8 +260,8 @@ class ParScaleSFTTrainer(SFTTrainer):
         # ln(FLT_MAX) (pytorch/pytorch#196678; Qwen2.5's massive-activation heads reach it, huggingface/trl#7181).
         # Training here passes explicit masks whenever the batch is padded or packed (the prefix columns are added to
         # them), and the key length varies with the prefix and the data. So training runs with every sdpa kernel
-        # but cuDNN's; the flag is restored afterwards.
-        with sdpa_kernel(SDPA_BACKENDS_FOR_TRAINING):
+        # but cuDNN's, also in compiled layers (`--torch_compile`); the flag is restored afterwards.
+        with compile_safe_sdpa_kernel(SDPA_BACKENDS_FOR_TRAINING):
             return super().train(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs) -> None:

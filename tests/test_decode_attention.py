@@ -113,3 +113,31 @@ def test_the_switch_is_undone_on_error_and_skipped_for_other_implementations(set
             assert config._attn_implementation == "eager"  # eager attention is left as it is
     finally:
         config._attn_implementation = "sdpa"
+
+
+def test_a_kernel_choice_is_kept_by_code_compiled_after_another_choice(tmp_path, monkeypatch):
+    """`compile_safe_sdpa_kernel`: attention compiled by inductor under sdpa's CPU flash kernel, then compiled afresh
+    under its math kernel with the same compile cache, runs the math kernel. With torch's plain `sdpa_kernel` the
+    second compilation comes back from the cache and runs flash (pytorch/pytorch#185449; so on torch 2.11 to 2.13)."""
+    from torch.nn.attention import SDPBackend
+    from torch.nn.functional import scaled_dot_product_attention
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # one cache for both, and none outside the test
+
+    def attend(query, key, value):
+        return scaled_dot_product_attention(query, key, value, is_causal=True)
+
+    inputs = [torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+
+    def runs_flash(backend: SDPBackend) -> bool:
+        torch._dynamo.reset()  # a fresh compilation, as in a new process; only the on-disk cache is shared
+        with decode_attention.compile_safe_sdpa_kernel([backend]):
+            compiled = torch.compile(attend)
+            compiled(*inputs)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                compiled(*inputs)
+        return any("flash_attention" in event.name for event in profile.events())
+
+    assert runs_flash(SDPBackend.FLASH_ATTENTION)  # flash is reached at all, so the next line can fail
+    assert not runs_flash(SDPBackend.MATH)
+    torch._dynamo.reset()

@@ -210,13 +210,16 @@ def test_regional_compilation_trains_as_eager_does(tmp_path, monkeypatch):
 
 
 def test_training_leaves_cudnn_attention_out_and_restores_it(tmp_path):
+    from torch._functorch import config as functorch_config
     from transformers import TrainerCallback
 
     class RecordCudnnAttention(TrainerCallback):
         seen: ClassVar[list[bool]] = []  # the Trainer makes its own instance: the class keeps the record
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+            # cuDNN's kernel, and whether compiled layers may take a graph traced under another kernel choice from
+            # torch's compile cache (`compile_safe_sdpa_kernel`)
+            self.seen.append((torch.backends.cuda.cudnn_sdp_enabled(), functorch_config.enable_autograd_cache))
 
     dataset, extra = dataset_of_kind("packed-text")
     trainer = make_trainer(
@@ -225,14 +228,14 @@ def test_training_leaves_cudnn_attention_out_and_restores_it(tmp_path):
     trainer.add_callback(RecordCudnnAttention)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the default this test needs in order to be able to fail
     trainer.train()
-    assert RecordCudnnAttention.seen == [False, False]
-    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert RecordCudnnAttention.seen == [(False, False), (False, False)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() and functorch_config.enable_autograd_cache
     # a plain SFTTrainer keeps torch's default: what the override changes
     plain = make_trainer(tmp_path / "plain", dataset, max_steps=1, per_device_train_batch_size=2, **extra)
     RecordCudnnAttention.seen = []
     plain.add_callback(RecordCudnnAttention)
     plain.train()
-    assert RecordCudnnAttention.seen == [True]
+    assert RecordCudnnAttention.seen == [(True, True)]
 
 
 def test_resume_from_checkpoint_ends_at_the_uninterrupted_adapter(tmp_path):
