@@ -542,3 +542,66 @@ def benchmark_attention_accuracy(device: str, run: str) -> str:
         " | value grad, rest | fwd+bwd ms"
     )
     return markdown(header, ["---", "---:"] + ["---:"] * 7, rows)
+
+
+# Which FlashAttention or cuDNN kernel a training record's attention kernels are, by words of their names
+ATTENTION_KERNEL_NAMES = (
+    ("pytorch_flash::", "FlashAttention-2"),
+    ("flash_attncute", "FlashAttention-4"),
+    ("cudnn", "cuDNN"),
+)
+
+
+def attention_kernel_names(kernels: list[str]) -> str:
+    """The kernels a training record says its attention launched, by the name of their library."""
+    names = {name for kernel in kernels for word, name in ATTENTION_KERNEL_NAMES if word in kernel}
+    return ", ".join(sorted(names)) or "other"
+
+
+def benchmark_kernel_gradients(device: str, runs: str) -> str:
+    """The training records of the runs named (comma-separated), each against the first `bias` record of its
+    invocation: which kernels its attention ran, its first step's loss, and its first step's gradient norms (the
+    aggregator's output layer, weight and bias; the prefix tensor that differs most; the whole adapter) as relative
+    differences from the bias's. The aggregator's first layer gets no gradient at the first step (the output layer
+    starts at zero), so it is left out."""
+    chosen = runs.split(",")
+    records = [
+        r
+        for r in benchmark_records(device)
+        if r.get("suite") == "train" and r.get("run") in chosen and "gradient_norms" in r
+    ]
+    if not records:
+        raise KeyError(f"no train records with gradient norms of runs {runs!r} on {device!r}")
+    reference: dict[str, dict] = {}
+    for record in records:
+        if training_attention(record) == "bias":
+            reference.setdefault(call_of(record), record)
+
+    def percent(value: float) -> str:
+        return f"{100 * value:+.2f} %"
+
+    rows = []
+    for record in records:
+        bias = reference[call_of(record)]
+        norms, bias_norms = record["gradient_norms"], bias["gradient_norms"]
+        output = [name for name in norms if "aggregator" in name and ".2." in name]
+        prefixes = [name for name in norms if "aggregator" not in name]
+        largest = max(abs(norms[name] / bias_norms[name] - 1) for name in prefixes)
+        rows.append(
+            [
+                record["run"],
+                f"{record['init_std']:g}",
+                f"`{training_attention(record)}`",
+                attention_kernel_names(record["attention_kernels"]),
+                f"{record['step_ms']:.1f}",
+                f"{record['loss'] / bias['loss'] - 1:+.1e}",
+                *(percent(norms[name] / bias_norms[name] - 1) for name in sorted(output, key=lambda n: "bias" in n)),
+                f"{100 * largest:.2f} %",
+                percent(record["trainable_gradient_norm"] / bias["trainable_gradient_norm"] - 1),
+            ]
+        )
+    header = (
+        "run | init std | attention | kernels that ran | ms per sequence | first-step loss against `bias`"
+        " | aggregator output weight | aggregator output bias | prefix tensors, largest | whole adapter"
+    )
+    return markdown(header, ["---", "---:", "---", "---", "---:", "---:", "---:", "---:", "---:", "---:"], rows)

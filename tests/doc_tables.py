@@ -37,6 +37,7 @@ from benchmark_tables import (
     benchmark_decode_levers,
     benchmark_fused_projections,
     benchmark_greedy_choice,
+    benchmark_kernel_gradients,
     benchmark_sampling,
     benchmark_sampling_attention,
     benchmark_sampling_prefill,
@@ -98,6 +99,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "benchmark-attention-accuracy": benchmark_attention_accuracy,
     "benchmark-compiled-prefill": benchmark_compiled_prefill,
     "benchmark-greedy-choice": benchmark_greedy_choice,
+    "benchmark-kernel-gradients": benchmark_kernel_gradients,
 }
 
 

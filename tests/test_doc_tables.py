@@ -408,3 +408,45 @@ def test_the_decision_table_gives_each_arm_over_its_seeds_with_the_base_model_fi
         ),
         f"| lora@1e-3 | 1 (merged) | 1,000 | 900 | – | 1.100 [1.090, 1.110] | {same_for_arms} | – | – | 2 |",
     ]
+
+
+def test_the_kernel_gradients_table_sets_each_record_against_the_first_bias_of_its_invocation(monkeypatch):
+    def train(attention, invocation, kernel, loss, weight, bias, prefixes, run="AS"):
+        norms = {
+            "streams.parscale_aggregator.default.0.weight": 0.0,
+            "streams.parscale_aggregator.default.2.weight": weight,
+            "streams.parscale_aggregator.default.2.bias": bias,
+            "layers.0.parscale_prefix": prefixes[0],
+            "layers.1.parscale_prefix": prefixes[1],
+        }
+        return {
+            "suite": "train",
+            "device_name": "GPU X",
+            "run": run,
+            "invocation": invocation,
+            "variant": "P8",
+            "attention": attention,
+            "init_std": 0.5,
+            "attention_kernels": [kernel, "triton_poi_fused_backward"],
+            "step_ms": 90.04,
+            "loss": loss,
+            "gradient_norms": norms,
+            "trainable_gradient_norm": sum(value * value for value in norms.values()) ** 0.5,
+        }
+
+    records = [
+        train("bias", "1", "void pytorch_flash::flash_fwd_kernel<...>", 10.0, 3.0, 0.5, (1.0, 2.0)),
+        train("bias_fa4", "1", "kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90", 10.001, 3.03, 0.55, (1.0, 1.98)),
+        train("bias", "1", "void pytorch_flash::flash_fwd_kernel<...>", 10.0, 3.0, 0.5, (1.001, 2.0)),
+        train("padded_cudnn", "2", "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 20.0, 3.0, 0.5, (1.0, 2.0)),
+        train("bias", "2", "void pytorch_flash::flash_fwd_kernel<...>", 10.0, 6.0, 1.0, (2.0, 4.0)),  # the reference
+        train("bias", "3", "void pytorch_flash::flash_fwd_kernel<...>", 10.0, 3.0, 0.5, (1.0, 2.0), run="AA"),
+    ]
+    # whole adapter, bias_fa4 against bias: sqrt(3.03² + 0.55² + 1 + 1.98²) / sqrt(9 + 0.25 + 1 + 4) - 1 = +0.54 %
+    assert table_rows(monkeypatch, records, "benchmark-kernel-gradients", device="GPU X", runs="AS") == [
+        "| AS | 0.5 | `bias` | FlashAttention-2 | 90.0 | +0.0e+00 | +0.00 % | +0.00 % | 0.00 % | +0.00 % |",
+        "| AS | 0.5 | `bias_fa4` | FlashAttention-4 | 90.0 | +1.0e-04 | +1.00 % | +10.00 % | 1.00 % | +0.54 % |",
+        "| AS | 0.5 | `bias` | FlashAttention-2 | 90.0 | +0.0e+00 | +0.00 % | +0.00 % | 0.10 % | +0.01 % |",
+        "| AS | 0.5 | `padded_cudnn` | cuDNN | 90.0 | +1.0e+00 | -50.00 % | -50.00 % | 50.00 % | -50.00 % |",
+        "| AS | 0.5 | `bias` | FlashAttention-2 | 90.0 | +0.0e+00 | +0.00 % | +0.00 % | 0.00 % | +0.00 % |",
+    ]
