@@ -20,7 +20,7 @@ Suites (GPU defaults; `--tiny` shrinks every grid):
   `generate` (greedy tokens).
 - sampling: HumanEval's sampling workload on the 0.5B shape, P=1 and P=8: 8 prompts of 128 tokens × 20 completions,
   up to 512 new tokens, top-p 0.95 at temperature 0.8; completions/s and time to first token of `generate` and of the
-  fast path (`--sampling-modes`: generate, fast, fast_dynamic, fast_uncompiled, fast_heads_copied; see
+  fast path (`--sampling-modes`: generate, fast, fast_dynamic, fast_uncompiled, fast_heads_copied, fast_fused; see
   benchmarks/sampling.py).
 - selector: whether inductor compiles the sampling step's token choice for 160 rows of Qwen2.5's 151,936 logits
   (the failure seen on an H200 included), and its time per step compiled and eager.
@@ -164,7 +164,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--sampling-modes",
         default="generate,fast",
-        help="sampling suite: any of generate, fast, fast_dynamic, fast_uncompiled, fast_heads_copied",
+        help="sampling suite: any of generate, fast, fast_dynamic, fast_uncompiled, fast_heads_copied, fast_fused",
     )
     parser.add_argument("--profiles", default=",".join(PROFILES), help=f"profile suite: any of {', '.join(PROFILES)}")
     parser.add_argument("--no-report", action="store_true", help="only append to results.jsonl")

@@ -9,6 +9,8 @@ each prompt's completions are consecutive rows), up to `new_tokens` new tokens, 
 - `fast_dynamic`: the same, the step compiled for dynamic shapes, as `evaluate_humaneval` compiled it until 2026-12-05
   (one compilation for batches of every shape): the side-by-side baseline of that change, for its compilation time;
 - `fast_uncompiled`: the same loop with the step run eagerly (what `fast_generate(..., compile=False)` does);
+- `fast_fused`: `fast` with `fuse_projections=True` (each layer's query, key and value products run as one, and its
+  gate and up products), the option that shortened greedy decoding at batch 1 and 8 (BENCHMARKS.md);
 - `fast_heads_copied`: `fast` with transformers' own sdpa attention in the decode step, which copies every key/value
   head once per query head of its group (`repeat_kv`), instead of `peft_parscale.decode_attention`'s packing: the
   side-by-side baseline of that change.
@@ -35,7 +37,7 @@ import torch
 from transformers import AttentionInterface, GenerationConfig, LogitsProcessorList
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS, fast_decoder, fast_generate, forget_fast_decoder
+from peft_parscale.decode import DEFAULT_COMPILE_OPTIONS, causal_lm_of, fast_decoder, fast_generate, forget_fast_decoder
 from peft_parscale.decode_attention import PACKED_GQA_SDPA, packed_gqa_sdpa
 from peft_parscale.sampling import GREEDY, TokenSelector, draw_uniforms
 
@@ -49,6 +51,7 @@ COMPILE_OPTIONS = {
     "fast_dynamic": {**DEFAULT_COMPILE_OPTIONS, "dynamic": True},
     "fast_uncompiled": None,
     "fast_heads_copied": DEFAULT_COMPILE_OPTIONS,
+    "fast_fused": DEFAULT_COMPILE_OPTIONS,
 }
 MODES = ("generate", *COMPILE_OPTIONS)
 GREEDY_ROWS = (1, 8)  # the rows of a decode step at batch 1 and 8 (P=1 and P=8 alike: the streams are aggregated)
@@ -119,6 +122,7 @@ def sampling_decoder(
     attention_mask: torch.Tensor,
     config: GenerationConfig,
     compile_options: dict[str, Any] | None,
+    fuse_projections: bool = False,
 ) -> tuple[Any, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The fast path's decoder for `config`'s samples of every prompt (a cache as long as the whole generation), the
     prompts repeated once per sample, and the uniform numbers of every step (seed 0)."""
@@ -126,7 +130,8 @@ def sampling_decoder(
     samples, new_tokens = config.num_return_sequences, config.max_new_tokens
     rows, length = input_ids.shape[0] * samples, input_ids.shape[1] + new_tokens
     selector = TokenSelector.from_generation_config(config)
-    decoder = fast_decoder(model, rows, length, selector, compile_options is not None, compile_options)
+    compile = compile_options is not None
+    decoder = fast_decoder(model, rows, length, selector, compile, compile_options, fuse_projections)
     rows_ids, rows_mask = (tensor.repeat_interleave(samples, dim=0) for tensor in (input_ids, attention_mask))
     uniforms = draw_uniforms(torch.Generator(device).manual_seed(0), rows, new_tokens, device)
     return decoder, rows_ids, rows_mask, uniforms
@@ -139,6 +144,7 @@ def measure_fast_sampling(
     config: GenerationConfig,
     repeats: int,
     compile_options: dict[str, Any] | None,
+    fuse_projections: bool = False,
 ) -> Record:
     """`fast_generate`: a warm-up of four tokens on the same cache (compilation, CUDA-graph recording), `repeats` timed
     runs, three prefills."""
@@ -146,18 +152,29 @@ def measure_fast_sampling(
     clock = Clock(device)
     compile = compile_options is not None
     new_tokens = config.max_new_tokens
-    decoder, rows_ids, rows_mask, uniforms = sampling_decoder(model, input_ids, attention_mask, config, compile_options)
+    decoder, rows_ids, rows_mask, uniforms = sampling_decoder(
+        model, input_ids, attention_mask, config, compile_options, fuse_projections
+    )
     _, warmup_ms = clock.time_ms(lambda: decoder.run(rows_ids, rows_mask, min(new_tokens, 4), uniforms))
 
     def generate() -> torch.Tensor:
         generator = torch.Generator(device).manual_seed(0)
         return fast_generate(
-            model, input_ids, attention_mask, config, generator, compile=compile, compile_options=compile_options
+            model,
+            input_ids,
+            attention_mask,
+            config,
+            generator,
+            compile=compile,
+            compile_options=compile_options,
+            fuse_projections=fuse_projections,
         )
 
     totals = [clock.time_ms(generate)[1] for _ in range(repeats)]
     prefills = [clock.time_ms(lambda: decoder.prefill(rows_ids, rows_mask, uniforms[0]))[1] for _ in range(3)]
-    return {"ttft_ms": median(prefills), "total_ms": median(totals), "warmup_s": warmup_ms / 1e3}
+    record = {"ttft_ms": median(prefills), "total_ms": median(totals), "warmup_s": warmup_ms / 1e3}
+    # whether the timed generations' decoder (the one kept on the model) ran the fused products
+    return record | {"fused_projections": causal_lm_of(model)._parscale_fast_decoder.fused is not None}
 
 
 def sampling_throughput(
@@ -202,7 +219,8 @@ def sampling_throughput(
                 else:
                     options = COMPILE_OPTIONS[mode] if device.type == "cuda" else None
                     with heads_copied() if mode == "fast_heads_copied" else contextlib.nullcontext():
-                        record = measure_fast_sampling(model, input_ids, attention_mask, config, repeats, options)
+                        fuse = mode == "fast_fused"
+                        record = measure_fast_sampling(model, input_ids, attention_mask, config, repeats, options, fuse)
             except Exception as error:  # noqa: BLE001  (recorded, so that the other modes of one device call still run)
                 emit({**case, **failure(error)})
             else:

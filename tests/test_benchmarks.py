@@ -21,7 +21,7 @@ GREEDY_CASES = ("argmax", "greedy")  # the selector suite's greedy choices, apar
 
 def test_tiny_run_writes_results_report_and_comparison(tmp_path):
     suites = "env,targets,sweep,train,sampling,selector"
-    modes = "generate,fast,fast_uncompiled,fast_heads_copied"
+    modes = "generate,fast,fast_uncompiled,fast_heads_copied,fast_fused"
     assert run.main(["--tiny", "--suites", suites, "--sampling-modes", modes, "--out", str(tmp_path)]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     suites = {record["suite"] for record in records}
@@ -46,6 +46,8 @@ def test_tiny_run_writes_results_report_and_comparison(tmp_path):
         assert record["batch"] == record["problems"] * record["samples_per_problem"] > record["problems"]
         assert record["completions_per_s"] == pytest.approx(record["batch"] / record["total_ms"] * 1e3)
         assert record["ttft_ms"] > 0
+        if record["mode"] != "generate":  # the fused products ran where asked for, and only there
+            assert record["fused_projections"] == (record["mode"] == "fast_fused"), record
         if record["mode"] == "generate":  # the first token is marked inside each timed run: before its end in each
             assert record["ttft_ms"] < record["total_ms"]
         # the fast modes time their prefills in calls of their own, which a busy CPU can slow more than the runs

@@ -139,6 +139,31 @@ def test_sampling_matches_the_plain_loop(setup, which, settings, scan_chunk, pro
         assert torch.equal(tokens[row, input_ids.shape[1] :], expected), row
 
 
+@pytest.mark.parametrize("settings", SAMPLING.values(), ids=SAMPLING.keys())
+def test_sampling_with_fused_projections_matches_the_plain_loop(setup, settings):
+    """`fuse_projections=True` (the query/key/value and gate/up products run as one each) samples what the loop
+    without a cache samples from the same numbers."""
+    model = models(setup)["parscale"]
+    input_ids, attention_mask = left_padded_batch([6, 3])
+    tokens = fast_generate(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=True,
+        num_return_sequences=2,
+        generator=torch.Generator().manual_seed(SEED),
+        fuse_projections=True,
+        **settings,
+    )
+    assert causal_lm_of(model)._parscale_fast_decoder.fused is not None  # the fused products were in use
+    uniforms = torch.rand(4, NEW_TOKENS, generator=torch.Generator().manual_seed(SEED))
+    for row in range(4):
+        prompt = input_ids[row // 2][attention_mask[row // 2].bool()]
+        expected = plain_sampling_loop(model, prompt, uniforms[row], **settings)
+        assert torch.equal(tokens[row, input_ids.shape[1] :], expected), row
+
+
 def test_a_generator_per_sequence_makes_each_independent_of_its_batch(setup, scan_chunk):
     model, _ = setup
     input_ids, attention_mask = left_padded_batch([5, 2, 4])
