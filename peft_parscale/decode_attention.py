@@ -15,6 +15,9 @@ to transformers' own sdpa attention unchanged.
 
     with grouped_query_decoding(model):  # a transformers causal LM whose attention is "sdpa"
         logits = model(input_ids=next_token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+
+The switches it needs serve training too: `sdpa_switched_to` and `attention_configs` (the benchmarks' padded
+attention), and `compile_safe_sdpa_kernel`, sdpa's kernel choice kept under torch.compile (`parscale sft`).
 """
 
 from __future__ import annotations
