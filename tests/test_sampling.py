@@ -108,7 +108,9 @@ SAMPLING = {
 @pytest.mark.parametrize("which", ["parscale", "base"])
 @pytest.mark.parametrize("settings", SAMPLING.values(), ids=SAMPLING.keys())
 @pytest.mark.parametrize("prompts_per_chunk", [2, 1])
-def test_sampling_matches_the_plain_loop(setup, which, settings, scan_chunk, prompts_per_chunk, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["plain_products", "fused_products"])
+def test_sampling_matches_the_plain_loop(setup, which, settings, scan_chunk, prompts_per_chunk, fused, monkeypatch):
+    """With `fuse_projections` too (each layer's query/key/value and gate/up products run as one each)."""
     model = models(setup)[which]
     input_ids, attention_mask = left_padded_batch([6, 3])
     prompt_length = input_ids.shape[1]
@@ -124,8 +126,10 @@ def test_sampling_matches_the_plain_loop(setup, which, settings, scan_chunk, pro
             do_sample=True,
             num_return_sequences=2,
             generator=torch.Generator().manual_seed(SEED),
+            fuse_projections=fused,
             **settings,
         )
+    assert (causal_lm_of(model)._parscale_fast_decoder.fused is not None) == fused  # the products asked for ran
     assert shapes[: 2 // prompts_per_chunk] == [(prompts_per_chunk, prompt_length)] * (2 // prompts_per_chunk)
     assert shapes[2 // prompts_per_chunk :] == [(4, 1)] * (NEW_TOKENS - 1)  # then one token per sequence
     # The convention: one generator draws every sequence's numbers, sequence r taking row r of a (rows, steps) draw.
@@ -136,31 +140,6 @@ def test_sampling_matches_the_plain_loop(setup, which, settings, scan_chunk, pro
         assert torch.equal(tokens[row, : input_ids.shape[1]], input_ids[prompt])
         unpadded = input_ids[prompt][attention_mask[prompt].bool()]
         expected = plain_sampling_loop(model, unpadded, uniforms[row], **settings)
-        assert torch.equal(tokens[row, input_ids.shape[1] :], expected), row
-
-
-@pytest.mark.parametrize("settings", SAMPLING.values(), ids=SAMPLING.keys())
-def test_sampling_with_fused_projections_matches_the_plain_loop(setup, settings):
-    """`fuse_projections=True` (the query/key/value and gate/up products run as one each) samples what the loop
-    without a cache samples from the same numbers."""
-    model = models(setup)["parscale"]
-    input_ids, attention_mask = left_padded_batch([6, 3])
-    tokens = fast_generate(
-        model,
-        input_ids,
-        attention_mask,
-        max_new_tokens=NEW_TOKENS,
-        do_sample=True,
-        num_return_sequences=2,
-        generator=torch.Generator().manual_seed(SEED),
-        fuse_projections=True,
-        **settings,
-    )
-    assert causal_lm_of(model)._parscale_fast_decoder.fused is not None  # the fused products were in use
-    uniforms = torch.rand(4, NEW_TOKENS, generator=torch.Generator().manual_seed(SEED))
-    for row in range(4):
-        prompt = input_ids[row // 2][attention_mask[row // 2].bool()]
-        expected = plain_sampling_loop(model, prompt, uniforms[row], **settings)
         assert torch.equal(tokens[row, input_ids.shape[1] :], expected), row
 
 
