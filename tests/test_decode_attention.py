@@ -8,6 +8,8 @@ import test_generate
 import torch
 from reference import adapter_tensors, left_padded_batch, reference_greedy
 from torch import nn
+from torch.nn.attention import SDPBackend
+from torch.nn.functional import scaled_dot_product_attention
 
 from peft_parscale import decode_attention
 from peft_parscale.decode import greedy_generate
@@ -119,9 +121,6 @@ def test_a_kernel_choice_is_kept_by_code_compiled_after_another_choice(tmp_path,
     """`compile_safe_sdpa_kernel`: attention compiled by inductor under sdpa's CPU flash kernel, then compiled afresh
     under its math kernel with the same compile cache, runs the math kernel. With torch's plain `sdpa_kernel` the
     second compilation comes back from the cache and runs flash (pytorch/pytorch#185449; so on torch 2.11 to 2.13)."""
-    from torch.nn.attention import SDPBackend
-    from torch.nn.functional import scaled_dot_product_attention
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # one cache for both, and none outside the test
 
     def attend(query, key, value):

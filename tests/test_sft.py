@@ -214,7 +214,7 @@ def test_training_leaves_cudnn_attention_out_and_restores_it(tmp_path):
     from transformers import TrainerCallback
 
     class RecordCudnnAttention(TrainerCallback):
-        seen: ClassVar[list[bool]] = []  # the Trainer makes its own instance: the class keeps the record
+        seen: ClassVar[list[tuple[bool, bool]]] = []  # the Trainer makes its own instance: the class keeps the record
 
         def on_step_begin(self, args, state, control, **kwargs):
             # cuDNN's kernel, and whether compiled layers may take a graph traced under another kernel choice from
